@@ -1,0 +1,76 @@
+"""Engine configuration: one typed record, built from keyword arguments or a TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything that shapes an engine: the model, the devices, the memory and batch limits.
+
+    ``model`` is a checkpoint folder, a ``.gguf`` file, or ``"smollm2-135m"`` (the embedded
+    default). ``max_model_len`` None takes the model's ``max_position_embeddings``;
+    ``num_kv_blocks`` None sizes the KV pool from free memory.
+    """
+
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 2.0
+    enable_prefix_caching: bool = True
+    load_format: LoadFormat = "auto"
+    seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty string")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from keyword arguments, turning type mistakes into ValueError."""
+        try:
+            return msgspec.convert(kwargs, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid engine config: {exc}") from exc
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> EngineConfig:
+        """Load a ``configs/*.toml`` file; keyword overrides (e.g. CLI flags) win."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_kwargs(**data)

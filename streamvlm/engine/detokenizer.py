@@ -1,0 +1,151 @@
+"""Incremental detokenization of one request's output, with stop strings.
+
+Token ids are decoded in a short sliding window, as vLLM and HF TGI do: the window holds a few
+already-emitted "prefix" ids as context, and the new text is ``decode(window)`` minus
+``decode(prefix)``. While the window's text ends with U+FFFD the last character may still be
+incomplete (byte-level BPE splits UTF-8 characters across tokens), so the text is held back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+_REPLACEMENT_CHAR = "\ufffd"
+# Held-back ids beyond which the window is checked for a cut that later ids cannot change; only
+# text that ends in a real U+FFFD or invalid bytes stays held that long, and the window must not
+# grow with it.
+_MAX_PENDING_IDS = 8
+
+
+class Tokenizer(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output token ids into text, stopping at the first stop string.
+
+    With no stop string hit, the concatenation of everything ``add_tokens`` and ``finish``
+    return equals ``tokenizer.decode(output_ids, skip_special_tokens=...)``, however the ids are
+    split into calls. ``prompt_token_ids`` are accepted but not used as decoding context: that
+    context would make the first output token decode differently from ``decode(output_ids)``
+    (SentencePiece's leading space, or bytes of a character that the prompt left incomplete), and
+    byte-level BPE needs none.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+                 stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+        del prompt_token_ids
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = [s for s in stop if s]
+        # Every proper prefix of a stop string: text ending in one of these is held back.
+        self._stop_prefixes = {s[:i] for s in self._stop for i in range(1, len(s))}
+        self._max_held = max((len(s) - 1 for s in self._stop), default=0)
+
+        self._window: list[int] = []
+        self._prefix_len = 0  # window[:prefix_len] is emitted context, and ends on a clean cut
+        self._prefix_text = ""
+        self._held = ""  # decoded text that may be the beginning of a stop string
+        self._parts: list[str] = []
+        self._num_tokens = 0
+        self._finished = False
+        self._stop_string_hit: str | None = None
+        self._num_tokens_at_stop: int | None = None
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @property
+    def stop_string_hit(self) -> str | None:
+        return self._stop_string_hit
+
+    @property
+    def num_tokens_at_stop(self) -> int | None:
+        return self._num_tokens_at_stop
+
+    def add_tokens(self, token_ids: Sequence[int]) -> str:
+        """Adds output ids; returns the new text that is safe to emit now ("" if none)."""
+        out: list[str] = []
+        for token_id in token_ids:
+            if self._stop_string_hit is not None or self._finished:
+                break
+            # One id at a time, so that num_tokens_at_stop is exact.
+            self._num_tokens += 1
+            out.append(self._release(self._decode_step(token_id)))
+        return "".join(out)
+
+    def finish(self) -> str:
+        """Returns the text still held back; call once, when the request ends."""
+        if self._stop_string_hit is not None or self._finished:
+            return ""
+        self._finished = True
+        # An incomplete character at the very end is emitted as decode() renders it.
+        out = self._release(self._decode(self._window)[len(self._prefix_text):])
+        if self._stop_string_hit is None and self._held:
+            out += self._held
+            self._parts.append(self._held)
+            self._held = ""
+        return out
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _decode_step(self, token_id: int) -> str:
+        """Decodes the window with ``token_id`` added; returns newly complete text."""
+        window = self._window
+        window.append(token_id)
+        text = self._decode(window)
+        if text == self._prefix_text:
+            # The pending ids render as nothing (skipped special tokens); drop them.
+            del window[self._prefix_len:]
+            return ""
+        if not text.endswith(_REPLACEMENT_CHAR):
+            return self._advance(len(window), text)
+        if len(window) - self._prefix_len > _MAX_PENDING_IDS:
+            # A cut before the last id is final when decoding both sides apart changes nothing:
+            # were the text before it an incomplete character that the last id's bytes continue,
+            # the two halves would render extra U+FFFDs.
+            head, tail = self._decode(window[:-1]), self._decode(window[-1:])
+            if tail and head + tail == text and len(head) > len(self._prefix_text):
+                return self._advance(len(window) - 1, head)
+        return ""
+
+    def _advance(self, cut: int, text: str) -> str:
+        """Emits ``text`` (the decoding of window[:cut]) past the prefix; window[:cut] becomes
+        the new prefix, less the old prefix, so the window stays short."""
+        new_text = text[len(self._prefix_text):]
+        del self._window[:self._prefix_len]
+        self._prefix_len = cut - self._prefix_len
+        self._prefix_text = self._decode(self._window[:self._prefix_len])
+        return new_text
+
+    def _release(self, new_text: str) -> str:
+        """Applies stop strings to ``new_text``; returns the part that can be emitted."""
+        if not new_text:
+            return ""
+        if not self._stop:
+            self._parts.append(new_text)
+            return new_text
+        # Emitted text never ends in a stop string's prefix, so a match starts in held or new text.
+        buf = self._held + new_text
+        match: tuple[int, int, str] | None = None
+        for s in self._stop:
+            start = buf.find(s)
+            # The first stop string to complete wins; on a tie, the one that starts first.
+            if start >= 0 and (match is None or (start + len(s), start) < match[:2]):
+                match = (start + len(s), start, s)
+        if match is not None:
+            out, self._held = buf[:match[1]], ""
+            self._stop_string_hit = match[2]
+            self._num_tokens_at_stop = self._num_tokens
+        else:
+            keep = next((n for n in range(min(self._max_held, len(buf)), 0, -1)
+                         if buf[-n:] in self._stop_prefixes), 0)
+            out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        if out:
+            self._parts.append(out)
+        return out

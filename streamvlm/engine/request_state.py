@@ -1,0 +1,67 @@
+"""The engine core's view of one request: accumulates worker deltas into text and tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streamvlm.engine.detokenizer import IncrementalDetokenizer
+from streamvlm.outputs import RequestOutput
+from streamvlm.protocol import RequestDelta, TokenLogprobs
+from streamvlm.sampling import SamplingParams
+
+
+@dataclass
+class OutputDelta:
+    """What a request gained since the last delta; ``finish_reason`` is set on the last one."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 tokenizer: Any) -> None:
+        self.params = params
+        self.output = RequestOutput(request_id, prompt_token_ids,
+                                    logprobs=[] if params.logprobs else None)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
+                                                  params.skip_special_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.detokenizer.stop_string_hit is not None
+
+    def apply(self, delta: RequestDelta) -> OutputDelta | None:
+        """Fold in a worker delta. None if the request already ended (a late abort echo)."""
+        out = self.output
+        if out.finished:
+            return None
+        token_ids = delta.new_token_ids
+        text = self.detokenizer.add_tokens(token_ids) if token_ids else ""
+        finish_reason = delta.finish_reason
+        if self.detokenizer.stop_string_hit is not None:
+            # Keep tokens up to the one that completed the stop string.
+            keep = self.detokenizer.num_tokens_at_stop - len(out.token_ids)
+            token_ids = token_ids[:keep]
+            finish_reason = "stop"
+        elif finish_reason is not None:
+            text += self.detokenizer.finish()
+        logprobs = None
+        if out.logprobs is not None and delta.logprobs is not None:
+            logprobs = delta.logprobs[:len(token_ids)]
+            out.logprobs.extend(logprobs)
+        out.token_ids.extend(token_ids)
+        out.text += text
+        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
+        out.finish_reason = finish_reason
+        out.error = delta.error
+        return OutputDelta(out.request_id, text, token_ids, logprobs, finish_reason, delta.error)

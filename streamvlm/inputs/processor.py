@@ -1,0 +1,95 @@
+"""Turns user prompts into token ids and checks them against the model's limits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from streamvlm.config import EngineConfig
+from streamvlm.model_source import ModelSource
+from streamvlm.sampling import SamplingParams
+
+Prompt = str | dict[str, Any]
+Message = dict[str, Any]
+
+
+def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer_path:
+        return AutoTokenizer.from_pretrained(tokenizer_path)
+    if source.kind == "gguf":
+        return AutoTokenizer.from_pretrained(source.folder,
+                                             gguf_file=os.path.basename(source.path))
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
+    model_limit = hf_config.get("max_position_embeddings")
+    if config.max_model_len is None:
+        if model_limit is None:
+            raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+        return int(model_limit)
+    if model_limit is not None and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_limit}")
+    return config.max_model_len
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.tokenizer = load_tokenizer(source, config.tokenizer)
+        hf_config = source.hf_config
+        self.vocab_size = int(hf_config["vocab_size"])
+        self.max_model_len = resolve_max_model_len(config, hf_config)
+        eos: list[int] = []
+        for value in (source.generation_config().get("eos_token_id"),
+                      hf_config.get("eos_token_id"), self.tokenizer.eos_token_id):
+            eos.extend(t for t in _as_id_list(value) if t not in eos)
+        self.eos_token_ids = eos
+
+    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return list(ids)
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self.tokenize_prompt(prompt["prompt"])
+        raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+
+    def render_chat(self, messages: Sequence[Message]) -> list[int]:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("a conversation is a non-empty list of messages")
+        for message in messages:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError("each message needs a 'role' and 'content'")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len="
+                             f"{self.max_model_len} leaves no room to generate")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")

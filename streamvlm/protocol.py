@@ -1,0 +1,63 @@
+"""Messages between the engine core and a worker group (msgspec Structs, msgpack on the wire).
+
+Core -> worker: AddRequest, AbortRequest. Worker -> core: one StepOutput per step, holding the
+new tokens of every request that advanced, never one message per token.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from streamvlm.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class AddRequest(msgspec.Struct, tag=True, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int] = []
+
+
+class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
+    request_ids: list[str]
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprob of one sampled token, and the top alternatives (ids and logprobs) when asked."""
+
+    logprob: float
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one request gained in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class StepStats(msgspec.Struct, kw_only=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_scheduled_tokens: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_preempted: int = 0
+
+
+class StepOutput(msgspec.Struct, tag=True, kw_only=True):
+    step: int
+    deltas: list[RequestDelta]
+    stats: StepStats
+
+
+CoreToWorker = AddRequest | AbortRequest

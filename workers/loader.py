@@ -1,0 +1,63 @@
+"""Build a model and fill its weights from safetensors, GGUF, or random values ("dummy")."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from streamvlm.model_source import ModelSource
+from workers.models.registry import model_class
+
+
+def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(folder, name) for name in files]
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no .safetensors files in {folder}")
+    for path in files:
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint shard {path} listed in the index is missing")
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+
+
+def load_model(source: ModelSource, load_format: str, max_model_len: int,
+               device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    cls = model_class(source.hf_config)
+    with torch.device(device):
+        model = cls(source.hf_config, max_model_len)
+    # Parameters only: the rotary cos/sin caches stay float32, as in the reference.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    elif source.kind == "gguf":
+        from workers.gguf_loader import read_gguf
+        model.load_weights(read_gguf(source.path).tensors())
+    else:
+        model.load_weights(iter_safetensors(source.path))
+    return model.eval()

@@ -1,0 +1,220 @@
+"""The Llama decoder in plain PyTorch; Qwen2 and Qwen3 are the same network with other flags.
+
+Checkpoint names follow transformers (model.layers.N.self_attn.q_proj.weight, ...); q/k/v and
+gate/up projections are fused here into one matmul each and filled shard by shard on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.attention import AttentionBackend, AttentionMetadata
+from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
+
+# Fused parameter -> the checkpoint projections it holds, in order.
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                  "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class DecoderArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], *, qkv_bias: bool | None = None,
+                       o_bias: bool | None = None, qk_norm: bool = False) -> DecoderArgs:
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+        num_heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_parameters=rope_parameters_from_config(cfg),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
+            o_bias=attention_bias if o_bias is None else o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=qk_norm,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DecoderArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads, args.num_kv_heads, args.head_dim)
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.rotary = rotary
+        self.scale = args.head_dim ** -0.5
+        # Set by the model runner once the KV pool exists.
+        self.backend: AttentionBackend | None = None
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, meta,
+                                   self.scale)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size,
+                                      bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: DecoderArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, rotary)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: DecoderArgs, max_model_len: int) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(args.head_dim, args.rope_parameters,
+                                 args.max_position_embeddings, max_model_len)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, rotary) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, hf_config: dict[str, Any], max_model_len: int) -> None:
+        super().__init__()
+        self.args = self.make_args(hf_config)
+        self.model = DecoderModel(self.args, max_model_len)
+        if not self.args.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+
+    @staticmethod
+    def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
+        return DecoderArgs.from_hf_config(hf_config)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(positions, x, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = (self.model.embed_tokens.weight if self.args.tie_word_embeddings
+                  else self.lm_head.weight)
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in; ValueError on an unknown, mis-shaped or missing tensor."""
+        params = dict(self.named_parameters())
+        expected = set(self.checkpoint_names())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
+                continue
+            if name not in expected:
+                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+            target, offset = self._locate(name, params)
+            rows = tensor.shape[0]
+            dest = target.data[offset:offset + rows] if offset is not None else target.data
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+    def checkpoint_names(self) -> list[str]:
+        names = []
+        for name, _ in self.named_parameters():
+            for packed, parts in PACKED_MODULES.items():
+                if f".{packed}." in name:
+                    names.extend(name.replace(packed, part) for part in parts)
+                    break
+            else:
+                names.append(name)
+        return names
+
+    def _locate(self, name: str, params: dict[str, nn.Parameter]) -> tuple[nn.Parameter, int | None]:
+        """The parameter a checkpoint tensor goes into, and its row offset when fused."""
+        for packed, parts in PACKED_MODULES.items():
+            for index, part in enumerate(parts):
+                if f".{part}." in name:
+                    param = params[name.replace(part, packed)]
+                    return param, self._shard_offset(packed, index)
+        return params[name], None
+
+    def _shard_offset(self, packed: str, index: int) -> int:
+        a = self.args
+        if packed == "qkv_proj":
+            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            return (0, q, q + kv)[index]
+        return index * a.intermediate_size

@@ -1,0 +1,124 @@
+"""Per-request sampling over one batch of logits.
+
+Order: penalties, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
+through temperature, top_k, top_p and min_p before a draw. A seeded request draws from its own
+generator, re-seeded from (seed, output position), so its output does not depend on the batch,
+on preemption, or on which process samples it. Logprobs are a log-softmax of the raw logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamvlm.protocol import TokenLogprobs
+from workers.sequence import Sequence
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.request_generator = torch.Generator(device=device)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        raw_logprobs = (torch.log_softmax(logits, dim=-1)
+                        if any(p.logprobs for p in params) else None)
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._ban_stop_tokens_before_min(logits, seqs)
+        token_ids = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=self.device)
+            token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
+        ids = token_ids.tolist()
+        return SamplerOutput(ids, self._logprobs(raw_logprobs, ids, seqs))
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(seq.token_ids)), device=self.device)
+                values = logits[row, seen]
+                logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                                values * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+                output = torch.tensor(seq.output_token_ids, device=self.device)
+                counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    def _ban_stop_tokens_before_min(self, logits: torch.Tensor,
+                                    seqs: list[Sequence]) -> torch.Tensor:
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = set(seq.stop_token_ids)
+                if not seq.params.ignore_eos:
+                    banned |= seq.eos_token_ids
+                banned = [t for t in banned if t < logits.shape[-1]]
+                if banned:
+                    logits[row, banned] = float("-inf")
+        return logits
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], device=self.device)
+        logits = logits / temps[:, None]
+        vocab = logits.shape[-1]
+        top_ks = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+        if any(k < vocab for k in top_ks):
+            k = torch.tensor(top_ks, device=self.device)
+            sorted_desc = logits.sort(dim=-1, descending=True).values
+            kth = sorted_desc.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        top_ps = torch.tensor([s.params.top_p for s in seqs], device=self.device)
+        if bool((top_ps < 1).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_before >= top_ps[:, None]   # never drops the most likely token
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        min_ps = torch.tensor([s.params.min_p for s in seqs], device=self.device)
+        if bool((min_ps > 0).any()):
+            threshold = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (unnormalised is fine).
+        noise = torch.empty_like(probs)
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is None:
+                noise[row].exponential_(generator=self.generator)
+            else:
+                seed = (seq.params.seed * _SEED_MIX + seq.num_output_tokens) % (2 ** 63)
+                self.request_generator.manual_seed(seed)
+                noise[row].exponential_(generator=self.request_generator)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, ids: list[int],
+                  seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+        if raw is None:
+            return [None] * len(seqs)
+        out: list[TokenLogprobs | None] = []
+        for row, (token, seq) in enumerate(zip(ids, seqs)):
+            if not seq.params.logprobs:
+                out.append(None)
+                continue
+            entry = TokenLogprobs(raw[row, token].item())
+            if seq.params.top_logprobs:
+                values, indices = raw[row].topk(seq.params.top_logprobs)
+                entry.top_token_ids = indices.tolist()
+                entry.top_logprobs = values.tolist()
+            out.append(entry)
+        return out

@@ -1,0 +1,113 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step: running sequences first (decodes before unfinished prefills, so a long prompt never
+starves the token streams), then waiting ones while budget, sequence slots and blocks remain.
+When blocks run out, the newest running sequence is preempted: its blocks are freed and it
+waits to be recomputed (its prefix may well still be cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from workers.kv_cache import BlockPool
+from workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int          # first token position computed in this step
+    num_tokens: int     # tokens computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence, so the step samples its next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the schedule (finished or aborted) and free its blocks now."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.pool.free_sequence(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes (one token left to compute) before prefill chunks; stable within each kind.
+        order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        scheduled: set[int] = set()
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.pool.allocate(seq, num_new):
+                victim = self._pick_victim(scheduled)
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                scheduled.add(id(seq))
+                budget -= num_new
+
+        while (self.waiting and budget > 0 and not out.num_preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            hits = self.pool.find_cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(hits) * self.pool.block_size, budget)
+            if not self.pool.allocate(seq, num_new, hits):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+        return out
+
+    def _pick_victim(self, scheduled: set[int]) -> Sequence:
+        # The most recently admitted running sequence that is not already in this step.
+        for seq in reversed(self.running):
+            if id(seq) not in scheduled:
+                return seq
+        raise RuntimeError("KV cache too small to hold a single sequence")
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)

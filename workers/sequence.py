@@ -1,0 +1,78 @@
+"""A request's state inside a worker: its tokens, its progress and its KV blocks."""
+
+from __future__ import annotations
+
+import enum
+
+from streamvlm.protocol import TokenLogprobs
+from streamvlm.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: list[int], arrival_index: int) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stop_token_ids = frozenset(params.stop_token_ids)
+        self.arrival_index = arrival_index
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        # Tokens whose KV is in the cache; the rest are computed by upcoming steps.
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        # Blocks of block_table whose hash is registered with the prefix cache.
+        self.num_registered_blocks = 0
+        # Chained hashes of this sequence's full token blocks, a pure function of token_ids.
+        self.block_hashes: list[bytes] = []
+        self.num_preemptions = 0
+        # New since the last step output was sent.
+        self.pending_token_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprobs] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def block_extra_keys(self, block_index: int) -> tuple:
+        """Keys besides token ids that identify a block's content (none for text)."""
+        return ()
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        self.token_ids.append(token_id)
+        self.pending_token_ids.append(token_id)
+        if logprobs is not None:
+            self.pending_logprobs.append(logprobs)
+
+    def take_pending(self) -> tuple[list[int], list[TokenLogprobs] | None]:
+        token_ids, self.pending_token_ids = self.pending_token_ids, []
+        logprobs, self.pending_logprobs = self.pending_logprobs, []
+        return token_ids, (logprobs if self.params.logprobs else None)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")

@@ -1,0 +1,107 @@
+"""The worker's step loop: requests and aborts in, one batched StepOutput per step out."""
+
+from __future__ import annotations
+
+from streamvlm.config import EngineConfig
+from streamvlm.model_source import ModelSource
+from streamvlm.protocol import (AbortRequest, AddRequest, CoreToWorker, RequestDelta, StepOutput,
+                                StepStats)
+from workers.kv_cache import BlockPool
+from workers.model_runner import ModelRunner
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(config, source, max_model_len)
+        capacity = self.runner.num_blocks * config.block_size
+        if capacity < max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks of "
+                f"{config.block_size}), fewer than max_model_len={max_model_len}: raise "
+                f"num_kv_blocks or lower max_model_len")
+        self.pool = BlockPool(self.runner.num_blocks, config.block_size,
+                              config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sequences: dict[str, Sequence] = {}
+        self.num_steps = 0
+        self._arrivals = 0
+        self._pending_deltas: list[RequestDelta] = []
+
+    def handle(self, message: CoreToWorker) -> None:
+        if isinstance(message, AddRequest):
+            self.add_request(message)
+        else:
+            self.abort(message.request_ids)
+
+    def add_request(self, req: AddRequest) -> None:
+        error = self._check(req)
+        if error:
+            self._pending_deltas.append(RequestDelta(req.request_id, [], finish_reason="error",
+                                                     error=error))
+            return
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.eos_token_ids,
+                       self._arrivals)
+        self._arrivals += 1
+        self.sequences[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check(self, req: AddRequest) -> str | None:
+        if req.request_id in self.sequences:
+            return f"request id {req.request_id!r} is already running"
+        if not req.prompt_token_ids:
+            return "prompt is empty"
+        if len(req.prompt_token_ids) >= self.max_model_len:
+            return (f"prompt has {len(req.prompt_token_ids)} tokens, more than "
+                    f"max_model_len={self.max_model_len} allows")
+        return None
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            seq = self.sequences.pop(request_id, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                self._pending_deltas.append(RequestDelta(request_id, [], finish_reason="abort"))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending_deltas)
+
+    def step(self) -> StepOutput:
+        deltas, self._pending_deltas = self._pending_deltas, []
+        plan = self.scheduler.schedule()
+        if plan.chunks:
+            sampled = self.runner.run(plan.chunks)
+            sampling = [c.seq for c in plan.chunks if c.samples]
+            for chunk in plan.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.pool.register_full_blocks(chunk.seq)
+            for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+                seq.append_token(token, logprobs)
+                finish_reason = self._finish_reason(seq, token)
+                if finish_reason:
+                    self.scheduler.remove(seq)
+                    del self.sequences[seq.request_id]
+                token_ids, token_logprobs = seq.take_pending()
+                deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
+                                           finish_reason, seq.num_cached_tokens))
+        self.num_steps += 1
+        return StepOutput(step=self.num_steps, deltas=deltas, stats=StepStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_scheduled_tokens=plan.num_tokens,
+            num_free_blocks=self.pool.num_free_blocks,
+            num_total_blocks=self.pool.num_blocks,
+            num_preempted=plan.num_preempted,
+        ))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in seq.stop_token_ids or (token in seq.eos_token_ids and not p.ignore_eos):
+                return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
