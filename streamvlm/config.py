@@ -33,7 +33,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     block_size: int = 16
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: float = 2.0
+    cpu_kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
     load_format: LoadFormat = "auto"
     seed: int = 0

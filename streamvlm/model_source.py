@@ -26,10 +26,15 @@ class ModelSource:
         return self.path if self.kind == "hf" else os.path.dirname(self.path)
 
     @cached_property
+    def gguf(self) -> Any:
+        """The parsed GGUF file (parsing its metadata takes seconds, so it is done once)."""
+        from workers.gguf_loader import read_gguf
+        return read_gguf(self.path)
+
+    @cached_property
     def hf_config(self) -> dict[str, Any]:
         if self.kind == "gguf":
-            from workers.gguf_loader import read_gguf
-            return read_gguf(self.path).config
+            return self.gguf.config
         with open(os.path.join(self.path, "config.json")) as f:
             config = json.load(f)
         if "text_config" in config and "num_hidden_layers" not in config:

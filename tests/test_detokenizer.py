@@ -50,7 +50,8 @@ def random_ids(rng: random.Random, tokenizer, n: int) -> list[int]:
 
 def test_tiny_tokenizer_round_trip(tokenizer, tmp_path):
     assert len(tokenizer) <= 512
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert tokenizer.convert_tokens_to_ids(specials) == [0, 1, 2]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
 
@@ -79,8 +80,9 @@ def test_tiny_tokenizer_chat_template(tmp_path):
     assert loaded.apply_chat_template(messages, tokenize=False) == expected
     assert (loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             == expected + "<|im_start|>assistant\n")
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "🙂"}]}]
-    assert loaded.apply_chat_template(parts, tokenize=False) == "<|im_start|>user\nHi 🙂<|im_end|>\n"
+    content = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "🙂"}]
+    assert (loaded.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+            == "<|im_start|>user\nHi 🙂<|im_end|>\n")
 
 
 # --- the invariant ------------------------------------------------------------------------------
@@ -92,14 +94,16 @@ def test_matches_full_decode_for_any_chunking(tokenizer, seed, skip_special_toke
     ids = random_ids(rng, tokenizer, rng.randint(1, 120))
     expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     for max_chunk in [1, 2, 5, 200]:
-        detok = IncrementalDetokenizer(tokenizer, [1, 5, 6], skip_special_tokens=skip_special_tokens)
+        detok = IncrementalDetokenizer(tokenizer, [1, 5, 6],
+                                       skip_special_tokens=skip_special_tokens)
         pieces = stream(detok, chunked(ids, rng, max_chunk))
         assert "".join(pieces) + detok.finish() == expected
         assert detok.text == expected
         assert detok.stop_string_hit is None and detok.num_tokens_at_stop is None
 
 
-@pytest.mark.parametrize("text", [MULTIBYTE_TEXT, "🙂🙂🙂", "日本語", "x\ufffdy\ufffdz", "a" * 50 + "😀"])
+@pytest.mark.parametrize("text", [MULTIBYTE_TEXT, "🙂🙂🙂", "日本語", "x\ufffdy\ufffdz",
+                                  "a" * 50 + "😀"])
 def test_no_replacement_char_mid_stream_for_valid_text(tokenizer, text):
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer, [])
@@ -137,8 +141,9 @@ def test_special_tokens_between_bytes_of_a_character(tokenizer):
 def test_window_stays_bounded(tokenizer):
     """Long runs of skipped special tokens, real U+FFFDs or invalid bytes keep the window short."""
     rng = random.Random(0)
-    invalid = tokenizer.encode("🙂")[:1] * 50  # a lead byte over and over: never a whole character
-    for ids in [[0, 1, 2] * 100, tokenizer.encode("\ufffd" * 200), invalid, random_ids(rng, tokenizer, 500)]:
+    invalid = tokenizer.encode("🙂")[:1] * 50  # a lead byte over and over: never a character
+    for ids in [[0, 1, 2] * 100, tokenizer.encode("\ufffd" * 200), invalid,
+                random_ids(rng, tokenizer, 500)]:
         detok = IncrementalDetokenizer(tokenizer, [], stop=["never"])
         longest = 0
         out = []
@@ -161,7 +166,8 @@ def run_stop(tokenizer, text: str, stop: list[str], max_chunk: int = 1, seed: in
 
 @pytest.mark.parametrize("max_chunk", [1, 3, 100])
 def test_single_stop_string(tokenizer, max_chunk):
-    detok, pieces, ids = run_stop(tokenizer, "Hello world, the quick brown fox", [" the quick"], max_chunk)
+    text = "Hello world, the quick brown fox"
+    detok, pieces, ids = run_stop(tokenizer, text, [" the quick"], max_chunk)
     assert "".join(pieces) == "Hello world," == detok.text
     assert detok.stop_string_hit == " the quick"
     assert detok.finish() == ""

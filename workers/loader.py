@@ -56,8 +56,7 @@ def load_model(source: ModelSource, load_format: str, max_model_len: int,
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif source.kind == "gguf":
-        from workers.gguf_loader import read_gguf
-        model.load_weights(read_gguf(source.path).tensors())
+        model.load_weights(source.gguf.tensors())
     else:
         model.load_weights(iter_safetensors(source.path))
     return model.eval()

@@ -18,7 +18,7 @@ _REPLACEMENT_CHAR = "\ufffd"
 _MAX_PENDING_IDS = 8
 
 
-class Tokenizer(Protocol):
+class TokenDecoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
@@ -33,7 +33,7 @@ class IncrementalDetokenizer:
     byte-level BPE needs none.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+    def __init__(self, tokenizer: TokenDecoder, prompt_token_ids: Sequence[int],
                  stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
         del prompt_token_ids
         self._tokenizer = tokenizer

@@ -10,6 +10,9 @@ from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
 from streamvlm.sampling import SamplingParams
 
+TOKENIZER_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "streamvlm", "tokenizers")
+
 Prompt = str | dict[str, Any]
 Message = dict[str, Any]
 
@@ -19,10 +22,21 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
 
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
-    if source.kind == "gguf":
-        return AutoTokenizer.from_pretrained(source.folder,
-                                             gguf_file=os.path.basename(source.path))
-    return AutoTokenizer.from_pretrained(source.path)
+    if source.kind == "hf":
+        return AutoTokenizer.from_pretrained(source.path)
+    # Building a tokenizer from GGUF metadata takes seconds; keep the result as tokenizer.json.
+    stat = os.stat(source.path)
+    cache = os.path.join(TOKENIZER_CACHE, f"{os.path.basename(source.path)}-{stat.st_size}-"
+                                          f"{int(stat.st_mtime)}")
+    if os.path.exists(os.path.join(cache, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cache)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder,
+                                              gguf_file=os.path.basename(source.path))
+    try:
+        tokenizer.save_pretrained(cache)
+    except OSError:
+        pass  # a read-only home only costs the next start a few seconds
+    return tokenizer
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
