@@ -38,6 +38,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     load_format: LoadFormat = "auto"
     seed: int = 0
     attention_backend: str = "auto"
+    # No tokenizer: prompts must be token ids and outputs carry no text (benchmarks).
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

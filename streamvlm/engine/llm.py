@@ -95,7 +95,16 @@ class LLM:
         return tqdm(total=total, desc="Generating", unit="req")
 
     def shutdown(self) -> None:
+        """Release the model and the KV pool (GPU memory too)."""
+        if self.worker is None:
+            return
+        device = self.worker.runner.device
         self.worker = None
+        import gc
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> LLM:
         return self

@@ -29,8 +29,9 @@ class RequestState:
         self.params = params
         self.output = RequestOutput(request_id, prompt_token_ids,
                                     logprobs=[] if params.logprobs else None)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
-                                                  params.skip_special_tokens)
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
+                                                   params.skip_special_tokens)
+                            if tokenizer is not None else None)
 
     @property
     def finished(self) -> bool:
@@ -38,7 +39,7 @@ class RequestState:
 
     @property
     def stopped_by_string(self) -> bool:
-        return self.detokenizer.stop_string_hit is not None
+        return self.detokenizer is not None and self.detokenizer.stop_string_hit is not None
 
     def apply(self, delta: RequestDelta) -> OutputDelta | None:
         """Fold in a worker delta. None if the request already ended (a late abort echo)."""
@@ -46,15 +47,16 @@ class RequestState:
         if out.finished:
             return None
         token_ids = delta.new_token_ids
-        text = self.detokenizer.add_tokens(token_ids) if token_ids else ""
+        detok = self.detokenizer
+        text = detok.add_tokens(token_ids) if token_ids and detok else ""
         finish_reason = delta.finish_reason
-        if self.detokenizer.stop_string_hit is not None:
+        if detok is not None and detok.stop_string_hit is not None:
             # Keep tokens up to the one that completed the stop string.
-            keep = self.detokenizer.num_tokens_at_stop - len(out.token_ids)
+            keep = detok.num_tokens_at_stop - len(out.token_ids)
             token_ids = token_ids[:keep]
             finish_reason = "stop"
-        elif finish_reason is not None:
-            text += self.detokenizer.finish()
+        elif detok is not None and finish_reason is not None:
+            text += detok.finish()
         logprobs = None
         if out.logprobs is not None and delta.logprobs is not None:
             logprobs = delta.logprobs[:len(token_ids)]

@@ -59,13 +59,15 @@ def _as_id_list(value: Any) -> list[int]:
 
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.tokenizer = load_tokenizer(source, config.tokenizer)
+        self.tokenizer = (None if config.skip_tokenizer_init
+                          else load_tokenizer(source, config.tokenizer))
         hf_config = source.hf_config
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_model_len = resolve_max_model_len(config, hf_config)
         eos: list[int] = []
         for value in (source.generation_config().get("eos_token_id"),
-                      hf_config.get("eos_token_id"), self.tokenizer.eos_token_id):
+                      hf_config.get("eos_token_id"),
+                      self.tokenizer.eos_token_id if self.tokenizer else None):
             eos.extend(t for t in _as_id_list(value) if t not in eos)
         self.eos_token_ids = eos
 
@@ -73,6 +75,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            self._need_tokenizer()
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -89,15 +92,22 @@ class InputProcessor:
         for message in messages:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError("each message needs a 'role' and 'content'")
+        self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("skip_tokenizer_init is set: pass {'prompt_token_ids': [...]}")
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:

@@ -179,9 +179,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in expected:
                 raise ValueError(f"unexpected tensor {name!r} in checkpoint")
-            target, offset = self._locate(name, params)
-            rows = tensor.shape[0]
-            dest = target.data[offset:offset + rows] if offset is not None else target.data
+            dest = self._locate(name, params)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
@@ -203,18 +201,20 @@ class LlamaForCausalLM(nn.Module):
                 names.append(name)
         return names
 
-    def _locate(self, name: str, params: dict[str, nn.Parameter]) -> tuple[nn.Parameter, int | None]:
-        """The parameter a checkpoint tensor goes into, and its row offset when fused."""
+    def _locate(self, name: str, params: dict[str, nn.Parameter]) -> torch.Tensor:
+        """Where a checkpoint tensor goes: its parameter, or its rows of a fused one."""
         for packed, parts in PACKED_MODULES.items():
             for index, part in enumerate(parts):
                 if f".{part}." in name:
                     param = params[name.replace(part, packed)]
-                    return param, self._shard_offset(packed, index)
-        return params[name], None
+                    offset, rows = self._shard_rows(packed, index)
+                    return param.data[offset:offset + rows]
+        return params[name].data
 
-    def _shard_offset(self, packed: str, index: int) -> int:
+    def _shard_rows(self, packed: str, index: int) -> tuple[int, int]:
+        """First row and row count of shard index in a fused parameter."""
         a = self.args
         if packed == "qkv_proj":
             q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-            return (0, q, q + kv)[index]
-        return index * a.intermediate_size
+            return ((0, q), (q, kv), (q + kv, kv))[index]
+        return index * a.intermediate_size, a.intermediate_size
