@@ -129,7 +129,9 @@ CHAT_PARAMS = SamplingParams(temperature=0, max_tokens=24)
 
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
-    return LLM(max_model_len=1024)
+    # A short context and few sequences keep the KV pool at 256 blocks instead of the 1 GiB
+    # CPU budget.
+    return LLM(max_model_len=1024, max_num_seqs=4)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +167,6 @@ def test_default_model_greedy_matches_transformers(default_llm: LLM, chat_output
                        use_cache=True)
     assert chat_output.token_ids == expected
     assert expected[-1] in eos   # both stopped at EOS, well before max_tokens
+    # transformers' own end-of-sequence ids are among the engine's.
+    hf_eos = hf_model.generation_config.eos_token_id
+    assert set([hf_eos] if isinstance(hf_eos, int) else hf_eos) <= eos

@@ -233,10 +233,11 @@ def test_prefix_cache_hits(arch: str, checkpoints, reference: Reference) -> None
         base + first.token_ids[:20],    # continues the first request's own output
         list(base),                     # the same prompt again
         extra[2] + base,                # the same tokens, shifted: no hit
+        base[BLOCK:],                   # its first block is the first request's second: no hit
     ]
     outputs = llm.generate(as_inputs(later), GREEDY)
     hits = [o.num_cached_tokens for o in outputs]
-    assert hits == [expected_hit_tokens(computed, p) for p in later] == [24, 16, 48, 24, 0]
+    assert hits == [expected_hit_tokens(computed, p) for p in later] == [24, 16, 48, 24, 0, 0]
     for prompt, out in zip(later, outputs):
         assert out.token_ids == reference.greedy(arch, prompt, NUM_NEW), len(prompt)
     assert outputs[3].token_ids == first.token_ids
