@@ -40,6 +40,13 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     attention_backend: str = "auto"
     # No tokenizer: prompts must be token ids and outputs carry no text (benchmarks).
     skip_tokenizer_init: bool = False
+    # Benchmarks only: sample random tokens without a forward pass, to measure the engine core.
+    skip_model_forward: bool = False
+    # How the engine core reaches its workers: "ipc" (one host) or "tcp".
+    worker_transport: Literal["ipc", "tcp"] = "ipc"
+    # "process": each worker group in its own spawned process. "thread": the same worker loop
+    # and messages in a thread of this process (fast start, for tests and debugging).
+    worker_backend: Literal["process", "thread"] = "process"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

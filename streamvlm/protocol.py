@@ -50,6 +50,7 @@ class StepStats(msgspec.Struct, kw_only=True):
     num_waiting: int = 0
     num_scheduled_tokens: int = 0
     num_free_blocks: int = 0
+    num_used_blocks: int = 0      # held by live requests (free blocks may still cache prefixes)
     num_total_blocks: int = 0
     num_preempted: int = 0
 
@@ -60,4 +61,24 @@ class StepOutput(msgspec.Struct, tag=True, kw_only=True):
     stats: StepStats
 
 
-CoreToWorker = AddRequest | AbortRequest
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
+    """Sent once the model is loaded and the KV pool allocated."""
+
+    pid: int
+    num_kv_blocks: int
+    device: str
+
+
+class WorkerFailed(msgspec.Struct, tag=True, kw_only=True):
+    """Sent instead of WorkerReady (or before dying) when the worker cannot go on."""
+
+    error_type: str
+    message: str
+
+
+CoreToWorker = AddRequest | AbortRequest | Shutdown
+WorkerToCore = StepOutput | WorkerReady | WorkerFailed

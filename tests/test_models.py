@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import local_llm, make_worker, wait_idle, worker_of
 from streamvlm.engine.llm import LLM
 from streamvlm.sampling import SamplingParams
 from tests.conftest import ARCHS, VOCAB, hf_model
@@ -43,7 +44,7 @@ def as_inputs(prompts: list[list[int]]) -> list[dict[str, list[int]]]:
 
 def assert_idle(llm: LLM) -> None:
     """No request left in the worker and no KV block held (cached blocks with ref 0 are fine)."""
-    worker = llm.worker
+    worker = wait_idle(llm)
     assert not worker.sequences
     assert not worker.scheduler.has_work()
     assert not any(worker.pool.ref_counts), worker.pool.ref_counts
@@ -53,14 +54,14 @@ def assert_idle(llm: LLM) -> None:
 def record_stats(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """StepStats of every worker step that LLM.generate makes from now on."""
     stats: list[Any] = []
-    step = llm.worker.step
+    step = worker_of(llm).step
 
     def recording_step():
         out = step()
         stats.append(out.stats)
         return out
 
-    monkeypatch.setattr(llm.worker, "step", recording_step)
+    monkeypatch.setattr(worker_of(llm), "step", recording_step)
     return stats
 
 
@@ -105,7 +106,7 @@ def reference(checkpoints: dict[str, Path]) -> Reference:
 
 
 def make_llm(path: Path, **kwargs: Any) -> LLM:
-    return LLM(str(path), **{"max_model_len": 256, "block_size": BLOCK, **kwargs})
+    return local_llm(path, **{"max_model_len": 256, "block_size": BLOCK, **kwargs})
 
 
 def assert_close_logits(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -120,7 +121,7 @@ def engine_logits(llm: LLM, requests: list[tuple[list[int], list[int]]]) -> list
     has one, all in one batch, so later chunks attend to the blocks cached by earlier steps and
     a step can mix long chunks with single tokens.
     """
-    pool, runner = llm.worker.pool, llm.worker.runner
+    pool, runner = worker_of(llm).pool, worker_of(llm).runner
     seqs = []
     for i, (token_ids, chunks) in enumerate(requests):
         assert sum(chunks) == len(token_ids)
@@ -305,7 +306,7 @@ def test_half_precision(arch: str, dtype_name: str, checkpoints,
                         reference: Reference) -> None:
     dtype = getattr(torch, dtype_name)
     llm = make_llm(checkpoints[arch], dtype=dtype_name)
-    runner = llm.worker.runner
+    runner = worker_of(llm).runner
     assert runner.dtype == dtype and runner.kv_cache.dtype == dtype
     assert all(p.dtype == dtype for p in runner.model.parameters())
     prompts = random_prompts(1, LENGTHS)
@@ -333,7 +334,7 @@ def test_dummy_weights(arch: str, checkpoints, tmp_path: Path) -> None:
     folder = copy_checkpoint(checkpoints[arch], tmp_path / arch, weights=False)
     cfg = json.loads((folder / "config.json").read_text())
     llm = make_llm(folder, load_format="dummy", max_model_len=64)
-    model = llm.worker.runner.model
+    model = worker_of(llm).runner.model
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -350,7 +351,7 @@ def test_dummy_weights(arch: str, checkpoints, tmp_path: Path) -> None:
     assert hasattr(model, "lm_head") == (not cfg["tie_word_embeddings"])
     if not cfg["tie_word_embeddings"]:
         assert model.lm_head.weight.shape == (cfg["vocab_size"], hidden)
-    runner = llm.worker.runner
+    runner = worker_of(llm).runner
     assert runner.kv_cache.shape == (cfg["num_hidden_layers"], 2, runner.num_blocks, BLOCK,
                                      kv_heads, head_dim)
     # Names the safetensors loader would ask for are the checkpoint's own.
@@ -380,19 +381,19 @@ def rewrite_weights(folder: Path, edit) -> None:
 
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"not found"):
-        LLM(str(tmp_path / "nowhere"))
+        local_llm(tmp_path / "nowhere")
 
 
 def test_folder_without_config(qwen3_copy: Path) -> None:
     (qwen3_copy / "config.json").unlink()
     with pytest.raises(ValueError, match=r"no config\.json"):
-        LLM(str(qwen3_copy))
+        local_llm(qwen3_copy)
 
 
 def test_folder_without_weights(checkpoints, tmp_path: Path) -> None:
     folder = copy_checkpoint(checkpoints["qwen3"], tmp_path / "ckpt", weights=False)
     with pytest.raises(ValueError, match=r"no \.safetensors files"):
-        LLM(str(folder), max_model_len=64)
+        local_llm(folder, max_model_len=64)
 
 
 def test_unsupported_architecture(qwen3_copy: Path) -> None:
@@ -402,12 +403,12 @@ def test_unsupported_architecture(qwen3_copy: Path) -> None:
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*"
                                          r"LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
-        LLM(str(qwen3_copy), max_model_len=64)
+        local_llm(qwen3_copy, max_model_len=64)
 
 
 def test_max_model_len_over_model_limit(checkpoints) -> None:
     with pytest.raises(ValueError, match=r"max_model_len=1024.*max_position_embeddings=512"):
-        LLM(str(checkpoints["qwen3"]), max_model_len=1024)
+        local_llm(checkpoints["qwen3"], max_model_len=1024)
 
 
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight",
@@ -417,7 +418,7 @@ def test_max_model_len_over_model_limit(checkpoints) -> None:
 def test_missing_tensor(qwen3_copy: Path, name: str) -> None:
     rewrite_weights(qwen3_copy, lambda t: t.pop(name))
     with pytest.raises(ValueError, match=rf"missing 1 tensors: {name}"):
-        LLM(str(qwen3_copy), max_model_len=64)
+        local_llm(qwen3_copy, max_model_len=64)
 
 
 @pytest.mark.parametrize("name,rows,cols", [
@@ -436,14 +437,14 @@ def test_misshaped_tensor(qwen3_copy: Path, name: str, rows: int, cols: int | No
 
     rewrite_weights(qwen3_copy, edit)
     with pytest.raises(ValueError, match=rf"tensor '{name}' has shape .*expected"):
-        LLM(str(qwen3_copy), max_model_len=64)
+        local_llm(qwen3_copy, max_model_len=64)
 
 
 def test_unexpected_tensor(qwen3_copy: Path) -> None:
     rewrite_weights(qwen3_copy, lambda t: t.update({"model.layers.9.mlp.up_proj.weight":
                                                       torch.zeros(2, 2)}))
     with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.9\.mlp\.up_proj"):
-        LLM(str(qwen3_copy), max_model_len=64)
+        local_llm(qwen3_copy, max_model_len=64)
 
 
 def shard_checkpoint(folder: Path) -> list[str]:
@@ -471,8 +472,8 @@ def test_sharded_checkpoint(arch: str, checkpoints, tmp_path: Path,
     outputs = llm.generate(as_inputs(prompts), GREEDY)
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == reference.greedy(arch, prompt, NUM_NEW)
-    unsharded = make_llm(checkpoints[arch]).worker.runner.model.state_dict()
-    for name, value in llm.worker.runner.model.state_dict().items():
+    unsharded = worker_of(make_llm(checkpoints[arch])).runner.model.state_dict()
+    for name, value in worker_of(llm).runner.model.state_dict().items():
         assert torch.equal(value, unsharded[name]), name
     assert_idle(llm)
 
@@ -481,7 +482,7 @@ def test_sharded_checkpoint_missing_shard(qwen3_copy: Path) -> None:
     files = shard_checkpoint(qwen3_copy)
     (qwen3_copy / files[1]).unlink()
     with pytest.raises(ValueError, match=rf"{files[1]} listed in the index is missing"):
-        LLM(str(qwen3_copy), max_model_len=64)
+        local_llm(qwen3_copy, max_model_len=64)
 
 
 # --- bad input ------------------------------------------------------------------------------

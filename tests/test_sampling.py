@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import local_llm, make_worker, wait_idle, worker_of
 from streamvlm.engine.llm import LLM
 from streamvlm.sampling import SamplingParams
 from tests.conftest import hf_model
@@ -20,7 +21,7 @@ EOS_CANDIDATES = ["a", "b", "c", "x", "Hi", "ok", "the", "fox", "Paris"]
 
 @pytest.fixture(scope="module")
 def llm(llama_path):
-    engine = LLM(str(llama_path), max_model_len=256)
+    engine = local_llm(llama_path, max_model_len=256)
     yield engine
     engine.shutdown()
 
@@ -39,7 +40,7 @@ def gen(llm: LLM, prompts, params):
 
 
 def assert_no_blocks_held(llm: LLM) -> None:
-    assert all(r == 0 for r in llm.worker.pool.ref_counts)
+    assert all(r == 0 for r in wait_idle(llm).pool.ref_counts)
 
 
 def num_repeats(outputs) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import local_llm, make_worker, wait_idle, worker_of
 from streamvlm.protocol import AddRequest
 from streamvlm.sampling import SamplingParams
 from workers.kv_cache import BlockPool
@@ -271,9 +272,7 @@ def test_scheduler_drains_with_no_leaked_blocks():
 
 @pytest.fixture(scope="module")
 def worker(llama_path):
-    from streamvlm.engine.llm import LLM
-
-    return LLM(str(llama_path), max_model_len=128, max_num_batched_tokens=32).worker
+    return make_worker(llama_path, max_model_len=128, max_num_batched_tokens=32)
 
 
 def add(worker, request_id: str, prompt: list[int], **params) -> None:
@@ -364,12 +363,10 @@ def drive(worker, requests: dict[str, list[int]], **params) -> tuple[dict[str, l
 
 
 def test_worker_preemption_gives_the_same_greedy_outputs(llama_path, worker):
-    from streamvlm.engine.llm import LLM
-
     # 8 blocks of 8 tokens: four requests fit while their prompts (10 tokens) and first outputs
     # take 2 blocks each, and must preempt each other to reach 22 tokens (3 blocks).
-    small = LLM(str(llama_path), max_model_len=64, num_kv_blocks=8, block_size=8,
-                max_num_batched_tokens=64).worker
+    small = make_worker(llama_path, max_model_len=64, num_kv_blocks=8, block_size=8,
+                        max_num_batched_tokens=64)
     requests = {f"p{i}": [5 + i] + list(range(200 + 7 * i, 209 + 7 * i)) for i in range(4)}
     params = dict(temperature=0, max_tokens=12, ignore_eos=True)
     expected, none_preempted = drive(worker, requests, **params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 
@@ -48,6 +49,7 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(max_model_len)
         self._allocate_kv_cache()
         self.sampler = Sampler(self.device, config.seed)
+        self._rng = random.Random(config.seed)
 
     def _kv_bytes_per_block(self) -> int:
         args = self.model.args
@@ -112,6 +114,11 @@ class ModelRunner:
         )
         return tensor(input_ids), tensor(positions), meta, tensor(logits_rows)
 
+    def _random_tokens(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
+        vocab = self.model.args.vocab_size
+        count = sum(c.samples for c in chunks)
+        return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
+
     @torch.inference_mode()
     def forward_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits (float32) of the last token of every chunk that completes its sequence."""
@@ -131,5 +138,7 @@ class ModelRunner:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
+        if self.config.skip_model_forward:
+            return self._random_tokens(chunks)
         logits = self.forward_logits(chunks)
         return self.sampler(logits, [c.seq for c in chunks if c.samples])

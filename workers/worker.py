@@ -93,6 +93,7 @@ class Worker:
             num_waiting=len(self.scheduler.waiting),
             num_scheduled_tokens=plan.num_tokens,
             num_free_blocks=self.pool.num_free_blocks,
+            num_used_blocks=self.pool.num_used_blocks,
             num_total_blocks=self.pool.num_blocks,
             num_preempted=plan.num_preempted,
         ))

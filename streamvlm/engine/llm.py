@@ -1,19 +1,24 @@
-"""The offline API: LLM.generate / LLM.chat run a worker in this process and wait for results."""
+"""The offline API: a synchronous wrapper over the engine core and its worker processes.
+
+An event loop runs in a background thread; LLM.generate / LLM.chat submit every prompt to the
+same AsyncEngine that serves streams, and wait for the results.
+"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from streamvlm.config import DEFAULT_MODEL, EngineConfig
-from streamvlm.engine.request_state import RequestState
-from streamvlm.inputs.processor import InputProcessor, Message, Prompt
-from streamvlm.model_source import resolve_model
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.loop import new_event_loop
+from streamvlm.inputs.processor import Message, Prompt
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import AddRequest
 from streamvlm.sampling import SamplingParams
 
+T = TypeVar("T")
 _PROGRESS_BAR_MIN_PROMPTS = 16
 
 
@@ -21,14 +26,27 @@ class LLM:
     """``LLM(model=None, **engine_config_fields)``: with no model, the embedded SmolLM2."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        from workers.worker import Worker
-
         self.config = EngineConfig.from_kwargs(model=model or DEFAULT_MODEL, **kwargs)
-        source = resolve_model(self.config.model)
-        self.processor = InputProcessor(self.config, source)
-        self.tokenizer = self.processor.tokenizer
-        self.worker = Worker(self.config, source, self.processor.max_model_len)
-        self._ids = itertools.count()
+        self.engine = AsyncEngine(self.config)
+        self.processor = self.engine.processor
+        self.tokenizer = self.engine.tokenizer
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="streamvlm-loop",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._call(self.engine.start())
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()   # e.g. Ctrl-C: cancelling aborts every request still running
+            raise
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -56,55 +74,47 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         for ids, p in zip(prompts, per_prompt):
             self.processor.validate(ids, p)
+        return self._call(self._generate_all(prompts, per_prompt, use_tqdm))
 
-        states: dict[str, RequestState] = {}
-        for ids, p in zip(prompts, per_prompt):
-            request_id = str(next(self._ids))
-            states[request_id] = RequestState(request_id, ids, p, self.tokenizer)
-            self.worker.add_request(AddRequest(request_id=request_id, prompt_token_ids=ids,
-                                               params=p,
-                                               eos_token_ids=self.processor.eos_token_ids))
-        progress = self._progress_bar(len(prompts), use_tqdm)
-        remaining = len(states)
+    async def _generate_all(self, prompts: list[list[int]], params: list[SamplingParams],
+                            use_tqdm: bool) -> list[RequestOutput]:
+        progress = None
+        if use_tqdm and len(prompts) >= _PROGRESS_BAR_MIN_PROMPTS:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=len(prompts), desc="Generating", unit="req")
+
+        async def one(ids: list[int], p: SamplingParams) -> RequestOutput:
+            out = await self.engine.generate({"prompt_token_ids": ids}, p)
+            if progress is not None:
+                progress.update(1)
+            return out
+
+        tasks = [asyncio.ensure_future(one(ids, p)) for ids, p in zip(prompts, params)]
         try:
-            while remaining:
-                step = self.worker.step()
-                for delta in step.deltas:
-                    state = states.get(delta.request_id)
-                    if state is None or state.apply(delta) is None:
-                        continue
-                    if state.finished:
-                        remaining -= 1
-                        if progress is not None:
-                            progress.update(1)
-                        if state.stopped_by_string and delta.finish_reason is None:
-                            self.worker.abort([delta.request_id])
+            return list(await asyncio.gather(*tasks))
         except BaseException:
-            self.worker.abort([i for i, s in states.items() if not s.finished])
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             if progress is not None:
                 progress.close()
-        return [s.output for s in states.values()]
 
-    @staticmethod
-    def _progress_bar(total: int, use_tqdm: bool) -> Any:
-        if not use_tqdm or total < _PROGRESS_BAR_MIN_PROMPTS:
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc="Generating", unit="req")
+    def stats(self) -> Any:
+        return self._call(self.engine.stats())
 
     def shutdown(self) -> None:
-        """Release the model and the KV pool (GPU memory too)."""
-        if self.worker is None:
+        """Stop the worker processes and the event loop thread."""
+        if self._loop.is_closed():
             return
-        device = self.worker.runner.device
-        self.worker = None
-        import gc
-        gc.collect()
-        if device.type == "cuda":
-            import torch
-            torch.cuda.empty_cache()
+        if self._thread.is_alive():
+            try:
+                self._call(self.engine.shutdown())
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        self._loop.close()
 
     def __enter__(self) -> LLM:
         return self

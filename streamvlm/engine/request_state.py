@@ -11,9 +11,21 @@ from streamvlm.protocol import RequestDelta, TokenLogprobs
 from streamvlm.sampling import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
 class OutputDelta:
-    """What a request gained since the last delta; ``finish_reason`` is set on the last one."""
+    """What a request gained since the previous delta. The last one has ``finish_reason`` set
+    and carries ``usage``."""
 
     request_id: str
     text: str
@@ -21,6 +33,17 @@ class OutputDelta:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    usage: Usage | None = None
+
+    def merge(self, later: OutputDelta) -> None:
+        """Absorb a later delta of the same request (for a consumer that fell behind)."""
+        self.text += later.text
+        self.token_ids = self.token_ids + later.token_ids
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finish_reason = later.finish_reason
+        self.error = later.error
+        self.usage = later.usage
 
 
 class RequestState:
@@ -66,4 +89,8 @@ class RequestState:
         out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
         out.finish_reason = finish_reason
         out.error = delta.error
-        return OutputDelta(out.request_id, text, token_ids, logprobs, finish_reason, delta.error)
+        usage = None
+        if finish_reason is not None:
+            usage = Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
+        return OutputDelta(out.request_id, text, token_ids, logprobs, finish_reason, delta.error,
+                           usage)

@@ -1,0 +1,312 @@
+"""AsyncEngine: the engine core. One asyncio process that owns every request from arrival to
+its last delta, and talks to worker groups over ZeroMQ.
+
+    async with AsyncEngine(EngineConfig(model=...)) as engine:
+        async for delta in engine.stream("Hello", SamplingParams(max_tokens=32)):
+            print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from streamvlm.config import EngineConfig
+from streamvlm.engine.collector import DeltaCollector
+from streamvlm.engine.request_state import OutputDelta, RequestState
+from streamvlm.engine.worker_client import WorkerGroupClient
+from streamvlm.errors import EngineDeadError
+from streamvlm.inputs.processor import InputProcessor, Message, Prompt
+from streamvlm.model_source import resolve_model
+from streamvlm.outputs import RequestOutput
+from streamvlm.protocol import AbortRequest, AddRequest, StepOutput, WorkerFailed
+from streamvlm.sampling import SamplingParams
+
+EnginePrompt = Prompt | list[Message]
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    num_requests: int      # requests the engine core is tracking
+
+
+class GroupHealth(msgspec.Struct, kw_only=True):
+    group_id: int
+    pid: int | None
+    alive: bool
+    error: str | None = None
+
+
+class HealthReport(msgspec.Struct, kw_only=True):
+    healthy: bool
+    groups: list[GroupHealth]
+
+
+@dataclass(slots=True)
+class _Tracked:
+    state: RequestState
+    collector: DeltaCollector
+    group: WorkerGroupClient
+
+
+def _kill_groups(groups: list[WorkerGroupClient]) -> None:
+    for group in groups:
+        group.kill()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = EngineConfig.from_kwargs(**overrides)
+        elif overrides:
+            config = msgspec.structs.replace(config, **overrides)
+        self.config = config
+        self.source = resolve_model(config.model)
+        from workers.models.registry import model_class
+        model_class(self.source.hf_config)  # unsupported architectures fail here, not in a worker
+        self.processor = InputProcessor(config, self.source)
+        self.tokenizer = self.processor.tokenizer
+        self.groups: list[WorkerGroupClient] = []
+        self._requests: dict[str, _Tracked] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._dead: EngineDeadError | None = None
+        self._started = False
+        self._finalizer: weakref.finalize | None = None
+
+    @classmethod
+    def from_config(cls, path: str, **overrides: Any) -> AsyncEngine:
+        return cls(EngineConfig.from_toml(path, **overrides))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._ctx = zmq.asyncio.Context()
+        group = WorkerGroupClient(0, self.config, self._ctx)
+        self.groups.append(group)
+        self._finalizer = weakref.finalize(self, _kill_groups, list(self.groups))
+        try:
+            await group.start()
+        except BaseException:
+            await self.shutdown()
+            raise
+        loop = asyncio.get_running_loop()
+        for group in self.groups:
+            self._tasks.append(loop.create_task(self._output_loop(group)))
+            self._watch(group, loop)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        for group in self.groups:
+            self._unwatch(group)
+            await group.shutdown()
+        self._fail_requests(lambda t: True, EngineDeadError("the engine was shut down"))
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was shut down")
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def stream(self, prompt: EnginePrompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[OutputDelta]:
+        """Deltas of one request as they are produced; leaving early aborts the request."""
+        request_id, tracked = await self._submit(prompt, params, request_id)
+        finished = False
+        try:
+            while not finished:
+                delta = await tracked.collector.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self._abort_now(request_id)
+
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        request_id, tracked = await self._submit(prompt, params, request_id)
+        finished = False
+        try:
+            while not finished:
+                finished = (await tracked.collector.get()).finish_reason is not None
+        finally:
+            if not finished:
+                self._abort_now(request_id)
+        return tracked.state.output
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    async def stats(self) -> EngineStats:
+        live = [g for g in self.groups if g.alive]
+        return EngineStats(
+            num_running=sum(g.stats.num_running for g in live),
+            num_waiting=sum(g.stats.num_waiting for g in live),
+            kv_blocks_total=sum(g.stats.num_total_blocks for g in live),
+            kv_blocks_used=sum(g.stats.num_used_blocks for g in live),
+            num_requests=len(self._requests),
+        )
+
+    async def health(self) -> HealthReport:
+        groups = [GroupHealth(group_id=g.group_id, pid=g.pid, alive=g.alive,
+                              error=g.dead_reason) for g in self.groups]
+        healthy = self._started and self._dead is None and all(g.alive for g in groups)
+        return HealthReport(healthy=healthy, groups=groups)
+
+    async def tokenize(self, prompt: EnginePrompt) -> list[int]:
+        """Prompt to token ids, off the event loop where templating or tokenizing is needed."""
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return self.processor.tokenize_prompt(prompt)
+        loop = asyncio.get_running_loop()
+        if isinstance(prompt, list):
+            return await loop.run_in_executor(None, self.processor.render_chat, prompt)
+        return await loop.run_in_executor(None, self.processor.tokenize_prompt, prompt)
+
+    async def _submit(self, prompt: EnginePrompt, params: SamplingParams | None,
+                      request_id: str | None) -> tuple[str, _Tracked]:
+        self._check_alive()
+        params = SamplingParams() if params is None else params
+        prompt_token_ids = await self.tokenize(prompt)
+        self.processor.validate(prompt_token_ids, params)
+        self._check_alive()
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        elif request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        group = self._route()
+        tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
+                           DeltaCollector(), group)
+        self._requests[request_id] = tracked
+        group.send(AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                              params=params, eos_token_ids=self.processor.eos_token_ids))
+        return request_id, tracked
+
+    def _route(self) -> WorkerGroupClient:
+        live = [g for g in self.groups if g.alive]
+        if not live:
+            raise self._dead or EngineDeadError("no live worker group")
+        return min(live, key=lambda g: g.stats.num_running + g.stats.num_waiting)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if not self._started:
+            raise RuntimeError("the engine is not started: use `async with engine` or "
+                               "`await engine.start()`")
+
+    def _abort_now(self, request_id: str) -> None:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is not None and tracked.group.alive:
+            tracked.group.send(AbortRequest(request_ids=[request_id]))
+
+    # ---- output path -----------------------------------------------------------------------
+
+    async def _output_loop(self, group: WorkerGroupClient) -> None:
+        sock, decode = group.outbox, group.decoder.decode
+        while True:
+            self._handle(group, decode(await sock.recv()))
+            # Drain what has already arrived, so a burst reaches consumers as merged deltas.
+            while True:
+                try:
+                    frame = await sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(group, decode(frame))
+
+    def _handle(self, group: WorkerGroupClient, message: Any) -> None:
+        if isinstance(message, WorkerFailed):
+            self._group_died(group, f"{message.error_type}: {message.message}")
+            return
+        if not isinstance(message, StepOutput):
+            return
+        group.stats = message.stats
+        requests = self._requests
+        for d in message.deltas:
+            tracked = requests.get(d.request_id)
+            if tracked is None:
+                continue   # aborted or already finished here (e.g. by a stop string)
+            try:
+                out = tracked.state.apply(d)
+            except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
+                del requests[d.request_id]
+                group.send(AbortRequest(request_ids=[d.request_id]))
+                tracked.collector.fail(RuntimeError(f"output processing failed: {exc!r}"))
+                continue
+            if out is None:
+                continue
+            if out.finish_reason is not None:
+                del requests[d.request_id]
+                if d.finish_reason is None:   # ended here by a stop string: free its blocks
+                    group.send(AbortRequest(request_ids=[d.request_id]))
+            tracked.collector.put(out)
+
+    # ---- health ----------------------------------------------------------------------------
+
+    def _watch(self, group: WorkerGroupClient, loop: asyncio.AbstractEventLoop) -> None:
+        sentinel = getattr(group.process, "sentinel", None)
+        if sentinel is not None:
+            # Readable the moment the process ends, however it ends.
+            loop.add_reader(sentinel, self._on_exit, group)
+        else:
+            self._tasks.append(loop.create_task(self._poll_thread(group)))
+
+    def _unwatch(self, group: WorkerGroupClient) -> None:
+        sentinel = getattr(group.process, "sentinel", None)
+        if sentinel is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(sentinel)
+            except (RuntimeError, ValueError, OSError):
+                pass
+
+    def _on_exit(self, group: WorkerGroupClient) -> None:
+        self._unwatch(group)
+        group.process.join(0.1)
+        self._group_died(group, group.exit_description())
+
+    async def _poll_thread(self, group: WorkerGroupClient) -> None:
+        while group.process.is_alive():
+            await asyncio.sleep(0.2)
+        self._group_died(group, group.exit_description())
+
+    def _group_died(self, group: WorkerGroupClient, reason: str) -> None:
+        if group.dead_reason is not None:
+            return
+        group.mark_dead(reason)
+        error = EngineDeadError(f"worker group {group.group_id} died: {reason}")
+        self._fail_requests(lambda t: t.group is group, error)
+        if not any(g.alive for g in self.groups):
+            self._dead = error
+
+    def _fail_requests(self, which: Any, error: EngineDeadError) -> None:
+        for request_id, tracked in list(self._requests.items()):
+            if which(tracked):
+                del self._requests[request_id]
+                tracked.collector.fail(error)

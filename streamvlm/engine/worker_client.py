@@ -1,0 +1,138 @@
+"""The engine core's handle on one worker group: its process, its sockets, its liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from streamvlm.config import EngineConfig
+from streamvlm.errors import EngineDeadError
+from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
+                                WorkerToCore)
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+class WorkerGroupClient:
+    def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context) -> None:
+        self.group_id = group_id
+        self.config = config
+        self._ctx = ctx
+        self._encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
+        self.process: BaseProcess | threading.Thread | None = None
+        self.local_worker: Any = None   # the Worker itself, with the thread backend
+        self.ready: WorkerReady | None = None
+        self.stats = StepStats()
+        self.dead_reason: str | None = None
+        self._ipc_dir: str | None = None
+        self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
+        self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None and self.process is not None and self.process.is_alive()
+
+    def _bind(self) -> tuple[str, str]:
+        self.inbox = self._ctx.socket(zmq.PUSH)
+        self.outbox = self._ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        if self.config.worker_transport == "tcp":
+            in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
+            out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
+            return f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
+        self._ipc_dir = tempfile.mkdtemp(prefix="streamvlm-")
+        addresses = (f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out")
+        self.inbox.bind(addresses[0])
+        self.outbox.bind(addresses[1])
+        return addresses
+
+    async def start(self) -> WorkerReady:
+        from workers.main import run_worker
+
+        input_address, output_address = self._bind()
+        args = (msgspec.msgpack.encode(self.config), input_address, output_address, os.getpid())
+        name = f"streamvlm-worker-{self.group_id}"
+        if self.config.worker_backend == "thread":
+            self.process = threading.Thread(target=run_worker, name=name, daemon=True,
+                                            args=(*args, self._set_local_worker))
+        else:
+            spawn = multiprocessing.get_context("spawn")
+            self.process = spawn.Process(target=run_worker, name=name, daemon=True, args=args)
+        self.process.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if await self.outbox.poll(100):
+                message = self.decoder.decode(await self.outbox.recv())
+                if isinstance(message, WorkerReady):
+                    self.ready = message
+                    self.stats = StepStats(num_free_blocks=message.num_kv_blocks,
+                                           num_total_blocks=message.num_kv_blocks)
+                    return message
+                if isinstance(message, WorkerFailed):
+                    self.kill()
+                    error = ValueError if message.error_type == "ValueError" else RuntimeError
+                    raise error(f"worker failed to start: {message.message}")
+            elif not self.process.is_alive():
+                self.kill()
+                raise EngineDeadError(f"{self.exit_description()} during start-up")
+        self.kill()
+        raise EngineDeadError(f"worker {self.group_id} did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _set_local_worker(self, worker: Any) -> None:
+        self.local_worker = worker
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.process, "pid", None) or (os.getpid() if self.process else None)
+
+    def exit_description(self) -> str:
+        code = getattr(self.process, "exitcode", None)
+        return f"worker {self.group_id} (pid {self.pid}) exited" + (
+            f" with code {code}" if code is not None else "")
+
+    def send(self, message: CoreToWorker) -> None:
+        # PUSH to a connected peer with free high-water mark never blocks; a dead peer's
+        # messages are dropped with it (its requests fail through the health monitor).
+        if self.inbox is None or self.inbox.closed:
+            return
+        self.inbox.send(self._encoder.encode(message), zmq.NOBLOCK)
+
+    def mark_dead(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self.dead_reason = reason
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        if self.process is not None and self.process.is_alive():
+            try:
+                self.send(Shutdown())
+            except zmq.ZMQError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        self.kill()
+
+    def kill(self) -> None:
+        """Make sure the process is gone and the sockets closed (safe to call twice)."""
+        if isinstance(self.process, BaseProcess) and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        for sock in (self.inbox, self.outbox):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None

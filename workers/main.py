@@ -1,0 +1,99 @@
+"""Worker process entry: connect to the engine core over ZeroMQ and run the step loop.
+
+Requests and aborts arrive on a PULL socket; every step that produced anything is sent back as
+one StepOutput on a PUSH socket. The process leaves when told to, or when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from streamvlm.config import EngineConfig
+from streamvlm.protocol import (AbortRequest, AddRequest, CoreToWorker, Shutdown, WorkerFailed,
+                                WorkerReady)
+
+IDLE_POLL_MS = 200
+
+
+def run_worker(config_bytes: bytes, input_address: str, output_address: str,
+               parent_pid: int, on_ready: Callable[[Any], None] | None = None) -> None:
+    """The worker loop. ``on_ready`` (thread backend only) receives the built Worker."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_address)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 1000)
+    outbox.connect(output_address)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(CoreToWorker)
+    try:
+        worker = _build_worker(config)
+    except BaseException as exc:  # noqa: BLE001 - reported to the core, then exit
+        outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
+                                                message=str(exc) or traceback.format_exc())))
+        inbox.close(linger=0)
+        outbox.close()
+        ctx.term()
+        return
+    if on_ready is not None:
+        on_ready(worker)
+    outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
+                                           device=str(worker.runner.device))))
+    try:
+        while True:
+            timeout = 0 if worker.has_work() else IDLE_POLL_MS
+            if inbox.poll(timeout):
+                while True:
+                    try:
+                        message = decoder.decode(inbox.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if isinstance(message, Shutdown):
+                        return
+                    if isinstance(message, AddRequest):
+                        worker.add_request(message)
+                    elif isinstance(message, AbortRequest):
+                        worker.abort(message.request_ids)
+            elif not worker.has_work():
+                if os.getppid() != parent_pid:
+                    return  # orphaned: the engine core is gone
+                continue
+            if worker.has_work():
+                out = worker.step()
+                if out.deltas or out.stats.num_scheduled_tokens:
+                    outbox.send(encoder.encode(out))
+    except BaseException as exc:  # noqa: BLE001
+        outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
+                                                message=traceback.format_exc())))
+        raise
+    finally:
+        inbox.close(linger=0)
+        outbox.close()
+        ctx.term()
+
+
+def _build_worker(config: EngineConfig):
+    import torch
+
+    from streamvlm.inputs.processor import resolve_max_model_len
+    from streamvlm.model_source import resolve_model
+    from workers.worker import Worker
+
+    in_process = threading.current_thread() is not threading.main_thread()
+    if not in_process and (config.device == "cpu" or not torch.cuda.is_available()):
+        # Leave a core to the engine core's event loop where there are few.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
+    source = resolve_model(config.model)
+    return Worker(config, source, resolve_max_model_len(config, source.hf_config))
