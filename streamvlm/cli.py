@@ -1,74 +1,98 @@
-"""Command line: ``streamvlm generate PROMPT`` (more subcommands join as the engine grows)."""
+"""Command line: ``streamvlm generate PROMPT`` streams a completion to the terminal.
+
+Every EngineConfig field is a flag (``--max-num-seqs`` for ``max_num_seqs``...), and
+``--config F`` loads a TOML file of them first; flags win.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import msgspec
 
 from streamvlm.config import EngineConfig
 
-
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a TOML file of EngineConfig fields (flags override it)")
-    parser.add_argument("--model", help="checkpoint folder, .gguf file, or 'smollm2-135m' "
-                                        "(the default)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--block-size", type=int)
-    parser.add_argument("--num-kv-blocks", type=int)
-    parser.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"])
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
-                        action="store_false", default=None)
-    parser.add_argument("--seed", type=int)
+SAMPLING_FLAGS: dict[str, type] = {
+    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+    "seed": int, "min_tokens": int,
+}
 
 
-_ENGINE_FLAGS = ("model", "dtype", "device", "max_model_len", "max_num_seqs",
-                 "max_num_batched_tokens", "block_size", "num_kv_blocks", "load_format",
-                 "enable_prefix_caching", "seed")
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (EngineConfig fields)")
+    group.add_argument("--config", help="a TOML file of EngineConfig fields")
+    for field in msgspec.structs.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            group.add_argument(flag, dest=f"engine.{field.name}",
+                               action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f"engine.{field.name}", default=None,
+                               metavar=field.name.upper(), help=f"default: {field.default!r}")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    overrides = {name: getattr(args, name) for name in _ENGINE_FLAGS
-                 if getattr(args, name) is not None}
+    overrides = {name.removeprefix("engine."): value for name, value in vars(args).items()
+                 if name.startswith("engine.") and value is not None}
     if args.config:
         return EngineConfig.from_toml(args.config, **overrides)
     return EngineConfig.from_kwargs(**overrides)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from streamvlm import LLM, SamplingParams
+def _sampling_params(args: argparse.Namespace) -> Any:
+    from streamvlm import SamplingParams
+
+    fields = {name: getattr(args, f"sampling_{name}") for name in SAMPLING_FLAGS
+              if getattr(args, f"sampling_{name}") is not None}
+    return SamplingParams(stop=args.stop or [], ignore_eos=args.ignore_eos, **fields)
+
+
+async def _stream_generate(args: argparse.Namespace) -> int:
+    from streamvlm import AsyncEngine
 
     config = engine_config_from_args(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed_sampling)
-    fields = {f: getattr(config, f) for f in config.__struct_fields__}
-    with LLM(**fields) as llm:
-        if args.chat:
-            output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
-        else:
-            output = llm.generate(args.prompt, params)[0]
-    print(output.text)
+    params = _sampling_params(args)
+    prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    async with AsyncEngine(config) as engine:
+        async for delta in engine.stream(prompt, params):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from streamvlm.engine.loop import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_stream_generate(args))
+    finally:
+        loop.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamvlm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="streamvlm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="complete one prompt and print the text")
+    gen = commands.add_parser("generate", help="stream the completion of one prompt")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--sampling-seed", dest="seed_sampling", type=int)
-    _add_engine_flags(gen)
+    sampling = gen.add_argument_group("sampling (SamplingParams fields)")
+    for name, kind in SAMPLING_FLAGS.items():
+        # --seed is the engine's; the per-request seed is --sampling-seed.
+        flag = "--sampling-seed" if name == "seed" else "--" + name.replace("_", "-")
+        sampling.add_argument(flag, dest=f"sampling_{name}", type=kind)
+    sampling.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true")
+    add_engine_flags(gen)
     gen.set_defaults(handler=_generate)
 
     args = parser.parse_args(argv)
@@ -77,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"streamvlm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from streamvlm.errors import EngineDeadError
 from streamvlm.inputs.processor import InputProcessor, Message, Prompt
 from streamvlm.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import AbortRequest, AddRequest, StepOutput, WorkerFailed
+from streamvlm.protocol import AbortRequest, AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.sampling import SamplingParams
 
 EnginePrompt = Prompt | list[Message]
@@ -39,6 +39,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     kv_blocks_total: int
     kv_blocks_used: int
     num_requests: int      # requests the engine core is tracking
+    num_steps: int         # step outputs received from workers
 
 
 class GroupHealth(msgspec.Struct, kw_only=True):
@@ -65,6 +66,44 @@ def _kill_groups(groups: list[WorkerGroupClient]) -> None:
         group.kill()
 
 
+# The background tasks and callbacks below hold the engine only through a weak reference, so
+# that an engine dropped without shutdown() is collected and its finalizer stops the workers.
+
+async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
+    sock, decode = group.outbox, group.decoder.decode
+    while True:
+        frame: bytes | None = await sock.recv()
+        # Drain what has already arrived, so a burst reaches consumers as merged deltas.
+        while frame is not None:
+            engine = engine_ref()
+            if engine is None:
+                return
+            engine._handle(group, decode(frame))
+            del engine
+            try:
+                frame = await sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                frame = None
+
+
+def _on_group_exit(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
+    engine = engine_ref()
+    if engine is None:
+        AsyncEngine._unwatch(group)
+        return
+    engine._on_exit(group)
+
+
+async def _poll_group(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
+    while group.process.is_alive():
+        await asyncio.sleep(0.2)
+        if engine_ref() is None:
+            return
+    engine = engine_ref()
+    if engine is not None:
+        engine._group_died(group, group.exit_description())
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -84,6 +123,7 @@ class AsyncEngine:
         self._dead: EngineDeadError | None = None
         self._started = False
         self._finalizer: weakref.finalize | None = None
+        self._num_steps = 0
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> AsyncEngine:
@@ -106,7 +146,7 @@ class AsyncEngine:
             raise
         loop = asyncio.get_running_loop()
         for group in self.groups:
-            self._tasks.append(loop.create_task(self._output_loop(group)))
+            self._tasks.append(loop.create_task(_output_loop(weakref.ref(self), group)))
             self._watch(group, loop)
 
     async def shutdown(self) -> None:
@@ -161,7 +201,13 @@ class AsyncEngine:
         return tracked.state.output
 
     async def abort(self, request_id: str) -> None:
+        """End a request now: its stream gets a last delta with finish_reason "abort"."""
+        tracked = self._requests.get(request_id)
         self._abort_now(request_id)
+        if tracked is not None:
+            out = tracked.state.apply(RequestDelta(request_id, [], finish_reason="abort"))
+            if out is not None:
+                tracked.collector.put(out)
 
     async def stats(self) -> EngineStats:
         live = [g for g in self.groups if g.alive]
@@ -171,6 +217,7 @@ class AsyncEngine:
             kv_blocks_total=sum(g.stats.num_total_blocks for g in live),
             kv_blocks_used=sum(g.stats.num_used_blocks for g in live),
             num_requests=len(self._requests),
+            num_steps=self._num_steps,
         )
 
     async def health(self) -> HealthReport:
@@ -229,18 +276,6 @@ class AsyncEngine:
 
     # ---- output path -----------------------------------------------------------------------
 
-    async def _output_loop(self, group: WorkerGroupClient) -> None:
-        sock, decode = group.outbox, group.decoder.decode
-        while True:
-            self._handle(group, decode(await sock.recv()))
-            # Drain what has already arrived, so a burst reaches consumers as merged deltas.
-            while True:
-                try:
-                    frame = await sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._handle(group, decode(frame))
-
     def _handle(self, group: WorkerGroupClient, message: Any) -> None:
         if isinstance(message, WorkerFailed):
             self._group_died(group, f"{message.error_type}: {message.message}")
@@ -248,6 +283,7 @@ class AsyncEngine:
         if not isinstance(message, StepOutput):
             return
         group.stats = message.stats
+        self._num_steps += 1
         requests = self._requests
         for d in message.deltas:
             tracked = requests.get(d.request_id)
@@ -274,12 +310,16 @@ class AsyncEngine:
         sentinel = getattr(group.process, "sentinel", None)
         if sentinel is not None:
             # Readable the moment the process ends, however it ends.
-            loop.add_reader(sentinel, self._on_exit, group)
+            loop.add_reader(sentinel, _on_group_exit, weakref.ref(self), group)
         else:
-            self._tasks.append(loop.create_task(self._poll_thread(group)))
+            self._tasks.append(loop.create_task(_poll_group(weakref.ref(self), group)))
 
-    def _unwatch(self, group: WorkerGroupClient) -> None:
-        sentinel = getattr(group.process, "sentinel", None)
+    @staticmethod
+    def _unwatch(group: WorkerGroupClient) -> None:
+        try:
+            sentinel = getattr(group.process, "sentinel", None)
+        except ValueError:   # the process never started
+            return
         if sentinel is not None:
             try:
                 asyncio.get_running_loop().remove_reader(sentinel)
@@ -289,11 +329,6 @@ class AsyncEngine:
     def _on_exit(self, group: WorkerGroupClient) -> None:
         self._unwatch(group)
         group.process.join(0.1)
-        self._group_died(group, group.exit_description())
-
-    async def _poll_thread(self, group: WorkerGroupClient) -> None:
-        while group.process.is_alive():
-            await asyncio.sleep(0.2)
         self._group_died(group, group.exit_description())
 
     def _group_died(self, group: WorkerGroupClient, reason: str) -> None:
