@@ -267,3 +267,15 @@ def test_random_stop_strings_match_reference(tokenizer, seed):
             hit = detok.stop_string_hit
             assert hit is not None and out + hit == text[:len(out) + len(hit)]
             assert len(out) + len(hit) == first_end
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
+    ids = tokenizer.encode("stop here and stop there", add_special_tokens=False)
+    early = IncrementalDetokenizer(tokenizer, [], stop=["stop"])
+    early.add_tokens(ids)
+    assert early.stop_string_hit == "stop" and early.text == ""
+    late = IncrementalDetokenizer(tokenizer, [], stop=["stop"], min_tokens=3)
+    late.add_tokens(ids)
+    assert late.stop_string_hit == "stop"
+    assert late.text == "stop here and "
+    assert late.num_tokens_at_stop > 3

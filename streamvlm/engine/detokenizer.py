@@ -34,8 +34,11 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: TokenDecoder, prompt_token_ids: Sequence[int],
-                 stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+                 stop: Sequence[str] = (), skip_special_tokens: bool = True,
+                 min_tokens: int = 0) -> None:
         del prompt_token_ids
+        # Stop strings count only from the min_tokens-th output token on (as EOS does).
+        self._min_tokens = min_tokens
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in stop if s]
@@ -127,9 +130,10 @@ class IncrementalDetokenizer:
         """Applies stop strings to ``new_text``; returns the part that can be emitted."""
         if not new_text:
             return ""
-        if not self._stop:
-            self._parts.append(new_text)
-            return new_text
+        if not self._stop or self._num_tokens < self._min_tokens:
+            out, self._held = self._held + new_text, ""
+            self._parts.append(out)
+            return out
         # Emitted text never ends in a stop string's prefix, so a match starts in held or new text.
         buf = self._held + new_text
         match: tuple[int, int, str] | None = None

@@ -53,7 +53,8 @@ class RequestState:
         self.output = RequestOutput(request_id, prompt_token_ids,
                                     logprobs=[] if params.logprobs else None)
         self.detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
-                                                   params.skip_special_tokens)
+                                                   params.skip_special_tokens,
+                                                   params.min_tokens)
                             if tokenizer is not None else None)
 
     @property
