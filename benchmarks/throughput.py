@@ -4,8 +4,8 @@ The workload is nano-vllm's: 256 requests, prompt and output lengths uniform in 
 (random.seed(0)), prompt tokens randint(0, 10000), ignore_eos. Random weights of a real model's
 shapes (speed does not depend on the values).
 
-On the GPU machine (see README):  python benchmarks/throughput.py --shape qwen3-0.6b --json $OUT/throughput.json
-A quick CPU check:                 python benchmarks/throughput.py --shape qwen3-0.6b --num-requests 4 --max-len 128 --device cpu --dtype float32
+On a GPU:          python benchmarks/throughput.py --shape qwen3-0.6b --json results/throughput.json
+A quick CPU check: python benchmarks/throughput.py --num-requests 4 --max-len 128 --device cpu --dtype float32
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ Every EngineConfig field is a flag (``--max-num-seqs`` for ``max_num_seqs``...),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from typing import Any

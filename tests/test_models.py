@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import local_llm, make_worker, wait_idle, worker_of
+from tests.helpers import local_llm, wait_idle, worker_of
 from streamvlm.engine.llm import LLM
 from streamvlm.sampling import SamplingParams
 from tests.conftest import ARCHS, VOCAB, hf_model
@@ -311,7 +311,7 @@ def test_half_precision(arch: str, dtype_name: str, checkpoints,
     assert all(p.dtype == dtype for p in runner.model.parameters())
     prompts = random_prompts(1, LENGTHS)
     outputs = llm.generate(as_inputs(prompts), GREEDY)
-    for prompt, out in zip(prompts, outputs):
+    for out in outputs:
         assert len(out.token_ids) == NUM_NEW
         assert all(0 <= t < VOCAB for t in out.token_ids)
     token_ids = prompts[-1] + outputs[-1].token_ids

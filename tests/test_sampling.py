@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import local_llm, make_worker, wait_idle, worker_of
+from tests.helpers import local_llm, wait_idle
 from streamvlm.engine.llm import LLM
 from streamvlm.sampling import SamplingParams
 from tests.conftest import hf_model
@@ -259,7 +259,7 @@ def test_stop_strings_end_the_output_and_are_not_in_text(llm, baseline):
     params = [greedy(max_tokens=24, ignore_eos=True, stop=stops, logprobs=True)
               for _, stop, _, _ in cases for stops in ([stop], ["\u2603never", stop])]
     outputs = gen(llm, [prompt for prompt, *_ in cases for _ in range(2)], params)
-    for i, (prompt, stop, text, ids) in enumerate(cases):
+    for i, (_, stop, text, ids) in enumerate(cases):
         for out in outputs[2 * i:2 * i + 2]:
             assert out.finish_reason == "stop", stop
             assert out.text == text and stop not in out.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import local_llm, make_worker, wait_idle, worker_of
+from tests.helpers import make_worker
 from streamvlm.protocol import AddRequest
 from streamvlm.sampling import SamplingParams
 from workers.kv_cache import BlockPool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
-from streamvlm.protocol import (AbortRequest, AddRequest, CoreToWorker, RequestDelta, StepOutput,
+from streamvlm.protocol import (AddRequest, CoreToWorker, RequestDelta, StepOutput,
                                 StepStats)
 from workers.kv_cache import BlockPool
 from workers.model_runner import ModelRunner
