@@ -43,3 +43,33 @@ def make_worker(model: str | Path, **kwargs: Any) -> Any:
     config = EngineConfig.from_kwargs(model=str(model), **kwargs)
     source = resolve_model(config.model)
     return Worker(config, source, resolve_max_model_len(config, source.hf_config))
+
+
+def child_pids() -> set[int]:
+    """Pids of this process's children, zombies included (an unreaped child counts as left
+    behind); multiprocessing's resource tracker, which lives as long as the test process, is
+    left out. Read from /proc (Linux)."""
+    import os
+
+    me, pids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue   # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"resource_tracker" not in cmdline:
+            pids.add(int(entry))
+    return pids
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts) (Linux)."""
+    import os
+
+    return os.path.exists(f"/proc/{pid}")

@@ -253,7 +253,6 @@ def test_random_stop_strings_match_reference(tokenizer, seed):
     """Emitted text is the decoded output up to the first stop string to complete."""
     rng = random.Random(seed)
     text = "".join(rng.choice(["ab", "ba", "a", "b", " ", "日", "🙂", "é"]) for _ in range(60))
-    ids = tokenizer.encode(text)
     stops = [text[s:s + rng.randint(2, 5)] for s in (rng.randrange(len(text)) for _ in range(2))]
     stops.append("zz")
     first_end = min((text.find(s) + len(s) for s in stops if s in text), default=None)

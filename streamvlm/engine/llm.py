@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -34,6 +35,9 @@ class LLM:
         self._thread = threading.Thread(target=self._loop.run_forever, name="streamvlm-loop",
                                         daemon=True)
         self._thread.start()
+        # An LLM dropped without shutdown() still stops its loop thread (the engine's own
+        # finalizer takes the worker processes down).
+        self._finalizer = weakref.finalize(self, self._loop.call_soon_threadsafe, self._loop.stop)
         try:
             self._call(self.engine.start())
         except BaseException:
@@ -108,6 +112,7 @@ class LLM:
         """Stop the worker processes and the event loop thread."""
         if self._loop.is_closed():
             return
+        self._finalizer.detach()
         if self._thread.is_alive():
             try:
                 self._call(self.engine.shutdown())
