@@ -46,8 +46,13 @@ class ModelRunner:
         self.model = load_model(source, config.load_format, max_model_len, self.device,
                                 self.dtype, config.seed)
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(max_model_len)
-        self._allocate_kv_cache()
+        if config.skip_model_forward:
+            # No forward pass reads the cache: enough block ids that no request is preempted.
+            blocks_per_seq = -(-max_model_len // self.block_size)
+            self.num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_per_seq
+        else:
+            self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(max_model_len)
+            self._allocate_kv_cache()
         self.sampler = Sampler(self.device, config.seed)
         self._rng = random.Random(config.seed)
 

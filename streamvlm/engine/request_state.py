@@ -38,9 +38,11 @@ class OutputDelta:
     def merge(self, later: OutputDelta) -> None:
         """Absorb a later delta of the same request (for a consumer that fell behind)."""
         self.text += later.text
-        self.token_ids = self.token_ids + later.token_ids
+        self.token_ids.extend(later.token_ids)
         if later.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + later.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(later.logprobs)
         self.finish_reason = later.finish_reason
         self.error = later.error
         self.usage = later.usage
