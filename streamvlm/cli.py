@@ -1,4 +1,5 @@
-"""Command line: ``streamvlm generate PROMPT`` streams a completion to the terminal.
+"""Command line: ``streamvlm serve`` runs the HTTP + WebSocket server on one port;
+``streamvlm generate PROMPT`` streams a completion to the terminal.
 
 Every EngineConfig field is a flag (``--max-num-seqs`` for ``max_num_seqs``...), and
 ``--config F`` loads a TOML file of them first; flags win.
@@ -75,6 +76,30 @@ def _generate(args: argparse.Namespace) -> int:
         loop.close()
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streamvlm import AsyncEngine
+    from streamvlm.gateway.app import build_app
+    from streamvlm.gateway.settings import GatewaySettings
+
+    engine = AsyncEngine(engine_config_from_args(args))
+    settings = GatewaySettings(api_key=args.api_key, served_model_name=args.served_model_name)
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port,
+                            loop=loop, ws="websockets-sansio", lifespan="on",
+                            # Above our own limit, so that the endpoint answers an oversize
+                            # message with an error event instead of uvicorn closing the socket.
+                            ws_max_size=2 * settings.ws_max_message_bytes,
+                            log_level=args.log_level)
+    uvicorn.Server(config).run()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamvlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling.add_argument("--ignore-eos", action="store_true")
     add_engine_flags(gen)
     gen.set_defaults(handler=_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the "
+                                              "WebSocket chat stream on one port")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    serve.add_argument("--log-level", default="info")
+    add_engine_flags(serve)
+    serve.set_defaults(handler=_serve)
 
     args = parser.parse_args(argv)
     try:

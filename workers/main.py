@@ -67,8 +67,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                     elif isinstance(message, AbortRequest):
                         worker.abort(message.request_ids)
             elif not worker.has_work():
-                if os.getppid() != parent_pid:
-                    return  # orphaned: the engine core is gone
+                if os.getpid() != parent_pid and os.getppid() != parent_pid:
+                    return  # orphaned: the engine core is gone (a worker process only)
                 continue
             if worker.has_work():
                 out = worker.step()

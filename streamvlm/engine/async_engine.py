@@ -9,6 +9,7 @@ its last delta, and talks to worker groups over ZeroMQ.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -25,12 +26,14 @@ from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.errors import EngineDeadError
 from streamvlm.inputs.processor import InputProcessor, Message, Prompt
+from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
 from streamvlm.protocol import AbortRequest, AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.sampling import SamplingParams
 
 EnginePrompt = Prompt | list[Message]
+DRAIN_BUDGET_S = 0.002
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
@@ -59,6 +62,8 @@ class _Tracked:
     state: RequestState
     collector: DeltaCollector
     group: WorkerGroupClient
+    arrival: float              # time.monotonic() on entry to _submit
+    last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
 
 
 def _kill_groups(groups: list[WorkerGroupClient]) -> None:
@@ -73,17 +78,23 @@ async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupC
     sock, decode = group.outbox, group.decoder.decode
     while True:
         frame: bytes | None = await sock.recv()
-        # Drain what has already arrived, so a burst reaches consumers as merged deltas.
+        # Drain what has already arrived, so a burst reaches consumers as merged deltas, but
+        # for no longer than DRAIN_BUDGET_S: awaiting a message that is already there does not
+        # yield, and consumers, sockets and other requests must get their turn.
+        deadline = time.monotonic() + DRAIN_BUDGET_S
         while frame is not None:
             engine = engine_ref()
             if engine is None:
                 return
             engine._handle(group, decode(frame))
             del engine
+            if time.monotonic() > deadline:
+                break
             try:
                 frame = await sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 frame = None
+        await asyncio.sleep(0)
 
 
 def _on_group_exit(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
@@ -124,6 +135,7 @@ class AsyncEngine:
         self._started = False
         self._finalizer: weakref.finalize | None = None
         self._num_steps = 0
+        self.metrics = EngineMetrics()   # Prometheus text via streamvlm.metrics.render_metrics
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> AsyncEngine:
@@ -237,6 +249,7 @@ class AsyncEngine:
 
     async def _submit(self, prompt: EnginePrompt, params: SamplingParams | None,
                       request_id: str | None) -> tuple[str, _Tracked]:
+        arrival = time.monotonic()
         self._check_alive()
         params = SamplingParams() if params is None else params
         prompt_token_ids = await self.tokenize(prompt)
@@ -250,8 +263,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         group = self._route()
         tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
-                           DeltaCollector(), group)
+                           DeltaCollector(), group, arrival)
         self._requests[request_id] = tracked
+        self.metrics.request_received(len(prompt_token_ids))
         group.send(AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                               params=params, eos_token_ids=self.processor.eos_token_ids))
         return request_id, tracked
@@ -271,8 +285,16 @@ class AsyncEngine:
 
     def _abort_now(self, request_id: str) -> None:
         tracked = self._requests.pop(request_id, None)
-        if tracked is not None and tracked.group.alive:
+        if tracked is None:
+            return
+        self._finished(tracked, "abort", time.monotonic())
+        if tracked.group.alive:
             tracked.group.send(AbortRequest(request_ids=[request_id]))
+
+    def _finished(self, tracked: _Tracked, finish_reason: str, now: float) -> None:
+        """Count a request that left ``_requests`` (exactly once, whichever way it ended)."""
+        self.metrics.request_finished(finish_reason, now - tracked.arrival,
+                                      tracked.state.output.num_cached_tokens)
 
     # ---- output path -----------------------------------------------------------------------
 
@@ -282,8 +304,13 @@ class AsyncEngine:
             return
         if not isinstance(message, StepOutput):
             return
-        group.stats = message.stats
+        stats = group.stats = message.stats
         self._num_steps += 1
+        metrics = self.metrics
+        if stats.num_preempted:
+            metrics.num_preemptions += stats.num_preempted
+        # One clock read per step output: every delta in it reaches its consumer now.
+        now = time.monotonic()
         requests = self._requests
         for d in message.deltas:
             tracked = requests.get(d.request_id)
@@ -293,13 +320,19 @@ class AsyncEngine:
                 out = tracked.state.apply(d)
             except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
                 del requests[d.request_id]
+                self._finished(tracked, "error", now)
                 group.send(AbortRequest(request_ids=[d.request_id]))
                 tracked.collector.fail(RuntimeError(f"output processing failed: {exc!r}"))
                 continue
             if out is None:
                 continue
+            if out.token_ids:
+                metrics.tokens_arrived(len(out.token_ids), tracked.arrival,
+                                       tracked.last_token, now)
+                tracked.last_token = now
             if out.finish_reason is not None:
                 del requests[d.request_id]
+                self._finished(tracked, out.finish_reason, now)
                 if d.finish_reason is None:   # ended here by a stop string: free its blocks
                     group.send(AbortRequest(request_ids=[d.request_id]))
             tracked.collector.put(out)
@@ -341,7 +374,9 @@ class AsyncEngine:
             self._dead = error
 
     def _fail_requests(self, which: Any, error: EngineDeadError) -> None:
+        now = time.monotonic()
         for request_id, tracked in list(self._requests.items()):
             if which(tracked):
                 del self._requests[request_id]
+                self._finished(tracked, "error", now)
                 tracked.collector.fail(error)

@@ -89,15 +89,34 @@ class InputProcessor:
     def render_chat(self, messages: Sequence[Message]) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("a conversation is a non-empty list of messages")
-        for message in messages:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError("each message needs a 'role' and 'content'")
+        messages = [self._text_message(m) for m in messages]
         self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _text_message(message: Message) -> Message:
+        """A message whose content is a string; text parts (OpenAI or HF form) are joined."""
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError("each message needs a 'role' and 'content'")
+        content = message["content"]
+        if isinstance(content, str):
+            return message
+        if not isinstance(content, list):
+            raise ValueError("message content must be a string or a list of content parts")
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in ("image_url", "image", "input_image"):
+                raise ValueError("this model does not accept image input")
+            else:
+                raise ValueError(f"unsupported content part {kind!r}: expected 'text'")
+        return {**message, "content": "".join(texts)}
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

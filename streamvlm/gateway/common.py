@@ -1,0 +1,55 @@
+"""What the HTTP and WebSocket front ends share: turning a request into engine input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.sampling import SamplingParams
+
+
+class RequestError(Exception):
+    """A client mistake: becomes a 4xx JSON error over HTTP, an error event over WebSocket."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+def sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a dict of its fields; unknown fields and bad values are 400s."""
+    try:
+        return msgspec.convert(fields, SamplingParams)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise RequestError(f"invalid sampling parameters: {exc}") from exc
+
+
+async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
+                  max_tokens_given: bool) -> tuple[dict[str, list[int]], SamplingParams]:
+    """Tokenize (off the event loop) and fit max_tokens to the context.
+
+    Without an explicit max_tokens a request may use the whole context; an explicit one that
+    does not fit is refused, as the OpenAI API does.
+    """
+    try:
+        prompt_ids = await engine.tokenize(prompt)
+        engine.processor.validate(prompt_ids, params)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+    max_model_len = engine.processor.max_model_len
+    room = max_model_len - len(prompt_ids)
+    if not max_tokens_given:
+        params = msgspec.structs.replace(params, max_tokens=room,
+                                         min_tokens=min(params.min_tokens, room))
+    elif params.max_tokens > room:
+        raise RequestError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more",
+            param="max_tokens")
+    return {"prompt_token_ids": prompt_ids}, params

@@ -1,0 +1,348 @@
+"""The OpenAI-compatible HTTP API: chat completions, completions (both with SSE streaming),
+models, health and Prometheus metrics. Errors use OpenAI's error JSON shape."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.request_state import OutputDelta, Usage
+from streamvlm.errors import EngineDeadError
+from streamvlm.gateway.common import RequestError, prepare, sampling_params
+from streamvlm.gateway.openai_schemas import ChatCompletionRequest, CompletionRequest
+from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.outputs import RequestOutput
+from streamvlm.protocol import TokenLogprobs
+
+_json = msgspec.json.Encoder()
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(_json.encode(body), status_code=status, media_type="application/json")
+
+
+def error_response(message: str, status: int = 400, kind: str = "invalid_request_error",
+                   param: str | None = None) -> Response:
+    return json_response({"error": {"message": message, "type": kind, "param": param,
+                                    "code": status}}, status)
+
+
+def _engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
+def _settings(request: Request) -> GatewaySettings:
+    return request.app.state.settings
+
+
+def served_model_name(request: Request) -> str:
+    return _settings(request).served_model_name or _engine(request).config.model
+
+
+class BearerAuth:
+    """Every HTTP route but /health needs ``Authorization: Bearer <key>`` when a key is set.
+    (WebSocket connections authenticate in the WebSocket endpoint.)"""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.expected is not None and scope["type"] == "http"
+                and scope["path"] != "/health"
+                and dict(scope["headers"]).get(b"authorization") != self.expected):
+            response = error_response("missing or invalid API key", 401, "authentication_error")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _read_json(request: Request, schema: type) -> Any:
+    limit = _settings(request).max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"request body over the {limit}-byte limit", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"request body over the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    try:
+        return msgspec.json.decode(b"".join(chunks), type=schema)
+    except msgspec.ValidationError as exc:
+        raise RequestError(f"invalid request: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise RequestError(f"malformed JSON: {exc}") from exc
+
+
+def _handles_errors(handler: Callable[[Request], Awaitable[Response]]
+                    ) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return error_response(exc.message, exc.status, param=exc.param)
+        except EngineDeadError as exc:
+            return error_response(str(exc), 503, "engine_dead")
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def _check_model(request: Request, model: str | None) -> str:
+    name = served_model_name(request)
+    if model is not None and model != name:
+        raise RequestError(f"model {model!r} does not exist; this server serves {name!r}", 404,
+                           param="model")
+    return name
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _generate_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
+                             params: Any) -> RequestOutput:
+    """engine.generate, aborted if the client goes away first."""
+    generation = asyncio.ensure_future(engine.generate(prompt, params))
+    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({generation, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not generation.done():
+            generation.cancel()
+    return generation.result()
+
+
+def _usage(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def _output_usage(out: RequestOutput) -> dict[str, Any]:
+    return _usage(Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return {"abort": "stop", "error": "stop"}.get(reason, reason) if reason else None
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def _chat_logprobs(tokenizer: Any, token_ids: list[int],
+                   logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    content = []
+    for token_id, lp in zip(token_ids, logprobs):
+        text = _token_text(tokenizer, token_id)
+        content.append({
+            "token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": (t := _token_text(tokenizer, i)), "logprob": v,
+                              "bytes": list(t.encode())}
+                             for i, v in zip(lp.top_token_ids, lp.top_logprobs)],
+        })
+    return {"content": content}
+
+
+def _completion_logprobs(tokenizer: Any, token_ids: list[int],
+                         logprobs: list[TokenLogprobs] | None, offset: int) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    tokens = [_token_text(tokenizer, t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{_token_text(tokenizer, i): v
+                              for i, v in zip(lp.top_token_ids, lp.top_logprobs)}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+# ---- routes -----------------------------------------------------------------------------------
+
+async def health(request: Request) -> Response:
+    report = await _engine(request).health()
+    body = {"status": "ok" if report.healthy else "unhealthy",
+            "groups": msgspec.to_builtins(report.groups)}
+    return json_response(body, 200 if report.healthy else 503)
+
+
+async def metrics(request: Request) -> Response:
+    from streamvlm.metrics import render_metrics
+
+    body, content_type = await render_metrics(_engine(request))
+    return Response(body, media_type=content_type)
+
+
+async def models(request: Request) -> Response:
+    engine = _engine(request)
+    return json_response({"object": "list", "data": [{
+        "id": served_model_name(request), "object": "model", "created": int(time.time()),
+        "owned_by": "streamvlm", "max_model_len": engine.processor.max_model_len}]})
+
+
+@_handles_errors
+async def chat_completions(request: Request) -> Response:
+    body: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
+    model = _check_model(request, body.model)
+    if body.n != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    fields = body.sampling_fields()
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if body.logprobs:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = body.top_logprobs or 0
+    engine = _engine(request)
+    prompt, params = await prepare(engine, body.messages, sampling_params(fields),
+                                   max_tokens is not None)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_chat_chunks(engine, prompt, params, request_id, created, model,
+                                 include_usage))
+    out = await _generate_or_abort(request, engine, prompt, params)
+    return json_response({
+        "id": request_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "logprobs": _chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs),
+                     "finish_reason": _finish_reason(out.finish_reason)}],
+        "usage": _output_usage(out)})
+
+
+@_handles_errors
+async def completions(request: Request) -> Response:
+    body: CompletionRequest = await _read_json(request, CompletionRequest)
+    model = _check_model(request, body.model)
+    if body.n != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    if body.echo:
+        raise RequestError("echo is not supported", param="echo")
+    prompt: Any = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise RequestError("one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise RequestError("prompt must be a string or a list of token ids", param="prompt")
+        prompt = {"prompt_token_ids": prompt}
+    fields = body.sampling_fields()
+    fields["max_tokens"] = body.max_tokens if body.max_tokens is not None else 16
+    if body.logprobs is not None:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = body.logprobs
+    engine = _engine(request)
+    prompt, params = await prepare(engine, prompt, sampling_params(fields), True)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_completion_chunks(engine, prompt, params, request_id, created, model,
+                                       include_usage))
+    out = await _generate_or_abort(request, engine, prompt, params)
+    return json_response({
+        "id": request_id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": out.text,
+                     "logprobs": _completion_logprobs(engine.tokenizer, out.token_ids,
+                                                      out.logprobs, 0),
+                     "finish_reason": _finish_reason(out.finish_reason)}],
+        "usage": _output_usage(out)})
+
+
+# ---- server-sent events -----------------------------------------------------------------------
+
+def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    # The response task is cancelled when the client disconnects; the engine stream's cleanup
+    # then aborts the request.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _event(body: Any) -> bytes:
+    return b"data: " + _json.encode(body) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Errors after the response started become an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except EngineDeadError as exc:
+        yield _event({"error": {"message": str(exc), "type": "engine_dead", "code": 503}})
+    yield _DONE
+
+
+def _chat_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                       created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model}
+        yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                   "content": ""},
+                                           "logprobs": None, "finish_reason": None}]})
+        last: OutputDelta | None = None
+        async for delta in engine.stream(prompt, params):
+            last = delta
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                          "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids,
+                                                     delta.logprobs),
+                          "finish_reason": _finish_reason(delta.finish_reason)}
+                yield _event({**head, "choices": [choice],
+                              **({"usage": None} if include_usage else {})})
+        if include_usage and last is not None:
+            yield _event({**head, "choices": [], "usage": _usage(last.usage)})
+    return _guarded(chunks())
+
+
+def _completion_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                             created: int, model: str,
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        head = {"id": request_id, "object": "text_completion", "created": created,
+                "model": model}
+        last: OutputDelta | None = None
+        offset = 0
+        async for delta in engine.stream(prompt, params):
+            last = delta
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                choice = {"index": 0, "text": delta.text,
+                          "logprobs": _completion_logprobs(engine.tokenizer, delta.token_ids,
+                                                           delta.logprobs, offset),
+                          "finish_reason": _finish_reason(delta.finish_reason)}
+                offset += len(delta.text)
+                yield _event({**head, "choices": [choice],
+                              **({"usage": None} if include_usage else {})})
+        if include_usage and last is not None:
+            yield _event({**head, "choices": [], "usage": _usage(last.usage)})
+    return _guarded(chunks())

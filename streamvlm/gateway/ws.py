@@ -1,0 +1,637 @@
+"""The WebSocket chat stream at ``/v1/ws``: many chats over one connection, resumable after a
+reconnect. JSON text frames (binary frames holding JSON are read the same), one event per
+frame.
+
+Client to server::
+
+    {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...}}
+    {"type": "chat.cancel", "id": "c1"}
+    {"type": "chat.resume", "id": "c1", "after_seq": 7}
+    {"type": "ping"}
+    {"type": "auth", "token": "..."}     # first message, when the server has an API key
+
+Server to client::
+
+    {"type": "chat.created", "id": "c1"}
+    {"type": "chat.delta", "id": "c1", "seq": 1, "text": "...", "token_ids": [...],
+     "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}]}  # if asked
+    {"type": "chat.done", "id": "c1", "seq": 9, "finish_reason": "stop" | "length" | "cancelled",
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}}
+    {"type": "error", "id": "c1" | null, "code": "...", "message": "..."}
+    {"type": "pong"}
+
+A chat ends with chat.done, or with an error event carrying its id. Each chat's delta and done
+events are numbered 1, 2, 3... (``seq``). A bad message gets an error event and never closes the
+connection or disturbs the other chats; only authentication failures close it (code 1008).
+
+Design. One task per chat runs ``engine.stream``; one writer task per connection sends frames
+from a queue. A chat appends each frame to its history and to its connection's queue in one
+synchronous step, so a ``chat.resume`` (which replays the history and moves the chat to the
+new connection, also synchronously) can neither lose nor repeat a frame. A chat keeps at most
+``_CHAT_INFLIGHT`` frames queued on its connection and then waits: meanwhile the engine merges
+its output into one pending delta, so a slow client costs bounded memory, not a growing queue.
+
+A chat's history keeps its latest frames up to ``resume_buffer_bytes``. When its connection
+drops, the chat keeps running detached for ``resume_window_s``; then it is cancelled (the engine
+request aborted, its KV blocks freed) and forgotten. A detached chat whose history outgrows
+``resume_buffer_bytes`` is cancelled at once, and a later resume gets the error. A finished chat
+is kept ``resume_window_s`` after it finished, so that a client who lost the connection before
+the chat.done arrived can still resume it. Chat ids live in one registry (one API key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import uuid
+from collections import deque
+from typing import Any
+
+import msgspec
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.request_state import OutputDelta
+from streamvlm.errors import EngineDeadError
+from streamvlm.gateway.common import RequestError, prepare, sampling_params
+from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_CHAT_INFLIGHT = 4        # frames of one chat queued on its connection before the chat waits
+_CONTROL_BACKLOG = 256    # queued frames past which the reader stops reading (pings, errors)
+
+# ---- client -> server -----------------------------------------------------------------------
+
+
+class ChatCreate(msgspec.Struct, tag="chat.create", tag_field="type", kw_only=True):
+    id: str
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    params: dict[str, Any] = {}
+
+
+class ChatCancel(msgspec.Struct, tag="chat.cancel", tag_field="type", kw_only=True):
+    id: str
+
+
+class ChatResume(msgspec.Struct, tag="chat.resume", tag_field="type", kw_only=True):
+    id: str
+    after_seq: int = 0
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type"):
+    pass
+
+
+class Auth(msgspec.Struct, tag="auth", tag_field="type", kw_only=True):
+    token: str
+
+
+ClientMessage = ChatCreate | ChatCancel | ChatResume | Ping | Auth
+_CLIENT_TYPES = {"chat.create", "chat.cancel", "chat.resume", "ping", "auth"}
+
+
+class _Envelope(msgspec.Struct):
+    """What can be salvaged from an invalid message, to address the error event."""
+
+    type: Any = None
+    id: Any = None
+
+
+# ---- server -> client -----------------------------------------------------------------------
+
+
+class ChatCreated(msgspec.Struct, tag="chat.created", tag_field="type"):
+    id: str
+
+
+class LogprobEntry(msgspec.Struct):
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+class ChatDelta(msgspec.Struct, tag="chat.delta", tag_field="type", omit_defaults=True):
+    id: str
+    seq: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[LogprobEntry] | None = None
+
+
+class ChatUsage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+
+
+class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type"):
+    id: str
+    seq: int
+    finish_reason: str
+    usage: ChatUsage
+
+
+class ErrorEvent(msgspec.Struct, tag="error", tag_field="type"):
+    id: str | None
+    code: str
+    message: str
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="type"):
+    pass
+
+
+_decoder = msgspec.json.Decoder(ClientMessage)
+_encode = msgspec.json.Encoder().encode
+_PONG = _encode(Pong()).decode()
+_PARAM_FIELDS = frozenset(SamplingParams.__struct_fields__)
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def _error_frame(chat_id: str | None, code: str, message: str) -> str:
+    return _encode(ErrorEvent(chat_id, code, message)).decode()
+
+
+class _Overflow(Exception):
+    """A detached chat's history outgrew resume_buffer_bytes."""
+
+
+# ---- registry, chats, connections -----------------------------------------------------------
+
+
+class ChatRegistry:
+    """Every chat of the server by id, attached to a connection or detached (awaiting resume)."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.chats: dict[str, Chat] = {}
+
+    def __len__(self) -> int:
+        return len(self.chats)
+
+    async def close(self) -> None:
+        """Cancel every chat (aborting its engine request) and forget it."""
+        chats = list(self.chats.values())
+        self.chats.clear()
+        tasks = []
+        for chat in chats:
+            chat.forget()
+            if chat.task is not None and not chat.task.done():
+                chat.task.cancel()
+                tasks.append(chat.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Chat:
+    __slots__ = ("registry", "engine", "id", "request_id", "prompt", "params", "max_tokens_given",
+                 "conn", "gen", "inflight", "space", "history", "history_bytes", "seq",
+                 "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
+                 "task", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, registry: ChatRegistry, engine: AsyncEngine, chat_id: str, prompt: Any,
+                 params: SamplingParams, max_tokens_given: bool) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.id = chat_id
+        self.request_id = f"ws-{uuid.uuid4().hex}"
+        self.prompt = prompt
+        self.params = params
+        self.max_tokens_given = max_tokens_given
+        self.conn: Connection | None = None
+        self.gen = 0                  # bumped on every attach/detach: stale queue entries
+        self.inflight = 0             # frames queued on self.conn, not yet written
+        self.space = asyncio.Event()
+        self.space.set()
+        self.history: deque[tuple[int, str, int]] = deque()   # (seq, frame, its bytes)
+        self.history_bytes = 0
+        self.seq = 0
+        self.detach_seq = 0           # the last seq produced before the connection dropped
+        self.submitted = False
+        self.cancel_requested = False
+        self.finished = False
+        self.error: tuple[str, str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    # ---- attachment --------------------------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        old = self.conn
+        if old is not None:
+            old.chats.discard(self)
+        self.conn = conn
+        conn.chats.add(self)
+        self.gen += 1
+        self.inflight = 0
+        self.space.set()
+        if not self.finished and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def detach(self) -> None:
+        if self.conn is not None:
+            self.conn.chats.discard(self)
+        self.conn = None
+        self.detach_seq = self.seq
+        self.gen += 1
+        self.inflight = 0
+        self.space.set()
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                self.registry.settings.resume_window_s, self._expire)
+
+    def _expire(self) -> None:
+        """The resume window passed (detached) or the retention of a finished chat ended."""
+        self.timer = None
+        if self.conn is not None and not self.finished:
+            return
+        self.forget()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()   # leaving engine.stream aborts the request: its blocks are freed
+
+    def forget(self) -> None:
+        chats = self.registry.chats
+        if chats.get(self.id) is self:
+            del chats[self.id]
+        if self.conn is not None:
+            self.conn.chats.discard(self)
+            self.conn = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.history.clear()
+        self.history_bytes = 0
+
+    # ---- output ------------------------------------------------------------------------
+
+    def _record(self, frame: bytes) -> None:
+        """Keep a numbered frame for resume and queue it on the connection, in one step.
+
+        The history is bounded by resume_buffer_bytes: the oldest frames go first, but a
+        detached chat never drops what it produced since the drop (nobody has seen it); when
+        that alone outgrows the bound, the chat is cancelled.
+        """
+        text, size = frame.decode(), len(frame)
+        history = self.history
+        history.append((self.seq, text, size))
+        self.history_bytes += size
+        conn = self.conn
+        limit = self.registry.settings.resume_buffer_bytes
+        if self.history_bytes > limit:
+            keep_from = self.seq if conn is not None else self.detach_seq + 1
+            while self.history_bytes > limit and history[0][0] < keep_from:
+                self.history_bytes -= history.popleft()[2]
+            if self.history_bytes > limit and conn is None:
+                raise _Overflow
+        if conn is not None:
+            self.inflight += 1
+            conn.enqueue(self, self.gen, text)
+
+    def _control(self, frame: str) -> None:
+        """An unnumbered frame (chat.created, error): to the current connection, if any."""
+        if self.conn is not None:
+            self.conn.enqueue(None, 0, frame)
+
+    def _fail(self, code: str, message: str) -> None:
+        """End the chat with an error event; kept for a resume attempt if nobody hears it now."""
+        self.error = (code, message)
+        self._control(_error_frame(self.id, code, message))
+
+    def _push_delta(self, delta: OutputDelta) -> None:
+        self.seq += 1
+        self.completion_tokens += len(delta.token_ids)
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = [LogprobEntry(lp.logprob, lp.top_token_ids, lp.top_logprobs)
+                        for lp in delta.logprobs]
+        self._record(_encode(ChatDelta(self.id, self.seq, delta.text, delta.token_ids,
+                                       logprobs)))
+
+    def _push_done(self, finish_reason: str, delta: OutputDelta | None) -> None:
+        self.seq += 1
+        usage = delta.usage if delta is not None else None
+        if usage is not None:
+            out = ChatUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                            usage.cached_tokens)
+        else:
+            out = ChatUsage(self.prompt_tokens, self.completion_tokens,
+                            self.prompt_tokens + self.completion_tokens, 0)
+        self._record(_encode(ChatDone(self.id, self.seq, finish_reason, out)))
+
+    async def _flow(self) -> None:
+        """Wait while too many of this chat's frames are queued on its connection."""
+        while self.inflight >= _CHAT_INFLIGHT and self.conn is not None:
+            self.space.clear()
+            await self.space.wait()
+
+    # ---- the chat task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        engine = self.engine
+        try:
+            try:
+                prompt, params = await prepare(engine, self.prompt, self.params,
+                                               self.max_tokens_given)
+            except RequestError as exc:
+                self._fail("invalid_request", exc.message)
+                return
+            self.prompt_tokens = len(prompt["prompt_token_ids"])
+            self._control(_encode(ChatCreated(self.id)).decode())
+            if self.cancel_requested:
+                self._push_done("cancelled", None)
+                return
+            self.submitted = True
+            async with contextlib.aclosing(engine.stream(prompt, params,
+                                                         self.request_id)) as stream:
+                async for delta in stream:
+                    if delta.token_ids or delta.text or delta.logprobs:
+                        self._push_delta(delta)
+                    reason = delta.finish_reason
+                    if reason is not None:
+                        if reason in _FINISH_REASONS:
+                            self._push_done(_FINISH_REASONS[reason], delta)
+                        else:
+                            self._fail("generation_error", delta.error or f"finished: {reason}")
+                        break
+                    if self.cancel_requested:   # a cancel that raced the submission
+                        await engine.abort(self.request_id)
+                    if self.inflight >= _CHAT_INFLIGHT:
+                        await self._flow()
+        except _Overflow:
+            self.history.clear()
+            self.history_bytes = 0
+            self.error = ("resume_overflow",
+                          f"chat {self.id!r} was cancelled: its output while disconnected "
+                          f"outgrew the {self.registry.settings.resume_buffer_bytes}-byte "
+                          "resume buffer")
+        except EngineDeadError as exc:
+            self._fail("engine_dead", str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken chat must not take others down
+            log.exception("chat %r failed", self.id)
+            self._fail("internal_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.finished = True
+            if self.timer is None and self.registry.chats.get(self.id) is self:
+                with contextlib.suppress(RuntimeError):
+                    self.timer = asyncio.get_running_loop().call_later(
+                        self.registry.settings.resume_window_s, self._expire)
+
+    async def cancel(self) -> None:
+        if self.finished or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        if self.submitted:
+            await self.engine.abort(self.request_id)   # its stream ends with "abort"
+
+    def replay(self, conn: Connection, after_seq: int) -> None:
+        """Move the chat to ``conn`` and queue its frames after ``after_seq``, in one step."""
+        self.attach(conn)
+        for seq, frame, _ in self.history:
+            if seq > after_seq:
+                self.inflight += 1
+                conn.enqueue(self, self.gen, frame)
+
+
+class Connection:
+    """One WebSocket: its chats and the single writer that sends their frames in order."""
+
+    def __init__(self, websocket: WebSocket, registry: ChatRegistry, engine: AsyncEngine) -> None:
+        self.websocket = websocket
+        self.registry = registry
+        self.engine = engine
+        self.queue: deque[tuple[Chat | None, int, str]] = deque()
+        self.wake = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.chats: set[Chat] = set()
+        self.closed = False
+        self.writer: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def enqueue(self, chat: Chat | None, gen: int, frame: str) -> None:
+        if self.closed:
+            return
+        self.queue.append((chat, gen, frame))
+        self.wake.set()
+
+    def send_error(self, chat_id: str | None, code: str, message: str) -> None:
+        self.enqueue(None, 0, _error_frame(chat_id, code, message))
+
+    async def _write_loop(self) -> None:
+        queue, send = self.queue, self.websocket.send_text
+        try:
+            while True:
+                if not queue:
+                    self.drained.set()
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                chat, gen, frame = queue.popleft()
+                await send(frame)
+                if chat is not None and chat.gen == gen:
+                    chat.inflight -= 1
+                    if chat.inflight < _CHAT_INFLIGHT:
+                        chat.space.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the peer went away: the reader cleans up
+            self.close()
+
+    async def wait_drained(self) -> None:
+        if len(self.queue) > _CONTROL_BACKLOG:
+            self.drained.clear()
+            await self.drained.wait()
+
+    def close(self) -> None:
+        """The connection is gone: its chats run on detached, awaiting a resume."""
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.drained.set()
+        if self.writer is not None and self.writer is not asyncio.current_task():
+            self.writer.cancel()
+        for chat in list(self.chats):
+            chat.detach()
+
+    # ---- client messages ---------------------------------------------------------------
+
+    async def handle(self, data: str | bytes) -> None:
+        limit = self.registry.settings.ws_max_message_bytes
+        size = len(data) if isinstance(data, bytes) or len(data) * 4 <= limit \
+            else len(data.encode())
+        if size > limit:
+            self.send_error(None, "message_too_large",
+                            f"message of {size} bytes is over the {limit}-byte limit")
+            return
+        try:
+            message = _decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            chat_id, code = _salvage(data)
+            self.send_error(chat_id, code, f"invalid message: {exc}")
+            return
+        except msgspec.DecodeError as exc:
+            self.send_error(None, "malformed_json", f"malformed JSON: {exc}")
+            return
+        kind = type(message)
+        if kind is ChatCreate:
+            self._create(message)
+        elif kind is ChatCancel:
+            chat = self.registry.chats.get(message.id)
+            if chat is None:
+                self.send_error(message.id, "unknown_chat", f"no chat with id {message.id!r}")
+            else:
+                await chat.cancel()
+        elif kind is ChatResume:
+            self._resume(message)
+        elif kind is Ping:
+            self.enqueue(None, 0, _PONG)
+        # Auth once authenticated (or with no API key): nothing to do.
+
+    def _create(self, message: ChatCreate) -> None:
+        chat_id, chats = message.id, self.registry.chats
+        if not chat_id:
+            self.send_error(None, "invalid_message", "chat id must be a non-empty string")
+            return
+        existing = chats.get(chat_id)
+        if existing is not None and not existing.finished:
+            self.send_error(chat_id, "duplicate_id", f"chat {chat_id!r} is already running")
+            return
+        if (message.messages is None) == (message.prompt is None):
+            self.send_error(chat_id, "invalid_message",
+                            "chat.create needs exactly one of 'messages' and 'prompt'")
+            return
+        unknown = message.params.keys() - _PARAM_FIELDS
+        if unknown:
+            self.send_error(chat_id, "invalid_params",
+                            f"unknown sampling parameters: {sorted(unknown)}")
+            return
+        try:
+            params = sampling_params(message.params)
+        except RequestError as exc:
+            self.send_error(chat_id, "invalid_params", exc.message)
+            return
+        prompt: Any = message.messages
+        if prompt is None:
+            prompt = message.prompt
+            if isinstance(prompt, list):
+                prompt = {"prompt_token_ids": prompt}
+        if existing is not None:
+            existing.forget()
+        chat = Chat(self.registry, self.engine, chat_id, prompt, params,
+                    "max_tokens" in message.params)
+        chats[chat_id] = chat
+        chat.attach(self)
+        chat.task = asyncio.get_running_loop().create_task(chat.run())
+
+    def _resume(self, message: ChatResume) -> None:
+        chat = self.registry.chats.get(message.id)
+        if chat is None:
+            self.send_error(message.id, "unknown_chat",
+                            f"no chat with id {message.id!r} (finished or expired?)")
+            return
+        history = chat.history
+        if history and history[0][0] > message.after_seq + 1:
+            self.send_error(message.id, "resume_gap",
+                            f"deltas after seq {message.after_seq} are no longer kept "
+                            f"(the oldest kept is {history[0][0]})")
+            return
+        chat.replay(self, message.after_seq)
+        if chat.error is not None and chat.finished:
+            self.send_error(chat.id, *chat.error)
+            chat.forget()
+
+
+def _salvage(data: str | bytes) -> tuple[str | None, str]:
+    try:
+        envelope = msgspec.json.decode(data, type=_Envelope)
+    except msgspec.MsgspecError:
+        return None, "invalid_message"
+    chat_id = envelope.id if isinstance(envelope.id, str) else None
+    code = "invalid_message" if envelope.type in _CLIENT_TYPES else "unknown_type"
+    return chat_id, code
+
+
+# ---- the endpoint ---------------------------------------------------------------------------
+
+
+async def _refuse(websocket: WebSocket, message: str) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_text(_error_frame(None, "unauthorized", message))
+        await websocket.close(code=1008)
+
+
+def _token_ok(token: str, api_key: str) -> bool:
+    return hmac.compare_digest(token.encode(), api_key.encode())
+
+
+async def _authenticate(websocket: WebSocket, settings: GatewaySettings) -> bool:
+    api_key = settings.api_key
+    if api_key is None:
+        return True
+    header = websocket.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and _token_ok(token.strip(), api_key):
+            return True
+        await _refuse(websocket, "invalid API key")
+        return False
+    try:
+        message = await asyncio.wait_for(websocket.receive(), settings.ws_auth_timeout_s)
+    except TimeoutError:
+        await _refuse(websocket, f"no auth message within {settings.ws_auth_timeout_s} s")
+        return False
+    if message["type"] == "websocket.disconnect":
+        return False
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    try:
+        auth = _decoder.decode(data) if len(data) <= settings.ws_max_message_bytes else None
+    except msgspec.MsgspecError:
+        auth = None
+    if not isinstance(auth, Auth):
+        await _refuse(websocket, "authenticate first: Authorization: Bearer <key> in the "
+                                 "handshake, or a first message {\"type\": \"auth\", ...}")
+        return False
+    if not _token_ok(auth.token, api_key):
+        await _refuse(websocket, "invalid API key")
+        return False
+    return True
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    state = websocket.app.state
+    registry: ChatRegistry = state.chats
+    await websocket.accept()
+    if not await _authenticate(websocket, registry.settings):
+        return
+    conn = Connection(websocket, registry, state.engine)
+    conn.start()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            await conn.handle(data)
+            if len(conn.queue) > _CONTROL_BACKLOG:
+                await conn.wait_drained()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        conn.close()
