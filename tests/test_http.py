@@ -205,3 +205,27 @@ def test_disconnect_while_waiting_for_a_full_response_aborts(server):
         http(server, "POST", "/v1/chat/completions", json=body, timeout=0.05)
     wait_engine_idle(server)
     assert finished.get("abort", 0) == aborted_before + 1
+
+
+def test_health_is_503_once_the_worker_died(llama_path):
+    import os
+    import signal
+
+    engine = AsyncEngine(EngineConfig(model=str(llama_path), max_model_len=256))
+    live = LiveServer(build_app(engine, GatewaySettings())).start()
+    try:
+        assert httpx.get(live.base_url + "/health").status_code == 200
+        os.kill(engine.groups[0].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            health = httpx.get(live.base_url + "/health")
+            if health.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert health.json()["groups"][0]["error"]
+        dead = httpx.post(live.base_url + "/v1/completions",
+                          json={"prompt": "hello", "max_tokens": 4})
+        assert dead.status_code == 503 and "error" in dead.json()
+    finally:
+        live.stop()
