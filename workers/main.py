@@ -17,8 +17,7 @@ import msgspec
 import zmq
 
 from streamvlm.config import EngineConfig
-from streamvlm.protocol import (AbortRequest, AddRequest, CoreToWorker, Shutdown, WorkerFailed,
-                                WorkerReady)
+from streamvlm.protocol import CoreToWorker, Shutdown, WorkerFailed, WorkerReady
 
 IDLE_POLL_MS = 200
 
@@ -62,10 +61,7 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                         break
                     if isinstance(message, Shutdown):
                         return
-                    if isinstance(message, AddRequest):
-                        worker.add_request(message)
-                    elif isinstance(message, AbortRequest):
-                        worker.abort(message.request_ids)
+                    worker.handle(message)
             elif not worker.has_work():
                 if os.getpid() != parent_pid and os.getppid() != parent_pid:
                     return  # orphaned: the engine core is gone (a worker process only)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
-from streamvlm.protocol import (AddRequest, CoreToWorker, RequestDelta, StepOutput,
+from streamvlm.protocol import (AbortRequest, AddRequest, RequestDelta, StepOutput,
                                 StepStats)
 from workers.kv_cache import BlockPool
 from workers.model_runner import ModelRunner
@@ -31,7 +31,7 @@ class Worker:
         self._arrivals = 0
         self._pending_deltas: list[RequestDelta] = []
 
-    def handle(self, message: CoreToWorker) -> None:
+    def handle(self, message: AddRequest | AbortRequest) -> None:
         if isinstance(message, AddRequest):
             self.add_request(message)
         else:

@@ -302,47 +302,50 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield _DONE
 
 
-def _chat_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
-                       created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": model}
-        yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                                   "content": ""},
-                                           "logprobs": None, "finish_reason": None}]})
+def _stream_events(engine: AsyncEngine, prompt: Any, params: Any, head: dict[str, Any],
+                   include_usage: bool, first: dict[str, Any] | None,
+                   choice: Callable[[OutputDelta], dict[str, Any]]) -> AsyncIterator[bytes]:
+    """SSE events of one streamed request: an optional first choice, one chunk per delta with
+    content, and, when asked, a last chunk with usage and no choices."""
+    usage_field = {"usage": None} if include_usage else {}
+
+    async def events() -> AsyncIterator[bytes]:
+        if first is not None:
+            yield _event({**head, "choices": [first], **usage_field})
         last: OutputDelta | None = None
         async for delta in engine.stream(prompt, params):
             last = delta
             if delta.text or delta.finish_reason is not None or delta.logprobs:
-                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids,
-                                                     delta.logprobs),
-                          "finish_reason": _finish_reason(delta.finish_reason)}
-                yield _event({**head, "choices": [choice],
-                              **({"usage": None} if include_usage else {})})
+                yield _event({**head, "choices": [choice(delta)], **usage_field})
         if include_usage and last is not None:
             yield _event({**head, "choices": [], "usage": _usage(last.usage)})
-    return _guarded(chunks())
+    return _guarded(events())
+
+
+def _chat_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                 created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}
+
+    def choice(delta: OutputDelta) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs),
+                "finish_reason": _finish_reason(delta.finish_reason)}
+    return _stream_events(engine, prompt, params, head, include_usage, first, choice)
 
 
 def _completion_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
-                             created: int, model: str,
-                             include_usage: bool) -> AsyncIterator[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        head = {"id": request_id, "object": "text_completion", "created": created,
-                "model": model}
-        last: OutputDelta | None = None
-        offset = 0
-        async for delta in engine.stream(prompt, params):
-            last = delta
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
-                choice = {"index": 0, "text": delta.text,
-                          "logprobs": _completion_logprobs(engine.tokenizer, delta.token_ids,
-                                                           delta.logprobs, offset),
-                          "finish_reason": _finish_reason(delta.finish_reason)}
-                offset += len(delta.text)
-                yield _event({**head, "choices": [choice],
-                              **({"usage": None} if include_usage else {})})
-        if include_usage and last is not None:
-            yield _event({**head, "choices": [], "usage": _usage(last.usage)})
-    return _guarded(chunks())
+                       created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    offset = 0
+
+    def choice(delta: OutputDelta) -> dict[str, Any]:
+        nonlocal offset
+        logprobs = _completion_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs,
+                                        offset)
+        offset += len(delta.text)
+        return {"index": 0, "text": delta.text, "logprobs": logprobs,
+                "finish_reason": _finish_reason(delta.finish_reason)}
+    return _stream_events(engine, prompt, params, head, include_usage, None, choice)
