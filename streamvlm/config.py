@@ -44,6 +44,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     skip_model_forward: bool = False
     # How the engine core reaches its workers: "ipc" (one host) or "tcp".
     worker_transport: Literal["ipc", "tcp"] = "ipc"
+    # Data-parallel replicas: worker groups with their own scheduler and KV pool.
+    num_replicas: int = 1
     # "process": each worker group in its own spawned process. "thread": the same worker loop
     # and messages in a thread of this process (fast start, for tests and debugging).
     worker_backend: Literal["process", "thread"] = "process"
@@ -65,6 +67,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
 

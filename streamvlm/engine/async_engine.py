@@ -23,6 +23,7 @@ import zmq.asyncio
 from streamvlm.config import EngineConfig
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import OutputDelta, RequestState
+from streamvlm.engine.router import pick_group, prompt_block_hashes
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.errors import EngineDeadError
 from streamvlm.inputs.processor import InputProcessor, Message, Prompt
@@ -50,6 +51,8 @@ class GroupHealth(msgspec.Struct, kw_only=True):
     pid: int | None
     alive: bool
     error: str | None = None
+    num_requests: int = 0      # in flight now
+    num_routed: int = 0        # ever routed to this group
 
 
 class HealthReport(msgspec.Struct, kw_only=True):
@@ -148,11 +151,11 @@ class AsyncEngine:
             return
         self._started = True
         self._ctx = zmq.asyncio.Context()
-        group = WorkerGroupClient(0, self.config, self._ctx)
-        self.groups.append(group)
+        self.groups = [WorkerGroupClient(i, self.config, self._ctx)
+                       for i in range(self.config.num_replicas)]
         self._finalizer = weakref.finalize(self, _kill_groups, list(self.groups))
         try:
-            await group.start()
+            await asyncio.gather(*(group.start() for group in self.groups))
         except BaseException:
             await self.shutdown()
             raise
@@ -234,7 +237,8 @@ class AsyncEngine:
 
     async def health(self) -> HealthReport:
         groups = [GroupHealth(group_id=g.group_id, pid=g.pid, alive=g.alive,
-                              error=g.dead_reason) for g in self.groups]
+                              error=g.dead_reason, num_requests=g.load.num_requests,
+                              num_routed=g.load.num_routed) for g in self.groups]
         healthy = self._started and self._dead is None and all(g.alive for g in groups)
         return HealthReport(healthy=healthy, groups=groups)
 
@@ -261,20 +265,28 @@ class AsyncEngine:
             raise ValueError("request_id must be a non-empty string")
         elif request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        group = self._route()
+        group = self._route(prompt_token_ids)
         tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
                            DeltaCollector(), group, arrival)
         self._requests[request_id] = tracked
+        group.load.queued_prompt_tokens += len(prompt_token_ids)
+        group.load.num_requests += 1
+        group.load.num_routed += 1
         self.metrics.request_received(len(prompt_token_ids))
         group.send(AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                               params=params, eos_token_ids=self.processor.eos_token_ids))
         return request_id, tracked
 
-    def _route(self) -> WorkerGroupClient:
+    def _route(self, prompt_token_ids: list[int]) -> WorkerGroupClient:
         live = [g for g in self.groups if g.alive]
         if not live:
             raise self._dead or EngineDeadError("no live worker group")
-        return min(live, key=lambda g: g.stats.num_running + g.stats.num_waiting)
+        if len(live) == 1:
+            return live[0]
+        hashes = prompt_block_hashes(prompt_token_ids, self.config.block_size)
+        group = live[pick_group([g.load for g in live], hashes)]
+        group.load.remember(hashes)
+        return group
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -293,6 +305,10 @@ class AsyncEngine:
 
     def _finished(self, tracked: _Tracked, finish_reason: str, now: float) -> None:
         """Count a request that left ``_requests`` (exactly once, whichever way it ended)."""
+        load = tracked.group.load
+        load.num_requests -= 1
+        if not tracked.last_token:
+            load.queued_prompt_tokens -= len(tracked.state.output.prompt_token_ids)
         self.metrics.request_finished(finish_reason, now - tracked.arrival,
                                       tracked.state.output.num_cached_tokens)
 
@@ -329,6 +345,8 @@ class AsyncEngine:
             if out.token_ids:
                 metrics.tokens_arrived(len(out.token_ids), tracked.arrival,
                                        tracked.last_token, now)
+                if not tracked.last_token:   # prefilled: no longer queued work
+                    group.load.queued_prompt_tokens -= len(tracked.state.output.prompt_token_ids)
                 tracked.last_token = now
             if out.finish_reason is not None:
                 del requests[d.request_id]

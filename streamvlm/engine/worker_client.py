@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from streamvlm.config import EngineConfig
+from streamvlm.engine.router import GroupLoad
 from streamvlm.errors import EngineDeadError
 from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
                                 WorkerToCore)
@@ -35,6 +36,7 @@ class WorkerGroupClient:
         self.local_worker: Any = None   # the Worker itself, with the thread backend
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
+        self.load = GroupLoad()
         self.dead_reason: str | None = None
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
