@@ -18,6 +18,7 @@ from streamvlm.engine.loop import new_event_loop
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
 from streamvlm.metrics import CONTENT_TYPE, ITL_BUCKETS, render_metrics
+from streamvlm.engine.router import GroupLoad
 from streamvlm.protocol import RequestDelta, StepOutput, StepStats
 from streamvlm.sampling import SamplingParams
 
@@ -286,6 +287,9 @@ def test_engines_keep_separate_registries_and_shutdown_counts_as_error(loop, eng
 class _FakeGroup:
     alive = True
     stats = StepStats()
+
+    def __init__(self) -> None:
+        self.load = GroupLoad()
 
     def send(self, message) -> None:
         pass
