@@ -62,8 +62,8 @@ def main() -> None:
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(o.token_ids) for o in outputs)
-    result = {"model": args.model or args.shape, "device": str(llm.worker.runner.device),
-              "dtype": str(llm.worker.runner.dtype), "requests": len(requests),
+    result = {"model": args.model or args.shape, "device": llm.engine.groups[0].ready.device,
+              "dtype": llm.config.dtype, "requests": len(requests),
               "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
               "seconds": round(elapsed, 3),
               "output_tokens_per_s": round(output_tokens / elapsed, 1)}
