@@ -155,7 +155,11 @@ class AsyncEngine:
                        for i in range(self.config.num_replicas)]
         self._finalizer = weakref.finalize(self, _kill_groups, list(self.groups))
         try:
-            await asyncio.gather(*(group.start() for group in self.groups))
+            results = await asyncio.gather(*(group.start() for group in self.groups),
+                                           return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
         except BaseException:
             await self.shutdown()
             raise
