@@ -54,6 +54,17 @@ def hf_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def loop():
+    """A uvloop event loop for a test module's engines (no pytest-asyncio needed)."""
+    from streamvlm.engine.loop import new_event_loop
+
+    loop = new_event_loop()
+    yield loop
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

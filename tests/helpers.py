@@ -3,6 +3,7 @@ core, ZeroMQ and msgspec path as worker processes, without the process start-up 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ from streamvlm import LLM
 from streamvlm.config import EngineConfig
 from streamvlm.inputs.processor import resolve_max_model_len
 from streamvlm.model_source import resolve_model
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 60.0) -> Any:
+    """Run a coroutine on a test module's loop, never for longer than ``timeout``."""
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def local_llm(model: str | Path | None = None, **kwargs: Any) -> LLM:

@@ -22,29 +22,15 @@ from pathlib import Path
 import pytest
 
 from streamvlm.engine.async_engine import AsyncEngine
-from streamvlm.engine.loop import new_event_loop
 from streamvlm.errors import EngineDeadError
 from streamvlm.sampling import SamplingParams
 from tests.conftest import VOCAB
-from tests.helpers import child_pids, local_llm, pid_exists
+from tests.helpers import run, child_pids, local_llm, pid_exists
 
 MAX_MODEL_LEN = 256
 BLOCK_SIZE = 16
 ENGINE_KW = dict(device="cpu", max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE)
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-
-
-def run(loop, coro, timeout: float = 60.0):
-    """Run a coroutine on the module loop, never for longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def start_engine(model, **kwargs) -> AsyncEngine:

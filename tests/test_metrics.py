@@ -9,12 +9,13 @@ import asyncio
 import time
 
 import pytest
+
+from tests.helpers import run
 from prometheus_client.parser import text_string_to_metric_families
 
 import streamvlm.engine.async_engine as async_engine_module
 from streamvlm.engine.async_engine import AsyncEngine, _Tracked
 from streamvlm.engine.collector import DeltaCollector
-from streamvlm.engine.loop import new_event_loop
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
 from streamvlm.metrics import CONTENT_TYPE, ITL_BUCKETS, render_metrics
@@ -26,18 +27,6 @@ BLOCK_SIZE = 16
 ENGINE_KW = dict(device="cpu", max_model_len=256, block_size=BLOCK_SIZE, worker_backend="thread")
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 P = "streamvlm:"
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-
-
-def run(loop, coro, timeout: float = 60.0):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def start_engine(model) -> AsyncEngine:

@@ -7,21 +7,12 @@ import os
 import random
 import signal
 
-import pytest
 
 from streamvlm import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
-from streamvlm.engine.loop import new_event_loop
 from streamvlm.engine.router import GroupLoad, pick_group, prompt_block_hashes
 from tests.helpers import child_pids, local_llm
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = new_event_loop()
-    yield loop
-    loop.close()
 
 
 def prompts(n: int) -> list[list[int]]:
