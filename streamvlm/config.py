@@ -46,6 +46,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_transport: Literal["ipc", "tcp"] = "ipc"
     # Data-parallel replicas: worker groups with their own scheduler and KV pool.
     num_replicas: int = 1
+    # Processes (one device each) that hold one worker group's tensor-parallel shards.
+    tensor_parallel_size: int = 1
     # "process": each worker group in its own spawned process. "thread": the same worker loop
     # and messages in a thread of this process (fast start, for tests and debugging).
     worker_backend: Literal["process", "thread"] = "process"
@@ -67,6 +69,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.worker_backend == "thread":
+            raise ValueError("tensor_parallel_size > 1 needs worker_backend='process'")
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         if self.cpu_kv_cache_gib <= 0:

@@ -61,6 +61,19 @@ class StepOutput(msgspec.Struct, tag=True, kw_only=True):
     stats: StepStats
 
 
+class StepPlan(msgspec.Struct, tag=True):
+    """One step's forward-pass inputs, from rank 0 to the other ranks of a tensor-parallel
+    group (they hold no scheduler)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_tables: list[list[int]]
+    query_lens: list[int]
+    seq_lens: list[int]
+    logits_rows: list[int]
+
+
 class Shutdown(msgspec.Struct, tag=True):
     pass
 

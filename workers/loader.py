@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from streamvlm.model_source import ModelSource
+from workers.distributed import tp_size
 from workers.models.registry import model_class
 
 
@@ -32,7 +33,8 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"checkpoint shard {path} listed in the index is missing")
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                # With tensor parallelism, a lazy slice: the model reads only its rank's part.
+                yield name, (f.get_slice(name) if tp_size() > 1 else f.get_tensor(name))
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

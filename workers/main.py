@@ -17,14 +17,17 @@ import msgspec
 import zmq
 
 from streamvlm.config import EngineConfig
-from streamvlm.protocol import CoreToWorker, Shutdown, WorkerFailed, WorkerReady
+from streamvlm.protocol import CoreToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady
+from workers.distributed import TPSetup
 
 IDLE_POLL_MS = 200
 
 
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
-               parent_pid: int, on_ready: Callable[[Any], None] | None = None) -> None:
-    """The worker loop. ``on_ready`` (thread backend only) receives the built Worker."""
+               parent_pid: int, on_ready: Callable[[Any], None] | None = None,
+               tp: TPSetup | None = None) -> None:
+    """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
+    built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group."""
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -37,14 +40,22 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     outbox.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(CoreToWorker)
+    publisher = None
     try:
-        worker = _build_worker(config)
+        if tp is not None:
+            publisher = ctx.socket(zmq.PUB)
+            publisher.bind(tp.plan_address)
+        worker = _build_worker(config, tp)
+        if publisher is not None:
+            _handshake_followers(publisher)
+            plan_encoder = msgspec.msgpack.Encoder()
+            worker.runner.publish_plan = lambda plan: publisher.send(plan_encoder.encode(plan))
     except BaseException as exc:  # noqa: BLE001 - reported to the core, then exit
         outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
                                                 message=str(exc) or traceback.format_exc())))
         inbox.close(linger=0)
         outbox.close()
-        ctx.term()
+        ctx.destroy(linger=0)
         return
     if on_ready is not None:
         on_ready(worker)
@@ -60,6 +71,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                     except zmq.Again:
                         break
                     if isinstance(message, Shutdown):
+                        if publisher is not None:
+                            publisher.send(msgspec.msgpack.encode(Shutdown()))
                         return
                     worker.handle(message)
             elif not worker.has_work():
@@ -77,10 +90,62 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     finally:
         inbox.close(linger=0)
         outbox.close()
+        if publisher is not None:
+            publisher.close(linger=1000)
         ctx.term()
 
 
-def _build_worker(config: EngineConfig):
+_HELLO = b"hello"
+
+
+def _handshake_followers(publisher: zmq.Socket) -> None:
+    """PUB drops messages until a subscriber's subscription arrives: say hello until every
+    follower has heard one and joined the barrier."""
+    import time
+
+    import torch.distributed as dist
+
+    joined = dist.barrier(async_op=True)
+    while not joined.is_completed():
+        publisher.send(_HELLO)
+        time.sleep(0.01)
+    joined.wait()
+
+
+def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int) -> None:
+    """Ranks 1..T-1 of a tensor-parallel group: run each step plan rank 0 publishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch.distributed as dist
+
+    config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
+    ctx = zmq.Context()
+    plans = ctx.socket(zmq.SUB)
+    plans.setsockopt(zmq.SUBSCRIBE, b"")
+    plans.connect(tp.plan_address)
+    decoder = msgspec.msgpack.Decoder(StepPlan | Shutdown)
+    try:
+        runner = _build_worker(config, tp).runner
+        while plans.recv() != _HELLO:
+            pass
+        dist.barrier()
+        while True:
+            if not plans.poll(IDLE_POLL_MS):
+                if os.getppid() != parent_pid:
+                    return
+                continue
+            frame = plans.recv()
+            if frame == _HELLO:
+                continue
+            plan = decoder.decode(frame)
+            if isinstance(plan, Shutdown):
+                return
+            runner.forward_logits(plan)
+    finally:
+        plans.close(linger=0)
+        ctx.term()
+
+
+def _build_worker(config: EngineConfig, tp: TPSetup | None = None):
     import torch
 
     from streamvlm.inputs.processor import resolve_max_model_len
@@ -92,4 +157,13 @@ def _build_worker(config: EngineConfig):
         # Leave a core to the engine core's event loop where there are few.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
     source = resolve_model(config.model)
+    if tp is not None:
+        from workers.distributed import init_tensor_parallel
+        from workers.model_runner import resolve_device
+        device = resolve_device(config.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(tp.rank)
+        else:
+            torch.set_num_threads(1)   # ranks share the host's cores
+        init_tensor_parallel(tp, device)
     return Worker(config, source, resolve_max_model_len(config, source.hf_config))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import random
 
 import torch
 
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
+from streamvlm.protocol import StepPlan
+from workers.distributed import broadcast_int
 from workers.layers.attention import AttentionMetadata, get_attention_backend
 from workers.loader import load_model
 from workers.sampler import Sampler, SamplerOutput
@@ -51,14 +54,19 @@ class ModelRunner:
             blocks_per_seq = -(-max_model_len // self.block_size)
             self.num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_per_seq
         else:
-            self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(max_model_len)
+            # Every rank of a tensor-parallel group holds the same block ids: rank 0 decides.
+            self.num_blocks = broadcast_int(
+                config.num_kv_blocks or self._blocks_from_memory(max_model_len))
             self._allocate_kv_cache()
         self.sampler = Sampler(self.device, config.seed)
+        # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.
+        self.publish_plan: Callable[[StepPlan], None] | None = None
         self._rng = random.Random(config.seed)
 
     def _kv_bytes_per_block(self) -> int:
         args = self.model.args
-        per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * self.dtype.itemsize
+        per_token = (2 * args.num_layers * self.model.shard.num_kv_heads * args.head_dim
+                     * self.dtype.itemsize)
         return per_token * self.block_size
 
     def _blocks_from_memory(self, max_model_len: int) -> int:
@@ -81,16 +89,16 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         args = self.model.args
-        shape = (args.num_layers, 2, self.num_blocks, self.block_size, args.num_kv_heads,
-                 args.head_dim)
+        shape = (args.num_layers, 2, self.num_blocks, self.block_size,
+                 self.model.shard.num_kv_heads, args.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers):
             attn.backend = self.backend
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor,
-                                                               AttentionMetadata, torch.Tensor]:
+    def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
+        """What every rank needs to run this step's forward pass."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -106,18 +114,25 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
         max_blocks = max(len(c.seq.block_table) for c in chunks)
         tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
+        return StepPlan(input_ids, positions, slots, tables,
+                        [c.num_tokens for c in chunks],
+                        [c.start + c.num_tokens for c in chunks], logits_rows)
+
+    def _prepare(self, chunks: list[ScheduledChunk] | StepPlan
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        plan = chunks if isinstance(chunks, StepPlan) else self.plan(chunks)
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            query_lens=[c.num_tokens for c in chunks],
-            seq_lens=[c.start + c.num_tokens for c in chunks],
-            slot_mapping=tensor(slots),
-            block_tables=tensor(tables),
-            block_size=bs,
+            query_lens=plan.query_lens,
+            seq_lens=plan.seq_lens,
+            slot_mapping=tensor(plan.slot_mapping),
+            block_tables=tensor(plan.block_tables),
+            block_size=self.block_size,
         )
-        return tensor(input_ids), tensor(positions), meta, tensor(logits_rows)
+        return tensor(plan.input_ids), tensor(plan.positions), meta, tensor(plan.logits_rows)
 
     def _random_tokens(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         vocab = self.model.args.vocab_size
@@ -125,7 +140,7 @@ class ModelRunner:
         return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
 
     @torch.inference_mode()
-    def forward_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan) -> torch.Tensor:
         """Logits (float32) of the last token of every chunk that completes its sequence."""
         input_ids, positions, meta, logits_rows = self._prepare(chunks)
         self.backend.prepare(meta)
@@ -145,5 +160,8 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         if self.config.skip_model_forward:
             return self._random_tokens(chunks)
-        logits = self.forward_logits(chunks)
+        plan = self.plan(chunks)
+        if self.publish_plan is not None:
+            self.publish_plan(plan)   # the other ranks run the same forward pass with us
+        logits = self.forward_logits(plan)
         return self.sampler(logits, [c.seq for c in chunks if c.samples])

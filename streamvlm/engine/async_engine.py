@@ -362,29 +362,31 @@ class AsyncEngine:
     # ---- health ----------------------------------------------------------------------------
 
     def _watch(self, group: WorkerGroupClient, loop: asyncio.AbstractEventLoop) -> None:
-        sentinel = getattr(group.process, "sentinel", None)
-        if sentinel is not None:
-            # Readable the moment the process ends, however it ends.
-            loop.add_reader(sentinel, _on_group_exit, weakref.ref(self), group)
-        else:
+        if getattr(group.process, "sentinel", None) is None:   # thread backend
             self._tasks.append(loop.create_task(_poll_group(weakref.ref(self), group)))
+            return
+        for process in group.processes:
+            # Readable the moment the process ends, however it ends.
+            loop.add_reader(process.sentinel, _on_group_exit, weakref.ref(self), group)
 
     @staticmethod
     def _unwatch(group: WorkerGroupClient) -> None:
-        try:
-            sentinel = getattr(group.process, "sentinel", None)
-        except ValueError:   # the process never started
-            return
-        if sentinel is not None:
+        for process in group.processes:
             try:
-                asyncio.get_running_loop().remove_reader(sentinel)
-            except (RuntimeError, ValueError, OSError):
-                pass
+                sentinel = getattr(process, "sentinel", None)
+            except ValueError:   # the process never started
+                continue
+            if sentinel is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(sentinel)
+                except (RuntimeError, ValueError, OSError):
+                    pass
 
     def _on_exit(self, group: WorkerGroupClient) -> None:
         self._unwatch(group)
-        group.process.join(0.1)
-        self._group_died(group, group.exit_description())
+        reason = group.exit_description()
+        group.kill_processes()
+        self._group_died(group, reason)
 
     def _group_died(self, group: WorkerGroupClient, reason: str) -> None:
         if group.dead_reason is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -25,6 +27,12 @@ from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed,
 STARTUP_TIMEOUT_S = 600.0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class WorkerGroupClient:
     def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context) -> None:
         self.group_id = group_id
@@ -34,6 +42,7 @@ class WorkerGroupClient:
         self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
         self.process: BaseProcess | threading.Thread | None = None
         self.local_worker: Any = None   # the Worker itself, with the thread backend
+        self.followers: list[BaseProcess] = []   # tensor-parallel ranks 1..T-1
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
         self.load = GroupLoad()
@@ -43,8 +52,14 @@ class WorkerGroupClient:
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
 
     @property
+    def processes(self) -> list[Any]:
+        """Every process of the group: rank 0 first, then the tensor-parallel followers."""
+        return ([self.process] if self.process is not None else []) + self.followers
+
+    @property
     def alive(self) -> bool:
-        return self.dead_reason is None and self.process is not None and self.process.is_alive()
+        return (self.dead_reason is None and self.process is not None
+                and all(p.is_alive() for p in self.processes))
 
     def _bind(self) -> tuple[str, str]:
         self.inbox = self._ctx.socket(zmq.PUSH)
@@ -65,14 +80,32 @@ class WorkerGroupClient:
         from workers.main import run_worker
 
         input_address, output_address = self._bind()
-        args = (msgspec.msgpack.encode(self.config), input_address, output_address, os.getpid())
+        config_bytes = msgspec.msgpack.encode(self.config)
+        args = (config_bytes, input_address, output_address, os.getpid())
         name = f"streamvlm-worker-{self.group_id}"
+        size = self.config.tensor_parallel_size
         if self.config.worker_backend == "thread":
             self.process = threading.Thread(target=run_worker, name=name, daemon=True,
                                             args=(*args, self._set_local_worker))
-        else:
+        elif size == 1:
             spawn = multiprocessing.get_context("spawn")
             self.process = spawn.Process(target=run_worker, name=name, daemon=True, args=args)
+        else:
+            from workers.distributed import TPSetup
+            from workers.main import run_follower
+            spawn = multiprocessing.get_context("spawn")
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            plan_address = (f"ipc://{self._ipc_dir}/plan" if self._ipc_dir
+                            else f"tcp://127.0.0.1:{_free_port()}")
+            setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
+            self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
+                                         args=(*args, None, setups[0]))
+            self.followers = [spawn.Process(target=run_follower, name=f"{name}-rank{r}",
+                                            daemon=True, args=(config_bytes, setups[r],
+                                                               os.getpid()))
+                              for r in range(1, size)]
+            for follower in self.followers:
+                follower.start()
         self.process.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -87,9 +120,10 @@ class WorkerGroupClient:
                     self.kill()
                     error = ValueError if message.error_type == "ValueError" else RuntimeError
                     raise error(f"worker failed to start: {message.message}")
-            elif not self.process.is_alive():
+            elif not all(p.is_alive() for p in self.processes):
+                reason = self.exit_description()
                 self.kill()
-                raise EngineDeadError(f"{self.exit_description()} during start-up")
+                raise EngineDeadError(f"{reason} during start-up")
         self.kill()
         raise EngineDeadError(f"worker {self.group_id} did not start in {STARTUP_TIMEOUT_S:.0f} s")
 
@@ -101,9 +135,27 @@ class WorkerGroupClient:
         return getattr(self.process, "pid", None) or (os.getpid() if self.process else None)
 
     def exit_description(self) -> str:
-        code = getattr(self.process, "exitcode", None)
-        return f"worker {self.group_id} (pid {self.pid}) exited" + (
-            f" with code {code}" if code is not None else "")
+        """Which process of the group ended, and how."""
+        for rank, process in enumerate(self.processes):
+            if isinstance(process, BaseProcess):
+                if not multiprocessing.connection.wait([process.sentinel], timeout=0):
+                    continue
+                # The sentinel closes as the process exits, a moment before it can be reaped.
+                process.join(1.0)
+            elif process.is_alive():
+                continue
+            code = getattr(process, "exitcode", None)
+            where = f"worker {self.group_id}" + (f" rank {rank}" if self.followers else "")
+            pid = getattr(process, "pid", None) or os.getpid()
+            return f"{where} (pid {pid}) exited" + (
+                f" with code {code}" if code is not None else "")
+        return f"worker {self.group_id} (pid {self.pid}) exited"
+
+    def kill_processes(self) -> None:
+        """End every rank still running (a group with a dead rank cannot step)."""
+        for process in self.processes:
+            if isinstance(process, BaseProcess) and process.is_alive():
+                process.kill()
 
     def send(self, message: CoreToWorker) -> None:
         # PUSH to a connected peer with free high-water mark never blocks; a dead peer's
@@ -123,15 +175,17 @@ class WorkerGroupClient:
             except zmq.ZMQError:
                 pass
             deadline = time.monotonic() + timeout
-            while self.process.is_alive() and time.monotonic() < deadline:
+            while (any(p.is_alive() for p in self.processes)
+                   and time.monotonic() < deadline):
                 await asyncio.sleep(0.02)
         self.kill()
 
     def kill(self) -> None:
         """Make sure the process is gone and the sockets closed (safe to call twice)."""
-        if isinstance(self.process, BaseProcess) and self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+        for process in self.processes:
+            if isinstance(process, BaseProcess) and process.is_alive():
+                process.kill()
+                process.join(5)
         for sock in (self.inbox, self.outbox):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention import AttentionBackend, AttentionMetadata
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
@@ -68,16 +69,79 @@ class DecoderArgs:
         )
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """This rank's share of a tensor-parallel decoder: heads, KV heads (replicated when there
+    are fewer than ranks), MLP columns and vocabulary rows."""
+
+    num_heads: int
+    num_kv_heads: int
+    first_kv_head: int
+    intermediate_size: int
+    vocab_shard: int
+
+    @classmethod
+    def for_rank(cls, args: DecoderArgs, rank: int, size: int) -> ShardPlan:
+        if args.num_heads % size or args.intermediate_size % size:
+            raise ValueError(f"tensor_parallel_size={size} must divide num_attention_heads="
+                             f"{args.num_heads} and intermediate_size={args.intermediate_size}")
+        if args.num_kv_heads >= size:
+            if args.num_kv_heads % size:
+                raise ValueError(f"tensor_parallel_size={size} must divide "
+                                 f"num_key_value_heads={args.num_kv_heads}")
+            kv, first_kv = args.num_kv_heads // size, rank * (args.num_kv_heads // size)
+        else:
+            if size % args.num_kv_heads:
+                raise ValueError(f"num_key_value_heads={args.num_kv_heads} must divide "
+                                 f"tensor_parallel_size={size}")
+            kv, first_kv = 1, rank * args.num_kv_heads // size
+        return cls(args.num_heads // size, kv, first_kv, args.intermediate_size // size,
+                   -(-args.vocab_size // size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns across ranks: partial sums are all-reduced
+    before the (unsplit) bias is added."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds vocab_shard rows; tokens of other shards contribute zeros to the sum."""
+
+    def __init__(self, vocab_shard: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_shard, hidden_size))
+        self.start = tp_rank() * vocab_shard
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill(outside[:, None], 0))
+
+
 class Attention(nn.Module):
-    def __init__(self, args: DecoderArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: DecoderArgs, shard: ShardPlan, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            args.num_heads, args.num_kv_heads, args.head_dim)
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+            shard.num_heads, shard.num_kv_heads, args.head_dim)
+        self.q_size = self.num_heads * args.head_dim
+        self.kv_size = self.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -105,12 +169,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(self, args: DecoderArgs, shard: ShardPlan) -> None:
         super().__init__()
-        self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size,
+        self.intermediate_size = shard.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * shard.intermediate_size,
                                       bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.down_proj = RowParallelLinear(shard.intermediate_size, args.hidden_size,
+                                           bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -118,12 +183,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: DecoderArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: DecoderArgs, shard: ShardPlan, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, rotary)
+        self.self_attn = Attention(args, shard, rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, shard)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -132,12 +197,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: DecoderArgs, max_model_len: int) -> None:
+    def __init__(self, args: DecoderArgs, shard: ShardPlan, max_model_len: int) -> None:
         super().__init__()
         rotary = RotaryEmbedding(args.head_dim, args.rope_parameters,
                                  args.max_position_embeddings, max_model_len)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, rotary) for _ in range(args.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(shard.vocab_shard, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, shard, rotary)
+                                    for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -145,9 +211,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: dict[str, Any], max_model_len: int) -> None:
         super().__init__()
         self.args = self.make_args(hf_config)
-        self.model = DecoderModel(self.args, max_model_len)
+        self.shard = ShardPlan.for_rank(self.args, tp_rank(), tp_size())
+        self.model = DecoderModel(self.args, self.shard, max_model_len)
         if not self.args.tie_word_embeddings:
-            self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(self.args.hidden_size, self.shard.vocab_shard, bias=False)
 
     @staticmethod
     def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
@@ -167,7 +234,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (self.model.embed_tokens.weight if self.args.tie_word_embeddings
                   else self.lm_head.weight)
-        return F.linear(hidden, weight).float()
+        logits = all_gather_last_dim(F.linear(hidden, weight))
+        return logits[..., :self.args.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors in; ValueError on an unknown, mis-shaped or missing tensor."""
@@ -180,6 +248,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in expected:
                 raise ValueError(f"unexpected tensor {name!r} in checkpoint")
             dest = self._locate(name, params)
+            tensor = self._rank_part(name, tensor)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
@@ -213,8 +282,42 @@ class LlamaForCausalLM(nn.Module):
 
     def _shard_rows(self, packed: str, index: int) -> tuple[int, int]:
         """First row and row count of shard index in a fused parameter."""
-        a = self.args
+        s, d = self.shard, self.args.head_dim
         if packed == "qkv_proj":
-            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            q, kv = s.num_heads * d, s.num_kv_heads * d
             return ((0, q), (q, kv), (q + kv, kv))[index]
-        return index * a.intermediate_size, a.intermediate_size
+        return index * s.intermediate_size, s.intermediate_size
+
+    def _rank_part(self, name: str, tensor: Any) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor. Safetensors slices are read lazily, so a
+        rank reads only its own rows or columns."""
+        size = tp_size()
+        if size == 1:
+            return tensor[...] if not isinstance(tensor, torch.Tensor) else tensor
+        rank, s, d = tp_rank(), self.shard, self.args.head_dim
+        dim, start, length = 0, 0, None
+        if ".q_proj." in name:
+            start, length = rank * s.num_heads * d, s.num_heads * d
+        elif ".k_proj." in name or ".v_proj." in name:
+            start, length = s.first_kv_head * d, s.num_kv_heads * d
+        elif ".o_proj.weight" in name:
+            dim, start, length = 1, rank * s.num_heads * d, s.num_heads * d
+        elif ".gate_proj." in name or ".up_proj." in name:
+            start, length = rank * s.intermediate_size, s.intermediate_size
+        elif ".down_proj.weight" in name:
+            dim, start, length = 1, rank * s.intermediate_size, s.intermediate_size
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            start = rank * s.vocab_shard
+            part = tensor[start:start + s.vocab_shard]
+            part = part if isinstance(part, torch.Tensor) else torch.as_tensor(part)
+            if part.shape[0] < s.vocab_shard:   # the last shard is padded with zero rows
+                pad = part.new_zeros(s.vocab_shard - part.shape[0], *part.shape[1:])
+                part = torch.cat([part, pad])
+            return part
+        if length is None:
+            part = tensor[:]
+        elif dim == 0:
+            part = tensor[start:start + length]
+        else:
+            part = tensor[:, start:start + length]
+        return part if isinstance(part, torch.Tensor) else torch.as_tensor(part)

@@ -1,0 +1,62 @@
+"""Tensor parallelism inside a worker group: which rank this process is, and the collectives
+the parallel layers use (torch.distributed: NCCL on CUDA, gloo on CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TPSetup:
+    """How one rank of a group joins the others (sent to each worker process)."""
+
+    rank: int
+    size: int
+    init_method: str        # tcp://host:port for torch.distributed's rendezvous
+    plan_address: str       # rank 0 publishes each step's plan here (ZeroMQ PUB)
+
+
+_rank, _size = 0, 1
+_device = torch.device("cpu")
+
+
+def tp_rank() -> int:
+    return _rank
+
+
+def tp_size() -> int:
+    return _size
+
+
+def init_tensor_parallel(setup: TPSetup, device: torch.device) -> None:
+    global _rank, _size, _device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=setup.init_method, rank=setup.rank,
+                            world_size=setup.size)
+    _rank, _size, _device = setup.rank, setup.size, device
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if _size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank."""
+    if _size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
