@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--num-replicas", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -52,7 +54,8 @@ def main() -> None:
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, device=args.device,
               dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tensor_parallel_size, num_replicas=args.num_replicas)
     prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -62,7 +65,8 @@ def main() -> None:
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(o.token_ids) for o in outputs)
-    result = {"model": args.model or args.shape, "device": llm.engine.groups[0].ready.device,
+    result = {"model": args.model or args.shape, "tensor_parallel_size": args.tensor_parallel_size,
+              "num_replicas": args.num_replicas, "device": llm.engine.groups[0].ready.device,
               "dtype": llm.config.dtype, "requests": len(requests),
               "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
               "seconds": round(elapsed, 3),

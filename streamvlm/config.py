@@ -48,6 +48,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     num_replicas: int = 1
     # Processes (one device each) that hold one worker group's tensor-parallel shards.
     tensor_parallel_size: int = 1
+    # CUDA device indices, num_replicas * tensor_parallel_size of them: group g, rank r uses
+    # devices[g * tensor_parallel_size + r]. None: 0, 1, 2, ... in that order.
+    devices: list[int] | None = None
     # "process": each worker group in its own spawned process. "thread": the same worker loop
     # and messages in a thread of this process (fast start, for tests and debugging).
     worker_backend: Literal["process", "thread"] = "process"
@@ -75,6 +78,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("tensor_parallel_size > 1 needs worker_backend='process'")
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        needed = self.num_replicas * self.tensor_parallel_size
+        if self.devices is not None and len(self.devices) < needed:
+            raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
+                             f"tensor_parallel_size needs {needed}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
 

@@ -25,7 +25,7 @@ IDLE_POLL_MS = 200
 
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                parent_pid: int, on_ready: Callable[[Any], None] | None = None,
-               tp: TPSetup | None = None) -> None:
+               tp: TPSetup | None = None, device_index: int | None = None) -> None:
     """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
     built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group."""
     if threading.current_thread() is threading.main_thread():
@@ -45,7 +45,7 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         if tp is not None:
             publisher = ctx.socket(zmq.PUB)
             publisher.bind(tp.plan_address)
-        worker = _build_worker(config, tp)
+        worker = _build_worker(config, tp, device_index)
         if publisher is not None:
             _handshake_followers(publisher)
             plan_encoder = msgspec.msgpack.Encoder()
@@ -112,7 +112,8 @@ def _handshake_followers(publisher: zmq.Socket) -> None:
     joined.wait()
 
 
-def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int) -> None:
+def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
+                 device_index: int | None = None) -> None:
     """Ranks 1..T-1 of a tensor-parallel group: run each step plan rank 0 publishes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch.distributed as dist
@@ -124,7 +125,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int) -> None:
     plans.connect(tp.plan_address)
     decoder = msgspec.msgpack.Decoder(StepPlan | Shutdown)
     try:
-        runner = _build_worker(config, tp).runner
+        runner = _build_worker(config, tp, device_index).runner
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
@@ -145,8 +146,12 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int) -> None:
         ctx.term()
 
 
-def _build_worker(config: EngineConfig, tp: TPSetup | None = None):
+def _build_worker(config: EngineConfig, tp: TPSetup | None = None,
+                  device_index: int | None = None):
     import torch
+
+    if device_index is not None and config.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(device_index)
 
     from streamvlm.inputs.processor import resolve_max_model_len
     from streamvlm.model_source import resolve_model
@@ -161,9 +166,7 @@ def _build_worker(config: EngineConfig, tp: TPSetup | None = None):
         from workers.distributed import init_tensor_parallel
         from workers.model_runner import resolve_device
         device = resolve_device(config.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(tp.rank)
-        else:
+        if device.type == "cpu":
             torch.set_num_threads(1)   # ranks share the host's cores
         init_tensor_parallel(tp, device)
     return Worker(config, source, resolve_max_model_len(config, source.hf_config))

@@ -84,12 +84,16 @@ class WorkerGroupClient:
         args = (config_bytes, input_address, output_address, os.getpid())
         name = f"streamvlm-worker-{self.group_id}"
         size = self.config.tensor_parallel_size
+        first = self.group_id * size
+        device_ids = (self.config.devices[first:first + size] if self.config.devices
+                      else list(range(first, first + size)))
         if self.config.worker_backend == "thread":
             self.process = threading.Thread(target=run_worker, name=name, daemon=True,
                                             args=(*args, self._set_local_worker))
         elif size == 1:
             spawn = multiprocessing.get_context("spawn")
-            self.process = spawn.Process(target=run_worker, name=name, daemon=True, args=args)
+            self.process = spawn.Process(target=run_worker, name=name, daemon=True,
+                                         args=(*args, None, None, device_ids[0]))
         else:
             from workers.distributed import TPSetup
             from workers.main import run_follower
@@ -99,10 +103,10 @@ class WorkerGroupClient:
                             else f"tcp://127.0.0.1:{_free_port()}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
             self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
-                                         args=(*args, None, setups[0]))
+                                         args=(*args, None, setups[0], device_ids[0]))
             self.followers = [spawn.Process(target=run_follower, name=f"{name}-rank{r}",
                                             daemon=True, args=(config_bytes, setups[r],
-                                                               os.getpid()))
+                                                               os.getpid(), device_ids[r]))
                               for r in range(1, size)]
             for follower in self.followers:
                 follower.start()
