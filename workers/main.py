@@ -125,7 +125,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
     plans.connect(tp.plan_address)
     decoder = msgspec.msgpack.Decoder(StepPlan | Shutdown)
     try:
-        runner = _build_worker(config, tp, device_index).runner
+        runner = _build_follower_runner(config, tp, device_index)
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
@@ -146,22 +146,21 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
         ctx.term()
 
 
-def _build_worker(config: EngineConfig, tp: TPSetup | None = None,
-                  device_index: int | None = None):
+def _prepare_process(config: EngineConfig, tp: TPSetup | None,
+                     device_index: int | None) -> tuple[Any, int]:
+    """Pin the device, size the thread pool, join the tensor-parallel group; returns the model
+    source and max_model_len that every rank builds its model runner from."""
     import torch
-
-    if device_index is not None and config.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(device_index)
 
     from streamvlm.inputs.processor import resolve_max_model_len
     from streamvlm.model_source import resolve_model
-    from workers.worker import Worker
 
+    if device_index is not None and config.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(device_index)
     in_process = threading.current_thread() is not threading.main_thread()
     if not in_process and (config.device == "cpu" or not torch.cuda.is_available()):
         # Leave a core to the engine core's event loop where there are few.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
-    source = resolve_model(config.model)
     if tp is not None:
         from workers.distributed import init_tensor_parallel
         from workers.model_runner import resolve_device
@@ -169,4 +168,19 @@ def _build_worker(config: EngineConfig, tp: TPSetup | None = None,
         if device.type == "cpu":
             torch.set_num_threads(1)   # ranks share the host's cores
         init_tensor_parallel(tp, device)
-    return Worker(config, source, resolve_max_model_len(config, source.hf_config))
+    source = resolve_model(config.model)
+    return source, resolve_max_model_len(config, source.hf_config)
+
+
+def _build_worker(config: EngineConfig, tp: TPSetup | None = None,
+                  device_index: int | None = None):
+    from workers.worker import Worker
+
+    return Worker(config, *_prepare_process(config, tp, device_index))
+
+
+def _build_follower_runner(config: EngineConfig, tp: TPSetup, device_index: int | None):
+    """Followers hold a model shard and its KV cache, but no scheduler or block pool."""
+    from workers.model_runner import ModelRunner
+
+    return ModelRunner(config, *_prepare_process(config, tp, device_index))

@@ -291,9 +291,8 @@ class LlamaForCausalLM(nn.Module):
     def _rank_part(self, name: str, tensor: Any) -> torch.Tensor:
         """This rank's part of a checkpoint tensor. Safetensors slices are read lazily, so a
         rank reads only its own rows or columns."""
-        size = tp_size()
-        if size == 1:
-            return tensor[...] if not isinstance(tensor, torch.Tensor) else tensor
+        if tp_size() == 1:
+            return tensor   # whole tensors: the loaders hand out slices only under TP
         rank, s, d = tp_rank(), self.shard, self.args.head_dim
         dim, start, length = 0, 0, None
         if ".q_proj." in name:
