@@ -15,11 +15,38 @@ from streamvlm.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class TensorData(msgspec.Struct, array_like=True):
+    """A dense array on the wire: torch dtype name ("float32", "bfloat16", ...), shape, bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class MultiModalItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One image (or precomputed embedding) of a request and the placeholder tokens it fills.
+
+    source "pixels": ``data`` is the family's preprocessed pixel values (the layout of the
+    transformers image processor for one image) and the worker runs the vision encoder;
+    "embeds": ``data`` is already the encoder output, [num_tokens, embed width];
+    "features": ``data`` goes through the checkpoint's projector for ``modality`` first.
+    """
+
+    hash: str
+    offset: int                       # index of the first placeholder token in the prompt
+    num_tokens: int                   # placeholder tokens the item fills, from offset on
+    data: TensorData
+    source: Literal["pixels", "embeds", "features"] = "pixels"
+    modality: str = "image"
+    grid_thw: list[int] | None = None  # Qwen-VL families: (t, h, w) in vision patches
+
+
 class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: list[int] = []
+    mm_items: list[MultiModalItem] = []
 
 
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -53,6 +80,8 @@ class StepStats(msgspec.Struct, kw_only=True):
     num_used_blocks: int = 0      # held by live requests (free blocks may still cache prefixes)
     num_total_blocks: int = 0
     num_preempted: int = 0
+    encoder_cache_hits: int = 0      # items found in the encoder cache (this step)
+    num_encoded_items: int = 0       # items run through the encoder (this step)
 
 
 class StepOutput(msgspec.Struct, tag=True, kw_only=True):
@@ -72,6 +101,11 @@ class StepPlan(msgspec.Struct, tag=True):
     query_lens: list[int]
     seq_lens: list[int]
     logits_rows: list[int]
+    # M-RoPE models: (temporal, height, width) position rows instead of ``positions``.
+    mrope_positions: list[list[int]] | None = None
+    # Rows of the step's tokens that take encoder output instead of token embeddings; the
+    # embeddings themselves follow over torch.distributed (rank 0 runs the encoder).
+    mm_rows: list[int] = []
 
 
 class Shutdown(msgspec.Struct, tag=True):
