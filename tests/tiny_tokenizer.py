@@ -26,6 +26,24 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+
+def vlm_chat_template(image_placeholder: str) -> str:
+    """ChatML that writes ``image_placeholder`` for every image part (HF or OpenAI form), as
+    the Qwen-VL and LLaVA templates do; the engine expands it to the image's token count."""
+    return (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string %}{{- message['content'] }}"
+        "{%- else %}{%- for part in message['content'] %}"
+        "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+        "{%- elif part['type'] in ('image', 'image_url') %}{{- '" + image_placeholder + "' }}"
+        "{%- endif %}"
+        "{%- endfor %}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello world! This is a small test of the tokenizer, and it should be fast.",
@@ -47,8 +65,11 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(save_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Train the tokenizer on the built-in corpus, save it to ``save_dir`` and return it."""
+def build_tiny_tokenizer(save_dir: str | os.PathLike, extra_special_tokens: list[str] = (),
+                         chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Train the tokenizer on the built-in corpus, save it to ``save_dir`` and return it.
+
+    ``extra_special_tokens`` (e.g. a VLM's ``<|image_pad|>``) get ids from VOCAB_SIZE on."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -68,8 +89,8 @@ def build_tiny_tokenizer(save_dir: str | os.PathLike) -> PreTrainedTokenizerFast
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=["<|im_start|>", *extra_special_tokens],
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
