@@ -31,6 +31,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         if field.type is bool:
             group.add_argument(flag, dest=f"engine.{field.name}",
                                action=argparse.BooleanOptionalAction, default=None)
+        elif str(field.type).startswith("list"):
+            group.add_argument(flag, dest=f"engine.{field.name}", default=None,
+                               type=lambda text: [v for v in text.split(",") if v],
+                               metavar="A,B,...", help=f"comma-separated; default: {field.default!r}")
         else:
             group.add_argument(flag, dest=f"engine.{field.name}", default=None,
                                metavar=field.name.upper(), help=f"default: {field.default!r}")
@@ -57,13 +61,30 @@ async def _stream_generate(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     params = _sampling_params(args)
-    prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    prompt: Any = args.prompt
+    if args.image:
+        parts = [{"type": "image", "image": _image_argument(value)} for value in args.image]
+        prompt = [{"role": "user", "content": [*parts, {"type": "text", "text": args.prompt}]}]
+    elif args.chat:
+        prompt = [{"role": "user", "content": args.prompt}]
     async with AsyncEngine(config) as engine:
         async for delta in engine.stream(prompt, params):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _image_argument(value: str) -> Any:
+    """A URL passes through (fetched by the engine if remote images are allowed); a path named
+    on the command line is read here, so it needs no allow_local_image_paths."""
+    if value.startswith(("http://", "https://", "data:")):
+        return value
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read image {value!r}: {exc.strerror}") from exc
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -109,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the chat template")
+    gen.add_argument("--image", action="append", metavar="PATH_OR_URL",
+                     help="an image for the prompt (repeatable; implies --chat)")
     sampling = gen.add_argument_group("sampling (SamplingParams fields)")
     for name, kind in SAMPLING_FLAGS.items():
         # --seed is the engine's; the per-request seed is --sampling-seed.

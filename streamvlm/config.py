@@ -37,7 +37,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enable_prefix_caching: bool = True
     load_format: LoadFormat = "auto"
     seed: int = 0
-    attention_backend: str = "auto"
+    # "auto": our Triton kernels on CUDA (where triton is importable), the torch backend on CPU.
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
+    enforce_eager: bool = False
+    # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).
+    max_cuda_graph_batch_size: int | None = None
     # No tokenizer: prompts must be token ids and outputs carry no text (benchmarks).
     skip_tokenizer_init: bool = False
     # Benchmarks only: sample random tokens without a forward pass, to measure the engine core.
@@ -54,6 +59,20 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "process": each worker group in its own spawned process. "thread": the same worker loop
     # and messages in a thread of this process (fast start, for tests and debugging).
     worker_backend: Literal["process", "thread"] = "process"
+    # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
+    # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
+    max_images_per_request: int = 8
+    max_image_size: int = 4096
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 20 * 2**20
+    # http(s) image URLs: off unless enabled; loopback, private and link-local addresses stay
+    # refused unless their host is listed in allowed_image_hosts.
+    allow_remote_images: bool = False
+    allowed_image_hosts: list[str] = []
+    allow_local_image_paths: bool = False
+    image_fetch_timeout: float = 10.0
+    # Encoder outputs kept by image hash (least recently used out), in placeholder tokens.
+    encoder_cache_tokens: int = 32768
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -82,6 +101,16 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
                              f"tensor_parallel_size needs {needed}")
+        for name in ("max_images_per_request", "max_image_size", "max_image_pixels",
+                     "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_fetch_timeout <= 0:
+            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
+        if self.encoder_cache_tokens < 0:
+            raise ValueError(f"encoder_cache_tokens must be >= 0, got {self.encoder_cache_tokens}")
+        if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:
+            raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
 

@@ -36,10 +36,27 @@ class ModelSource:
         if self.kind == "gguf":
             return self.gguf.config
         with open(os.path.join(self.path, "config.json")) as f:
-            config = json.load(f)
-        if "text_config" in config and "num_hidden_layers" not in config:
-            raise ValueError(f"{self.path}: multimodal checkpoints are not supported yet")
-        return config
+            return json.load(f)
+
+    @cached_property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's settings: a VLM's text_config over its top-level keys."""
+        config = self.hf_config
+        nested = config.get("text_config")
+        if not isinstance(nested, dict):
+            return config
+        merged = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+        merged.update({k: v for k, v in nested.items() if v is not None})
+        return merged
+
+    @cached_property
+    def preprocessor_config(self) -> dict[str, Any] | None:
+        """The checkpoint's preprocessor_config.json (image settings of a VLM), if any."""
+        path = os.path.join(self.folder, "preprocessor_config.json")
+        if self.kind != "hf" or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     def generation_config(self) -> dict[str, Any]:
         path = os.path.join(self.folder, "generation_config.json")

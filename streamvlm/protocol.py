@@ -80,8 +80,8 @@ class StepStats(msgspec.Struct, kw_only=True):
     num_used_blocks: int = 0      # held by live requests (free blocks may still cache prefixes)
     num_total_blocks: int = 0
     num_preempted: int = 0
-    encoder_cache_hits: int = 0      # items found in the encoder cache (this step)
-    num_encoded_items: int = 0       # items run through the encoder (this step)
+    encoder_cache_hits: int = 0      # items found in the encoder cache, since start
+    num_encoded_items: int = 0       # items run through the encoder, since start
 
 
 class StepOutput(msgspec.Struct, tag=True, kw_only=True):

@@ -48,7 +48,7 @@ def make_worker(model: str | Path, **kwargs: Any) -> Any:
 
     config = EngineConfig.from_kwargs(model=str(model), **kwargs)
     source = resolve_model(config.model)
-    return Worker(config, source, resolve_max_model_len(config, source.hf_config))
+    return Worker(config, source, resolve_max_model_len(config, source.text_config))
 
 
 def child_pids() -> set[int]:

@@ -151,7 +151,7 @@ def test_default_model_answers_chat(default_llm: LLM, chat_output: Any) -> None:
 @torch.inference_mode()
 def test_default_model_greedy_matches_transformers(default_llm: LLM, chat_output: Any,
                                                    hf_model: Any) -> None:
-    prompt = default_llm.processor.render_chat(CHAT)
+    prompt, _ = default_llm.processor.render_chat(CHAT)
     assert chat_output.prompt_token_ids == prompt
     # The chat template rendered and tokenized in one go by transformers gives the same ids.
     ids = default_llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True,

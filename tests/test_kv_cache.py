@@ -127,8 +127,8 @@ class ImageSequence(Sequence):
         super().__init__(request_id, list(tokens), SamplingParams(), [2], 0)
         self.image_hash = image_hash
 
-    def block_extra_keys(self, block_index: int) -> tuple:
-        return (self.image_hash,) if block_index == 1 else ()
+    def block_extra_keys(self, start: int, end: int) -> tuple:
+        return (self.image_hash,) if start == BS else ()
 
 
 def test_extra_keys_change_block_hashes_and_prevent_false_hits():

@@ -401,8 +401,8 @@ def test_unsupported_architecture(qwen3_copy: Path) -> None:
     cfg = json.loads(path.read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*"
-                                         r"LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM, "
+                                         r".*Qwen2ForCausalLM, .*Qwen3ForCausalLM"):
         local_llm(qwen3_copy, max_model_len=64)
 
 

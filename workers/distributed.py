@@ -60,3 +60,10 @@ def broadcast_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (the others pass one of the same shape and dtype)."""
+    if _size > 1:
+        dist.broadcast(x, src=0)
+    return x

@@ -131,4 +131,5 @@ class BlockPool:
         for i in range(len(seq.block_hashes), num_blocks):
             parent = seq.block_hashes[i - 1] if i else None
             block_tokens = seq.token_ids[i * bs:(i + 1) * bs]
-            seq.block_hashes.append(hash_block(parent, block_tokens, seq.block_extra_keys(i)))
+            extra = seq.block_extra_keys(i * bs, (i + 1) * bs)
+            seq.block_hashes.append(hash_block(parent, block_tokens, extra))

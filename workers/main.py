@@ -169,7 +169,7 @@ def _prepare_process(config: EngineConfig, tp: TPSetup | None,
             torch.set_num_threads(1)   # ranks share the host's cores
         init_tensor_parallel(tp, device)
     source = resolve_model(config.model)
-    return source, resolve_max_model_len(config, source.hf_config)
+    return source, resolve_max_model_len(config, source.text_config)
 
 
 def _build_worker(config: EngineConfig, tp: TPSetup | None = None,

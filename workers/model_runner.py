@@ -11,11 +11,14 @@ import torch
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
 from streamvlm.protocol import StepPlan
-from workers.distributed import broadcast_int
+from workers.cuda_graphs import DecodeGraphs
+from workers.distributed import broadcast_int, broadcast_tensor
 from workers.layers.attention import AttentionMetadata, get_attention_backend
 from workers.loader import load_model
+from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
 from workers.sampler import Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
+from workers.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = load_model(source, config.load_format, max_model_len, self.device,
                                 self.dtype, config.seed)
-        self.backend = get_attention_backend(config.attention_backend, self.device)
+        self.backend = get_attention_backend(config.attention_backend, self.device, max_model_len)
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
         if config.skip_model_forward:
             # No forward pass reads the cache: enough block ids that no request is preempted.
             blocks_per_seq = -(-max_model_len // self.block_size)
@@ -59,9 +63,23 @@ class ModelRunner:
                 config.num_kv_blocks or self._blocks_from_memory(max_model_len))
             self._allocate_kv_cache()
         self.sampler = Sampler(self.device, config.seed)
+        self.supports_images = hasattr(self.model, "encode")
+        self.encoder_cache = EncoderCache(config.encoder_cache_tokens)
+        self.num_encoded_items = 0
         # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.
         self.publish_plan: Callable[[StepPlan], None] | None = None
         self._rng = random.Random(config.seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        if self._use_cuda_graphs():
+            max_batch = config.max_cuda_graph_batch_size or min(config.max_num_seqs, 512)
+            self.decode_graphs = DecodeGraphs(self.model, self.backend, self.device, max_batch, max_model_len,
+                                              self.block_size, self.uses_mrope)
+            self.decode_graphs.capture()
+
+    def _use_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and not self.config.skip_model_forward
+                and getattr(self.backend, "supports_cuda_graphs", False))
 
     def _kv_bytes_per_block(self) -> int:
         args = self.model.args
@@ -72,10 +90,15 @@ class ModelRunner:
     def _blocks_from_memory(self, max_model_len: int) -> int:
         per_block = self._kv_bytes_per_block()
         if self.device.type == "cuda":
+            activations = self._peak_activation_bytes(max_model_len)
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            budget = total * self.config.gpu_memory_utilization - used
+            budget = total * self.config.gpu_memory_utilization - used - activations
             num_blocks = int(budget // per_block)
+            logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak activations "
+                        "(warm-up of %d tokens), gpu_memory_utilization %.2f", total / 2**30, used / 2**30,
+                        activations / 2**30, self._warmup_tokens(max_model_len),
+                        self.config.gpu_memory_utilization)
         else:
             # On CPU, no more than the configured budget, nor more than the batch can ever use.
             budget_blocks = int(self.config.cpu_kv_cache_gib * 2**30 // per_block)
@@ -86,6 +109,40 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * per_block / 2**20)
         return num_blocks
+
+    def _warmup_tokens(self, max_model_len: int) -> int:
+        return max(1, min(self.config.max_num_batched_tokens, max_model_len))
+
+    @torch.inference_mode()
+    def _peak_activation_bytes(self, max_model_len: int) -> int:
+        """Peak memory of a forward pass over a full step's token budget (one sequence, a scratch KV cache
+        that is freed again), beyond what is allocated now."""
+        n = self._warmup_tokens(max_model_len)
+        blocks = -(-n // self.block_size)
+        self.num_blocks = blocks
+        self._allocate_kv_cache()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        meta = AttentionMetadata(query_lens=[n], seq_lens=[n],
+                                 slot_mapping=torch.arange(n, dtype=torch.int64, device=self.device),
+                                 block_tables=torch.arange(blocks, dtype=torch.int64, device=self.device)[None],
+                                 block_size=self.block_size)
+        self.backend.prepare(meta)
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        if self.uses_mrope:
+            positions = positions.expand(3, n)
+        hidden = self.model(ids, positions, meta)
+        rows = min(n, self.config.max_num_seqs)
+        torch.log_softmax(self.model.compute_logits(hidden[:rows]), dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del self.kv_cache, hidden
+        for attn in self.model.attention_layers:
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return peak
 
     def _allocate_kv_cache(self) -> None:
         args = self.model.args
@@ -101,26 +158,118 @@ class ModelRunner:
         """What every rank needs to run this step's forward pass."""
         input_ids: list[int] = []
         positions: list[int] = []
+        mrope: list[list[int]] | None = [[], [], []] if self.uses_mrope else None
         slots: list[int] = []
         logits_rows: list[int] = []
+        mm_rows: list[int] = []
         bs = self.block_size
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            if mrope is not None:
+                self._extend_mrope(mrope, seq, start, end)
+            else:
+                positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            for item in seq.mm_items:
+                lo, hi = max(start, item.offset), min(end, item.end)
+                mm_rows.extend(range(row + lo - start, row + hi - start))
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
         max_blocks = max(len(c.seq.block_table) for c in chunks)
         tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
         return StepPlan(input_ids, positions, slots, tables,
                         [c.num_tokens for c in chunks],
-                        [c.start + c.num_tokens for c in chunks], logits_rows)
+                        [c.start + c.num_tokens for c in chunks], logits_rows,
+                        mrope_positions=mrope, mm_rows=mm_rows)
 
-    def _prepare(self, chunks: list[ScheduledChunk] | StepPlan
+    @staticmethod
+    def _extend_mrope(rows: list[list[int]], seq: Sequence, start: int, end: int) -> None:
+        prompt_end = min(end, seq.num_prompt_tokens) if seq.mrope_positions is not None else start
+        if start < prompt_end:
+            part = seq.mrope_positions[:, start:prompt_end].tolist()
+            for axis in range(3):
+                rows[axis].extend(part[axis])
+        rest = range(max(start, prompt_end) + seq.mrope_delta, end + seq.mrope_delta)
+        for axis in range(3):
+            rows[axis].extend(rest)
+
+    def encode_pending(self, chunks: list[ScheduledChunk]) -> dict[Sequence, str]:
+        """Encode the items this step's chunks reach that neither their sequence nor the
+        encoder cache holds, all in one call. A sequence keeps its items' outputs until their
+        placeholders are all computed, so chunked prefill slices one encoding.
+
+        Returns the sequences whose items could not be encoded, with the reason; the batch is
+        retried item by item first so one bad image fails only its own request."""
+        pending: dict[str, tuple[MultiModalInput, list[Sequence]]] = {}
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            for item in seq.mm_items:
+                if item.offset >= end or item.end <= start or item.hash in seq.encoder_outputs:
+                    continue
+                if item.hash in pending:
+                    pending[item.hash][1].append(seq)
+                    continue
+                cached = self.encoder_cache.get(item.hash)
+                if cached is not None:
+                    seq.encoder_outputs[item.hash] = cached
+                else:
+                    pending[item.hash] = (item, [seq])
+        if not pending:
+            return {}
+        entries = list(pending.values())
+        failed: dict[Sequence, str] = {}
+        try:
+            outputs: list[torch.Tensor | str] = list(self._encode([item for item, _ in entries]))
+        except Exception:  # noqa: BLE001 - retried item by item to find the bad one
+            outputs = []
+            for item, _ in entries:
+                try:
+                    outputs.extend(self._encode([item]))
+                except Exception as exc:  # noqa: BLE001 - fails only this item's requests
+                    outputs.append(f"cannot encode image: {exc}")
+        for (item, seqs), output in zip(entries, outputs):
+            if isinstance(output, str):
+                failed.update((seq, output) for seq in seqs)
+                continue
+            self.encoder_cache.put(item.hash, output)
+            for seq in seqs:
+                seq.encoder_outputs[item.hash] = output
+        return failed
+
+    @torch.inference_mode()
+    def _encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
+        outputs = self.model.encode(items)
+        self.num_encoded_items += len(items)
+        for item, output in zip(items, outputs):
+            if output.shape != (item.num_tokens, self.model.embed_width):
+                raise ValueError(f"the encoder gave shape {tuple(output.shape)} for an item of "
+                                 f"{item.num_tokens} placeholder tokens")
+        return outputs
+
+    @staticmethod
+    def encoder_embeds(chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """Encoder output for every placeholder token the chunks compute, in step order (after
+        encode_pending)."""
+        parts: list[torch.Tensor] = []
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            for item in seq.mm_items:
+                lo, hi = max(start, item.offset), min(end, item.end)
+                if lo < hi:
+                    parts.append(seq.encoder_outputs[item.hash][lo - item.offset:hi - item.offset])
+        return torch.cat(parts) if parts else None
+
+    def _encoded_embeds(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        failed = self.encode_pending(chunks)
+        if failed:
+            raise ValueError(next(iter(failed.values())))
+        return self.encoder_embeds(chunks)
+
+    def _prepare(self, plan: StepPlan
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        plan = chunks if isinstance(chunks, StepPlan) else self.plan(chunks)
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -132,19 +281,51 @@ class ModelRunner:
             block_tables=tensor(plan.block_tables),
             block_size=self.block_size,
         )
-        return tensor(plan.input_ids), tensor(plan.positions), meta, tensor(plan.logits_rows)
+        positions = tensor(plan.mrope_positions if plan.mrope_positions is not None
+                           else plan.positions)
+        return tensor(plan.input_ids), positions, meta, tensor(plan.logits_rows)
+
+    def _mm_embeds(self, plan: StepPlan, embeds: torch.Tensor | None) -> MultiModalEmbeds | None:
+        """This step's encoder rows; ranks other than 0 receive rank 0's over the group."""
+        if not plan.mm_rows:
+            return None
+        if embeds is None:
+            embeds = torch.empty(len(plan.mm_rows), self.model.embed_width, dtype=self.dtype,
+                                 device=self.device)
+        embeds = broadcast_tensor(embeds.to(self.device, self.dtype))
+        rows = torch.tensor(plan.mm_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return MultiModalEmbeds(rows, embeds)
 
     def _random_tokens(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         vocab = self.model.args.vocab_size
         count = sum(c.samples for c in chunks)
         return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
 
-    @torch.inference_mode()
-    def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan) -> torch.Tensor:
-        """Logits (float32) of the last token of every chunk that completes its sequence."""
-        input_ids, positions, meta, logits_rows = self._prepare(chunks)
+    def _forward(self, plan: StepPlan, embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decode_graphs is not None and self.decode_graphs.can_run(plan):
+            hidden = self.decode_graphs.run(plan)
+            if len(plan.logits_rows) == hidden.shape[0]:
+                return hidden, torch.arange(hidden.shape[0], device=self.device)
+            return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device)
+        input_ids, positions, meta, logits_rows = self._prepare(plan)
         self.backend.prepare(meta)
-        hidden = self.model(input_ids, positions, meta)
+        mm = self._mm_embeds(plan, embeds)
+        if mm is None:
+            return self.model(input_ids, positions, meta), logits_rows
+        return self.model(input_ids, positions, meta, mm), logits_rows
+
+    @torch.inference_mode()
+    def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan,
+                       embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (float32) of the last token of every chunk that completes its sequence.
+
+        Given chunks, this rank plans and encodes; given a plan (ranks other than 0), the
+        encoder rows come from rank 0."""
+        if not isinstance(chunks, StepPlan):
+            plan, embeds = self.plan(chunks), self._encoded_embeds(chunks)
+        else:
+            plan = chunks
+        hidden, logits_rows = self._forward(plan, embeds)
         return self.model.compute_logits(hidden[logits_rows])
 
     @torch.inference_mode()
@@ -153,15 +334,16 @@ class ModelRunner:
 
         The chunks' K/V go into the cache as in a normal step; the caller owns their blocks.
         """
-        input_ids, positions, meta, _ = self._prepare(chunks)
-        self.backend.prepare(meta)
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        hidden, _ = self._forward(self.plan(chunks), self._encoded_embeds(chunks))
+        return self.model.compute_logits(hidden)
 
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
+        """One step; the chunks' items are already encoded (encode_pending)."""
         if self.config.skip_model_forward:
             return self._random_tokens(chunks)
         plan = self.plan(chunks)
+        embeds = self.encoder_embeds(chunks)
         if self.publish_plan is not None:
             self.publish_plan(plan)   # the other ranks run the same forward pass with us
-        logits = self.forward_logits(plan)
+        logits = self.forward_logits(plan, embeds)
         return self.sampler(logits, [c.seq for c in chunks if c.samples])

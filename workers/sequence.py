@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import enum
 
+from typing import TYPE_CHECKING
+
 from streamvlm.protocol import TokenLogprobs
 from streamvlm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.multimodal import MultiModalInput
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +44,13 @@ class Sequence:
         # New since the last step output was sent.
         self.pending_token_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprobs] = []
+        # Images (or precomputed embeddings) filling placeholder runs of the prompt, by offset.
+        self.mm_items: list[MultiModalInput] = []
+        # Encoder outputs of items whose placeholders are not all computed yet, by item hash.
+        self.encoder_outputs: dict[str, torch.Tensor] = {}
+        # M-RoPE models: the prompt's [3, P] positions; token i >= P sits at i + mrope_delta.
+        self.mrope_positions: torch.Tensor | None = None
+        self.mrope_delta = 0
 
     @property
     def num_tokens(self) -> int:
@@ -58,9 +72,16 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
-    def block_extra_keys(self, block_index: int) -> tuple:
-        """Keys besides token ids that identify a block's content (none for text)."""
-        return ()
+    def block_extra_keys(self, start: int, end: int) -> tuple:
+        """Keys besides token ids that identify the content of tokens [start, end): the hashes
+        of the images whose placeholder tokens fall there (none for text)."""
+        return tuple(item.hash for item in self.mm_items if item.offset < end and item.end > start)
+
+    def release_encoder_outputs(self) -> None:
+        """Drop encoder outputs whose placeholder tokens are all in the KV cache now."""
+        for item in self.mm_items:
+            if item.end <= self.num_computed_tokens:
+                self.encoder_outputs.pop(item.hash, None)
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
         self.token_ids.append(token_id)

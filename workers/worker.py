@@ -8,6 +8,7 @@ from streamvlm.protocol import (AbortRequest, AddRequest, RequestDelta, StepOutp
                                 StepStats)
 from workers.kv_cache import BlockPool
 from workers.model_runner import ModelRunner
+from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 
@@ -45,9 +46,39 @@ class Worker:
             return
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.eos_token_ids,
                        self._arrivals)
+        if req.mm_items:
+            try:
+                self._attach_multimodal(seq, req)
+            except ValueError as exc:
+                self._pending_deltas.append(RequestDelta(req.request_id, [],
+                                                         finish_reason="error", error=str(exc)))
+                return
         self._arrivals += 1
         self.sequences[req.request_id] = seq
         self.scheduler.add(seq)
+
+    def _attach_multimodal(self, seq: Sequence, req: AddRequest) -> None:
+        """Decode the request's items, check them against its placeholder tokens, and work out
+        M-RoPE positions. ValueError names what is wrong."""
+        if req.mm_items and not self.runner.supports_images:
+            raise ValueError("this model does not accept image input")
+        items = [MultiModalInput.from_item(item) for item in req.mm_items]
+        items.sort(key=lambda item: item.offset)
+        previous_end = 0
+        image_token_id = getattr(self.runner.model, "image_token_id", None)
+        for item in items:
+            if item.num_tokens < 1 or item.offset < previous_end or item.end > seq.num_prompt_tokens:
+                raise ValueError(f"image placeholder run [{item.offset}, {item.end}) lies outside "
+                                 f"the prompt or overlaps another")
+            run = seq.token_ids[item.offset:item.end]
+            if any(t != image_token_id for t in run):
+                raise ValueError(f"prompt tokens [{item.offset}, {item.end}) are not all the "
+                                 f"image placeholder token {image_token_id}")
+            previous_end = item.end
+        seq.mm_items = items
+        if self.runner.uses_mrope:
+            positions, delta = self.runner.model.mrope_positions(seq.prompt_token_ids, items)
+            seq.mrope_positions, seq.mrope_delta = positions, delta
 
     def _check(self, req: AddRequest) -> str | None:
         if req.request_id in self.sequences:
@@ -72,12 +103,21 @@ class Worker:
     def step(self) -> StepOutput:
         deltas, self._pending_deltas = self._pending_deltas, []
         plan = self.scheduler.schedule()
+        if plan.chunks and self.runner.supports_images and not self.config.skip_model_forward:
+            failed = self.runner.encode_pending(plan.chunks)
+            for seq, error in failed.items():
+                self.scheduler.remove(seq)
+                del self.sequences[seq.request_id]
+                deltas.append(RequestDelta(seq.request_id, [], finish_reason="error", error=error))
+            plan.chunks = [c for c in plan.chunks if c.seq not in failed]
         if plan.chunks:
             sampled = self.runner.run(plan.chunks)
             sampling = [c.seq for c in plan.chunks if c.samples]
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.pool.register_full_blocks(chunk.seq)
+                if chunk.seq.encoder_outputs:
+                    chunk.seq.release_encoder_outputs()
             for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
                 seq.append_token(token, logprobs)
                 finish_reason = self._finish_reason(seq, token)
@@ -96,6 +136,8 @@ class Worker:
             num_used_blocks=self.pool.num_used_blocks,
             num_total_blocks=self.pool.num_blocks,
             num_preempted=plan.num_preempted,
+            encoder_cache_hits=self.runner.encoder_cache.hits,
+            num_encoded_items=self.runner.num_encoded_items,
         ))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -26,14 +26,14 @@ from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.errors import EngineDeadError
-from streamvlm.inputs.processor import InputProcessor, Message, Prompt
+from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, Prompt
 from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
 from streamvlm.protocol import AbortRequest, AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.sampling import SamplingParams
 
-EnginePrompt = Prompt | list[Message]
+EnginePrompt = Prompt | list[Message] | PreparedPrompt
 DRAIN_BUDGET_S = 0.002
 
 
@@ -44,6 +44,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     kv_blocks_used: int
     num_requests: int      # requests the engine core is tracking
     num_steps: int         # step outputs received from workers
+    encoder_cache_hits: int = 0    # images whose encoder output was reused, since start
+    num_encoded_items: int = 0     # images (or embeddings) run through encoders, since start
 
 
 class GroupHealth(msgspec.Struct, kw_only=True):
@@ -237,6 +239,8 @@ class AsyncEngine:
             kv_blocks_used=sum(g.stats.num_used_blocks for g in live),
             num_requests=len(self._requests),
             num_steps=self._num_steps,
+            encoder_cache_hits=sum(g.stats.encoder_cache_hits for g in live),
+            num_encoded_items=sum(g.stats.num_encoded_items for g in live),
         )
 
     async def health(self) -> HealthReport:
@@ -247,20 +251,29 @@ class AsyncEngine:
         return HealthReport(healthy=healthy, groups=groups)
 
     async def tokenize(self, prompt: EnginePrompt) -> list[int]:
-        """Prompt to token ids, off the event loop where templating or tokenizing is needed."""
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return self.processor.tokenize_prompt(prompt)
+        """Prompt to token ids (image placeholders expanded), off the event loop where
+        templating, tokenizing or image work is needed."""
+        return (await self.prepare_prompt(prompt)).prompt_token_ids
+
+    async def prepare_prompt(self, prompt: EnginePrompt) -> PreparedPrompt:
+        """Token ids and images of a prompt, loaded and preprocessed; ValueError names what is
+        wrong with it."""
+        if isinstance(prompt, PreparedPrompt):
+            return prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt and not prompt.get("images"):
+            return PreparedPrompt(self.processor.tokenize_prompt(prompt))
         loop = asyncio.get_running_loop()
-        if isinstance(prompt, list):
-            return await loop.run_in_executor(None, self.processor.render_chat, prompt)
-        return await loop.run_in_executor(None, self.processor.tokenize_prompt, prompt)
+        ids, refs = await loop.run_in_executor(None, self.processor.split_prompt, prompt)
+        ids, items = await self.processor.multimodal.build(ids, refs)
+        return PreparedPrompt(ids, items)
 
     async def _submit(self, prompt: EnginePrompt, params: SamplingParams | None,
                       request_id: str | None) -> tuple[str, _Tracked]:
         arrival = time.monotonic()
         self._check_alive()
         params = SamplingParams() if params is None else params
-        prompt_token_ids = await self.tokenize(prompt)
+        prepared = await self.prepare_prompt(prompt)
+        prompt_token_ids = prepared.prompt_token_ids
         self.processor.validate(prompt_token_ids, params)
         self._check_alive()
         if request_id is None:
@@ -278,7 +291,8 @@ class AsyncEngine:
         group.load.num_routed += 1
         self.metrics.request_received(len(prompt_token_ids))
         group.send(AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                              params=params, eos_token_ids=self.processor.eos_token_ids))
+                              params=params, eos_token_ids=self.processor.eos_token_ids,
+                              mm_items=prepared.mm_items))
         return request_id, tracked
 
     def _route(self, prompt_token_ids: list[int]) -> WorkerGroupClient:

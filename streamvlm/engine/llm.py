@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from streamvlm.config import DEFAULT_MODEL, EngineConfig
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.loop import new_event_loop
-from streamvlm.inputs.processor import Message, Prompt
+from streamvlm.inputs.processor import Message, PreparedPrompt, Prompt
 from streamvlm.outputs import RequestOutput
 from streamvlm.sampling import SamplingParams
 
@@ -57,18 +57,21 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        token_ids = [self.processor.tokenize_prompt(p) for p in prompts]
-        return self._run(token_ids, params, use_tqdm)
+        return self._run(self._prepare(list(prompts)), params, use_tqdm)
 
     def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        token_ids = [self.processor.render_chat(c) for c in conversations]
-        return self._run(token_ids, params, use_tqdm)
+        return self._run(self._prepare([list(c) for c in conversations]), params, use_tqdm)
 
-    def _run(self, prompts: list[list[int]],
+    def _prepare(self, prompts: list[Any]) -> list[PreparedPrompt]:
+        async def prepare_all() -> list[PreparedPrompt]:
+            return list(await asyncio.gather(*(self.engine.prepare_prompt(p) for p in prompts)))
+        return self._call(prepare_all())
+
+    def _run(self, prompts: list[PreparedPrompt],
              params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         if params is None:
@@ -76,24 +79,24 @@ class LLM:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for ids, p in zip(prompts, per_prompt):
-            self.processor.validate(ids, p)
+        for prompt, p in zip(prompts, per_prompt):
+            self.processor.validate(prompt.prompt_token_ids, p)
         return self._call(self._generate_all(prompts, per_prompt, use_tqdm))
 
-    async def _generate_all(self, prompts: list[list[int]], params: list[SamplingParams],
+    async def _generate_all(self, prompts: list[PreparedPrompt], params: list[SamplingParams],
                             use_tqdm: bool) -> list[RequestOutput]:
         progress = None
         if use_tqdm and len(prompts) >= _PROGRESS_BAR_MIN_PROMPTS:
             from tqdm.auto import tqdm
             progress = tqdm(total=len(prompts), desc="Generating", unit="req")
 
-        async def one(ids: list[int], p: SamplingParams) -> RequestOutput:
-            out = await self.engine.generate({"prompt_token_ids": ids}, p)
+        async def one(prompt: PreparedPrompt, p: SamplingParams) -> RequestOutput:
+            out = await self.engine.generate(prompt, p)
             if progress is not None:
                 progress.update(1)
             return out
 
-        tasks = [asyncio.ensure_future(one(ids, p)) for ids, p in zip(prompts, params)]
+        tasks = [asyncio.ensure_future(one(prompt, p)) for prompt, p in zip(prompts, params)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:

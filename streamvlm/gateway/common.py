@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.inputs.processor import PreparedPrompt
 from streamvlm.sampling import SamplingParams
 
 
@@ -31,14 +32,15 @@ def sampling_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
-                  max_tokens_given: bool) -> tuple[dict[str, list[int]], SamplingParams]:
+                  max_tokens_given: bool) -> tuple[PreparedPrompt, SamplingParams]:
     """Tokenize (off the event loop) and fit max_tokens to the context.
 
     Without an explicit max_tokens a request may use the whole context; an explicit one that
     does not fit is refused, as the OpenAI API does.
     """
     try:
-        prompt_ids = await engine.tokenize(prompt)
+        prepared = await engine.prepare_prompt(prompt)
+        prompt_ids = prepared.prompt_token_ids
         engine.processor.validate(prompt_ids, params)
     except ValueError as exc:
         raise RequestError(str(exc)) from exc
@@ -52,4 +54,4 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
             f"this model's maximum context length is {max_model_len} tokens; the prompt has "
             f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more",
             param="max_tokens")
-    return {"prompt_token_ids": prompt_ids}, params
+    return prepared, params

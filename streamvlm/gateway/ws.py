@@ -343,7 +343,7 @@ class Chat:
             except RequestError as exc:
                 self._fail("invalid_request", exc.message)
                 return
-            self.prompt_tokens = len(prompt["prompt_token_ids"])
+            self.prompt_tokens = len(prompt.prompt_token_ids)
             self._control(_encode(ChatCreated(self.id)).decode())
             if self.cancel_requested:
                 self._push_done("cancelled", None)

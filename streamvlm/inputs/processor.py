@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamvlm.config import EngineConfig
+from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.model_source import ModelSource
+from streamvlm.protocol import MultiModalItem
 from streamvlm.sampling import SamplingParams
 
 TOKENIZER_CACHE = os.path.join(
@@ -51,6 +54,15 @@ def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> in
     return config.max_model_len
 
 
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for a worker: token ids with image placeholders expanded, and the
+    items that fill them. ``engine.stream`` accepts one as its prompt."""
+
+    prompt_token_ids: list[int]
+    mm_items: list[MultiModalItem] = field(default_factory=list)
+
+
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -61,7 +73,8 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(source, config.tokenizer))
-        hf_config = source.hf_config
+        hf_config = source.text_config
+        self.multimodal = MultiModalPreparer(config, source)
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_model_len = resolve_max_model_len(config, hf_config)
         eos: list[int] = []
@@ -72,34 +85,57 @@ class InputProcessor:
         self.eos_token_ids = eos
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        ids, refs = self.split_prompt(prompt)
+        if refs:
+            raise ValueError("this prompt has images: use the engine's prepare_prompt")
+        return ids
+
+    def split_prompt(self, prompt: Prompt | Sequence[Message]) -> tuple[list[int], list[ImageRef]]:
+        """Token ids (placeholders not yet expanded) and the images, in prompt order."""
+        if isinstance(prompt, (list, tuple)):
+            return self.render_chat(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
             self._need_tokenizer()
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return self.tokenizer.encode(prompt), []
+        if not isinstance(prompt, dict):
+            raise ValueError("a prompt is a string, a list of chat messages, {'prompt': str} or "
+                             "{'prompt_token_ids': [...]}, optionally with 'images'")
+        images = prompt.get("images") or []
+        if not isinstance(images, (list, tuple)):
+            raise ValueError("'images' must be a list")
+        refs = [image_ref(value) for value in images]
+        self.multimodal.check_count(refs)
+        if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
-            return list(ids)
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.tokenize_prompt(prompt["prompt"])
-        raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+            return list(ids), refs
+        if "prompt" in prompt and isinstance(prompt["prompt"], str):
+            ids, _ = self.split_prompt(prompt["prompt"])
+            return ids, refs
+        raise ValueError("a prompt is a string, a list of chat messages, {'prompt': str} or "
+                         "{'prompt_token_ids': [...]}, optionally with 'images'")
 
-    def render_chat(self, messages: Sequence[Message]) -> list[int]:
+    def render_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[ImageRef]]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("a conversation is a non-empty list of messages")
-        messages = [self._text_message(m) for m in messages]
+        refs: list[ImageRef] = []
+        messages = [self._template_message(m, refs) for m in messages]
+        self.multimodal.check_count(refs)
         self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False), refs
 
     @staticmethod
-    def _text_message(message: Message) -> Message:
-        """A message whose content is a string; text parts (OpenAI or HF form) are joined."""
+    def _template_message(message: Message, refs: list[ImageRef]) -> Message:
+        """The message as the chat template takes it: text parts joined into one string, or,
+        with images, Hugging Face parts ({"type": "text"} / {"type": "image"}); the images go
+        to refs in order."""
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError("each message needs a 'role' and 'content'")
         content = message["content"]
@@ -107,16 +143,20 @@ class InputProcessor:
             return message
         if not isinstance(content, list):
             raise ValueError("message content must be a string or a list of content parts")
-        texts = []
+        parts: list[dict[str, str]] = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind in ("image_url", "image", "input_image"):
-                raise ValueError("this model does not accept image input")
+                parts.append({"type": "text", "text": part["text"]})
+            elif is_media_part(part):
+                refs.append(parse_media_part(part))
+                parts.append({"type": "image"})
             else:
-                raise ValueError(f"unsupported content part {kind!r}: expected 'text'")
-        return {**message, "content": "".join(texts)}
+                raise ValueError(f"unsupported content part {kind!r}: expected 'text', "
+                                 f"'image_url', 'image', 'image_embeds' or 'image_features'")
+        if all(p["type"] == "text" for p in parts):
+            return {**message, "content": "".join(p["text"] for p in parts)}
+        return {**message, "content": parts}
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

@@ -90,7 +90,27 @@ class TorchAttentionBackend:
         return out[batch.valid_rows]
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "torch"):
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def get_attention_backend(name: str, device: torch.device, max_model_len: int) -> AttentionBackend:
+    """"auto": our Triton kernels on CUDA where triton is importable, else the torch backend."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention_backend {name!r}; available: {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention_backend {name!r}; available: 'auto', 'torch'")
+    if device.type != "cuda":
+        raise ValueError("attention_backend='triton' needs a CUDA device")
+    if not _triton_available():
+        raise ValueError("attention_backend='triton' needs the triton package")
+    from workers.layers.attention_triton import TritonAttentionBackend
+
+    return TritonAttentionBackend(device, max_model_len)

@@ -1,0 +1,230 @@
+"""Images and precomputed embeddings in prompts: from chat content parts or an ``images`` list
+to the MultiModalItems a worker encodes, with the placeholder tokens expanded.
+
+Content parts: OpenAI ``{"type": "image_url", "image_url": {"url": ...}}`` (or a plain string),
+Hugging Face ``{"type": "image", "image": ...}`` (also ``"url"`` or ``"path"``), and precomputed
+``{"type": "image_embeds", "image_embeds": array, "image_grid_thw": [t, h, w]}`` (encoder
+output, already in the language model's hidden size) or ``{"type": "image_features",
+"image_features": array, ...}`` (vision features that go through the checkpoint's projector).
+Arrays are numpy arrays or torch tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from streamvlm.config import EngineConfig
+from streamvlm.model_source import ModelSource
+from streamvlm.protocol import MultiModalItem, TensorData
+
+ItemSource = Literal["pixels", "embeds", "features"]
+IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+EMBEDS_PART_TYPES = {"image_embeds": "embeds", "image_features": "features"}
+QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                         "Qwen3VLForConditionalGeneration")
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a prompt as the user gave it, before it is loaded."""
+
+    source: ItemSource
+    value: Any                        # an image source, or an array for embeds/features
+    grid_thw: list[int] | None = None
+
+
+def is_media_part(part: Any) -> bool:
+    return isinstance(part, dict) and (part.get("type") in IMAGE_PART_TYPES
+                                       or part.get("type") in EMBEDS_PART_TYPES)
+
+
+def parse_media_part(part: dict[str, Any]) -> ImageRef:
+    kind = part.get("type")
+    if kind in EMBEDS_PART_TYPES:
+        if kind not in part:
+            raise ValueError(f"a {kind!r} part needs its array under {kind!r}")
+        grid = part.get("image_grid_thw")
+        if grid is not None:
+            grid = _grid(grid)
+        return ImageRef(EMBEDS_PART_TYPES[kind], part[kind], grid)
+    if kind == "image_url" or kind == "input_image":
+        value = part.get("image_url")
+        if isinstance(value, dict):
+            value = value.get("url")
+    else:
+        value = next((part[key] for key in ("image", "url", "path", "image_url") if part.get(key)
+                      is not None), None)
+    if value is None:
+        raise ValueError(f"the {kind!r} part has no image (expected a url or an image)")
+    return ImageRef("pixels", value)
+
+
+def image_ref(value: Any) -> ImageRef:
+    """An entry of a prompt's ``images`` list: an image source or a content part."""
+    if isinstance(value, ImageRef):
+        return value
+    if isinstance(value, dict):
+        if not is_media_part(value):
+            raise ValueError("an images entry is an image (PIL, bytes, data URL, path or URL) "
+                             "or a content part of type 'image', 'image_url', 'image_embeds' or "
+                             "'image_features'")
+        return parse_media_part(value)
+    return ImageRef("pixels", value)
+
+
+def _grid(value: Any) -> list[int]:
+    grid = [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    grid = grid[0] if grid and isinstance(grid[0], list) else grid
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"image_grid_thw must be three positive integers, got {value!r}")
+    return grid
+
+
+def tensor_data(array: Any) -> TensorData:
+    """A numpy array or torch tensor as TensorData (no torch import unless given a tensor)."""
+    if type(array).__module__.startswith("torch"):
+        import torch
+
+        tensor = array.detach().to("cpu").contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        shape = list(tensor.shape)
+    else:
+        import numpy as np
+
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"embeddings must be a numpy array or a torch tensor, got "
+                             f"{type(array).__name__}")
+        dtype, shape = array.dtype.name, list(array.shape)
+        raw = np.ascontiguousarray(array).tobytes()
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"embeddings of dtype {dtype} are not supported: use one of "
+                         f"{', '.join(SUPPORTED_DTYPES)}")
+    return TensorData(dtype, shape, raw)
+
+
+def content_hash(*parts: bytes | str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class MultiModalPreparer:
+    """Loads, checks and preprocesses a prompt's images, and expands its placeholders."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        from streamvlm.inputs.images import ImageLimits
+
+        self.limits = ImageLimits.from_config(config)
+        hf_config = source.hf_config
+        self.architecture = (hf_config.get("architectures") or ["?"])[0]
+        token = hf_config.get("image_token_id", hf_config.get("image_token_index"))
+        preprocessor = source.preprocessor_config
+        self.image_token_id: int | None = None
+        self.image_processor = None
+        if token is not None and preprocessor is not None:
+            from streamvlm.inputs.image_processing import image_processor_for
+
+            self.image_token_id = int(token)
+            self.image_processor = image_processor_for(hf_config, preprocessor)
+        vision = hf_config.get("vision_config") or {}
+        self.merge_size = (int(vision.get("spatial_merge_size", 2))
+                           if self.architecture in QWEN_VL_ARCHITECTURES else 1)
+        self.needs_grid = self.architecture in QWEN_VL_ARCHITECTURES
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.image_processor is not None
+
+    def check_count(self, refs: list[ImageRef]) -> None:
+        if refs and not self.accepts_images:
+            raise ValueError("this model does not accept image input")
+        if len(refs) > self.limits.max_images_per_request:
+            raise ValueError(f"too many images: {len(refs)} in one request, "
+                             f"max_images_per_request={self.limits.max_images_per_request}")
+
+    async def build(self, token_ids: list[int], refs: list[ImageRef]
+                    ) -> tuple[list[int], list[MultiModalItem]]:
+        """Token ids with each image's placeholders expanded, and the items that fill them."""
+        if not refs:
+            return token_ids, []
+        self.check_count(refs)
+        from streamvlm.inputs.images import load_image
+
+        loop = asyncio.get_running_loop()
+        loaded = await asyncio.gather(*(load_image(ref.value, self.limits)
+                                        for ref in refs if ref.source == "pixels"))
+        pending = iter(loaded)
+        items = []
+        for ref in refs:
+            if ref.source == "pixels":
+                image = next(pending)
+                items.append(await loop.run_in_executor(None, self._pixels_item, image))
+            else:
+                items.append(self._embeds_item(ref))
+        return self._expand(token_ids, items)
+
+    def _pixels_item(self, loaded: Any) -> MultiModalItem:
+        processed = self.image_processor.preprocess(loaded.image)
+        grid = list(processed.grid_thw) if processed.grid_thw is not None else None
+        return MultiModalItem(hash=loaded.hash, offset=-1, num_tokens=processed.num_tokens,
+                              data=tensor_data(processed.pixel_values), grid_thw=grid)
+
+    def _embeds_item(self, ref: ImageRef) -> MultiModalItem:
+        data = tensor_data(ref.value)
+        if len(data.shape) != 2 or data.shape[0] < 1:
+            raise ValueError(f"image {ref.source} must be a 2-D array [rows, width], got shape "
+                             f"{data.shape}")
+        if self.needs_grid and ref.grid_thw is None:
+            raise ValueError(f"image {ref.source} for {self.architecture} needs image_grid_thw")
+        rows = data.shape[0]
+        if ref.source == "features":
+            if rows % (self.merge_size ** 2):
+                raise ValueError(f"image_features has {rows} rows, not a multiple of "
+                                 f"spatial_merge_size**2 = {self.merge_size ** 2}")
+            num_tokens = rows // self.merge_size ** 2
+        else:
+            num_tokens = rows
+        if ref.grid_thw is not None:
+            t, h, w = ref.grid_thw
+            if t * h * w // self.merge_size ** 2 != num_tokens:
+                raise ValueError(f"image_grid_thw {ref.grid_thw} gives {t * h * w // self.merge_size ** 2}"
+                                 f" tokens but the {ref.source} have {num_tokens}")
+        return MultiModalItem(hash=content_hash(ref.source, data.dtype, str(data.shape), data.data),
+                              offset=-1, num_tokens=num_tokens, data=data, source=ref.source,
+                              grid_thw=ref.grid_thw)
+
+    def _expand(self, token_ids: list[int], items: list[MultiModalItem]
+                ) -> tuple[list[int], list[MultiModalItem]]:
+        """One placeholder token per image expands to the image's token count; a prompt whose
+        placeholders are already expanded (token ids from elsewhere) is taken as it is."""
+        token = self.image_token_id
+        positions = [i for i, t in enumerate(token_ids) if t == token]
+        if len(positions) == len(items):
+            out: list[int] = []
+            previous = 0
+            for position, item in zip(positions, items):
+                out.extend(token_ids[previous:position])
+                item.offset = len(out)
+                out.extend([token] * item.num_tokens)
+                previous = position + 1
+            out.extend(token_ids[previous:])
+            return out, items
+        if len(positions) == sum(item.num_tokens for item in items):
+            cursor = 0
+            for item in items:
+                run = positions[cursor:cursor + item.num_tokens]
+                if run[-1] - run[0] != item.num_tokens - 1:
+                    raise ValueError("the prompt's expanded image placeholders do not match the "
+                                     "images' token counts")
+                item.offset = run[0]
+                cursor += item.num_tokens
+            return token_ids, items
+        raise ValueError(f"the prompt has {len(positions)} image placeholder tokens for "
+                         f"{len(items)} images")

@@ -1,0 +1,65 @@
+"""On CUDA: decode steps replayed from CUDA graphs give the tokens of eager steps, for batch
+sizes on and between the captured buckets, greedy and seeded sampling, text and M-RoPE models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import build_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SIZES = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.04)
+
+
+def _outputs(path, prompts, params, **config):
+    from streamvlm import LLM
+
+    with LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=2048,
+             max_num_seqs=32, **config) as llm:
+        stats = llm.stats()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert stats.kv_blocks_total == 2048
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("num_prompts", [1, 3, 19])
+def test_graphs_match_eager(tmp_path, num_prompts):
+    from streamvlm import SamplingParams
+
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3", **SIZES, head_dim=64)
+    g = torch.Generator().manual_seed(num_prompts)
+    prompts = [torch.randint(3, 448, (int(n),), generator=g).tolist()
+               for n in torch.randint(4, 300, (num_prompts,), generator=g)]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 == 0 else
+              SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=40, ignore_eos=True)
+              for i in range(num_prompts)]
+    eager = _outputs(path, prompts, params, enforce_eager=True)
+    graphs = _outputs(path, prompts, params, enforce_eager=False, max_cuda_graph_batch_size=16)
+    assert graphs == eager
+
+
+def test_graphs_serve_an_mrope_model(tmp_path):
+    from streamvlm import LLM, SamplingParams
+    from tests.checkpoints_qwen2_5_vl import build_qwen2_5_vl_checkpoint
+
+    path = build_qwen2_5_vl_checkpoint(tmp_path / "vl")
+    conv = [{"role": "user", "content": [{"type": "image", "image": _image()},
+                                         {"type": "text", "text": "Describe it."}]}]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for eager in (True, False):
+        with LLM(str(path), device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=256,
+                 enforce_eager=eager) as llm:
+            results.append(llm.chat(conv, params)[0].token_ids)
+    assert results[0] == results[1]
+
+
+def _image():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))

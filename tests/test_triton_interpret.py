@@ -1,0 +1,245 @@
+"""The Triton kernels under Triton's interpreter on CPU, against a float32 reference (skipped without triton).
+
+Triton picks interpreter mode when kernels are defined, so the checks run in a child process with
+TRITON_INTERPRET=1: this process, which may also run the CUDA tests, never defines the kernels interpreted.
+The batch builders and the reference are shared with tests/gpu/test_triton_kernels.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PagedBatch:
+    """One step: new q/k/v for the query tokens, caches holding every earlier token, and the metadata."""
+    q: torch.Tensor           # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor           # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor
+    k_cache: torch.Tensor     # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+    @property
+    def scale(self) -> float:
+        return self.q.shape[-1] ** -0.5
+
+    def fresh_meta(self) -> AttentionMetadata:
+        m = self.meta
+        return AttentionMetadata(m.query_lens, m.seq_lens, m.slot_mapping, m.block_tables, m.block_size)
+
+
+def make_paged_batch(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
+                     head_dim: int, block_size: int, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", seed: int = 0, poison: bool = True) -> PagedBatch:
+    """Sequences on shuffled cache blocks (block 0 in use too, as in the engine, where tables are padded with 0).
+    poison: slots no sequence owns, and the slots the step's new tokens go to, hold NaN, so that reading
+    anything but stored K/V of the right positions shows up in the output."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, slots, used = [], [], []
+    for nblocks, seq_len, query_len in zip(blocks_per_seq, seq_lens, query_lens):
+        table, order = order[:nblocks], order[nblocks:]
+        tables.append(table + [0] * (max(blocks_per_seq) - nblocks))
+        for pos in range(seq_len):
+            slot = table[pos // block_size] * block_size + pos % block_size
+            (slots if pos >= seq_len - query_len else used).append(slot)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
+    if poison:
+        keep = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
+        keep[torch.tensor(used, dtype=torch.long, device=device)] = True
+        for cache in (k_cache, v_cache):
+            cache.view(-1, num_kv_heads, head_dim)[~keep] = float("nan")
+    num_tokens = sum(query_lens)
+    meta = AttentionMetadata(query_lens=list(query_lens), seq_lens=list(seq_lens),
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+                             block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+                             block_size=block_size)
+    return PagedBatch(randn(num_tokens, num_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim),
+                      randn(num_tokens, num_kv_heads, head_dim), k_cache, v_cache, meta)
+
+
+def store_reference(batch: PagedBatch) -> None:
+    """The step's K/V into the caches, as every backend does first."""
+    num_kv_heads, head_dim = batch.k_cache.shape[-2:]
+    batch.k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.meta.slot_mapping, batch.k)
+    batch.v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.meta.slot_mapping, batch.v)
+
+
+def reference_attention(batch: PagedBatch) -> torch.Tensor:
+    """float32 causal attention of each sequence's queries over its cached keys (new K/V already stored)."""
+    meta, q = batch.meta, batch.q.float()
+    num_heads = q.shape[1]
+    num_kv_heads, head_dim = batch.k_cache.shape[-2:]
+    flat_k = batch.k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = batch.v_cache.view(-1, num_kv_heads, head_dim)
+    out, start = [], 0
+    for b, (query_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        positions = torch.arange(seq_len, device=q.device)
+        slots = meta.block_tables[b, positions // meta.block_size] * meta.block_size + positions % meta.block_size
+        k = flat_k[slots].float().repeat_interleave(num_heads // num_kv_heads, dim=1)   # [seq_len, H, D]
+        v = flat_v[slots].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:start + query_len], k) * batch.scale
+        q_positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
+        scores = scores.masked_fill(positions[None, None, :] > q_positions[None, :, None], float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        start += query_len
+    return torch.cat(out)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """inf where either holds a NaN the other does not (Python's max() would drop a NaN)."""
+    diff = (a.float() - b.float()).abs()
+    return diff.nan_to_num(nan=float("inf")).max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks, run in the child process.
+
+def check_kv_store(dtype: torch.dtype) -> float:
+    from workers.kernels.kv_store import store_kv_cache
+
+    batch = make_paged_batch([3, 1, 6], [3, 9, 20], 4, 2, 32, 8, dtype=dtype, poison=False)
+    expected_k, expected_v = batch.k_cache.clone(), batch.v_cache.clone()
+    store_reference(PagedBatch(batch.q, batch.k, batch.v, expected_k, expected_v, batch.meta))
+    # A padding token (slot -1) writes nothing.
+    slots = torch.cat([batch.meta.slot_mapping, torch.tensor([-1])])
+    k = torch.cat([batch.k, torch.full_like(batch.k[:1], 7.0)])
+    v = torch.cat([batch.v, torch.full_like(batch.v[:1], 7.0)])
+    store_kv_cache(k, v, batch.k_cache, batch.v_cache, slots)
+    return max(max_abs_diff(batch.k_cache, expected_k), max_abs_diff(batch.v_cache, expected_v))
+
+
+def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 partition_size: int | None = None, dtype: torch.dtype = torch.float32) -> float:
+    from workers.kernels.paged_attention import paged_decode_attention, plan_decode_partitions
+
+    batch = make_paged_batch([1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    store_reference(batch)
+    partitions = plan_decode_partitions(len(seq_lens), num_kv_heads, max(seq_lens), head_dim, 8, partition_size)
+    if partition_size is not None:
+        assert partitions.num_partitions > 1, partitions
+    out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
+                                 torch.tensor(seq_lens, dtype=torch.int32), batch.scale, max(seq_lens),
+                                 partitions=partitions)
+    return max_abs_diff(out, reference_attention(batch))
+
+
+def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+                  block_size: int, partition_size: int | None = None, dtype: torch.dtype = torch.float32,
+                  against_torch_backend: bool = False) -> float:
+    """TritonAttentionBackend (store + attend) over two layers' calls on one prepared step."""
+    from workers.layers.attention_triton import TritonAttentionBackend
+
+    batch = make_paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                             poison=not against_torch_backend)
+    ref_batch = PagedBatch(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta)
+    backend = TritonAttentionBackend(torch.device("cpu"), max(seq_lens), decode_partition_size=partition_size)
+    meta = batch.fresh_meta()
+    backend.prepare(meta)
+    outs = [backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, batch.scale)
+            for _ in range(2)]
+    if against_torch_backend:
+        torch_backend = TorchAttentionBackend()
+        ref_meta = batch.fresh_meta()
+        torch_backend.prepare(ref_meta)
+        expected = torch_backend.forward(batch.q, batch.k, batch.v, ref_batch.k_cache, ref_batch.v_cache,
+                                         ref_meta, batch.scale)
+    else:
+        store_reference(ref_batch)
+        expected = reference_attention(ref_batch)
+    cache_diff = max(max_abs_diff(batch.k_cache.nan_to_num(), ref_batch.k_cache.nan_to_num()),
+                     max_abs_diff(batch.v_cache.nan_to_num(), ref_batch.v_cache.nan_to_num()))   # poison in both
+    return max(cache_diff, *(max_abs_diff(out, expected) for out in outs))
+
+
+CASES = {
+    "kv_store": lambda: check_kv_store(torch.float32),
+    "kv_store_bf16": lambda: check_kv_store(torch.bfloat16),
+    "decode_gqa1_bs8": lambda: check_decode([5, 17, 40], 4, 4, 32, 8),
+    "decode_gqa2_bs16": lambda: check_decode([1, 16, 33], 4, 2, 64, 16),
+    "decode_gqa4_bs8_split": lambda: check_decode([150, 7, 300, 64], 8, 2, 64, 8, partition_size=64),
+    "decode_gqa4_bs16_split_dim80": lambda: check_decode([130, 200], 8, 2, 80, 16, partition_size=64),
+    "decode_fp16": lambda: check_decode([20, 70], 4, 2, 32, 16, dtype=torch.float16),
+    "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
+    "backend_mixed_gqa1_bs8": lambda: check_backend([7, 1, 20, 1], [7, 30, 45, 3], 2, 2, 32, 8),
+    "backend_mixed_gqa2_bs16": lambda: check_backend([40, 1, 3, 17], [90, 64, 3, 17], 4, 2, 32, 16),
+    "backend_mixed_gqa4_bs8": lambda: check_backend([1, 50, 2], [40, 75, 2], 8, 2, 64, 8),
+    "backend_mixed_gqa7_dim80": lambda: check_backend([5, 1, 30], [12, 20, 30], 14, 2, 80, 16),
+    "backend_mixed_vs_torch_backend": lambda: check_backend([12, 1, 1, 33], [12, 25, 70, 50], 4, 2, 32, 8,
+                                                            against_torch_backend=True),
+}
+TOLERANCE = {"decode_fp16": 2e-3}   # others are float32 (or exact copies)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.test_triton_interpret"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_interpreted_kernels_match_reference(case: str, interpreted_results: dict) -> None:
+    result = interpreted_results[case]
+    assert result["error"] is None, result["error"]
+    assert result["max_abs_diff"] < TOLERANCE.get(case, 1e-4), result
+
+
+def _index_one_element_arrays() -> None:
+    """Triton 3.5's interpreter takes a loaded scalar (a one-element array) as a loop bound through int(), which
+    numpy >= 2.4 refuses for arrays that are not 0-d."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:   # another Triton version: nothing to work around here
+        return
+
+    def patch_tensor_and_index(tensor: type) -> None:
+        patch_tensor(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = patch_tensor_and_index
+
+
+def _run_cases() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _index_one_element_arrays()
+    torch.set_num_threads(1)
+    results = {}
+    for name, check in CASES.items():
+        try:
+            results[name] = {"max_abs_diff": check(), "error": None}
+        except Exception:   # reported per case by the parent
+            results[name] = {"max_abs_diff": None, "error": traceback.format_exc()}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _run_cases()

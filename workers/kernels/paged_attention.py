@@ -1,0 +1,425 @@
+"""Attention over the paged KV cache: split-K decode and varlen (chunked) prefill.
+
+Caches are [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] map each
+sequence's logical blocks to cache blocks. Queries are [num_tokens, num_heads, head_dim]; query head h reads
+kv head h // (num_heads // num_kv_heads).
+
+Both kernels put the query heads that share a kv head into the rows of one tile, so that each key/value tile
+is read once per group. Key tiles gather their rows through the block table, so a tile may span several
+cache blocks (or part of one): tile sizes do not depend on the block size. Softmax runs in base 2 with
+log2(e) folded into the scale; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Split-K decode: no partition shorter than this, and at most this many partitions per sequence.
+MIN_PARTITION_TOKENS = 256
+MAX_PARTITIONS = 256
+
+
+@triton.jit
+def _cache_rows(table_ptr, positions, valid, kv_head, stride_block, stride_slot, stride_head,
+                BLOCK_SIZE: tl.constexpr):
+    """Element offsets of the cache rows holding `positions` of one sequence (0 where not valid)."""
+    blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return blocks * stride_block + (positions % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+
+
+@triton.jit
+def _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key/value tile of flash-attention: returns the running row max, row sum and unnormalized output.
+
+    Every row must see at least one key in the first tile it is given, so that the running max is finite.
+    """
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(may_attend, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_decode_kernel(
+    out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    qk_scale, partition_size, num_heads, max_partitions,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
+    QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (sequence, kv head, context partition): the group's query heads against the partition's keys."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    partition = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = partition * partition_size
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + partition_size, seq_len)
+
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * QUERIES_PER_KV + group
+    head_valid = group < QUERIES_PER_KV
+    dims = tl.arange(0, DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    row_mask = head_valid[:, None] & dim_valid[None, :]
+    token = seq.to(tl.int64)   # decode: sequence i owns flat token i
+    q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+                mask=row_mask, other=0.0)
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    for tile_start in range(start, end, TILE_N):
+        positions = tile_start + tl.arange(0, TILE_N)
+        valid = positions < end
+        rows = _cache_rows(table_ptr, positions, valid, kv_head,
+                           stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
+        tile_mask = valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    if SPLIT:
+        stats = (seq.to(tl.int64) * num_heads + heads) * max_partitions + partition
+        tl.store(part_max_ptr + stats, m_i, mask=head_valid)
+        tl.store(part_sum_ptr + stats, l_i, mask=head_valid)
+        tl.store(part_acc_ptr + stats[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _reduce_partitions_kernel(
+    out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr,
+    partition_size, num_heads, max_partitions, stride_o_token, stride_o_head,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One (sequence, query head): combines the partitions' (max, sum, unnormalized output)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_parts = tl.cdiv(seq_len, partition_size)
+    base = (seq.to(tl.int64) * num_heads + head) * max_partitions
+    parts = tl.arange(0, PARTS_PAD)
+    maxes = tl.load(part_max_ptr + base + parts, mask=parts < num_parts, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + base + parts, mask=parts < num_parts, other=0.0)
+    global_max = tl.max(maxes, 0)
+    total = tl.sum(tl.exp2(maxes - global_max) * sums, 0)
+
+    dims = tl.arange(0, DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    acc = tl.zeros([DIM_PAD], tl.float32)
+    for chunk_start in range(0, num_parts, CHUNK):
+        chunk = chunk_start + tl.arange(0, CHUNK)
+        in_seq = chunk < num_parts
+        weights = tl.exp2(tl.load(part_max_ptr + base + chunk, mask=in_seq, other=float("-inf")) - global_max)
+        partial = tl.load(part_acc_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :],
+                          mask=in_seq[:, None] & dim_valid[None, :], other=0.0)
+        acc += tl.sum(weights[:, None] * partial, 0)
+    out = acc / total
+    tl.store(out_ptr + seq.to(tl.int64) * stride_o_token + head * stride_o_head + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dim_valid)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
+    tile_seqs_ptr, tile_starts_ptr, qk_scale,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
+    QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (query tile, kv head): BLOCK_Q query tokens of one sequence times the group's query heads
+    (row r = token r // QUERIES_PER_KV, head r % QUERIES_PER_KV) against the sequence's keys, causally."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seqs_ptr + tile)
+    q_tile_start = tl.load(tile_starts_ptr + tile)
+    q_begin = tl.load(cu_seqlens_q_ptr + seq)
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens_ptr + seq)
+    cached_len = seq_len - query_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_offsets = q_tile_start + rows // QUERIES_PER_KV
+    heads = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
+    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (q_offsets < query_len)
+    q_positions = cached_len + q_offsets
+    tokens = (q_begin + q_offsets).to(tl.int64)
+    dims = tl.arange(0, DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    row_mask = row_valid[:, None] & dim_valid[None, :]
+    q = tl.load(q_ptr + tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+                mask=row_mask, other=0.0)
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+
+    # Keys up to the tile's last query position; key 0 is visible to every row, so each row's max is finite.
+    kv_end = tl.minimum(seq_len, cached_len + q_tile_start + BLOCK_Q)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+    for tile_start in range(0, kv_end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        valid = positions < kv_end
+        cache_rows = _cache_rows(table_ptr, positions, valid, kv_head,
+                                 stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
+        tile_mask = valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        may_attend = valid[None, :] & (positions[None, :] <= q_positions[:, None])
+        m_i, l_i, acc = _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tokens[:, None] * stride_o_token + heads[:, None] * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclass(frozen=True)
+class DecodePartitions:
+    """How the decode kernel splits each sequence's context (num_partitions == 1: no split, no reduce)."""
+    partition_size: int     # tokens, a multiple of the kernel's key tile
+    num_partitions: int     # of the longest sequence
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    part_max: torch.Tensor  # [num_seqs, num_heads, num_partitions] float32
+    part_sum: torch.Tensor  # [num_seqs, num_heads, num_partitions] float32
+    part_acc: torch.Tensor  # [num_seqs, num_heads, num_partitions, head_dim] float32
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """One launch of the prefill kernel: which (sequence, first query offset) each query tile covers."""
+    block_m: int
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tile_seqs: torch.Tensor     # [num_tiles] int32
+    tile_starts: torch.Tensor   # [num_tiles] int32
+
+
+@dataclass(frozen=True)
+class _TileShape:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _decode_tile_n(head_dim: int) -> int:
+    return 64 if _dim_pad(head_dim) <= 128 else 32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs would otherwise round to tf32 on tensor cores; the setting is moot for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _stages(dtype: torch.dtype, stages: int) -> int:
+    # The tile shapes are sized for 16-bit inputs: float32 tiles would not fit several times in shared memory.
+    return 1 if dtype.itemsize == 4 else stages
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_decode_programs(device: torch.device) -> int:
+    """About how many decode programs keep the device busy (split-K aims for at least this many)."""
+    if device.type == "cuda":
+        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                           target_programs: int, partition_size: int | None = None) -> DecodePartitions:
+    """Split the context only when (sequences x kv heads) alone leave the device idle."""
+    tile_n = _decode_tile_n(head_dim)
+    if partition_size is None:
+        wanted = triton.cdiv(target_programs, num_seqs * num_kv_heads)
+        parts = max(1, min(wanted, triton.cdiv(max_seq_len, MIN_PARTITION_TOKENS), MAX_PARTITIONS))
+        partition_size = triton.cdiv(max_seq_len, parts)
+    partition_size = max(tile_n, triton.cdiv(partition_size, tile_n) * tile_n)
+    return DecodePartitions(partition_size, triton.cdiv(max_seq_len, partition_size))
+
+
+def decode_workspace(num_seqs: int, num_heads: int, head_dim: int, num_partitions: int,
+                     device: torch.device) -> DecodeWorkspace:
+    stats = (num_seqs, num_heads, num_partitions)
+    return DecodeWorkspace(torch.empty(stats, dtype=torch.float32, device=device),
+                           torch.empty(stats, dtype=torch.float32, device=device),
+                           torch.empty(stats + (head_dim,), dtype=torch.float32, device=device))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor) -> tuple[int, int]:
+    """Returns (num_kv_heads, queries per kv head)."""
+    assert q.dim() == 3 and q.stride(-1) == 1, (q.shape, q.stride())
+    num_heads, head_dim = q.shape[1:]
+    assert k_cache.dim() == 4 and k_cache.shape[-1] == head_dim, (k_cache.shape, q.shape)
+    assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride() and k_cache.stride(-1) == 1, \
+        (k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride())
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    num_kv_heads = k_cache.shape[2]
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    block_size = k_cache.shape[1]
+    assert block_size >= 1 and block_size & (block_size - 1) == 0, f"block size {block_size} is not a power of two"
+    assert block_tables.dim() == 2 and block_tables.stride(-1) == 1, (block_tables.shape, block_tables.stride())
+    assert seq_lens.dim() == 1 and seq_lens.shape[0] == block_tables.shape[0], (seq_lens.shape, block_tables.shape)
+    assert q.device == k_cache.device == v_cache.device == block_tables.device == seq_lens.device
+    return num_kv_heads, num_heads // num_kv_heads
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
+                           *, partitions: DecodePartitions | None = None, workspace: DecodeWorkspace | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence: q [num_seqs, num_heads, head_dim] (row i belongs to sequence i) against
+    the first seq_lens[i] (>= 1) keys of sequence i. seq_lens [num_seqs] int32, block_tables [num_seqs,
+    max_blocks] int32/int64; max_seq_len >= max(seq_lens) sizes the launch (no device read).
+    Returns [num_seqs, num_heads, head_dim] in q's dtype."""
+    num_kv_heads, queries_per_kv = _check_cache(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_heads, head_dim = q.shape
+    assert seq_lens.shape[0] == num_seqs, (seq_lens.shape, q.shape)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1, (out.shape, out.stride())
+    if num_seqs == 0:
+        return out
+    if partitions is None:
+        partitions = plan_decode_partitions(num_seqs, num_kv_heads, max_seq_len, head_dim,
+                                            default_decode_programs(q.device))
+    split = partitions.num_partitions > 1
+    if split and workspace is None:
+        workspace = decode_workspace(num_seqs, num_heads, head_dim, partitions.num_partitions, q.device)
+    if split:
+        assert workspace.part_acc.shape == (num_seqs, num_heads, partitions.num_partitions, head_dim), \
+            (workspace.part_acc.shape, partitions)
+        part_max, part_sum, part_acc = workspace.part_max, workspace.part_sum, workspace.part_acc
+    else:
+        part_max = part_sum = part_acc = out    # not touched
+
+    dim_pad = _dim_pad(head_dim)
+    grid = (num_seqs, num_kv_heads, partitions.num_partitions)
+    _paged_decode_kernel[grid](
+        out, part_max, part_sum, part_acc,
+        q, k_cache, v_cache, block_tables, seq_lens,
+        scale * LOG2E, partitions.partition_size, num_heads, partitions.num_partitions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
+        GROUP_PAD=max(16, triton.next_power_of_2(queries_per_kv)), DIM_PAD=dim_pad,
+        BLOCK_SIZE=k_cache.shape[1], TILE_N=_decode_tile_n(head_dim), SPLIT=split,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2),
+    )
+    if split:
+        parts_pad = triton.next_power_of_2(partitions.num_partitions)
+        _reduce_partitions_kernel[(num_seqs, num_heads)](
+            out, part_max, part_sum, part_acc, seq_lens,
+            partitions.partition_size, num_heads, partitions.num_partitions, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, DIM_PAD=dim_pad, PARTS_PAD=parts_pad, CHUNK=min(16, parts_pad),
+            num_warps=4 if dim_pad >= 128 else 2,
+        )
+    return out
+
+
+def _prefill_tile_shapes(queries_per_kv: int, head_dim: int) -> tuple[_TileShape, _TileShape]:
+    """(short queries, long queries). Short: a tile of the group's heads for few tokens, as decode needs;
+    long: a large tile of rows, as prefill needs to reuse each key tile across many queries."""
+    group_rows = triton.next_power_of_2(queries_per_kv)
+    wide_dim = _dim_pad(head_dim) > 128
+    block_n = 32 if wide_dim else 64
+    short = _TileShape(max(16, group_rows), block_n, num_warps=4, num_stages=2)
+    long_m = max(64 if wide_dim else 128, group_rows)
+    long = _TileShape(long_m, block_n, num_warps=8 if long_m >= 128 else 4, num_stages=2)
+    return short, long
+
+
+def plan_prefill(query_lens: list[int], queries_per_kv: int, head_dim: int,
+                 device: torch.device) -> list[PrefillLaunch]:
+    """Query tiles for every sequence. A sequence whose query fits in one short tile (decodes, short chunks)
+    is computed with short tiles, the others with long ones: two launches at most."""
+    shapes = _prefill_tile_shapes(queries_per_kv, head_dim)
+    short_q = max(1, shapes[0].block_m // queries_per_kv)
+    per_shape: list[tuple[list[int], list[int]]] = [([], []), ([], [])]
+    for seq, query_len in enumerate(query_lens):
+        which = 0 if query_len <= short_q else 1
+        block_q = max(1, shapes[which].block_m // queries_per_kv)
+        seqs, starts = per_shape[which]
+        # Last tiles first: they see the most keys, and the device runs programs roughly in launch order.
+        for start in reversed(range(0, query_len, block_q)):
+            seqs.append(seq)
+            starts.append(start)
+    flat = [value for seqs, starts in per_shape for value in seqs + starts]
+    packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+    launches = []
+    offset = 0
+    for shape, (seqs, _) in zip(shapes, per_shape):
+        n = len(seqs)
+        if n:
+            launches.append(PrefillLaunch(shape.block_m, max(1, shape.block_m // queries_per_kv),
+                                          shape.block_n, shape.num_warps, shape.num_stages,
+                                          packed[offset:offset + n], packed[offset + n:offset + 2 * n]))
+        offset += 2 * n
+    return launches
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            scale: float, launches: list[PrefillLaunch],
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention: sequence b's query_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] tokens (rows
+    cu_seqlens_q[b]: of q) sit at positions [seq_lens[b] - query_len_b, seq_lens[b]) and attend to keys at
+    positions <= their own, all of them already in the cache. `launches` from plan_prefill(query_lens, ...).
+    Returns [num_tokens, num_heads, head_dim] in q's dtype."""
+    num_kv_heads, queries_per_kv = _check_cache(q, k_cache, v_cache, block_tables, seq_lens)
+    head_dim = q.shape[2]
+    assert cu_seqlens_q.shape == (seq_lens.shape[0] + 1,) and cu_seqlens_q.device == q.device, \
+        (cu_seqlens_q.shape, seq_lens.shape)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1, (out.shape, out.stride())
+    for launch in launches:
+        assert launch.block_q == max(1, launch.block_m // queries_per_kv), (launch, queries_per_kv)
+        _paged_prefill_kernel[(launch.tile_seqs.shape[0], num_kv_heads)](
+            out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+            launch.tile_seqs, launch.tile_starts, scale * LOG2E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, DIM_PAD=_dim_pad(head_dim),
+            BLOCK_M=launch.block_m, BLOCK_Q=launch.block_q, BLOCK_N=launch.block_n,
+            BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=launch.num_warps, num_stages=_stages(q.dtype, launch.num_stages),
+        )
+    return out
+

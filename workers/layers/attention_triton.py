@@ -1,0 +1,119 @@
+"""Attention backend on our Triton kernels over the paged KV cache (CUDA; on CPU only under TRITON_INTERPRET=1).
+
+Imports triton: import this module only once the Triton backend was chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.kernels.kv_store import store_kv_cache
+from workers.kernels.paged_attention import (
+    DecodePartitions,
+    DecodeWorkspace,
+    PrefillLaunch,
+    decode_workspace,
+    default_decode_programs,
+    paged_decode_attention,
+    paged_prefill_attention,
+    plan_decode_partitions,
+    plan_prefill,
+)
+from workers.layers.attention import AttentionMetadata
+
+# (num_heads, num_kv_heads, head_dim) of a layer: what the launch plans depend on beyond the step itself.
+HeadShape = tuple[int, int, int]
+
+
+@dataclass
+class _DecodePlan:
+    partitions: DecodePartitions
+    workspace: DecodeWorkspace | None
+
+
+@dataclass
+class TritonStep:
+    """What the kernels need for one step, built by prepare() and shared by every layer."""
+    decode_only: bool               # every sequence has one query token: the split-K decode kernel
+    max_seq_len: int
+    query_lens: list[int]
+    seq_lens: torch.Tensor          # [num_seqs] int32
+    cu_seqlens_q: torch.Tensor      # [num_seqs + 1] int32
+    decode_plans: dict[HeadShape, _DecodePlan] = field(default_factory=dict)
+    prefill_plans: dict[HeadShape, list[PrefillLaunch]] = field(default_factory=dict)
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device, max_model_len: int, decode_partition_size: int | None = None) -> None:
+        self.device = device
+        # Decode launches are sized for max_model_len and split contexts into partitions of a size that
+        # depends on neither the batch nor the step: eager steps and CUDA graph replays of any batch run the
+        # same reduction, so they give the same numbers. None: split as far as a single sequence needs to
+        # fill the device.
+        self.max_model_len = max_model_len
+        self.decode_partition_size = decode_partition_size
+        self._decode_programs = default_decode_programs(device)
+        # Head shapes seen in forward(): prepare() plans for them up front, so that forward() copies nothing
+        # to the device (only the very first step plans lazily).
+        self._head_shapes: set[HeadShape] = set()
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        query_lens, seq_lens = list(meta.query_lens), list(meta.seq_lens)
+        cu_seqlens_q = [0]
+        for n in query_lens:
+            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
+        packed = torch.tensor(seq_lens + cu_seqlens_q, dtype=torch.int32).to(device, non_blocking=True)
+        step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(seq_lens),
+                          query_lens=query_lens, seq_lens=packed[:len(seq_lens)],
+                          cu_seqlens_q=packed[len(seq_lens):])
+        for shape in self._head_shapes:
+            self._plan(step, shape, device)
+        meta.prepared = step
+
+    def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor) -> None:
+        """A decode step whose tensors stay put across CUDA graph replays: seq_lens [num_seqs] int32 is the
+        caller's static buffer. The split-K launch covers max_model_len (partitions past a sequence's length
+        exit at once), so one capture serves every context length."""
+        num_seqs = seq_lens.shape[0]
+        step = TritonStep(decode_only=True, max_seq_len=self.max_model_len, query_lens=[1] * num_seqs,
+                          seq_lens=seq_lens,
+                          cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=seq_lens.device))
+        for shape in self._head_shapes:
+            self._plan(step, shape, seq_lens.device)
+        meta.prepared = step
+
+    def _plan(self, step: TritonStep, shape: HeadShape, device: torch.device) -> None:
+        num_heads, num_kv_heads, head_dim = shape
+        num_seqs = len(step.query_lens)
+        if step.decode_only:
+            partitions = plan_decode_partitions(1, num_kv_heads, self.max_model_len, head_dim,
+                                                self._decode_programs, self.decode_partition_size)
+            workspace = None
+            if partitions.num_partitions > 1:
+                workspace = decode_workspace(num_seqs, num_heads, head_dim, partitions.num_partitions, device)
+            step.decode_plans[shape] = _DecodePlan(partitions, workspace)
+        else:
+            step.prefill_plans[shape] = plan_prefill(step.query_lens, num_heads // num_kv_heads, head_dim, device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        step: TritonStep = meta.prepared
+        shape = (q.shape[1], k_cache.shape[2], q.shape[2])
+        plans = step.decode_plans if step.decode_only else step.prefill_plans
+        if shape not in plans:
+            self._head_shapes.add(shape)
+            self._plan(step, shape, q.device)
+        if step.decode_only:
+            plan = step.decode_plans[shape]
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, step.seq_lens, scale,
+                                          step.max_seq_len, partitions=plan.partitions, workspace=plan.workspace)
+        return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, step.seq_lens, step.cu_seqlens_q,
+                                       scale, step.prefill_plans[shape])
