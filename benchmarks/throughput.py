@@ -73,6 +73,15 @@ def transformers_throughput(folder: str, prompts: list[list[int]], output_lens: 
             "output_tokens_per_s": round(tokens / elapsed, 1)}
 
 
+def print_profiles(prefix: str, top: int = 30) -> None:
+    import glob
+    import pstats
+
+    for path in sorted(glob.glob(f"{prefix}.*")):
+        print(f"--- worker profile {path} (by own time) ---")
+        pstats.Stats(path).sort_stats("tottime").print_stats(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,8 +101,14 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--peer", choices=["transformers"], help="also run this engine on the same requests")
     parser.add_argument("--peer-requests", type=int, help="the peer runs only the first N requests")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="profile the worker's step loop (cProfile) into PREFIX.<pid> and print the top")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.profile:
+        import os
+
+        os.environ["STREAMVLM_WORKER_PROFILE"] = args.profile
 
     from streamvlm import LLM, SamplingParams
 
@@ -120,6 +135,8 @@ def main() -> None:
               "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
               "seconds": round(elapsed, 3),
               "output_tokens_per_s": round(output_tokens / elapsed, 1)}
+    if args.profile:
+        print_profiles(args.profile)
     rows = [("streamvlm", result)]
     if args.peer == "transformers":
         count = args.peer_requests or len(prompts)

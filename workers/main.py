@@ -6,6 +6,7 @@ one StepOutput on a PUSH socket. The process leaves when told to, or when its pa
 
 from __future__ import annotations
 
+import cProfile
 import os
 import signal
 import threading
@@ -61,6 +62,11 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         on_ready(worker)
     outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
                                            device=str(worker.runner.device))))
+    # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
+    profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
+    profiler = cProfile.Profile() if profile_prefix else None
+    if profiler is not None:
+        profiler.enable()
     try:
         while True:
             timeout = 0 if worker.has_work() else IDLE_POLL_MS
@@ -88,6 +94,9 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                                                 message=traceback.format_exc())))
         raise
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
         inbox.close(linger=0)
         outbox.close()
         if publisher is not None:

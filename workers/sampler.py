@@ -83,23 +83,22 @@ class Sampler:
             kth = sorted_desc.gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
-        top_ps = torch.tensor([s.params.top_p for s in seqs], device=self.device)
-        if bool((top_ps < 1).any()):
+        if any(s.params.top_p < 1 for s in seqs):
+            top_ps = torch.tensor([s.params.top_p for s in seqs], device=self.device)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             drop_sorted = mass_before >= top_ps[:, None]   # never drops the most likely token
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        min_ps = torch.tensor([s.params.min_p for s in seqs], device=self.device)
-        if bool((min_ps > 0).any()):
+        if any(s.params.min_p > 0 for s in seqs):
+            min_ps = torch.tensor([s.params.min_p for s in seqs], device=self.device)
             threshold = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (unnormalised is fine).
-        noise = torch.empty_like(probs)
+        # Unseeded rows share one draw from the engine's generator; a seeded row draws its own.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
-            if seq.params.seed is None:
-                noise[row].exponential_(generator=self.generator)
-            else:
+            if seq.params.seed is not None:
                 seed = (seq.params.seed * _SEED_MIX + seq.num_output_tokens) % (2 ** 63)
                 self.request_generator.manual_seed(seed)
                 noise[row].exponential_(generator=self.request_generator)

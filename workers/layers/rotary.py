@@ -144,6 +144,8 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin_cache", emb.sin() * scaling, persistent=False)
+        # The fused q/k kernel rotates whole heads of a power-of-two size.
+        self.fusable = self.rotary_dim == head_dim and head_dim & (head_dim - 1) == 0
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -16,6 +16,7 @@ from torch import nn
 
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention import AttentionBackend, AttentionMetadata
+from workers.layers.fused_ops import fused_kernels
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 
@@ -160,11 +161,18 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, meta,
-                                   self.scale)
+        kernels = fused_kernels(x)
+        if kernels is not None and getattr(self.rotary, "fusable", False) and positions.dim() == 1:
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+            q, k = kernels.qk_norm_rope(q, k, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                                        *norms)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+        if self.backend.name == "torch":
+            v = v.contiguous()   # the Triton backend reads strided values
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
 
@@ -178,7 +186,11 @@ class MLP(nn.Module):
                                            bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = fused_kernels(gate_up)
+        if kernels is not None:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -192,8 +204,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(positions, self.input_layernorm(x), meta)
+        h, x = self.post_attention_layernorm.add_and_norm(attended, x)
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):

@@ -1,0 +1,91 @@
+"""The fused Triton kernels against the torch code they replace, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference in units of the last place of the reference at its magnitude."""
+    mag = b.abs()
+    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).float()
+    return ((a.float() - b.float()).abs() / ulp).max().item()
+
+
+def _assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if expected.dtype == torch.float32:
+        # The compiler may contract a product and a sum into one FMA: float32 rounding, not more.
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * scale)
+        return
+    assert _ulps_apart(actual, expected) <= 2.0
+    # Nearly every element is bitwise equal: only float32 rounding inside the kernels differs.
+    assert (actual == expected).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,dim", [(1, 1024), (7, 4096), (300, 2048), (33, 896)])
+def test_rms_norm_and_residual(dtype, rows, dim):
+    from workers.layers.norm import RMSNorm
+
+    torch.manual_seed(rows + dim)
+    norm = RMSNorm(dim, 1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim) * 0.5 + 1)
+    x = torch.randn(rows, dim, device="cuda", dtype=dtype) * 3
+    residual = torch.randn(rows, dim, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        _assert_matches(norm(x), norm._torch(x))
+        out, summed = norm.add_and_norm(x, residual)
+        assert torch.equal(summed, residual + x)
+        _assert_matches(out, norm._torch(residual + x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(32, 8, 128, True), (16, 8, 128, False),
+                                                             (8, 2, 64, True), (14, 2, 64, False)])
+def test_qk_norm_rope(dtype, heads, kv_heads, head_dim, qk_norm):
+    from workers.kernels.fused import qk_norm_rope
+    from workers.layers.norm import RMSNorm
+    from workers.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(heads + head_dim)
+    rotary = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 1e6}, 40960, 40960).to("cuda")
+    n = 37
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(n, heads, head_dim), k.view(n, kv_heads, head_dim)   # strided, as in the model
+    positions = torch.randint(0, 40000, (n,), device="cuda")
+    q_norm, k_norm = RMSNorm(head_dim, 1e-6).to("cuda", dtype), RMSNorm(head_dim, 1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(head_dim) + 0.5)
+        k_norm.weight.copy_(torch.rand(head_dim) + 0.5)
+        if qk_norm:
+            q_ref, k_ref = rotary(positions, q_norm._torch(q), k_norm._torch(k))
+            q_out, k_out = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache,
+                                        q_norm.weight, k_norm.weight, 1e-6)
+        else:
+            q_ref, k_ref = rotary(positions, q, k)
+            q_out, k_out = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache)
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    _assert_matches(q_out, q_ref)
+    _assert_matches(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,dim", [(1, 12288), (9, 3072), (257, 1408)])
+def test_silu_and_mul(dtype, rows, dim):
+    import torch.nn.functional as F
+
+    from workers.kernels.fused import silu_and_mul
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2 * dim, device="cuda", dtype=dtype) * 4
+    gate, up = x.chunk(2, dim=-1)
+    _assert_matches(silu_and_mul(x), F.silu(gate) * up)

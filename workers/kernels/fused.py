@@ -1,0 +1,147 @@
+"""Fused small ops of a decoder layer: RMSNorm (with the residual add), q/k RMSNorm with rotary,
+and SiLU-and-mul. One kernel each, where the torch code takes several.
+
+Each kernel rounds to the input dtype exactly where the torch code (and transformers) does; what
+differs is only float32 rounding inside a kernel (summation order, rsqrt), which rarely moves a
+16-bit result by one unit in the last place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+                     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = x.dtype
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / n_cols
+    normed = (xf * tl.math.rsqrt(variance + eps)).to(dtype)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """weight * norm(x) over the last dim of x [n, d]; with a residual, x + residual first, returned
+    as the new residual stream."""
+    n, d = x.shape
+    out = torch.empty(n, d, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    residual_out = torch.empty_like(x) if residual is not None else None
+    if n == 0:
+        return out, residual_out
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(n,)](
+        x, residual if residual is not None else x, weight, out,
+        residual_out if residual_out is not None else out,
+        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        residual_out.stride(0) if residual_out is not None else 0, d, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )
+    return out, residual_out
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_ptr, sin_ptr,
+                         q_weight_ptr, k_weight_ptr, stride_q_token, stride_q_head, stride_k_token,
+                         stride_k_head, stride_cache, eps, num_q_heads, num_kv_heads,
+                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Program (token, head): q heads first, then k heads. Output is contiguous [n, heads, dim]."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    is_q = head < num_q_heads
+    if is_q:
+        src = q_ptr + token * stride_q_token + head * stride_q_head
+        dst = q_out_ptr + (token * num_q_heads + head) * HEAD_DIM
+        w_ptr = q_weight_ptr
+    else:
+        kv = head - num_q_heads
+        src = k_ptr + token * stride_k_token + kv * stride_k_head
+        dst = k_out_ptr + (token * num_kv_heads + kv) * HEAD_DIM
+        w_ptr = k_weight_ptr
+    half = tl.arange(0, HALF)
+    x1 = tl.load(src + half)
+    x2 = tl.load(src + HALF + half)
+    dtype = x1.dtype
+    if HAS_NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)
+        w1 = tl.load(w_ptr + half).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + half).to(tl.float32)
+        x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    # The cache rows hold [freqs, freqs]: the first half serves both halves of the head.
+    cos = tl.load(cos_ptr + pos * stride_cache + half).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cache + half).to(dtype).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded as the torch code rounds it.
+    o1 = ((a1 * cos).to(dtype).to(tl.float32) + (-a2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((a2 * cos).to(dtype).to(tl.float32) + (a1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(dst + half, o1)
+    tl.store(dst + HALF + half, o2)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor, q_weight: torch.Tensor | None = None,
+                 k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (full head dim, NeoX halves) over q [n, H, D] and k [n, KV, D] (strided views are fine),
+    after a per-head RMSNorm when weights are given. Returns contiguous new tensors."""
+    n, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, head_dim
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_cache.stride(-1) == 1
+    q_out = torch.empty(n, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(n, num_kv_heads, head_dim, dtype=k.dtype, device=k.device)
+    if n == 0:
+        return q_out, k_out
+    has_norm = q_weight is not None
+    _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads)](
+        q, k, q_out, k_out, positions, cos_cache, sin_cache,
+        q_weight if has_norm else q, k_weight if has_norm else k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), eps,
+        num_q_heads, num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
+        num_warps=1,
+    )
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + libdevice.exp(-g))).to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :d]) * x[:, d:] for x [n, 2d]."""
+    n, two_d = x.shape
+    d = two_d // 2
+    out = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    assert x.stride(-1) == 1
+    block = min(1024, triton.next_power_of_2(d))
+    _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
+                                                     num_warps=4)
+    return out
