@@ -1,0 +1,112 @@
+"""Where a decode step's GPU time goes: one eager decode step of a real model's shapes (random
+weights) under torch.profiler, kernel time by kind, against the CUDA-graph replay of the same step.
+
+On the GPU machine:
+    python benchmarks/profile_decode.py --shape qwen3-8b --batch 1 --context 192
+    python benchmarks/profile_decode.py --shape qwen3-0.6b --batch 256 --context 1100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
+
+KINDS = [("attention", ("paged_decode", "reduce_partitions", "paged_prefill")), ("kv store", ("store_kv",)),
+         ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk")), ("rms norm", ("rms_norm",)),
+         ("q/k norm + rotary", ("qk_norm_rope",)), ("silu-and-mul", ("silu_and_mul",))]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KINDS:
+        if any(key in lowered for key in keys):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen3-8b", help=f"one of {', '.join(SHAPES)}")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=192)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from streamvlm.config import EngineConfig
+    from streamvlm.model_source import resolve_model
+    from streamvlm.protocol import StepPlan
+    from workers.model_runner import ModelRunner
+
+    bs = 16
+    blocks_per_seq = -(-(args.context + 1) // bs)
+    config = EngineConfig(model=shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
+                          device="cuda", dtype="bfloat16", max_model_len=4096, block_size=bs,
+                          num_kv_blocks=args.batch * blocks_per_seq + 1, max_num_seqs=args.batch)
+    runner = ModelRunner(config, resolve_model(config.model), 4096)
+    tables = [[1 + s * blocks_per_seq + i for i in range(blocks_per_seq)] for s in range(args.batch)]
+    pos = args.context
+    plan = StepPlan(input_ids=[7] * args.batch, positions=[pos] * args.batch,
+                    slot_mapping=[t[pos // bs] * bs + pos % bs for t in tables], block_tables=tables,
+                    query_lens=[1] * args.batch, seq_lens=[pos + 1] * args.batch,
+                    logits_rows=list(range(args.batch)))
+
+    def step(graphs: bool) -> None:
+        saved = runner.decode_graphs
+        runner.decode_graphs = saved if graphs else None
+        with torch.inference_mode():
+            hidden, rows = runner._forward(plan, None)
+            runner.model.compute_logits(hidden[rows]).argmax(-1)
+        runner.decode_graphs = saved
+
+    def timed(graphs: bool, iters: int = 50) -> float:
+        for _ in range(5):
+            step(graphs)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step(graphs)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    graph_ms, eager_ms = timed(True), timed(False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step(False)
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.key and not event.key.startswith(("ProfilerStep", "cuda")):
+            by_kind[kind_of(event.key)] += device_us / 5 / 1000
+            count[kind_of(event.key)] += event.count // 5
+    kernel_ms = sum(by_kind.values())
+    print(f"{args.shape} batch {args.batch} context {args.context}: graph step {graph_ms:.3f} ms, "
+          f"eager step {eager_ms:.3f} ms, kernels {kernel_ms:.3f} ms ({sum(count.values())} launches)")
+    print(f"{'kind':>20} {'ms/step':>8} {'share':>6} {'launches':>9}")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:>20} {ms:>8.3f} {100 * ms / kernel_ms:>5.1f}% {count[kind]:>9}")
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:12]
+    for event in top:
+        print(f"    {(getattr(event, 'device_time_total', 0) or 0) / 5 / 1000:8.3f} ms  {event.count // 5:4d}x  "
+              f"{event.key[:100]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "batch": args.batch, "context": args.context,
+                                               "graph_step_ms": graph_ms, "eager_step_ms": eager_ms,
+                                               "kernel_ms": kernel_ms, "by_kind_ms": by_kind}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
