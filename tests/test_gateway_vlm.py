@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import json
 from typing import Any
 
 import httpx
@@ -171,6 +173,46 @@ def test_bad_images_get_openai_errors(server, client, urls, needles):
     assert needles[0] in str(raised.value)
     # The server keeps serving, images included.
     ok = client.chat.completions.create(model=MODEL, messages=openai_messages(data_url(CAT)),
+                                        max_tokens=2, extra_body={"ignore_eos": True})
+    assert ok.usage.completion_tokens == 2
+    wait_engine_idle(server)
+
+
+@contextlib.contextmanager
+def failing_encoder(server):
+    """The (thread) worker's vision encoder raises: the request fails inside the worker."""
+    model = server.app.state.engine.groups[0].local_worker.runner.model
+
+    def encode(items):
+        raise RuntimeError("the vision tower broke")
+
+    model.encode = encode
+    try:
+        yield
+    finally:
+        del model.encode
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_worker_side_failure_is_an_error_not_a_stop(server, client, stream):
+    image = random_image(77 + stream, (40, 40))   # not in the encoder cache
+    body = {"model": MODEL, "messages": openai_messages(data_url(image)), "max_tokens": 4,
+            "stream": stream}
+    with failing_encoder(server):
+        resp = http(server, "POST", "/v1/chat/completions", json=body)
+    if stream:
+        assert resp.status_code == 200
+        events = [line.removeprefix("data: ") for line in resp.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert all("finish_reason" not in e or json.loads(e)["choices"][0]["finish_reason"] is None
+                   for e in events[:-2])
+    else:
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error"
+    assert "cannot encode image" in error["message"] and "the vision tower broke" in error["message"]
+    ok = client.chat.completions.create(model=MODEL, messages=openai_messages(data_url(image)),
                                         max_tokens=2, extra_body={"ignore_eos": True})
     assert ok.usage.completion_tokens == 2
     wait_engine_idle(server)

@@ -140,7 +140,14 @@ def _output_usage(out: RequestOutput) -> dict[str, Any]:
 
 
 def _finish_reason(reason: str | None) -> str | None:
-    return {"abort": "stop", "error": "stop"}.get(reason, reason) if reason else None
+    return {"abort": "stop"}.get(reason, reason) if reason else None
+
+
+def _check_generated(out: RequestOutput) -> RequestOutput:
+    """A request the worker ended with an error (an image it could not encode, say) is a 400."""
+    if out.finish_reason == "error":
+        raise RequestError(out.error or "the request failed in the worker")
+    return out
 
 
 # ---- logprobs ---------------------------------------------------------------------------------
@@ -227,7 +234,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(_chat_chunks(engine, prompt, params, request_id, created, model,
                                  include_usage))
-    out = await _generate_or_abort(request, engine, prompt, params)
+    out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
     return json_response({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
@@ -266,7 +273,7 @@ async def completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(_completion_chunks(engine, prompt, params, request_id, created, model,
                                        include_usage))
-    out = await _generate_or_abort(request, engine, prompt, params)
+    out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
     return json_response({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": out.text,
@@ -315,6 +322,10 @@ def _stream_events(engine: AsyncEngine, prompt: Any, params: Any, head: dict[str
         last: OutputDelta | None = None
         async for delta in engine.stream(prompt, params):
             last = delta
+            if delta.finish_reason == "error":
+                yield _event({"error": {"message": delta.error or "the request failed in the worker",
+                                        "type": "invalid_request_error", "code": 400}})
+                return
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 yield _event({**head, "choices": [choice(delta)], **usage_field})
         if include_usage and last is not None:
