@@ -59,3 +59,40 @@ def test_a_killed_rank_ends_the_group(loop, llama_path):
         assert not child_pids()
 
     run(loop, scenario())
+
+
+def _vlm_checkpoint(name: str, path):
+    if name == "qwen2_5_vl":
+        from tests.checkpoints_qwen2_5_vl import build_qwen2_5_vl_checkpoint
+        return build_qwen2_5_vl_checkpoint(path)
+    if name == "qwen3_vl":
+        from tests.checkpoints_qwen3_vl import build_qwen3_vl_checkpoint
+        return build_qwen3_vl_checkpoint(path)
+    from tests.checkpoints_llava import build_llava_checkpoint
+    return build_llava_checkpoint(path, text="qwen3", vision="siglip")
+
+
+def _vlm_greedy(path, **kwargs) -> list[list[int]]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    cat, dog = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(64, 48), (40, 56)])
+
+    def chat(images, text):
+        return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                             {"type": "text", "text": text}]}]
+    conversations = [chat([cat], "What is this?"), chat([], "Only text."), chat([dog, cat], "Compare."),
+                     chat([cat], "What is this?")]   # the last one hits the prefix cache
+    with LLM(str(path), max_model_len=512, block_size=8, max_num_batched_tokens=32, **kwargs) as llm:
+        first = llm.chat(conversations[0], GREEDY, use_tqdm=False)
+        rest = llm.chat(conversations[1:], GREEDY, use_tqdm=False)
+        assert rest[-1].num_cached_tokens >= 8
+        return [o.token_ids for o in first + rest]
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl", "llava"])
+def test_tensor_parallel_vlm_gives_the_same_greedy_tokens(tmp_path, name):
+    # Rank 0 runs the (replicated) vision tower and hands the embeddings to the other ranks.
+    path = _vlm_checkpoint(name, tmp_path / name)
+    assert _vlm_greedy(path, tensor_parallel_size=2) == _vlm_greedy(path)
