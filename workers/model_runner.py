@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 import random
 
 import torch
@@ -16,11 +17,18 @@ from workers.distributed import broadcast_int, broadcast_tensor
 from workers.layers.attention import AttentionMetadata, get_attention_backend
 from workers.loader import load_model
 from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
-from workers.sampler import Sampler, SamplerOutput
+from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
 from workers.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+@dataclass
+class PendingStep:
+    seqs: list[Sequence]                  # the sequences that sample, in row order
+    sample: PendingSample | None
+    output: SamplerOutput | None          # already known (no forward pass)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -339,11 +347,22 @@ class ModelRunner:
 
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         """One step; the chunks' items are already encoded (encode_pending)."""
+        return self.finish(self.launch(chunks))
+
+    def launch(self, chunks: list[ScheduledChunk]) -> PendingStep:
+        """Queue one step's forward pass and sampling on the device and return without waiting for
+        it, so that the caller's bookkeeping overlaps with the device's work."""
+        samplers = [c.seq for c in chunks if c.samples]
         if self.config.skip_model_forward:
-            return self._random_tokens(chunks)
+            return PendingStep(samplers, None, self._random_tokens(chunks))
         plan = self.plan(chunks)
         embeds = self.encoder_embeds(chunks)
         if self.publish_plan is not None:
             self.publish_plan(plan)   # the other ranks run the same forward pass with us
         logits = self.forward_logits(plan, embeds)
-        return self.sampler(logits, [c.seq for c in chunks if c.samples])
+        return PendingStep(samplers, self.sampler.launch(logits, samplers), None)
+
+    def finish(self, pending: PendingStep) -> SamplerOutput:
+        if pending.output is not None:
+            return pending.output
+        return self.sampler.finish(pending.sample, pending.seqs)

@@ -24,14 +24,27 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+@dataclass
+class PendingSample:
+    """Sampled tokens still on their way to the host (launch() returned before the GPU finished)."""
+    token_ids: torch.Tensor               # on the device
+    host_ids: torch.Tensor | None         # pinned copy being filled (CUDA), None on CPU
+    ready: torch.cuda.Event | None
+    raw_logprobs: torch.Tensor | None
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.request_generator = torch.Generator(device=device)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.finish(self.launch(logits, seqs), seqs)
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Queue the sampling of one token per row; nothing here waits for the device."""
         logits = logits.float()
         params = [s.params for s in seqs]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
@@ -41,21 +54,43 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=self.device)
+            rows = self._tensor(sampled_rows, torch.int64)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
-        ids = token_ids.tolist()
-        return SamplerOutput(ids, self._logprobs(raw_logprobs, ids, seqs))
+        if self.device.type != "cuda":
+            return PendingSample(token_ids, None, None, raw_logprobs)
+        host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host_ids.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingSample(token_ids, host_ids, ready, raw_logprobs)
+
+    def finish(self, pending: PendingSample, seqs: list[Sequence]) -> SamplerOutput:
+        """The sampled tokens on the host: the step's one wait for the device."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+            ids = pending.host_ids.tolist()
+        else:
+            ids = pending.token_ids.tolist()
+        with torch.inference_mode():
+            return SamplerOutput(ids, self._logprobs(pending.raw_logprobs, ids, seqs))
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without waiting for the device (pinned, non-blocking)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=self.device)
+                seen = self._tensor(sorted(set(seq.token_ids)), torch.int64)
                 values = logits[row, seen]
                 logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty,
                                                 values * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-                output = torch.tensor(seq.output_token_ids, device=self.device)
+                output = self._tensor(seq.output_token_ids, torch.int64)
                 counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         return logits
@@ -73,25 +108,25 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs], device=self.device)
+        temps = self._tensor([s.params.temperature for s in seqs], torch.float32)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
         top_ks = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
         if any(k < vocab for k in top_ks):
-            k = torch.tensor(top_ks, device=self.device)
+            k = self._tensor(top_ks, torch.int64)
             sorted_desc = logits.sort(dim=-1, descending=True).values
             kth = sorted_desc.gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
         if any(s.params.top_p < 1 for s in seqs):
-            top_ps = torch.tensor([s.params.top_p for s in seqs], device=self.device)
+            top_ps = self._tensor([s.params.top_p for s in seqs], torch.float32)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             drop_sorted = mass_before >= top_ps[:, None]   # never drops the most likely token
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
         if any(s.params.min_p > 0 for s in seqs):
-            min_ps = torch.tensor([s.params.min_p for s in seqs], device=self.device)
+            min_ps = self._tensor([s.params.min_p for s in seqs], torch.float32)
             threshold = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (unnormalised is fine).

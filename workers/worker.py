@@ -111,14 +111,15 @@ class Worker:
                 deltas.append(RequestDelta(seq.request_id, [], finish_reason="error", error=error))
             plan.chunks = [c for c in plan.chunks if c.seq not in failed]
         if plan.chunks:
-            sampled = self.runner.run(plan.chunks)
-            sampling = [c.seq for c in plan.chunks if c.samples]
+            pending = self.runner.launch(plan.chunks)
+            # While the device runs the step: what does not need its tokens.
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.pool.register_full_blocks(chunk.seq)
                 if chunk.seq.encoder_outputs:
                     chunk.seq.release_encoder_outputs()
-            for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            sampled = self.runner.finish(pending)
+            for seq, token, logprobs in zip(pending.seqs, sampled.token_ids, sampled.logprobs):
                 seq.append_token(token, logprobs)
                 finish_reason = self._finish_reason(seq, token)
                 if finish_reason:
