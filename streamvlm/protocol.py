@@ -2,6 +2,9 @@
 
 Core -> worker: AddRequest, AbortRequest. Worker -> core: one StepOutput per step, holding the
 new tokens of every request that advanced, never one message per token.
+
+A worker group on another host joins first (JoinRequest -> JoinAccepted | JoinRefused on the
+core's listen socket); afterwards both sides send Heartbeats when otherwise silent.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     params: SamplingParams
     eos_token_ids: list[int] = []
     mm_items: list[MultiModalItem] = []
+    # Disaggregated prefill/decode: "prefill" computes the prompt and the first token, then
+    # hands the KV to decode group ``kv_peer``; "decode" reserves blocks and waits for that KV.
+    kv_role: Literal["mixed", "prefill", "decode"] = "mixed"
+    kv_peer: int = -1
 
 
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -82,12 +89,34 @@ class StepStats(msgspec.Struct, kw_only=True):
     num_preempted: int = 0
     encoder_cache_hits: int = 0      # items found in the encoder cache, since start
     num_encoded_items: int = 0       # items run through the encoder, since start
+    kv_bytes_sent: int = 0           # prefill/decode KV transfers, since start
+    kv_bytes_received: int = 0
+    kv_receive_seconds: float = 0.0  # writing received blocks into the pool
+    num_kv_transfers: int = 0        # received
+    num_handoffs_held: int = 0       # requests holding blocks for a transfer now
+
+
+class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A step in a request's prefill -> decode handoff.
+
+    "reserved" (decode group: blocks are reserved; the first ``cached_blocks`` are cached here
+    already), "prefilled" (prefill group: prompt computed, first token sent), "sent" (prefill
+    group: ``num_bytes`` on their way), "received" (decode group: the KV is in its pool),
+    "failed" (``error``)."""
+
+    request_id: str
+    kind: Literal["reserved", "prefilled", "sent", "received", "failed"]
+    cached_blocks: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
 
 
 class StepOutput(msgspec.Struct, tag=True, kw_only=True):
     step: int
     deltas: list[RequestDelta]
     stats: StepStats
+    kv_events: list[KVEvent] = []
 
 
 class StepPlan(msgspec.Struct, tag=True):
@@ -118,6 +147,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     pid: int
     num_kv_blocks: int
     device: str
+    kv_address: str | None = None   # a decode group's KV inbox
 
 
 class WorkerFailed(msgspec.Struct, tag=True, kw_only=True):
@@ -127,5 +157,56 @@ class WorkerFailed(msgspec.Struct, tag=True, kw_only=True):
     message: str
 
 
-CoreToWorker = AddRequest | AbortRequest | Shutdown
-WorkerToCore = StepOutput | WorkerReady | WorkerFailed
+class Heartbeat(msgspec.Struct, tag=True):
+    """Liveness of a remote group, both ways; any other message counts as well."""
+
+
+# Each side of a remote group sends a Heartbeat at least this often when it has sent nothing else.
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+class JoinRequest(msgspec.Struct, tag=True, kw_only=True):
+    """A remote worker asks the engine core for a group to run."""
+
+    hostname: str
+    pid: int
+
+
+class JoinAccepted(msgspec.Struct, tag=True, kw_only=True):
+    """The group id, the core's EngineConfig (msgpack) and the ports of the group's sockets,
+    bound on the host the worker connected to: ``input_port`` core -> worker (the worker's
+    PULL), ``output_port`` worker -> core (the worker's PUSH)."""
+
+    group_id: int
+    config: bytes
+    input_port: int
+    output_port: int
+
+
+class JoinRefused(msgspec.Struct, tag=True, kw_only=True):
+    reason: str
+
+
+class SendKV(msgspec.Struct, tag=True, kw_only=True):
+    """To a prefill group: send the request's prompt blocks from ``skip_blocks`` on."""
+
+    request_id: str
+    skip_blocks: int
+
+
+class ReleaseKV(msgspec.Struct, tag=True, kw_only=True):
+    """To a prefill group: the decode group has the request's blocks; free them."""
+
+    request_id: str
+
+
+class ConnectKVPeers(msgspec.Struct, tag=True, kw_only=True):
+    """To a prefill group: the KV inboxes of the decode groups, by group id."""
+
+    addresses: dict[int, str]
+
+
+CoreToWorker = (AddRequest | AbortRequest | Shutdown | Heartbeat | SendKV | ReleaseKV
+                | ConnectKVPeers)
+WorkerToCore = StepOutput | WorkerReady | WorkerFailed | Heartbeat
+JoinReply = JoinAccepted | JoinRefused

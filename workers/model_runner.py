@@ -162,6 +162,16 @@ class ModelRunner:
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
 
+    def write_kv_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Keys and values [num_layers, 2, n, block_size, kv_heads, head_dim] from another group
+        into blocks block_ids of this pool."""
+        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
+        if tuple(blocks.shape) != expected:
+            raise ValueError(f"KV blocks of shape {tuple(blocks.shape)} do not fit this pool: "
+                             f"expected {expected}")
+        index = torch.tensor(block_ids, dtype=torch.int64).to(self.device)
+        self.kv_cache.index_copy_(2, index, blocks.to(self.device, self.dtype))
+
     def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         """What every rank needs to run this step's forward pass."""
         input_ids: list[int] = []

@@ -44,25 +44,42 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Sequences whose prompt KV arrived from a prefill group: they join the running batch
+        # (as decodes) when it has room.
+        self.resumed: deque[Sequence] = deque()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.resumed)
+
+    def resume(self, seq: Sequence) -> None:
+        """A sequence that holds its blocks and computed prompt joins as a decode."""
+        seq.status = SequenceStatus.WAITING
+        self.resumed.append(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a running sequence out of the schedule keeping its blocks (handed off)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.HANDOFF
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the schedule (finished or aborted) and free its blocks now."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            (self.resumed if seq in self.resumed else self.waiting).remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.pool.free_sequence(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        while self.resumed and len(self.running) < self.max_num_seqs:
+            seq = self.resumed.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
         # Decodes (one token left to compute) before prefill chunks; stable within each kind.
         order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         scheduled: set[int] = set()

@@ -19,6 +19,9 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
+    # Disaggregated prefill/decode: a prefill group holds a computed prompt's blocks until the
+    # decode group has them; a decode group holds reserved blocks until they arrive.
+    HANDOFF = enum.auto()
 
 
 class Sequence:
@@ -51,6 +54,10 @@ class Sequence:
         # M-RoPE models: the prompt's [3, P] positions; token i >= P sits at i + mrope_delta.
         self.mrope_positions: torch.Tensor | None = None
         self.mrope_delta = 0
+        # "prefill": hand the KV to decode group kv_peer after the first token; "decode": the
+        # prompt's KV arrives from a prefill group.
+        self.kv_role = "mixed"
+        self.kv_peer = -1
 
     @property
     def num_tokens(self) -> int:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
-from streamvlm.protocol import (AbortRequest, AddRequest, RequestDelta, StepOutput,
-                                StepStats)
+import time
+from collections import deque
+
+from streamvlm.protocol import (AbortRequest, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
+                                RequestDelta, SendKV, StepOutput, StepStats)
 from workers.kv_cache import BlockPool
+from workers.kv_transfer import KVHeader, KVOutbox, pack_blocks, unpack_blocks
 from workers.model_runner import ModelRunner
 from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler
-from workers.sequence import Sequence
+from workers.sequence import Sequence, SequenceStatus
 
 
 class Worker:
@@ -31,12 +35,33 @@ class Worker:
         self.num_steps = 0
         self._arrivals = 0
         self._pending_deltas: list[RequestDelta] = []
+        # Disaggregated prefill/decode (see workers/kv_transfer.py).
+        self.kv_outbox: KVOutbox | None = None           # prefill side, set by the process
+        self._handoffs: dict[str, Sequence] = {}         # prefill side: computed, holding blocks
+        self._early_sends: dict[str, int] = {}           # SendKV that came before the prefill ended
+        self._receiving: dict[str, Sequence] = {}        # decode side: blocks reserved, KV awaited
+        self._unreserved: deque[Sequence] = deque()      # decode side: waiting for free blocks
+        self._kv_events: list[KVEvent] = []
+        self.kv_bytes_sent = 0
+        self.kv_bytes_received = 0
+        self.kv_receive_seconds = 0.0
+        self.num_kv_transfers = 0
 
-    def handle(self, message: AddRequest | AbortRequest) -> None:
+    def handle(self, message) -> None:
         if isinstance(message, AddRequest):
             self.add_request(message)
-        else:
+        elif isinstance(message, AbortRequest):
             self.abort(message.request_ids)
+        elif isinstance(message, SendKV):
+            self.send_kv(message.request_id, message.skip_blocks)
+        elif isinstance(message, ReleaseKV):
+            self.release_kv(message.request_id)
+        elif isinstance(message, ConnectKVPeers):
+            if self.kv_outbox is None:
+                raise RuntimeError("ConnectKVPeers reached a worker without a KV outbox")
+            self.kv_outbox.connect(message.addresses)
+        else:
+            raise TypeError(f"unexpected message {type(message).__name__}")
 
     def add_request(self, req: AddRequest) -> None:
         error = self._check(req)
@@ -55,7 +80,13 @@ class Worker:
                 return
         self._arrivals += 1
         self.sequences[req.request_id] = seq
-        self.scheduler.add(seq)
+        seq.kv_role, seq.kv_peer = req.kv_role, req.kv_peer
+        if req.kv_role == "decode":
+            seq.status = SequenceStatus.HANDOFF
+            self._unreserved.append(seq)
+            self._reserve_blocks()
+        else:
+            self.scheduler.add(seq)
 
     def _attach_multimodal(self, seq: Sequence, req: AddRequest) -> None:
         """Decode the request's items, check them against its placeholder tokens, and work out
@@ -92,15 +123,109 @@ class Worker:
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
+            self._early_sends.pop(request_id, None)
             seq = self.sequences.pop(request_id, None)
             if seq is not None:
+                self._forget_handoff(seq)
                 self.scheduler.remove(seq)
                 self._pending_deltas.append(RequestDelta(request_id, [], finish_reason="abort"))
 
+    def _forget_handoff(self, seq: Sequence) -> None:
+        self._handoffs.pop(seq.request_id, None)
+        self._receiving.pop(seq.request_id, None)
+        if seq in self._unreserved:
+            self._unreserved.remove(seq)
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending_deltas)
+        return (self.scheduler.has_work() or bool(self._pending_deltas) or bool(self._kv_events)
+                or bool(self._unreserved))
+
+    # ---- disaggregated prefill/decode: the prefill side -------------------------------------
+
+    def _hand_off(self, seq: Sequence) -> None:
+        """The prompt is computed and the first token sampled: hold the blocks for the decode group."""
+        self.scheduler.detach(seq)
+        self._handoffs[seq.request_id] = seq
+        self._kv_events.append(KVEvent(seq.request_id, "prefilled"))
+        skip = self._early_sends.pop(seq.request_id, None)
+        if skip is not None:
+            self.send_kv(seq.request_id, skip)
+
+    def send_kv(self, request_id: str, skip_blocks: int) -> None:
+        """Send the prompt's blocks from skip_blocks on (the decode group caches the ones before)."""
+        seq = self._handoffs.get(request_id)
+        if seq is None:
+            if request_id in self.sequences:     # still prefilling: send when it is done
+                self._early_sends[request_id] = skip_blocks
+            return
+        num_prompt_blocks = -(-seq.num_prompt_tokens // self.pool.block_size)
+        block_ids = seq.block_table[skip_blocks:num_prompt_blocks]
+        try:
+            blocks, payload = pack_blocks(self.runner.kv_cache, block_ids)
+            header = KVHeader(request_id=request_id, first_token=seq.token_ids[seq.num_prompt_tokens],
+                              start_block=skip_blocks, num_blocks=len(block_ids),
+                              dtype=str(blocks.dtype).removeprefix("torch."), shape=list(blocks.shape))
+            self.kv_outbox.send(seq.kv_peer, header, payload)
+        except (ValueError, RuntimeError) as exc:
+            self._kv_events.append(KVEvent(request_id, "failed", error=f"KV send failed: {exc}"))
+            return
+        self.kv_bytes_sent += len(payload)
+        self._kv_events.append(KVEvent(request_id, "sent", num_bytes=len(payload)))
+
+    def release_kv(self, request_id: str) -> None:
+        """The decode group has the blocks: free them here (they stay in this prefix cache)."""
+        seq = self._handoffs.pop(request_id, None)
+        if seq is not None:
+            del self.sequences[request_id]
+            self.scheduler.remove(seq)
+
+    # ---- disaggregated prefill/decode: the decode side --------------------------------------
+
+    def _reserve_blocks(self) -> None:
+        """Blocks for the prompts whose KV will arrive, oldest first; cached prefix blocks are
+        shared and reported, so that the prefill group does not send them."""
+        while self._unreserved:
+            seq = self._unreserved[0]
+            hits = self.pool.find_cached_prefix(seq)
+            if not self.pool.allocate(seq, seq.num_prompt_tokens - len(hits) * self.pool.block_size, hits):
+                return
+            self._unreserved.popleft()
+            seq.num_cached_tokens = 0   # what the user sees is the prefill group's cache hits
+            self._receiving[seq.request_id] = seq
+            self._kv_events.append(KVEvent(seq.request_id, "reserved", cached_blocks=len(hits)))
+
+    def receive_kv(self, header: KVHeader, payload: bytes | memoryview) -> None:
+        start = time.monotonic()
+        seq = self._receiving.pop(header.request_id, None)
+        if seq is None:
+            return   # aborted meanwhile: its blocks are already free
+        try:
+            blocks = unpack_blocks(header, payload)
+            end_block = header.start_block + header.num_blocks
+            if end_block * self.pool.block_size < seq.num_prompt_tokens:
+                raise ValueError(f"{header.num_blocks} blocks from {header.start_block} do not cover "
+                                 f"the prompt's {seq.num_prompt_tokens} tokens")
+            self.runner.write_kv_blocks(seq.block_table[header.start_block:end_block], blocks)
+        except (ValueError, RuntimeError) as exc:
+            del self.sequences[seq.request_id]
+            self.scheduler.remove(seq)
+            self._pending_deltas.append(RequestDelta(seq.request_id, [], finish_reason="error",
+                                                     error=f"KV receive failed: {exc}"))
+            return
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.pool.register_full_blocks(seq)
+        seq.append_token(header.first_token, None)
+        seq.take_pending()   # the prefill group streamed the first token already
+        self.scheduler.resume(seq)
+        seconds = time.monotonic() - start
+        self.kv_bytes_received += len(payload)
+        self.kv_receive_seconds += seconds
+        self.num_kv_transfers += 1
+        self._kv_events.append(KVEvent(seq.request_id, "received", num_bytes=len(payload), seconds=seconds))
 
     def step(self) -> StepOutput:
+        if self._unreserved:
+            self._reserve_blocks()
         deltas, self._pending_deltas = self._pending_deltas, []
         plan = self.scheduler.schedule()
         if plan.chunks and self.runner.supports_images and not self.config.skip_model_forward:
@@ -125,11 +250,14 @@ class Worker:
                 if finish_reason:
                     self.scheduler.remove(seq)
                     del self.sequences[seq.request_id]
+                elif seq.kv_role == "prefill":
+                    self._hand_off(seq)
                 token_ids, token_logprobs = seq.take_pending()
                 deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
                                            finish_reason, seq.num_cached_tokens))
         self.num_steps += 1
-        return StepOutput(step=self.num_steps, deltas=deltas, stats=StepStats(
+        kv_events, self._kv_events = self._kv_events, []
+        return StepOutput(step=self.num_steps, deltas=deltas, kv_events=kv_events, stats=StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_scheduled_tokens=plan.num_tokens,
@@ -139,6 +267,11 @@ class Worker:
             num_preempted=plan.num_preempted,
             encoder_cache_hits=self.runner.encoder_cache.hits,
             num_encoded_items=self.runner.num_encoded_items,
+            kv_bytes_sent=self.kv_bytes_sent,
+            kv_bytes_received=self.kv_bytes_received,
+            kv_receive_seconds=self.kv_receive_seconds,
+            num_kv_transfers=self.num_kv_transfers,
+            num_handoffs_held=len(self._handoffs) + len(self._receiving) + len(self._unreserved),
         ))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
