@@ -1,5 +1,6 @@
 """Command line: ``streamvlm serve`` runs the HTTP + WebSocket server on one port;
-``streamvlm generate PROMPT`` streams a completion to the terminal.
+``streamvlm generate PROMPT`` streams a completion to the terminal; ``streamvlm worker
+--connect tcp://HOST:PORT`` runs a worker group for an engine core on another host.
 
 Every EngineConfig field is a flag (``--max-num-seqs`` for ``max_num_seqs``...), and
 ``--config F`` loads a TOML file of them first; flags win.
@@ -121,6 +122,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from workers.remote import run_remote_worker
+
+    try:
+        run_remote_worker(args.connect, model=args.model, devices=args.devices,
+                          join_timeout_s=args.join_timeout)
+    except RuntimeError as exc:
+        print(f"streamvlm worker: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamvlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     add_engine_flags(serve)
     serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("worker", help="run a worker group for an engine core on "
+                                                "another host (its remote_worker_groups)")
+    worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                        help="the engine core's worker_listen_address, as reached from here")
+    worker.add_argument("--model", help="the checkpoint on this host (default: the core's)")
+    worker.add_argument("--devices", type=_device_list, metavar="N",
+                        help="the CUDA device to run on (default: 0)")
+    worker.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
+                        help="give up when no engine core answers in S seconds (default: 600)")
+    worker.set_defaults(handler=_worker)
 
     args = parser.parse_args(argv)
     try:

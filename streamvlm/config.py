@@ -59,6 +59,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "process": each worker group in its own spawned process. "thread": the same worker loop
     # and messages in a thread of this process (fast start, for tests and debugging).
     worker_backend: Literal["process", "thread"] = "process"
+    # Worker groups started on other hosts (`streamvlm worker --connect ADDRESS`), beside the
+    # num_replicas local ones; the engine core waits for them to join at worker_listen_address
+    # ("tcp://HOST:PORT"). They run this config, tensor_parallel_size 1 only.
+    remote_worker_groups: int = 0
+    worker_listen_address: str | None = None
+    # A remote group silent this long is dead; a remote worker that hears nothing from the
+    # engine core this long exits. Both sides send heartbeats every second.
+    remote_worker_timeout_s: float = 5.0
     # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
     # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
     max_images_per_request: int = 8
@@ -97,6 +105,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("tensor_parallel_size > 1 needs worker_backend='process'")
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        self._check_remote_workers()
         needed = self.num_replicas * self.tensor_parallel_size
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
@@ -114,6 +123,23 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
 
+    def _check_remote_workers(self) -> None:
+        if self.remote_worker_groups < 0:
+            raise ValueError(f"remote_worker_groups must be >= 0, got {self.remote_worker_groups}")
+        if self.remote_worker_timeout_s <= 0:
+            raise ValueError(
+                f"remote_worker_timeout_s must be > 0, got {self.remote_worker_timeout_s}")
+        if self.worker_listen_address is not None:
+            tcp_host_port(self.worker_listen_address, "worker_listen_address")
+        if self.remote_worker_groups == 0:
+            return
+        if self.worker_listen_address is None:
+            raise ValueError("remote_worker_groups > 0 needs worker_listen_address "
+                             "(e.g. 'tcp://0.0.0.0:7000')")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("remote_worker_groups needs tensor_parallel_size 1: a tensor-"
+                             "parallel group across hosts is not supported")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from keyword arguments, turning type mistakes into ValueError."""
@@ -129,3 +155,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             data = tomllib.load(f)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_kwargs(**data)
+
+
+def tcp_host_port(address: str, name: str) -> tuple[str, int]:
+    """Host and port of a "tcp://HOST:PORT" address; ValueError naming the setting ``name``."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    if not address.startswith("tcp://") or not host or not port.isdigit():
+        raise ValueError(f"{name} must look like 'tcp://HOST:PORT', got {address!r}")
+    return host, int(port)

@@ -27,6 +27,9 @@ counters
                                            when the request ends)
   streamvlm:num_preemptions_total          requests preempted by the workers' schedulers
   streamvlm:engine_steps_total             step outputs received from workers
+  streamvlm:kv_transfers_total             prefill -> decode KV handoffs completed
+  streamvlm:kv_transfer_bytes_total        bytes of KV blocks they moved (blocks the decode group
+                                           already cached are not sent)
 histograms (seconds; times are taken on the engine core's event loop, once per step output)
   streamvlm:time_to_first_token_seconds    submission (entry to engine.stream/generate, so
                                            tokenization and chat templating count) to the first
@@ -41,6 +44,9 @@ histograms (seconds; times are taken on the engine core's event loop, once per s
                                            token to its last.
   streamvlm:e2e_request_latency_seconds    submission to the end of the request, whatever the
                                            finish reason (count == sum of requests_finished)
+  streamvlm:kv_transfer_seconds            a handoff: the prefill group's first token to the
+                                           decode group holding the KV (bandwidth = bytes_total /
+                                           this histogram's sum)
 gauges (read from the workers' latest step stats at scrape time)
   streamvlm:num_requests_running, streamvlm:num_requests_waiting
   streamvlm:num_requests_tracked           requests the engine core is tracking
@@ -67,6 +73,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                       5.0, 10.0, 30.0, 60.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -119,6 +127,9 @@ class EngineMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.kv_transfers = 0
+        self.kv_transfer_bytes = 0
+        self.kv_transfer = Histogram(KV_TRANSFER_BUCKETS)
         self._registry: Any = None
         self._stats: Any = None
 
@@ -143,6 +154,11 @@ class EngineMetrics:
         self.ttft.observe(seconds)
         if num_tokens > 1:
             self.itl.observe(0.0, num_tokens - 1)
+
+    def kv_transferred(self, num_bytes: int, seconds: float) -> None:
+        self.kv_transfers += 1
+        self.kv_transfer_bytes += num_bytes
+        self.kv_transfer.observe(seconds)
 
     def request_finished(self, finish_reason: str, seconds: float, num_cached_tokens: int) -> None:
         finished = self.requests_finished
@@ -202,6 +218,9 @@ class EngineMetrics:
                       self.prefix_cache_hit_tokens)
         yield counter("num_preemptions", "Requests preempted by the schedulers.",
                       self.num_preemptions)
+        yield counter("kv_transfers", "Prefill -> decode KV handoffs completed.", self.kv_transfers)
+        yield counter("kv_transfer_bytes", "Bytes of KV blocks moved from prefill to decode groups.",
+                      self.kv_transfer_bytes)
         if stats is not None:
             yield counter("engine_steps", "Step outputs received from workers.", stats.num_steps)
 
@@ -212,7 +231,9 @@ class EngineMetrics:
                  "Seconds between consecutive output tokens of a request (a delta of n tokens "
                  "counts as n gaps of equal length).", self.itl),
                 ("e2e_request_latency_seconds", "Seconds from submission to the end of a request.",
-                 self.e2e)):
+                 self.e2e),
+                ("kv_transfer_seconds", "Seconds from a prefill group's first token to the decode "
+                 "group holding the request's KV.", self.kv_transfer)):
             yield HistogramMetricFamily(PREFIX + name, doc, buckets=hist.buckets(),
                                         sum_value=hist.sum)
 

@@ -1,7 +1,8 @@
 """Worker process entry: connect to the engine core over ZeroMQ and run the step loop.
 
 Requests and aborts arrive on a PULL socket; every step that produced anything is sent back as
-one StepOutput on a PUSH socket. The process leaves when told to, or when its parent is gone.
+one StepOutput on a PUSH socket. The process leaves when told to, or when its parent is gone;
+a remote worker (no parent: ``streamvlm worker --connect``) when the engine core falls silent.
 """
 
 from __future__ import annotations
@@ -9,27 +10,81 @@ from __future__ import annotations
 import cProfile
 import os
 import signal
+import sys
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 import zmq
 
 from streamvlm.config import EngineConfig
-from streamvlm.protocol import CoreToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady
+from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, Shutdown,
+                                StepPlan, WorkerFailed, WorkerReady)
 from workers.distributed import TPSetup
 
 IDLE_POLL_MS = 200
 
 
+class _CoreLink:
+    """A remote worker's view of the engine core: a Heartbeat out whenever the worker has been
+    quiet for about HEARTBEAT_INTERVAL_S, and whether the core was heard from in the timeout."""
+
+    def __init__(self, inbox: zmq.Socket, outbox: zmq.Socket, timeout_s: float) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.timeout_s = timeout_s
+        self.frame = msgspec.msgpack.encode(Heartbeat())
+        self.last_sent = self.last_heard = time.monotonic()
+
+    def core_alive(self) -> bool:
+        now = time.monotonic()
+        # The loop comes by at least every IDLE_POLL_MS: send that much early to stay within.
+        if now - self.last_sent >= HEARTBEAT_INTERVAL_S - IDLE_POLL_MS / 1000:
+            self.outbox.send(self.frame)
+            self.last_sent = now
+        # After a step longer than the timeout, the core's heartbeats may be waiting unread.
+        return now - self.last_heard < self.timeout_s or bool(self.inbox.poll(0))
+
+
+@contextmanager
+def _heartbeats_meanwhile(outbox: zmq.Socket | None) -> Iterator[None]:
+    """Heartbeats from a thread while the main thread loads the model (minutes, for a large
+    one). The thread is joined before the main thread touches the socket again."""
+    if outbox is None:
+        yield
+        return
+    stop = threading.Event()
+    frame = msgspec.msgpack.encode(Heartbeat())
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL_S / 2):
+            try:
+                outbox.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    thread = threading.Thread(target=beat, name="streamvlm-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
-               parent_pid: int, on_ready: Callable[[Any], None] | None = None,
+               parent_pid: int | None, on_ready: Callable[[Any], None] | None = None,
                tp: TPSetup | None = None, device_index: int | None = None) -> None:
     """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
-    built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group."""
-    if threading.current_thread() is threading.main_thread():
+    built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group. ``parent_pid``
+    None: a remote worker, with no parent to watch; it sends heartbeats and leaves when the
+    engine core has been silent for remote_worker_timeout_s."""
+    remote = parent_pid is None
+    if threading.current_thread() is threading.main_thread() and not remote:
         # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
@@ -38,6 +93,9 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     inbox.connect(input_address)
     outbox = ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 1000)
+    if remote:
+        # A send the core has not taken within the timeout means the core is gone.
+        outbox.setsockopt(zmq.SNDTIMEO, int(config.remote_worker_timeout_s * 1000))
     outbox.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(CoreToWorker)
@@ -46,7 +104,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         if tp is not None:
             publisher = ctx.socket(zmq.PUB)
             publisher.bind(tp.plan_address)
-        worker = _build_worker(config, tp, device_index)
+        with _heartbeats_meanwhile(outbox if remote else None):
+            worker = _build_worker(config, tp, device_index)
         if publisher is not None:
             _handshake_followers(publisher)
             plan_encoder = msgspec.msgpack.Encoder()
@@ -67,10 +126,17 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     profiler = cProfile.Profile() if profile_prefix else None
     if profiler is not None:
         profiler.enable()
+    link = _CoreLink(inbox, outbox, config.remote_worker_timeout_s) if remote else None
     try:
         while True:
+            if link is not None and not link.core_alive():
+                print("streamvlm worker: nothing from the engine core for "
+                      f"{link.timeout_s:g} s; exiting", file=sys.stderr)
+                return
             timeout = 0 if worker.has_work() else IDLE_POLL_MS
             if inbox.poll(timeout):
+                if link is not None:
+                    link.last_heard = time.monotonic()
                 while True:
                     try:
                         message = decoder.decode(inbox.recv(zmq.NOBLOCK))
@@ -80,15 +146,21 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                         if publisher is not None:
                             publisher.send(msgspec.msgpack.encode(Shutdown()))
                         return
-                    worker.handle(message)
+                    if not isinstance(message, Heartbeat):
+                        worker.handle(message)
             elif not worker.has_work():
-                if os.getpid() != parent_pid and os.getppid() != parent_pid:
+                if not remote and os.getpid() != parent_pid and os.getppid() != parent_pid:
                     return  # orphaned: the engine core is gone (a worker process only)
                 continue
             if worker.has_work():
                 out = worker.step()
                 if out.deltas or out.stats.num_scheduled_tokens:
                     outbox.send(encoder.encode(out))
+                    if link is not None:
+                        link.last_sent = time.monotonic()
+    except zmq.Again:
+        # Only a remote worker's sends time out: the core has stopped taking its messages.
+        print("streamvlm worker: the engine core takes no messages; exiting", file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001
         outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
                                                 message=traceback.format_exc())))

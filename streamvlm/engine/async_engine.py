@@ -24,6 +24,7 @@ from streamvlm.config import EngineConfig
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
+from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.errors import EngineDeadError
 from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, Prompt
@@ -34,7 +35,9 @@ from streamvlm.protocol import AbortRequest, AddRequest, RequestDelta, StepOutpu
 from streamvlm.sampling import SamplingParams
 
 EnginePrompt = Prompt | list[Message] | PreparedPrompt
+WorkerGroup = WorkerGroupClient | RemoteWorkerGroup
 DRAIN_BUDGET_S = 0.002
+REMOTE_CHECK_S = 0.1
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
@@ -52,6 +55,7 @@ class GroupHealth(msgspec.Struct, kw_only=True):
     group_id: int
     pid: int | None
     alive: bool
+    host: str | None = None    # a remote group's host (its pid is one there)
     error: str | None = None
     num_requests: int = 0      # in flight now
     num_routed: int = 0        # ever routed to this group
@@ -66,12 +70,12 @@ class HealthReport(msgspec.Struct, kw_only=True):
 class _Tracked:
     state: RequestState
     collector: DeltaCollector
-    group: WorkerGroupClient
+    group: WorkerGroup
     arrival: float              # time.monotonic() on entry to _submit
     last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
 
 
-def _kill_groups(groups: list[WorkerGroupClient]) -> None:
+def _kill_groups(groups: list[WorkerGroup]) -> None:
     for group in groups:
         group.kill()
 
@@ -79,14 +83,16 @@ def _kill_groups(groups: list[WorkerGroupClient]) -> None:
 # The background tasks and callbacks below hold the engine only through a weak reference, so
 # that an engine dropped without shutdown() is collected and its finalizer stops the workers.
 
-async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
+async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup) -> None:
     sock, decode = group.outbox, group.decoder.decode
     while True:
         frame: bytes | None = await sock.recv()
         # Drain what has already arrived, so a burst reaches consumers as merged deltas, but
         # for no longer than DRAIN_BUDGET_S: awaiting a message that is already there does not
         # yield, and consumers, sockets and other requests must get their turn.
-        deadline = time.monotonic() + DRAIN_BUDGET_S
+        now = time.monotonic()
+        group.last_heard = now
+        deadline = now + DRAIN_BUDGET_S
         while frame is not None:
             engine = engine_ref()
             if engine is None:
@@ -120,6 +126,18 @@ async def _poll_group(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupCl
         engine._group_died(group, group.exit_description())
 
 
+async def _watch_remote(engine_ref: weakref.ref[AsyncEngine], group: RemoteWorkerGroup) -> None:
+    while group.dead_reason is None:
+        await asyncio.sleep(REMOTE_CHECK_S)
+        engine = engine_ref()
+        if engine is None:
+            return
+        reason = group.failure()
+        if reason is not None:
+            engine._group_died(group, reason)
+        del engine
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -132,7 +150,8 @@ class AsyncEngine:
         model_class(self.source.hf_config)  # unsupported architectures fail here, not in a worker
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
-        self.groups: list[WorkerGroupClient] = []
+        self.groups: list[WorkerGroup] = []
+        self._listener: WorkerListener | None = None
         self._requests: dict[str, _Tracked] = {}
         self._tasks: list[asyncio.Task] = []
         self._ctx: zmq.asyncio.Context | None = None
@@ -153,10 +172,19 @@ class AsyncEngine:
             return
         self._started = True
         self._ctx = zmq.asyncio.Context()
-        self.groups = [WorkerGroupClient(i, self.config, self._ctx)
-                       for i in range(self.config.num_replicas)]
+        local = self.config.num_replicas
+        remote = [RemoteWorkerGroup(local + i, self.config, self._ctx)
+                  for i in range(self.config.remote_worker_groups)]
+        self.groups = [*(WorkerGroupClient(i, self.config, self._ctx) for i in range(local)),
+                       *remote]
         self._finalizer = weakref.finalize(self, _kill_groups, list(self.groups))
+        loop = asyncio.get_running_loop()
         try:
+            if remote:
+                self._listener = WorkerListener(self.config.worker_listen_address or "",
+                                                self._ctx, remote)
+                self._listener.bind()
+                self._tasks.append(loop.create_task(self._listener.serve()))
             results = await asyncio.gather(*(group.start() for group in self.groups),
                                            return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
@@ -165,7 +193,6 @@ class AsyncEngine:
         except BaseException:
             await self.shutdown()
             raise
-        loop = asyncio.get_running_loop()
         for group in self.groups:
             self._tasks.append(loop.create_task(_output_loop(weakref.ref(self), group)))
             self._watch(group, loop)
@@ -174,6 +201,8 @@ class AsyncEngine:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._listener is not None:
+            self._listener.close()
         for group in self.groups:
             self._unwatch(group)
             await group.shutdown()
@@ -244,7 +273,7 @@ class AsyncEngine:
         )
 
     async def health(self) -> HealthReport:
-        groups = [GroupHealth(group_id=g.group_id, pid=g.pid, alive=g.alive,
+        groups = [GroupHealth(group_id=g.group_id, pid=g.pid, alive=g.alive, host=g.host,
                               error=g.dead_reason, num_requests=g.load.num_requests,
                               num_routed=g.load.num_routed) for g in self.groups]
         healthy = self._started and self._dead is None and all(g.alive for g in groups)
@@ -295,7 +324,7 @@ class AsyncEngine:
                               mm_items=prepared.mm_items))
         return request_id, tracked
 
-    def _route(self, prompt_token_ids: list[int]) -> WorkerGroupClient:
+    def _route(self, prompt_token_ids: list[int]) -> WorkerGroup:
         live = [g for g in self.groups if g.alive]
         if not live:
             raise self._dead or EngineDeadError("no live worker group")
@@ -332,7 +361,7 @@ class AsyncEngine:
 
     # ---- output path -----------------------------------------------------------------------
 
-    def _handle(self, group: WorkerGroupClient, message: Any) -> None:
+    def _handle(self, group: WorkerGroup, message: Any) -> None:
         if isinstance(message, WorkerFailed):
             self._group_died(group, f"{message.error_type}: {message.message}")
             return
@@ -375,7 +404,10 @@ class AsyncEngine:
 
     # ---- health ----------------------------------------------------------------------------
 
-    def _watch(self, group: WorkerGroupClient, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch(self, group: WorkerGroup, loop: asyncio.AbstractEventLoop) -> None:
+        if isinstance(group, RemoteWorkerGroup):   # no process here: liveness is heard
+            self._tasks.append(loop.create_task(_watch_remote(weakref.ref(self), group)))
+            return
         if getattr(group.process, "sentinel", None) is None:   # thread backend
             self._tasks.append(loop.create_task(_poll_group(weakref.ref(self), group)))
             return
@@ -384,7 +416,7 @@ class AsyncEngine:
             loop.add_reader(process.sentinel, _on_group_exit, weakref.ref(self), group)
 
     @staticmethod
-    def _unwatch(group: WorkerGroupClient) -> None:
+    def _unwatch(group: WorkerGroup) -> None:
         for process in group.processes:
             try:
                 sentinel = getattr(process, "sentinel", None)
@@ -402,7 +434,7 @@ class AsyncEngine:
         group.kill_processes()
         self._group_died(group, reason)
 
-    def _group_died(self, group: WorkerGroupClient, reason: str) -> None:
+    def _group_died(self, group: WorkerGroup, reason: str) -> None:
         if group.dead_reason is not None:
             return
         group.mark_dead(reason)

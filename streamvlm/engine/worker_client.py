@@ -34,6 +34,8 @@ def _free_port() -> int:
 
 
 class WorkerGroupClient:
+    host: str | None = None    # this host (remote groups name theirs)
+
     def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context) -> None:
         self.group_id = group_id
         self.config = config
@@ -47,6 +49,7 @@ class WorkerGroupClient:
         self.stats = StepStats()
         self.load = GroupLoad()
         self.dead_reason: str | None = None
+        self.last_heard = 0.0   # of the latest message; only remote groups judge liveness by it
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core

@@ -1,0 +1,206 @@
+"""Worker groups on other hosts: `streamvlm worker --connect` joins a running engine core and is
+routed to like a local replica; liveness both ways is heard from heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import pytest
+
+from streamvlm import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
+from tests.helpers import local_llm, run
+from tests.test_replicas import GREEDY, prompts
+
+TIMEOUT_S = 2.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remote_config(model: Path, port: int) -> EngineConfig:
+    # The local group runs in a thread: fast to start, and its own requests still finish
+    # when the remote one dies.
+    return EngineConfig(model=str(model), max_model_len=256, num_replicas=1,
+                        worker_backend="thread", remote_worker_groups=1,
+                        worker_listen_address=f"tcp://127.0.0.1:{port}",
+                        remote_worker_timeout_s=TIMEOUT_S)
+
+
+@contextmanager
+def spawned(*args: str) -> Iterator[subprocess.Popen]:
+    """A Python subprocess that never outlives the test."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def remote_worker(port: int) -> AbstractContextManager[subprocess.Popen]:
+    return spawned("-m", "streamvlm.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+                   "--join-timeout", "60")
+
+
+def wait_exit(proc: subprocess.Popen, within: float) -> float:
+    """Seconds until ``proc`` exits; fails past ``within``."""
+    start = time.monotonic()
+    proc.wait(timeout=within)
+    return time.monotonic() - start
+
+
+def test_a_remote_group_shares_the_work_with_the_same_outputs(loop, llama_path):
+    requests = prompts(32)
+    with local_llm(llama_path, max_model_len=256) as llm:
+        expected = [o.token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in requests], GREEDY, use_tqdm=False)]
+    port = free_port()
+
+    async def serve() -> tuple[list[list[int]], object]:
+        async with AsyncEngine(remote_config(llama_path, port)) as engine:
+            outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
+                                          for p in requests))
+            return [o.token_ids for o in outs], await engine.health()
+
+    with remote_worker(port) as worker:
+        got, health = run(loop, serve(), timeout=120)
+        # A clean shutdown tells the remote worker to leave at once.
+        wait_exit(worker, within=5)
+    assert got == expected
+    assert health.healthy
+    assert [g.group_id for g in health.groups] == [0, 1]
+    assert health.groups[0].host is None and health.groups[1].host == socket.gethostname()
+    assert health.groups[1].pid == worker.pid
+    routed = [g.num_routed for g in health.groups]
+    assert all(n > 0 for n in routed) and sum(routed) == 32, routed
+    assert worker.returncode == 0, worker.stderr.read()
+
+
+# SIGKILL drops the connection; SIGSTOP keeps it open but silent (only the timeout tells).
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_dead_remote_worker_fails_only_its_own_requests(loop, llama_path, how):
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    port = free_port()
+
+    async def serve(worker: subprocess.Popen) -> None:
+        async with AsyncEngine(remote_config(llama_path, port)) as engine:
+            tasks = [asyncio.ensure_future(engine.generate({"prompt_token_ids": p}, long))
+                     for p in prompts(8)]
+            while sum(g.load.num_requests for g in engine.groups) < 8:
+                await asyncio.sleep(0.01)
+            remote = engine.groups[1]
+            victims = remote.load.num_requests
+            assert 0 < victims < 8
+            os.kill(worker.pid, how)
+            killed = time.monotonic()
+            failed_at: list[float] = []
+
+            async def outcome(task: asyncio.Future) -> object:
+                try:
+                    return await task
+                except EngineDeadError as exc:
+                    failed_at.append(time.monotonic() - killed)
+                    return exc
+
+            results = await asyncio.gather(*(outcome(t) for t in tasks))
+            dead = [r for r in results if isinstance(r, EngineDeadError)]
+            done = [r for r in results if not isinstance(r, BaseException)]
+            assert len(dead) == victims and len(done) == 8 - victims
+            assert max(failed_at) < TIMEOUT_S + 2, failed_at
+            assert all(len(o.token_ids) == 200 for o in done)
+            health = await engine.health()
+            assert not health.healthy
+            assert [g.alive for g in health.groups] == [True, False]
+            assert "remote worker group 1" in health.groups[1].error
+            if how == signal.SIGSTOP:
+                assert "sent nothing for" in health.groups[1].error
+            # New requests avoid the dead group.
+            outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
+                                          for p in prompts(4)))
+            assert all(len(o.token_ids) == 12 for o in outs)
+            assert engine.groups[1].load.num_routed == victims
+
+    with remote_worker(port) as worker:
+        run(loop, serve(worker), timeout=120)
+
+
+CORE = textwrap.dedent("""
+    import asyncio, sys
+    from streamvlm import AsyncEngine, EngineConfig
+    from streamvlm.engine.loop import new_event_loop
+
+    async def main():
+        config = EngineConfig(model=sys.argv[1], max_model_len=256, worker_backend="thread",
+                              remote_worker_groups=1, worker_listen_address=sys.argv[2],
+                              remote_worker_timeout_s=float(sys.argv[3]))
+        async with AsyncEngine(config):
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+
+    new_event_loop().run_until_complete(main())
+""")
+
+
+def test_a_remote_worker_leaves_when_its_core_dies(llama_path):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with remote_worker(port) as worker, \
+            spawned("-c", CORE, str(llama_path), address, str(TIMEOUT_S)) as core:
+        assert core.stdout.readline().strip() == "ready", core.stderr.read()
+        assert worker.poll() is None
+        core.kill()
+        core.wait()
+        # Within its timeout of silence, give or take a poll and the socket linger.
+        assert wait_exit(worker, within=TIMEOUT_S + 3) >= TIMEOUT_S - 1.5
+        assert "nothing from the engine core" in worker.stderr.read()
+
+
+def test_late_workers_are_refused_and_bad_configs_name_the_field(loop, llama_path):
+    with pytest.raises(ValueError, match="worker_listen_address"):
+        EngineConfig(remote_worker_groups=1)
+    with pytest.raises(ValueError, match="worker_listen_address"):
+        EngineConfig(remote_worker_groups=1, worker_listen_address="127.0.0.1:7000")
+    with pytest.raises(ValueError, match="remote_worker_groups"):
+        EngineConfig(remote_worker_groups=-1)
+    with pytest.raises(ValueError, match="remote_worker_timeout_s"):
+        EngineConfig(remote_worker_timeout_s=0)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(remote_worker_groups=1, worker_listen_address="tcp://127.0.0.1:7000",
+                     tensor_parallel_size=2)
+
+    from workers.remote import join_engine
+    port = free_port()
+
+    async def serve() -> None:
+        async with AsyncEngine(remote_config(llama_path, port)):
+            # A second worker for the one remote group is turned away, not left waiting.
+            with pytest.raises(RuntimeError, match="have joined"):
+                await asyncio.to_thread(join_engine, f"tcp://127.0.0.1:{port}", 10)
+
+    with remote_worker(port):
+        run(loop, serve(), timeout=120)
+
+
+def test_the_worker_command_refuses_bad_arguments():
+    from streamvlm.cli import main
+
+    assert main(["worker", "--connect", "localhost:7000"]) == 2
+    assert main(["worker", "--connect", "tcp://127.0.0.1:1", "--devices", "0,1"]) == 2
+    assert main(["worker", "--connect", f"tcp://127.0.0.1:{free_port()}",
+                 "--join-timeout", "0.2"]) == 1
