@@ -13,6 +13,15 @@ Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 
 DEFAULT_MODEL = "smollm2-135m"
+GroupRole = Literal["mixed", "prefill", "decode"]
+
+
+class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One worker group of ``EngineConfig.groups``: what it does and where it runs."""
+
+    role: GroupRole = "mixed"
+    tensor_parallel_size: int = 1
+    devices: list[int] | None = None     # CUDA devices of its ranks; None: the next free ones
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -67,6 +76,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A remote group silent this long is dead; a remote worker that hears nothing from the
     # engine core this long exits. Both sides send heartbeats every second.
     remote_worker_timeout_s: float = 5.0
+    # Disaggregated prefill/decode: one spec per worker group (a role name is short for a spec
+    # of that role), e.g. [{"role": "prefill", "devices": [0]}, {"role": "decode", "devices":
+    # [1]}]. Prefill groups compute prompts and first tokens and hand the KV blocks to decode
+    # groups. None: num_replicas mixed groups of tensor_parallel_size.
+    groups: list[GroupSpec | str] | None = None
+    # A handoff (first token to the decode group holding the KV) that takes longer fails the
+    # request with an error.
+    kv_transfer_timeout_s: float = 30.0
     # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
     # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
     max_images_per_request: int = 8
@@ -106,6 +123,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         self._check_remote_workers()
+        self._check_groups()
         needed = self.num_replicas * self.tensor_parallel_size
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
@@ -122,6 +140,46 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+
+    def _check_groups(self) -> None:
+        if self.kv_transfer_timeout_s <= 0:
+            raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if self.groups is None:
+            return
+        specs = []
+        for entry in self.groups:
+            try:
+                if isinstance(entry, str):
+                    entry = GroupSpec(role=msgspec.convert(entry, GroupRole))
+                elif not isinstance(entry, GroupSpec):
+                    entry = msgspec.convert(entry, GroupSpec)
+            except msgspec.ValidationError as exc:
+                raise ValueError(f"groups: {exc}") from exc
+            specs.append(entry)
+        self.groups = specs
+        if not specs:
+            raise ValueError("groups must list at least one group")
+        roles = {spec.role for spec in specs}
+        if roles & {"prefill", "decode"} and roles != {"prefill", "decode"}:
+            raise ValueError(f"groups must have both prefill and decode groups and no mixed ones, "
+                             f"got roles {sorted(roles)}")
+        for spec in specs:
+            if spec.tensor_parallel_size != 1:
+                raise ValueError("groups: tensor_parallel_size > 1 in a group spec is not supported yet")
+            if spec.devices is not None and len(spec.devices) != spec.tensor_parallel_size:
+                raise ValueError(f"groups: devices {spec.devices} must name tensor_parallel_size="
+                                 f"{spec.tensor_parallel_size} devices")
+        if self.num_replicas != 1 or self.tensor_parallel_size != 1:
+            raise ValueError("groups replaces num_replicas and tensor_parallel_size: leave them at 1")
+        if self.remote_worker_groups:
+            raise ValueError("groups and remote_worker_groups cannot be combined yet")
+
+    @property
+    def group_specs(self) -> list[GroupSpec]:
+        """The local worker groups: ``groups``, or num_replicas mixed groups."""
+        if self.groups is not None:
+            return list(self.groups)   # GroupSpecs after __post_init__
+        return [GroupSpec(tensor_parallel_size=self.tensor_parallel_size) for _ in range(self.num_replicas)]
 
     def _check_remote_workers(self) -> None:
         if self.remote_worker_groups < 0:

@@ -102,10 +102,10 @@ class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True):
     "reserved" (decode group: blocks are reserved; the first ``cached_blocks`` are cached here
     already), "prefilled" (prefill group: prompt computed, first token sent), "sent" (prefill
     group: ``num_bytes`` on their way), "received" (decode group: the KV is in its pool),
-    "failed" (``error``)."""
+    "released" (prefill group: its blocks are free), "failed" (``error``)."""
 
     request_id: str
-    kind: Literal["reserved", "prefilled", "sent", "received", "failed"]
+    kind: Literal["reserved", "prefilled", "sent", "received", "released", "failed"]
     cached_blocks: int = 0
     num_bytes: int = 0
     seconds: float = 0.0

@@ -25,6 +25,7 @@ from streamvlm.config import EngineConfig
 from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, Shutdown,
                                 StepPlan, WorkerFailed, WorkerReady)
 from workers.distributed import TPSetup
+from workers.kv_transfer import KVInbox, KVOutbox
 
 IDLE_POLL_MS = 200
 
@@ -78,11 +79,14 @@ def _heartbeats_meanwhile(outbox: zmq.Socket | None) -> Iterator[None]:
 
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                parent_pid: int | None, on_ready: Callable[[Any], None] | None = None,
-               tp: TPSetup | None = None, device_index: int | None = None) -> None:
+               tp: TPSetup | None = None, device_index: int | None = None,
+               kv_role: str = "mixed", kv_address: str | None = None) -> None:
     """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
     built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group. ``parent_pid``
     None: a remote worker, with no parent to watch; it sends heartbeats and leaves when the
-    engine core has been silent for remote_worker_timeout_s."""
+    engine core has been silent for remote_worker_timeout_s. ``kv_role`` "decode" binds a KV
+    inbox at ``kv_address`` (prefill groups send prompts' KV blocks there); "prefill" gets the
+    sockets to send them."""
     remote = parent_pid is None
     if threading.current_thread() is threading.main_thread() and not remote:
         # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
@@ -117,10 +121,18 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         outbox.close()
         ctx.destroy(linger=0)
         return
+    kv_inbox = KVInbox(ctx, kv_address or "tcp://127.0.0.1:0") if kv_role == "decode" else None
+    if kv_role == "prefill":
+        worker.kv_outbox = KVOutbox(ctx)
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    if kv_inbox is not None:
+        poller.register(kv_inbox.socket, zmq.POLLIN)
     if on_ready is not None:
         on_ready(worker)
     outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
-                                           device=str(worker.runner.device))))
+                                           device=str(worker.runner.device),
+                                           kv_address=kv_inbox.address if kv_inbox else None)))
     # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
     profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
     profiler = cProfile.Profile() if profile_prefix else None
@@ -134,7 +146,11 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                       f"{link.timeout_s:g} s; exiting", file=sys.stderr)
                 return
             timeout = 0 if worker.has_work() else IDLE_POLL_MS
-            if inbox.poll(timeout):
+            ready = dict(poller.poll(timeout))
+            if kv_inbox is not None and kv_inbox.socket in ready:
+                while (transfer := kv_inbox.receive()) is not None:
+                    worker.receive_kv(*transfer)
+            if inbox in ready:
                 if link is not None:
                     link.last_heard = time.monotonic()
                 while True:
@@ -154,7 +170,7 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                 continue
             if worker.has_work():
                 out = worker.step()
-                if out.deltas or out.stats.num_scheduled_tokens:
+                if out.deltas or out.kv_events or out.stats.num_scheduled_tokens:
                     outbox.send(encoder.encode(out))
                     if link is not None:
                         link.last_sent = time.monotonic()
@@ -171,6 +187,10 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
             profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
         inbox.close(linger=0)
         outbox.close()
+        if kv_inbox is not None:
+            kv_inbox.close()
+        if worker.kv_outbox is not None:
+            worker.kv_outbox.close()
         if publisher is not None:
             publisher.close(linger=1000)
         ctx.term()

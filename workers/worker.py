@@ -137,8 +137,9 @@ class Worker:
             self._unreserved.remove(seq)
 
     def has_work(self) -> bool:
-        return (self.scheduler.has_work() or bool(self._pending_deltas) or bool(self._kv_events)
-                or bool(self._unreserved))
+        # Reservations waiting for blocks are retried by the next step, which whatever frees
+        # blocks (a finish, an abort, a transfer) brings about.
+        return self.scheduler.has_work() or bool(self._pending_deltas) or bool(self._kv_events)
 
     # ---- disaggregated prefill/decode: the prefill side -------------------------------------
 
@@ -178,6 +179,7 @@ class Worker:
         if seq is not None:
             del self.sequences[request_id]
             self.scheduler.remove(seq)
+            self._kv_events.append(KVEvent(request_id, "released"))
 
     # ---- disaggregated prefill/decode: the decode side --------------------------------------
 

@@ -31,7 +31,8 @@ from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, 
 from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import AbortRequest, AddRequest, RequestDelta, StepOutput, WorkerFailed
+from streamvlm.protocol import (AbortRequest, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
+                                RequestDelta, SendKV, StepOutput, WorkerFailed)
 from streamvlm.sampling import SamplingParams
 
 EnginePrompt = Prompt | list[Message] | PreparedPrompt
@@ -49,10 +50,16 @@ class EngineStats(msgspec.Struct, kw_only=True):
     num_steps: int         # step outputs received from workers
     encoder_cache_hits: int = 0    # images whose encoder output was reused, since start
     num_encoded_items: int = 0     # images (or embeddings) run through encoders, since start
+    # Disaggregated prefill/decode, since start: handoffs completed, the bytes they moved, and
+    # their time from the prefill group's first token to the decode group holding the KV.
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 class GroupHealth(msgspec.Struct, kw_only=True):
     group_id: int
+    role: str = "mixed"
     pid: int | None
     alive: bool
     host: str | None = None    # a remote group's host (its pid is one there)
@@ -73,6 +80,17 @@ class _Tracked:
     group: WorkerGroup
     arrival: float              # time.monotonic() on entry to _submit
     last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
+    # Disaggregated: the prefill group (``group`` is the decode group), until it has handed off.
+    prefill: WorkerGroup | None = None
+    handed_off: bool = False
+    prefilled_at: float = 0.0
+    transfer_timer: asyncio.TimerHandle | None = None
+
+    def holders(self) -> list[WorkerGroup]:
+        """The groups that may hold this request's blocks now."""
+        if self.prefill is None or self.handed_off:
+            return [self.group]
+        return [self.group, self.prefill]
 
 
 def _kill_groups(groups: list[WorkerGroup]) -> None:
@@ -106,6 +124,13 @@ async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup)
             except zmq.Again:
                 frame = None
         await asyncio.sleep(0)
+
+
+def _transfer_timed_out(engine_ref: weakref.ref[AsyncEngine], request_id: str) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine._fail_one(request_id, f"the KV transfer to the decode group did not complete in "
+                                     f"{engine.config.kv_transfer_timeout_s:g} s")
 
 
 def _on_group_exit(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroupClient) -> None:
@@ -172,11 +197,11 @@ class AsyncEngine:
             return
         self._started = True
         self._ctx = zmq.asyncio.Context()
-        local = self.config.num_replicas
-        remote = [RemoteWorkerGroup(local + i, self.config, self._ctx)
+        specs = self.config.group_specs
+        remote = [RemoteWorkerGroup(len(specs) + i, self.config, self._ctx)
                   for i in range(self.config.remote_worker_groups)]
-        self.groups = [*(WorkerGroupClient(i, self.config, self._ctx) for i in range(local)),
-                       *remote]
+        self.groups = [*(WorkerGroupClient(i, self.config, self._ctx, spec)
+                         for i, spec in enumerate(specs)), *remote]
         self._finalizer = weakref.finalize(self, _kill_groups, list(self.groups))
         loop = asyncio.get_running_loop()
         try:
@@ -196,6 +221,17 @@ class AsyncEngine:
         for group in self.groups:
             self._tasks.append(loop.create_task(_output_loop(weakref.ref(self), group)))
             self._watch(group, loop)
+        inboxes = {g.group_id: g.ready.kv_address for g in self._decode_groups}
+        for group in self._prefill_groups:
+            group.send(ConnectKVPeers(addresses=inboxes))
+
+    @property
+    def _prefill_groups(self) -> list[WorkerGroup]:
+        return [g for g in self.groups if getattr(g, "role", "mixed") == "prefill"]
+
+    @property
+    def _decode_groups(self) -> list[WorkerGroup]:
+        return [g for g in self.groups if getattr(g, "role", "mixed") == "decode"]
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -270,10 +306,13 @@ class AsyncEngine:
             num_steps=self._num_steps,
             encoder_cache_hits=sum(g.stats.encoder_cache_hits for g in live),
             num_encoded_items=sum(g.stats.num_encoded_items for g in live),
+            kv_transfers=self.metrics.kv_transfers,
+            kv_transfer_bytes=self.metrics.kv_transfer_bytes,
+            kv_transfer_seconds=self.metrics.kv_transfer.sum,
         )
 
     async def health(self) -> HealthReport:
-        groups = [GroupHealth(group_id=g.group_id, pid=g.pid, alive=g.alive, host=g.host,
+        groups = [GroupHealth(group_id=g.group_id, role=getattr(g, "role", "mixed"), pid=g.pid, alive=g.alive, host=g.host,
                               error=g.dead_reason, num_requests=g.load.num_requests,
                               num_routed=g.load.num_routed) for g in self.groups]
         healthy = self._started and self._dead is None and all(g.alive for g in groups)
@@ -311,23 +350,36 @@ class AsyncEngine:
             raise ValueError("request_id must be a non-empty string")
         elif request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        group = self._route(prompt_token_ids)
+        disaggregated = bool(self._prefill_groups)
+        if disaggregated:
+            prefill = self._route(prompt_token_ids, "prefill")
+            group = self._route(prompt_token_ids, "decode")
+        else:
+            prefill, group = None, self._route(prompt_token_ids, "mixed")
         tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
-                           DeltaCollector(), group, arrival)
+                           DeltaCollector(), group, arrival, prefill=prefill)
         self._requests[request_id] = tracked
-        group.load.queued_prompt_tokens += len(prompt_token_ids)
-        group.load.num_requests += 1
-        group.load.num_routed += 1
+        for holder in tracked.holders():
+            holder.load.num_requests += 1
+            holder.load.num_routed += 1
+        (prefill or group).load.queued_prompt_tokens += len(prompt_token_ids)
         self.metrics.request_received(len(prompt_token_ids))
-        group.send(AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                              params=params, eos_token_ids=self.processor.eos_token_ids,
-                              mm_items=prepared.mm_items))
+        request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                             params=params, eos_token_ids=self.processor.eos_token_ids,
+                             mm_items=prepared.mm_items)
+        if prefill is None:
+            group.send(request)
+        else:
+            # The decode group reserves blocks (and reports its cached prefix) while the
+            # prefill group computes the prompt.
+            group.send(msgspec.structs.replace(request, kv_role="decode"))
+            prefill.send(msgspec.structs.replace(request, kv_role="prefill", kv_peer=group.group_id))
         return request_id, tracked
 
-    def _route(self, prompt_token_ids: list[int]) -> WorkerGroup:
-        live = [g for g in self.groups if g.alive]
+    def _route(self, prompt_token_ids: list[int], role: str) -> WorkerGroup:
+        live = [g for g in self.groups if g.alive and getattr(g, "role", "mixed") == role]
         if not live:
-            raise self._dead or EngineDeadError("no live worker group")
+            raise self._dead or EngineDeadError(f"no live {role} worker group")
         if len(live) == 1:
             return live[0]
         hashes = prompt_block_hashes(prompt_token_ids, self.config.block_size)
@@ -346,16 +398,26 @@ class AsyncEngine:
         tracked = self._requests.pop(request_id, None)
         if tracked is None:
             return
+        holders = tracked.holders()
         self._finished(tracked, "abort", time.monotonic())
-        if tracked.group.alive:
-            tracked.group.send(AbortRequest(request_ids=[request_id]))
+        self._release(request_id, holders)
+
+    @staticmethod
+    def _release(request_id: str, holders: list[WorkerGroup]) -> None:
+        """Make the live groups in holders free the request's blocks."""
+        for group in holders:
+            if group.alive:
+                group.send(AbortRequest(request_ids=[request_id]))
 
     def _finished(self, tracked: _Tracked, finish_reason: str, now: float) -> None:
         """Count a request that left ``_requests`` (exactly once, whichever way it ended)."""
-        load = tracked.group.load
-        load.num_requests -= 1
+        for holder in tracked.holders():
+            holder.load.num_requests -= 1
+        if tracked.transfer_timer is not None:
+            tracked.transfer_timer.cancel()
         if not tracked.last_token:
-            load.queued_prompt_tokens -= len(tracked.state.output.prompt_token_ids)
+            (tracked.prefill or tracked.group).load.queued_prompt_tokens -= len(
+                tracked.state.output.prompt_token_ids)
         self.metrics.request_finished(finish_reason, now - tracked.arrival,
                                       tracked.state.output.num_cached_tokens)
 
@@ -396,10 +458,51 @@ class AsyncEngine:
                     group.load.queued_prompt_tokens -= len(tracked.state.output.prompt_token_ids)
                 tracked.last_token = now
             if out.finish_reason is not None:
+                holders = tracked.holders()
                 del requests[d.request_id]
                 self._finished(tracked, out.finish_reason, now)
-                if d.finish_reason is None:   # ended here by a stop string: free its blocks
-                    group.send(AbortRequest(request_ids=[d.request_id]))
+                # The group that ended it has freed its blocks, unless a stop string ended it
+                # here; any other holder (a decode group still waiting for the KV) has not.
+                self._release(d.request_id, [g for g in holders
+                                             if g is not group or d.finish_reason is None])
+            tracked.collector.put(out)
+        for event in message.kv_events:
+            self._kv_event(group, event, now)
+
+    # ---- disaggregated prefill/decode ------------------------------------------------------
+
+    def _kv_event(self, group: WorkerGroup, event: KVEvent, now: float) -> None:
+        tracked = self._requests.get(event.request_id)
+        if tracked is None or tracked.prefill is None:
+            return   # ended meanwhile: both sides were told to free it
+        if event.kind == "reserved":
+            tracked.prefill.send(SendKV(request_id=event.request_id, skip_blocks=event.cached_blocks))
+        elif event.kind == "prefilled":
+            tracked.prefilled_at = now
+            tracked.transfer_timer = asyncio.get_running_loop().call_later(
+                self.config.kv_transfer_timeout_s, _transfer_timed_out, weakref.ref(self),
+                event.request_id)
+        elif event.kind == "received":
+            tracked.prefill.send(ReleaseKV(request_id=event.request_id))
+            tracked.prefill.load.num_requests -= 1
+            tracked.handed_off = True
+            if tracked.transfer_timer is not None:
+                tracked.transfer_timer.cancel()
+                tracked.transfer_timer = None
+            self.metrics.kv_transferred(event.num_bytes, now - (tracked.prefilled_at or now))
+        elif event.kind == "failed":
+            self._fail_one(event.request_id, event.error or "KV transfer failed")
+
+    def _fail_one(self, request_id: str, error: str) -> None:
+        """End one request with an error; the groups holding it free its blocks."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        holders = tracked.holders()
+        self._finished(tracked, "error", time.monotonic())
+        self._release(request_id, holders)
+        out = tracked.state.apply(RequestDelta(request_id, [], finish_reason="error", error=error))
+        if out is not None:
             tracked.collector.put(out)
 
     # ---- health ----------------------------------------------------------------------------
@@ -439,7 +542,11 @@ class AsyncEngine:
             return
         group.mark_dead(reason)
         error = EngineDeadError(f"worker group {group.group_id} died: {reason}")
-        self._fail_requests(lambda t: t.group is group, error)
+        # Requests it held fail; the other group of a prefill/decode pair frees their blocks.
+        affected = [(rid, t.holders()) for rid, t in self._requests.items() if group in t.holders()]
+        self._fail_requests(lambda t: group in t.holders(), error)
+        for request_id, holders in affected:
+            self._release(request_id, [g for g in holders if g is not group])
         if not any(g.alive for g in self.groups):
             self._dead = error
 

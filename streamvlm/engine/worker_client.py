@@ -18,7 +18,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from streamvlm.config import EngineConfig
+from streamvlm.config import EngineConfig, GroupSpec
 from streamvlm.engine.router import GroupLoad
 from streamvlm.errors import EngineDeadError
 from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
@@ -36,9 +36,12 @@ def _free_port() -> int:
 class WorkerGroupClient:
     host: str | None = None    # this host (remote groups name theirs)
 
-    def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context,
+                 spec: GroupSpec | None = None) -> None:
         self.group_id = group_id
         self.config = config
+        self.spec = spec or GroupSpec(tensor_parallel_size=config.tensor_parallel_size)
+        self.role = self.spec.role
         self._ctx = ctx
         self._encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
@@ -86,17 +89,19 @@ class WorkerGroupClient:
         config_bytes = msgspec.msgpack.encode(self.config)
         args = (config_bytes, input_address, output_address, os.getpid())
         name = f"streamvlm-worker-{self.group_id}"
-        size = self.config.tensor_parallel_size
+        size = self.spec.tensor_parallel_size
         first = self.group_id * size
-        device_ids = (self.config.devices[first:first + size] if self.config.devices
-                      else list(range(first, first + size)))
+        device_ids = (self.spec.devices or
+                      (self.config.devices[first:first + size] if self.config.devices
+                       else list(range(first, first + size))))
+        kv = {"kv_role": self.role, "kv_address": self._kv_address()}
         if self.config.worker_backend == "thread":
             self.process = threading.Thread(target=run_worker, name=name, daemon=True,
-                                            args=(*args, self._set_local_worker))
+                                            args=(*args, self._set_local_worker), kwargs=kv)
         elif size == 1:
             spawn = multiprocessing.get_context("spawn")
             self.process = spawn.Process(target=run_worker, name=name, daemon=True,
-                                         args=(*args, None, None, device_ids[0]))
+                                         args=(*args, None, None, device_ids[0]), kwargs=kv)
         else:
             from workers.distributed import TPSetup
             from workers.main import run_follower
@@ -133,6 +138,12 @@ class WorkerGroupClient:
                 raise EngineDeadError(f"{reason} during start-up")
         self.kill()
         raise EngineDeadError(f"worker {self.group_id} did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _kv_address(self) -> str | None:
+        """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
+        if self.role != "decode":
+            return None
+        return f"ipc://{self._ipc_dir}/kv" if self._ipc_dir else "tcp://127.0.0.1:0"
 
     def _set_local_worker(self, worker: Any) -> None:
         self.local_worker = worker

@@ -1,0 +1,228 @@
+"""Disaggregated prefill/decode through the engine: prefill groups compute prompts and first
+tokens and hand the KV blocks to decode groups, giving exactly the tokens of one mixed group;
+aborts, timeouts and dead groups leave no block held on either side."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamvlm import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
+from tests.helpers import child_pids, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+SHARED = list(range(100, 140))
+PROMPTS = [[5, 6, 7], list(range(10, 45)), SHARED + [1, 2], SHARED + [3, 4, 5, 6, 7, 8, 9],
+           list(range(200, 290))]
+OPTIONS = dict(max_model_len=256, block_size=8, max_num_batched_tokens=32, num_kv_blocks=128)
+
+
+def engine(path, groups: Any = None, **overrides: Any) -> AsyncEngine:
+    options = {**OPTIONS, "worker_backend": "thread", **overrides}
+    return AsyncEngine(EngineConfig(model=str(path), groups=groups, **options))
+
+
+async def outputs(eng: AsyncEngine, prompts: list[Any], params: SamplingParams = GREEDY,
+                  chat: bool = False) -> list[list[int]]:
+    # The first prompt alone first, so that the others can hit its prefix in both caches.
+    first = await eng.generate(prompts[0] if chat else {"prompt_token_ids": prompts[0]}, params)
+    rest = await asyncio.gather(*(eng.generate(p if chat else {"prompt_token_ids": p}, params)
+                                  for p in prompts[1:]))
+    return [o.token_ids for o in [first, *rest]]
+
+
+def held_blocks(eng: AsyncEngine) -> list[int]:
+    """Blocks each group's worker holds for live requests (thread backend)."""
+    return [sum(1 for r in g.local_worker.pool.ref_counts if r) for g in eng.groups]
+
+
+async def wait_released(eng: AsyncEngine, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = held_blocks(eng)
+        if not any(held) and not any(g.local_worker.sequences for g in eng.groups):
+            return held
+        await asyncio.sleep(0.02)
+    return held_blocks(eng)
+
+
+@pytest.fixture(scope="module")
+def mixed_tokens(loop, checkpoints):
+    async def scenario():
+        async with engine(checkpoints["qwen3"]) as eng:
+            return await outputs(eng, PROMPTS)
+    return run(loop, scenario())
+
+
+@pytest.mark.parametrize("groups", [["prefill", "decode"], ["prefill", "decode", "decode"]],
+                         ids=["1p1d", "1p2d"])
+def test_prefill_decode_gives_the_tokens_of_one_mixed_group(loop, checkpoints, mixed_tokens, groups):
+    async def scenario():
+        async with engine(checkpoints["qwen3"], groups) as eng:
+            got = await outputs(eng, PROMPTS)
+            stats = await eng.stats()
+            health = await eng.health()
+            page = eng.metrics.render(stats).decode()
+            return (got, stats, health, await wait_released(eng), [g.load.num_routed for g in eng.groups],
+                    page)
+    got, stats, health, held, routed, page = run(loop, scenario())
+    assert f"streamvlm:kv_transfers_total {float(len(PROMPTS))}" in page
+    assert f"streamvlm:kv_transfer_bytes_total {float(stats.kv_transfer_bytes)}" in page
+    assert got == mixed_tokens
+    assert stats.kv_transfers == len(PROMPTS) and stats.kv_transfer_bytes > 0
+    assert stats.kv_transfer_seconds > 0
+    assert [g.role for g in health.groups] == groups
+    assert held == [0] * len(groups)
+    if len(groups) == 3:
+        assert routed[1] and routed[2]   # both decode groups got work
+
+
+def test_decode_side_prefix_cache_means_fewer_bytes(loop, checkpoints):
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"]) as eng:
+            await eng.generate({"prompt_token_ids": SHARED + [1]}, GREEDY)
+            first = (await eng.stats()).kv_transfer_bytes
+            await eng.generate({"prompt_token_ids": SHARED + [2]}, GREEDY)
+            return first, (await eng.stats()).kv_transfer_bytes - first
+    first, second = run(loop, scenario())
+    assert 0 < second < first / 4   # 40 shared tokens: 5 cached blocks of 6 are not sent again
+
+
+def test_streaming_starts_with_the_prefill_groups_first_token(loop, checkpoints, mixed_tokens):
+    """The decode group is held back: the first token streams anyway, from the prefill group."""
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"]) as eng:
+            decode = eng.groups[1].local_worker
+            receive = decode.receive_kv
+            arrived: list[Any] = []
+            decode.receive_kv = lambda *transfer: arrived.append(transfer)   # held, not written
+            stream = eng.stream({"prompt_token_ids": PROMPTS[1]}, GREEDY)
+            first = await asyncio.wait_for(stream.__anext__(), 10)
+            assert first.token_ids == mixed_tokens[1][:1] and first.finish_reason is None
+            deadline = time.monotonic() + 5
+            while not arrived and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            decode.receive_kv = receive
+            receive(*arrived[0])
+            rest = [t async for delta in stream for t in delta.token_ids]
+            return first.token_ids + rest
+    assert run(loop, scenario()) == mixed_tokens[1]
+
+
+def test_abort_during_the_transfer_frees_both_sides(loop, checkpoints):
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"]) as eng:
+            decode = eng.groups[1].local_worker
+            decode.receive_kv = lambda *transfer: None      # the KV never lands
+            stream = eng.stream({"prompt_token_ids": PROMPTS[4]}, GREEDY, request_id="r")
+            await asyncio.wait_for(stream.__anext__(), 10)  # prefilled: both sides hold blocks
+            await asyncio.sleep(0.1)
+            assert all(held_blocks(eng))
+            await eng.abort("r")
+            await stream.aclose()
+            return await wait_released(eng)
+    assert run(loop, scenario()) == [0, 0]
+
+
+def test_a_transfer_that_never_completes_fails_the_request(loop, checkpoints):
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"], kv_transfer_timeout_s=0.5) as eng:
+            eng.groups[1].local_worker.receive_kv = lambda *transfer: None
+            start = time.monotonic()
+            out = await eng.generate({"prompt_token_ids": PROMPTS[1]}, GREEDY)
+            elapsed = time.monotonic() - start
+            ok = await eng.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1))
+            return out, elapsed, ok, await wait_released(eng)
+    out, elapsed, ok, held = run(loop, scenario())
+    assert out.finish_reason == "error" and "did not complete in 0.5 s" in out.error
+    assert elapsed < 3
+    assert ok.finish_reason == "length"   # a one-token request needs no handoff
+    assert held == [0, 0]
+
+
+def test_a_killed_decode_group_fails_its_requests_and_the_prefill_group_frees(loop, checkpoints):
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def scenario():
+        options = {**OPTIONS, "max_model_len": 512, "num_kv_blocks": 512}
+        eng = AsyncEngine(EngineConfig(model=str(checkpoints["qwen3"]), groups=["prefill", "decode", "decode"],
+                                       **options))
+        await eng.start()
+        try:
+            streams = [eng.stream({"prompt_token_ids": p}, long) for p in PROMPTS]
+            # Every request has its first token: handed off, or about to be.
+            firsts = [(await asyncio.wait_for(stream.__anext__(), 10)).token_ids for stream in streams]
+
+            async def drain(first, stream):
+                return first + [t async for delta in stream for t in delta.token_ids]
+            tasks = [asyncio.ensure_future(drain(f, s)) for f, s in zip(firsts, streams)]
+            victim = eng.groups[1]
+            os.kill(victim.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            failed_within = time.monotonic() - killed
+            health = await eng.health()
+            await asyncio.sleep(0.3)
+            prefill_stats = eng.groups[0].stats
+            after = await eng.generate({"prompt_token_ids": PROMPTS[1]}, GREEDY)
+            return results, failed_within, health, prefill_stats, after
+        finally:
+            await eng.shutdown()
+
+    results, failed_within, health, prefill_stats, after = run(loop, scenario())
+    dead = [r for r in results if isinstance(r, EngineDeadError)]
+    assert dead and all(isinstance(r, EngineDeadError) or len(r) == long.max_tokens for r in results)
+    assert failed_within < 60
+    assert not health.groups[1].alive and health.groups[2].alive
+    assert prefill_stats.num_used_blocks == 0 and prefill_stats.num_handoffs_held == 0
+    assert len(after.token_ids) == GREEDY.max_tokens
+    assert not child_pids()
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_vlm_requests_through_prefill_and_decode(loop, tmp_path):
+    from tests.checkpoints_qwen2_5_vl import build_qwen2_5_vl_checkpoint
+
+    path = build_qwen2_5_vl_checkpoint(tmp_path / "vl")
+    cat, dog = _image(1, (64, 48)), _image(2, (40, 72))
+
+    def chat(images, text):
+        return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                             {"type": "text", "text": text}]}]
+    conversations = [chat([cat], "What is it?"), chat([], "Just text."), chat([dog, cat], "Compare."),
+                     chat([cat], "What is it?")]
+
+    async def scenario(groups):
+        async with engine(path, groups, max_model_len=512, num_kv_blocks=256) as eng:
+            got = await outputs(eng, conversations, chat=True)
+            stats = await eng.stats()
+            return got, stats
+    mixed, _ = run(loop, scenario(None))
+    split, stats = run(loop, scenario(["prefill", "decode"]))
+    assert split == mixed
+    assert stats.kv_transfers == len(conversations)
+    assert stats.num_encoded_items == 2   # images encoded by the prefill group only, once each
+
+
+def test_group_config_errors():
+    with pytest.raises(ValueError, match="both prefill and decode"):
+        EngineConfig(groups=["prefill", "mixed"])
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+        EngineConfig(groups=[{"role": "prefill", "tensor_parallel_size": 2}, "decode"])
+    with pytest.raises(ValueError, match="groups: "):
+        EngineConfig(groups=[{"role": "prefil"}, "decode"])
+    with pytest.raises(ValueError, match="kv_transfer_timeout_s"):
+        EngineConfig(kv_transfer_timeout_s=0)
+    spec = EngineConfig.from_kwargs(groups=[{"role": "prefill", "devices": [0]}, "decode"]).groups
+    assert [g.role for g in spec] == ["prefill", "decode"] and spec[0].devices == [0]
