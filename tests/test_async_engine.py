@@ -594,3 +594,30 @@ def test_requests_before_start_raise_a_clear_error(loop, llama_path):
         assert not isinstance(info.value, EngineDeadError)
     assert not run(loop, engine.health()).healthy
     assert engine.groups == []
+
+
+def test_a_burst_of_requests_during_a_long_step_loses_none(loop, llama_path):
+    """Thousands of requests sent while the worker is busy queue on the sockets; none is dropped."""
+    from streamvlm import EngineConfig
+
+    async def scenario() -> list:
+        eng = AsyncEngine(EngineConfig(model=str(llama_path), worker_backend="thread", max_model_len=64,
+                                       num_kv_blocks=2048, max_num_seqs=256))
+        async with eng:
+            worker = eng.groups[0].local_worker
+            step = worker.step
+
+            def long_step():
+                time.sleep(1.0)
+                del worker.step
+                return step()
+
+            worker.step = long_step
+            one = SamplingParams(max_tokens=1, ignore_eos=True)
+            first = asyncio.ensure_future(eng.generate({"prompt_token_ids": [1, 2]}, one))
+            await asyncio.sleep(0.2)   # the worker is inside its long step now
+            burst = [eng.generate({"prompt_token_ids": [1, 2, 3 + i % 200]}, one) for i in range(3000)]
+            return [await first, *await asyncio.gather(*burst)]
+
+    outs = run(loop, scenario(), timeout=60)
+    assert len(outs) == 3001 and all(o.finish_reason == "length" for o in outs)

@@ -59,6 +59,7 @@ class KVOutbox:
             if group_id not in self._peers:
                 sock = self._ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)
                 sock.connect(address)
                 self._peers[group_id] = sock
 
@@ -80,6 +81,7 @@ class KVInbox:
     def __init__(self, ctx: zmq.Context, address: str) -> None:
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
         if address.startswith("tcp://") and address.rsplit(":", 1)[-1] == "0":
             port = self.socket.bind_to_random_port(address.rsplit(":", 1)[0])
             address = f"{address.rsplit(':', 1)[0]}:{port}"

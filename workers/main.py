@@ -94,9 +94,11 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
+    inbox.setsockopt(zmq.RCVHWM, 0)   # requests queue here while a step runs; none is dropped
     inbox.connect(input_address)
     outbox = ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 1000)
+    outbox.setsockopt(zmq.SNDHWM, 0)
     if remote:
         # A send the core has not taken within the timeout means the core is gone.
         outbox.setsockopt(zmq.SNDTIMEO, int(config.remote_worker_timeout_s * 1000))

@@ -74,6 +74,8 @@ class RemoteWorkerGroup:
         self.outbox = self._ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.outbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.SNDHWM, 0)    # queue every request, never drop one
+        self.outbox.setsockopt(zmq.RCVHWM, 0)
         # Unbounded: a send that would block then only means the worker is not connected.
         self.inbox.setsockopt(zmq.SNDHWM, 0)
         self._sender = zmq.Socket.shadow(self.inbox.underlying)

@@ -72,6 +72,10 @@ class WorkerGroupClient:
         self.outbox = self._ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.outbox.setsockopt(zmq.LINGER, 0)
+        # No high-water mark: a burst of requests while the worker is in a long step must queue,
+        # not be dropped (a non-blocking send on an asyncio socket would lose it silently).
+        self.inbox.setsockopt(zmq.SNDHWM, 0)
+        self.outbox.setsockopt(zmq.RCVHWM, 0)
         if self.config.worker_transport == "tcp":
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
