@@ -163,9 +163,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if roles & {"prefill", "decode"} and roles != {"prefill", "decode"}:
             raise ValueError(f"groups must have both prefill and decode groups and no mixed ones, "
                              f"got roles {sorted(roles)}")
+        sizes = {spec.tensor_parallel_size for spec in specs}
+        if min(sizes) < 1:
+            raise ValueError("groups: tensor_parallel_size must be >= 1")
+        if len(sizes) > 1:
+            raise ValueError(f"groups: every group needs the same tensor_parallel_size (KV shards pair "
+                             f"rank to rank), got {sorted(sizes)}")
+        if max(sizes) > 1 and self.worker_backend == "thread":
+            raise ValueError("groups with tensor_parallel_size > 1 need worker_backend='process'")
         for spec in specs:
-            if spec.tensor_parallel_size != 1:
-                raise ValueError("groups: tensor_parallel_size > 1 in a group spec is not supported yet")
             if spec.devices is not None and len(spec.devices) != spec.tensor_parallel_size:
                 raise ValueError(f"groups: devices {spec.devices} must name tensor_parallel_size="
                                  f"{spec.tensor_parallel_size} devices")

@@ -187,6 +187,15 @@ class JoinRefused(msgspec.Struct, tag=True, kw_only=True):
     reason: str
 
 
+class KVShardPlan(msgspec.Struct, tag=True, kw_only=True):
+    """From rank 0 to the other ranks of a tensor-parallel group, between steps: "gather" the
+    blocks' KV shards to rank 0 (to send them to a decode group), or "scatter" rank 0's shards
+    (received from a prefill group) into the blocks."""
+
+    op: Literal["gather", "scatter"]
+    block_ids: list[int]
+
+
 class SendKV(msgspec.Struct, tag=True, kw_only=True):
     """To a prefill group: send the request's prompt blocks from ``skip_blocks`` on."""
 

@@ -218,11 +218,31 @@ def test_vlm_requests_through_prefill_and_decode(loop, tmp_path):
 def test_group_config_errors():
     with pytest.raises(ValueError, match="both prefill and decode"):
         EngineConfig(groups=["prefill", "mixed"])
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+    with pytest.raises(ValueError, match="the same tensor_parallel_size"):
         EngineConfig(groups=[{"role": "prefill", "tensor_parallel_size": 2}, "decode"])
+    with pytest.raises(ValueError, match="worker_backend='process'"):
+        EngineConfig(groups=[{"role": "prefill", "tensor_parallel_size": 2},
+                             {"role": "decode", "tensor_parallel_size": 2}], worker_backend="thread")
     with pytest.raises(ValueError, match="groups: "):
         EngineConfig(groups=[{"role": "prefil"}, "decode"])
     with pytest.raises(ValueError, match="kv_transfer_timeout_s"):
         EngineConfig(kv_transfer_timeout_s=0)
     spec = EngineConfig.from_kwargs(groups=[{"role": "prefill", "devices": [0]}, "decode"]).groups
     assert [g.role for g in spec] == ["prefill", "decode"] and spec[0].devices == [0]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_tensor_parallel_prefill_and_decode_groups(loop, checkpoints, arch):
+    """Groups of 2 ranks (gloo): each rank's KV shard goes to the same rank of the decode group.
+    qwen2's 2 KV heads split one per rank; qwen3 has as many."""
+    async def scenario(groups):
+        eng = AsyncEngine(EngineConfig(model=str(checkpoints[arch]), groups=groups, **OPTIONS))
+        async with eng:
+            got = await outputs(eng, PROMPTS)
+            return got, await eng.stats()
+    mixed, _ = run(loop, scenario(None))
+    split, stats = run(loop, scenario([{"role": "prefill", "tensor_parallel_size": 2},
+                                       {"role": "decode", "tensor_parallel_size": 2}]), timeout=120)
+    assert split == mixed
+    assert stats.kv_transfers == len(PROMPTS)
+    assert not child_pids()

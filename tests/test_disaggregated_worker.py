@@ -11,7 +11,7 @@ import pytest
 from streamvlm import SamplingParams
 from streamvlm.protocol import AddRequest, StepOutput
 from tests.helpers import make_worker
-from workers.kv_transfer import KVHeader, unpack_blocks
+from workers.kv_transfer import KVHeader, unpack_shards
 
 BS = 8
 OPTIONS = dict(max_model_len=256, block_size=BS, num_kv_blocks=64, max_num_batched_tokens=32)
@@ -115,7 +115,7 @@ def test_blocks_the_decode_side_caches_are_not_sent(path):
     prefill.send_kv("b", reserved.cached_blocks)
     (_, header, payload), = outbox.sent
     assert header.start_block == 3 and header.num_blocks == 1
-    assert unpack_blocks(header, payload).shape[2] == 1
+    assert unpack_shards(header, payload)[0].shape[2] == 1
     decode.receive_kv(header, payload)
     decode_outs = run_until_idle(decode)
     prefill.release_kv("b")

@@ -62,6 +62,25 @@ def broadcast_int(value: int) -> int:
     return int(t.item())
 
 
+def gather_to_rank0(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's x (same shape) on rank 0, in rank order; [] on the other ranks."""
+    if _size == 1:
+        return [x]
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_size)] if _rank == 0 else None
+    dist.gather(x, parts, dst=0)
+    return parts or []
+
+
+def scatter_from_rank0(parts: list[torch.Tensor] | None, out: torch.Tensor) -> torch.Tensor:
+    """Rank r gets rank 0's parts[r] into out (the other ranks pass parts=None)."""
+    if _size == 1:
+        out.copy_(parts[0])
+        return out
+    dist.scatter(out, [p.contiguous() for p in parts] if _rank == 0 else None, src=0)
+    return out
+
+
 def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's tensor on every rank (the others pass one of the same shape and dtype)."""
     if _size > 1:

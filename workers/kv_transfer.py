@@ -1,10 +1,13 @@
 """KV-cache blocks between worker groups (disaggregated prefill/decode), over ZeroMQ frames.
 
-A decode group binds one PULL socket (its KV inbox); a prefill group holds one PUSH socket per
-decode group. One transfer is two frames: a msgpack KVHeader, then the blocks' keys and values
-as raw bytes, [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] in the cache
-dtype. The engine core never touches the bytes: it only tells the prefill group which blocks
-the decode group already caches, and when the decode group has them.
+A decode group binds one PULL socket (its KV inbox, on rank 0); a prefill group's rank 0 holds
+one PUSH socket per decode group. One transfer is two frames: a msgpack KVHeader, then the
+blocks' keys and values as raw bytes: one shard per tensor-parallel rank, each [num_layers, 2,
+num_blocks, block_size, num_kv_heads of that rank, head_dim] in the cache dtype. Rank 0 gathers
+the shards of its group before sending and scatters them after receiving (torch.distributed),
+so groups of equal tensor-parallel size pair rank to rank. The engine core never touches the
+bytes: it only tells the prefill group which blocks the decode group already caches, and when
+the decode group has them.
 """
 
 from __future__ import annotations
@@ -22,28 +25,30 @@ class KVHeader(msgspec.Struct, kw_only=True):
     start_block: int            # index in the request's block table of the first block sent
     num_blocks: int
     dtype: str
-    shape: list[int]
+    shape: list[int]            # of one shard
+    num_shards: int = 1         # the prefill group's tensor-parallel size
 
 
-def pack_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> tuple[torch.Tensor, bytes]:
-    """The blocks' keys and values of every layer, as one host tensor and its bytes."""
-    index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
-    blocks = kv_cache.index_select(2, index).to("cpu").contiguous()
-    return blocks, blocks.view(torch.uint8).numpy().tobytes() if blocks.numel() else b""
+def pack_shards(shards: list[torch.Tensor]) -> bytes:
+    """The shards (one per rank, same shape) as one payload."""
+    return b"".join(shard.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                    for shard in shards if shard.numel())
 
 
-def unpack_blocks(header: KVHeader, payload: bytes | memoryview) -> torch.Tensor:
+def unpack_shards(header: KVHeader, payload: bytes | memoryview) -> list[torch.Tensor]:
     dtype = TORCH_DTYPES.get(header.dtype)
     if dtype is None:
         raise ValueError(f"KV transfer of unsupported dtype {header.dtype!r}")
-    expected = dtype.itemsize
+    per_shard = dtype.itemsize
     for dim in header.shape:
-        expected *= dim
-    if len(payload) != expected:
-        raise ValueError(f"KV transfer of {len(payload)} bytes, expected {expected} for {header.shape}")
-    if expected == 0:
-        return torch.empty(header.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(payload), dtype=dtype).view(header.shape)
+        per_shard *= dim
+    if len(payload) != per_shard * header.num_shards:
+        raise ValueError(f"KV transfer of {len(payload)} bytes, expected {per_shard * header.num_shards} "
+                         f"for {header.num_shards} shards of {header.shape}")
+    if per_shard == 0:
+        return [torch.empty(header.shape, dtype=dtype) for _ in range(header.num_shards)]
+    flat = torch.frombuffer(bytearray(payload), dtype=dtype)
+    return list(flat.view(header.num_shards, *header.shape).unbind(0))
 
 
 class KVOutbox:

@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from streamvlm.config import EngineConfig
-from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, Shutdown,
+from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, KVShardPlan, Shutdown,
                                 StepPlan, WorkerFailed, WorkerReady)
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox
@@ -226,7 +226,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
     plans = ctx.socket(zmq.SUB)
     plans.setsockopt(zmq.SUBSCRIBE, b"")
     plans.connect(tp.plan_address)
-    decoder = msgspec.msgpack.Decoder(StepPlan | Shutdown)
+    decoder = msgspec.msgpack.Decoder(StepPlan | KVShardPlan | Shutdown)
     try:
         runner = _build_follower_runner(config, tp, device_index)
         while plans.recv() != _HELLO:
@@ -243,7 +243,10 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
             plan = decoder.decode(frame)
             if isinstance(plan, Shutdown):
                 return
-            runner.forward_logits(plan)
+            if isinstance(plan, KVShardPlan):
+                runner.run_kv_plan(plan)
+            else:
+                runner.forward_logits(plan)
     finally:
         plans.close(linger=0)
         ctx.term()

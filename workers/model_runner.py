@@ -11,9 +11,10 @@ import torch
 
 from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
-from streamvlm.protocol import StepPlan
+from streamvlm.protocol import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
-from workers.distributed import broadcast_int, broadcast_tensor
+from workers.distributed import (broadcast_int, broadcast_tensor, gather_to_rank0, scatter_from_rank0,
+                                 tp_size)
 from workers.layers.attention import AttentionMetadata, get_attention_backend
 from workers.loader import load_model
 from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
@@ -161,6 +162,37 @@ class ModelRunner:
             attn.backend = self.backend
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
+
+    def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Rank 0: the blocks' keys and values of every rank of the group (one shard each)."""
+        if self.publish_plan is not None:
+            self.publish_plan(KVShardPlan(op="gather", block_ids=block_ids))
+        return self.run_kv_plan(KVShardPlan(op="gather", block_ids=block_ids))
+
+    def scatter_kv(self, block_ids: list[int], shards: list[torch.Tensor]) -> None:
+        """Rank 0: shard r (from rank r of the prefill group) into rank r's blocks."""
+        if len(shards) != tp_size():
+            raise ValueError(f"{len(shards)} KV shards for a group of tensor_parallel_size {tp_size()}: "
+                             f"prefill and decode groups need equal tensor-parallel sizes")
+        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
+        if any(tuple(shard.shape) != expected for shard in shards):
+            raise ValueError(f"KV shards of shape {tuple(shards[0].shape)} do not fit this pool: "
+                             f"expected {expected}")
+        if self.publish_plan is not None:
+            self.publish_plan(KVShardPlan(op="scatter", block_ids=block_ids))
+        self.run_kv_plan(KVShardPlan(op="scatter", block_ids=block_ids), shards)
+
+    def run_kv_plan(self, plan: KVShardPlan, shards: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Every rank's part of a gather or scatter of KV blocks (followers call it for rank 0's plans)."""
+        index = torch.tensor(plan.block_ids, dtype=torch.int64).to(self.device)
+        if plan.op == "gather":
+            return gather_to_rank0(self.kv_cache.index_select(2, index))
+        mine = torch.empty((*self.kv_cache.shape[:2], len(plan.block_ids), *self.kv_cache.shape[3:]),
+                           dtype=self.dtype, device=self.device)
+        if shards is not None:
+            shards = [shard.to(self.device, self.dtype) for shard in shards]
+        self.kv_cache.index_copy_(2, index, scatter_from_rank0(shards, mine))
+        return []
 
     def write_kv_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Keys and values [num_layers, 2, n, block_size, kv_heads, head_dim] from another group

@@ -10,7 +10,7 @@ from collections import deque
 from streamvlm.protocol import (AbortRequest, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
                                 RequestDelta, SendKV, StepOutput, StepStats)
 from workers.kv_cache import BlockPool
-from workers.kv_transfer import KVHeader, KVOutbox, pack_blocks, unpack_blocks
+from workers.kv_transfer import KVHeader, KVOutbox, pack_shards, unpack_shards
 from workers.model_runner import ModelRunner
 from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler
@@ -162,10 +162,12 @@ class Worker:
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.pool.block_size)
         block_ids = seq.block_table[skip_blocks:num_prompt_blocks]
         try:
-            blocks, payload = pack_blocks(self.runner.kv_cache, block_ids)
+            shards = self.runner.gather_kv(block_ids)
+            payload = pack_shards(shards)
             header = KVHeader(request_id=request_id, first_token=seq.token_ids[seq.num_prompt_tokens],
                               start_block=skip_blocks, num_blocks=len(block_ids),
-                              dtype=str(blocks.dtype).removeprefix("torch."), shape=list(blocks.shape))
+                              dtype=str(shards[0].dtype).removeprefix("torch."), shape=list(shards[0].shape),
+                              num_shards=len(shards))
             self.kv_outbox.send(seq.kv_peer, header, payload)
         except (ValueError, RuntimeError) as exc:
             self._kv_events.append(KVEvent(request_id, "failed", error=f"KV send failed: {exc}"))
@@ -202,12 +204,12 @@ class Worker:
         if seq is None:
             return   # aborted meanwhile: its blocks are already free
         try:
-            blocks = unpack_blocks(header, payload)
+            shards = unpack_shards(header, payload)
             end_block = header.start_block + header.num_blocks
             if end_block * self.pool.block_size < seq.num_prompt_tokens:
                 raise ValueError(f"{header.num_blocks} blocks from {header.start_block} do not cover "
                                  f"the prompt's {seq.num_prompt_tokens} tokens")
-            self.runner.write_kv_blocks(seq.block_table[header.start_block:end_block], blocks)
+            self.runner.scatter_kv(seq.block_table[header.start_block:end_block], shards)
         except (ValueError, RuntimeError) as exc:
             del self.sequences[seq.request_id]
             self.scheduler.remove(seq)

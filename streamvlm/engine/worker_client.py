@@ -115,7 +115,7 @@ class WorkerGroupClient:
                             else f"tcp://127.0.0.1:{_free_port()}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
             self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
-                                         args=(*args, None, setups[0], device_ids[0]))
+                                         args=(*args, None, setups[0], device_ids[0]), kwargs=kv)
             self.followers = [spawn.Process(target=run_follower, name=f"{name}-rank{r}",
                                             daemon=True, args=(config_bytes, setups[r],
                                                                os.getpid(), device_ids[r]))
