@@ -96,21 +96,30 @@ def test_decode_side_prefix_cache_means_fewer_bytes(loop, checkpoints):
 
 
 def test_streaming_starts_with_the_prefill_groups_first_token(loop, checkpoints, mixed_tokens):
-    """The decode group is held back: the first token streams anyway, from the prefill group."""
+    """The decode group holds the KV back: the first token streams anyway, from the prefill group."""
     async def scenario():
         async with engine(checkpoints["qwen3"], ["prefill", "decode"]) as eng:
             decode = eng.groups[1].local_worker
-            receive = decode.receive_kv
-            arrived: list[Any] = []
-            decode.receive_kv = lambda *transfer: arrived.append(transfer)   # held, not written
+            receive, step, has_work = decode.receive_kv, decode.step, decode.has_work
+            held: list[Any] = []
+            released = False
+
+            def held_step():   # runs in the worker's thread: the held KV lands there, in order
+                if released:
+                    while held:
+                        receive(*held.pop(0))
+                return step()
+            decode.receive_kv = lambda *transfer: held.append(transfer)
+            decode.step = held_step
+            decode.has_work = lambda: (released and bool(held)) or has_work()
             stream = eng.stream({"prompt_token_ids": PROMPTS[1]}, GREEDY)
             first = await asyncio.wait_for(stream.__anext__(), 10)
             assert first.token_ids == mixed_tokens[1][:1] and first.finish_reason is None
             deadline = time.monotonic() + 5
-            while not arrived and time.monotonic() < deadline:
+            while not any(header.last for header, _ in held) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            decode.receive_kv = receive
-            receive(*arrived[0])
+            assert held and not decode.scheduler.running   # nothing to decode before the KV lands
+            released = True
             rest = [t async for delta in stream for t in delta.token_ids]
             return first.token_ids + rest
     assert run(loop, scenario()) == mixed_tokens[1]

@@ -124,17 +124,30 @@ def test_blocks_the_decode_side_caches_are_not_sent(path):
     assert first == mixed_tokens(path, shared + [7, 8, 9])
 
 
-def test_send_kv_before_the_prefill_ends_is_kept_until_it_does(path):
-    prefill = make_worker(path, **OPTIONS)
+def test_blocks_stream_as_prefill_chunks_complete_them(path):
+    """A SendKV that comes before the prefill ends: full blocks go chunk by chunk, the rest (with
+    the partial block and the first token) after the first token; the decode side gets the same
+    tokens as from one batch."""
+    prompt = list(range(10, 60))   # 50 tokens: prefilled in chunks of 32 and 18
+    prefill, decode = make_worker(path, **OPTIONS), make_worker(path, **OPTIONS)
     prefill.kv_outbox = outbox = CapturingOutbox()
-    add(prefill, "r", list(range(10, 60)), kv_role="prefill", kv_peer=3)   # two steps of 32
-    prefill.send_kv("r", 0)
-    assert outbox.sent == []
-    run_until_idle(prefill)
-    (peer, header, _), = outbox.sent
-    assert peer == 3 and header.num_blocks == -(-50 // BS)
+    add(decode, "r", prompt, kv_role="decode")
+    add(prefill, "r", prompt, kv_role="prefill", kv_peer=3)
+    [reserved] = events([decode.step()], "reserved")
+    prefill.send_kv("r", reserved.cached_blocks)
+    assert outbox.sent == []   # nothing is computed yet
+    prefill_outs = run_until_idle(prefill)
+    batches = [(h.start_block, h.num_blocks, h.last) for _, h, _ in outbox.sent]
+    assert batches == [(0, 4, False), (4, 2, False), (6, 1, True)]
+    assert all(peer == 3 for peer, _, _ in outbox.sent)
+    assert outbox.sent[-1][1].first_token == tokens(prefill_outs, "r")[0]
+    for _, header, payload in outbox.sent:
+        decode.receive_kv(header, payload)
+    decode_outs = run_until_idle(decode)
     prefill.release_kv("r")
-    assert not any(prefill.pool.ref_counts)
+    assert tokens(prefill_outs, "r") + tokens(decode_outs, "r") == mixed_tokens(path, prompt)
+    assert [e.num_bytes for e in events(decode_outs, "received")] == [sum(len(p) for _, _, p in outbox.sent)]
+    assert not any(prefill.pool.ref_counts) and not any(decode.pool.ref_counts)
 
 
 def test_aborts_free_blocks_on_both_sides_at_every_stage(path):

@@ -20,8 +20,12 @@ from workers.multimodal import TORCH_DTYPES
 
 
 class KVHeader(msgspec.Struct, kw_only=True):
+    """One batch of a request's blocks. Full blocks go as soon as a prefill chunk completes them;
+    the last batch (the rest, with the partial block) follows the first token."""
+
     request_id: str
-    first_token: int            # the token the prefill group sampled after the prompt
+    last: bool                  # the prompt is complete with this batch
+    first_token: int            # the token the prefill group sampled after the prompt (last batch)
     start_block: int            # index in the request's block table of the first block sent
     num_blocks: int
     dtype: str

@@ -58,6 +58,7 @@ class Sequence:
         # prompt's KV arrives from a prefill group.
         self.kv_role = "mixed"
         self.kv_peer = -1
+        self.kv_received_bytes = 0
 
     @property
     def num_tokens(self) -> int:

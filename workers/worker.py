@@ -38,7 +38,7 @@ class Worker:
         # Disaggregated prefill/decode (see workers/kv_transfer.py).
         self.kv_outbox: KVOutbox | None = None           # prefill side, set by the process
         self._handoffs: dict[str, Sequence] = {}         # prefill side: computed, holding blocks
-        self._early_sends: dict[str, int] = {}           # SendKV that came before the prefill ended
+        self._next_block: dict[str, int] = {}            # prefill side: first block not sent yet
         self._receiving: dict[str, Sequence] = {}        # decode side: blocks reserved, KV awaited
         self._unreserved: deque[Sequence] = deque()      # decode side: waiting for free blocks
         self._kv_events: list[KVEvent] = []
@@ -123,7 +123,7 @@ class Worker:
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            self._early_sends.pop(request_id, None)
+            self._next_block.pop(request_id, None)
             seq = self.sequences.pop(request_id, None)
             if seq is not None:
                 self._forget_handoff(seq)
@@ -148,32 +148,45 @@ class Worker:
         self.scheduler.detach(seq)
         self._handoffs[seq.request_id] = seq
         self._kv_events.append(KVEvent(seq.request_id, "prefilled"))
-        skip = self._early_sends.pop(seq.request_id, None)
-        if skip is not None:
-            self.send_kv(seq.request_id, skip)
+        if seq.request_id in self._next_block:
+            self._send_blocks(seq)
 
     def send_kv(self, request_id: str, skip_blocks: int) -> None:
-        """Send the prompt's blocks from skip_blocks on (the decode group caches the ones before)."""
-        seq = self._handoffs.get(request_id)
-        if seq is None:
-            if request_id in self.sequences:     # still prefilling: send when it is done
-                self._early_sends[request_id] = skip_blocks
+        """Send the prompt's blocks from skip_blocks on (the decode group caches the ones before):
+        the full blocks computed so far now, later ones as prefill chunks complete them, the rest
+        once the first token is sampled."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.kv_role != "prefill" or request_id in self._next_block:
             return
-        num_prompt_blocks = -(-seq.num_prompt_tokens // self.pool.block_size)
-        block_ids = seq.block_table[skip_blocks:num_prompt_blocks]
+        self._next_block[request_id] = skip_blocks
+        self._send_blocks(seq)
+
+    def _send_blocks(self, seq: Sequence) -> None:
+        """The blocks of seq's prompt that are ready and not sent yet, as one batch."""
+        bs = self.pool.block_size
+        start = self._next_block.get(seq.request_id)
+        if start is None:
+            return
+        last = seq.request_id in self._handoffs
+        end = -(-seq.num_prompt_tokens // bs) if last else min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
+        if end <= start and not last:
+            return
         try:
-            shards = self.runner.gather_kv(block_ids)
+            shards = self.runner.gather_kv(seq.block_table[start:end])
             payload = pack_shards(shards)
-            header = KVHeader(request_id=request_id, first_token=seq.token_ids[seq.num_prompt_tokens],
-                              start_block=skip_blocks, num_blocks=len(block_ids),
-                              dtype=str(shards[0].dtype).removeprefix("torch."), shape=list(shards[0].shape),
-                              num_shards=len(shards))
+            first_token = seq.token_ids[seq.num_prompt_tokens] if last else -1
+            header = KVHeader(request_id=seq.request_id, last=last, first_token=first_token, start_block=start,
+                              num_blocks=end - start, dtype=str(shards[0].dtype).removeprefix("torch."),
+                              shape=list(shards[0].shape), num_shards=len(shards))
             self.kv_outbox.send(seq.kv_peer, header, payload)
         except (ValueError, RuntimeError) as exc:
-            self._kv_events.append(KVEvent(request_id, "failed", error=f"KV send failed: {exc}"))
+            self._kv_events.append(KVEvent(seq.request_id, "failed", error=f"KV send failed: {exc}"))
             return
+        self._next_block[seq.request_id] = end
+        if last:
+            del self._next_block[seq.request_id]
         self.kv_bytes_sent += len(payload)
-        self._kv_events.append(KVEvent(request_id, "sent", num_bytes=len(payload)))
+        self._kv_events.append(KVEvent(seq.request_id, "sent", num_bytes=len(payload)))
 
     def release_kv(self, request_id: str) -> None:
         """The decode group has the blocks: free them here (they stay in this prefix cache)."""
@@ -199,33 +212,40 @@ class Worker:
             self._kv_events.append(KVEvent(seq.request_id, "reserved", cached_blocks=len(hits)))
 
     def receive_kv(self, header: KVHeader, payload: bytes | memoryview) -> None:
+        """One batch of a request's blocks into its reserved blocks; the last one lets it decode."""
         start = time.monotonic()
-        seq = self._receiving.pop(header.request_id, None)
+        seq = self._receiving.get(header.request_id)
         if seq is None:
             return   # aborted meanwhile: its blocks are already free
         try:
             shards = unpack_shards(header, payload)
             end_block = header.start_block + header.num_blocks
-            if end_block * self.pool.block_size < seq.num_prompt_tokens:
-                raise ValueError(f"{header.num_blocks} blocks from {header.start_block} do not cover "
-                                 f"the prompt's {seq.num_prompt_tokens} tokens")
-            self.runner.scatter_kv(seq.block_table[header.start_block:end_block], shards)
+            if header.last and end_block * self.pool.block_size < seq.num_prompt_tokens:
+                raise ValueError(f"the last blocks end at block {end_block}, short of the prompt's "
+                                 f"{seq.num_prompt_tokens} tokens")
+            if header.num_blocks:
+                self.runner.scatter_kv(seq.block_table[header.start_block:end_block], shards)
         except (ValueError, RuntimeError) as exc:
+            del self._receiving[seq.request_id]
             del self.sequences[seq.request_id]
             self.scheduler.remove(seq)
             self._pending_deltas.append(RequestDelta(seq.request_id, [], finish_reason="error",
                                                      error=f"KV receive failed: {exc}"))
             return
+        self.kv_bytes_received += len(payload)
+        seconds = time.monotonic() - start
+        self.kv_receive_seconds += seconds
+        seq.kv_received_bytes += len(payload)
+        if not header.last:
+            return
+        del self._receiving[seq.request_id]
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.pool.register_full_blocks(seq)
         seq.append_token(header.first_token, None)
         seq.take_pending()   # the prefill group streamed the first token already
         self.scheduler.resume(seq)
-        seconds = time.monotonic() - start
-        self.kv_bytes_received += len(payload)
-        self.kv_receive_seconds += seconds
         self.num_kv_transfers += 1
-        self._kv_events.append(KVEvent(seq.request_id, "received", num_bytes=len(payload), seconds=seconds))
+        self._kv_events.append(KVEvent(seq.request_id, "received", num_bytes=seq.kv_received_bytes))
 
     def step(self) -> StepOutput:
         if self._unreserved:
@@ -247,6 +267,8 @@ class Worker:
                 self.pool.register_full_blocks(chunk.seq)
                 if chunk.seq.encoder_outputs:
                     chunk.seq.release_encoder_outputs()
+                if chunk.seq.request_id in self._next_block:
+                    self._send_blocks(chunk.seq)   # the full blocks this chunk completed
             sampled = self.runner.finish(pending)
             for seq, token, logprobs in zip(pending.seqs, sampled.token_ids, sampled.logprobs):
                 seq.append_token(token, logprobs)
