@@ -123,11 +123,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from workers.remote import run_remote_worker
+    from workers.remote import run_remote_follower, run_remote_worker
 
     try:
-        run_remote_worker(args.connect, model=args.model, devices=args.devices,
-                          join_timeout_s=args.join_timeout)
+        if args.follow:
+            if args.rank is None:
+                raise ValueError("--follow needs --rank (1 .. tensor-parallel-size - 1)")
+            run_remote_follower(args.follow, args.rank, args.tensor_parallel_size, model=args.model,
+                                device=args.device, devices=args.devices)
+        else:
+            run_remote_worker(args.connect, model=args.model, devices=args.devices,
+                              join_timeout_s=args.join_timeout,
+                              tensor_parallel_size=args.tensor_parallel_size,
+                              dist_init_method=args.dist_init_method)
     except RuntimeError as exc:
         print(f"streamvlm worker: error: {exc}", file=sys.stderr)
         return 1
@@ -171,8 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker = commands.add_parser("worker", help="run a worker group for an engine core on "
                                                 "another host (its remote_worker_groups)")
-    worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
-                        help="the engine core's worker_listen_address, as reached from here")
+    role = worker.add_mutually_exclusive_group(required=True)
+    role.add_argument("--connect", metavar="tcp://HOST:PORT",
+                      help="the engine core's worker_listen_address, as reached from here (rank 0)")
+    role.add_argument("--follow", metavar="tcp://HOST:PORT",
+                      help="a rank > 0 of a tensor-parallel group: rank 0's --dist-init-method")
+    worker.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks of this group, on this and other hosts (default: 1)")
+    worker.add_argument("--dist-init-method", metavar="tcp://HOST:PORT",
+                        help="rank 0: where the other ranks join (this host; the next port carries "
+                             "the step plans)")
+    worker.add_argument("--rank", type=int, help="with --follow: this process's rank")
+    worker.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="with --follow: the device type, as rank 0's (default: auto)")
     worker.add_argument("--model", help="the checkpoint on this host (default: the core's)")
     worker.add_argument("--devices", type=_device_list, metavar="N",
                         help="the CUDA device to run on (default: 0)")

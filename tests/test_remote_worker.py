@@ -204,3 +204,49 @@ def test_the_worker_command_refuses_bad_arguments():
     assert main(["worker", "--connect", "tcp://127.0.0.1:1", "--devices", "0,1"]) == 2
     assert main(["worker", "--connect", f"tcp://127.0.0.1:{free_port()}",
                  "--join-timeout", "0.2"]) == 1
+
+
+def test_a_tensor_parallel_group_across_hosts(loop, checkpoints):
+    """Rank 0 joins the core, rank 1 joins rank 0 (torch.distributed rendezvous, gloo) and takes
+    its config: the same tokens as one local replica; a dead rank 1 ends the group, not the core."""
+    path = checkpoints["qwen3"]
+    requests = prompts(16)
+    with local_llm(path, max_model_len=256) as llm:
+        expected = [o.token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in requests], GREEDY, use_tqdm=False)]
+    port, rendezvous = free_port(), free_port()
+    while rendezvous + 1 == port:
+        rendezvous = free_port()
+    init = f"tcp://127.0.0.1:{rendezvous}"
+
+    async def serve(follower: subprocess.Popen) -> tuple:
+        async with AsyncEngine(remote_config(path, port)) as engine:
+            outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
+                                          for p in requests))
+            routed = [g.num_routed for g in (await engine.health()).groups]
+            follower.kill()
+            long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+            results = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, long)
+                                             for p in prompts(8)), return_exceptions=True)
+            health = await engine.health()
+            return [o.token_ids for o in outs], routed, results, health
+
+    with spawned("-m", "streamvlm.cli", "worker", "--follow", init, "--rank", "1",
+                 "--tensor-parallel-size", "2", "--device", "cpu") as follower, \
+            spawned("-m", "streamvlm.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+                    "--tensor-parallel-size", "2", "--dist-init-method", init,
+                    "--join-timeout", "60") as rank0:
+        got, routed, results, health = run(loop, serve(follower), timeout=180)
+        wait_exit(rank0, within=30)
+    assert got == expected
+    assert all(n > 0 for n in routed), routed
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert failed and all(isinstance(r, EngineDeadError) for r in failed), results
+    assert not health.groups[1].alive and health.groups[0].alive
+
+
+def test_worker_follow_needs_a_rank():
+    done = subprocess.run([sys.executable, "-m", "streamvlm.cli", "worker", "--follow",
+                           "tcp://127.0.0.1:1", "--tensor-parallel-size", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--rank" in done.stderr

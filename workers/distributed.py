@@ -17,6 +17,8 @@ class TPSetup:
     size: int
     init_method: str        # tcp://host:port for torch.distributed's rendezvous
     plan_address: str       # rank 0 publishes each step's plan here (ZeroMQ PUB)
+    # Ranks on other hosts: rank 0 hands its EngineConfig to the others over torch.distributed.
+    share_config: bool = False
 
 
 _rank, _size = 0, 1
@@ -37,6 +39,13 @@ def init_tensor_parallel(setup: TPSetup, device: torch.device) -> None:
     dist.init_process_group(backend, init_method=setup.init_method, rank=setup.rank,
                             world_size=setup.size)
     _rank, _size, _device = setup.rank, setup.size, device
+
+
+def broadcast_config_bytes(data: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank (the others pass None)."""
+    box = [data]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

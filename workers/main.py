@@ -28,6 +28,8 @@ from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox
 
 IDLE_POLL_MS = 200
+# A remote follower's model before rank 0's config arrives: "take rank 0's".
+RANK0_MODEL = "@rank0"
 
 
 class _CoreLink:
@@ -169,6 +171,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
             elif not worker.has_work():
                 if not remote and os.getpid() != parent_pid and os.getppid() != parent_pid:
                     return  # orphaned: the engine core is gone (a worker process only)
+                if remote and publisher is not None:
+                    publisher.send(_HELLO)   # ranks on other hosts hear rank 0 is alive
                 continue
             if worker.has_work():
                 out = worker.step()
@@ -215,10 +219,14 @@ def _handshake_followers(publisher: zmq.Socket) -> None:
     joined.wait()
 
 
-def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
+def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
                  device_index: int | None = None) -> None:
-    """Ranks 1..T-1 of a tensor-parallel group: run each step plan rank 0 publishes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ranks 1..T-1 of a tensor-parallel group: run each step plan rank 0 publishes.
+    ``parent_pid`` None: a rank on another host; it leaves when rank 0 has published nothing
+    (rank 0 says hello when idle) for remote_worker_timeout_s."""
+    remote = parent_pid is None
+    if not remote:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch.distributed as dist
 
     config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
@@ -229,14 +237,21 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
     decoder = msgspec.msgpack.Decoder(StepPlan | KVShardPlan | Shutdown)
     try:
         runner = _build_follower_runner(config, tp, device_index)
+        timeout_s = runner.config.remote_worker_timeout_s
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
+        last_heard = time.monotonic()
         while True:
             if not plans.poll(IDLE_POLL_MS):
-                if os.getppid() != parent_pid:
+                if remote and time.monotonic() - last_heard > timeout_s:
+                    print(f"streamvlm worker: nothing from rank 0 for {timeout_s:g} s; exiting",
+                          file=sys.stderr)
+                    return
+                if not remote and os.getppid() != parent_pid:
                     return
                 continue
+            last_heard = time.monotonic()
             frame = plans.recv()
             if frame == _HELLO:
                 continue
@@ -253,9 +268,10 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int,
 
 
 def _prepare_process(config: EngineConfig, tp: TPSetup | None,
-                     device_index: int | None) -> tuple[Any, int]:
-    """Pin the device, size the thread pool, join the tensor-parallel group; returns the model
-    source and max_model_len that every rank builds its model runner from."""
+                     device_index: int | None) -> tuple[EngineConfig, Any, int]:
+    """Pin the device, size the thread pool, join the tensor-parallel group; returns the config
+    (rank 0's, where the ranks share it), the model source and max_model_len that every rank
+    builds its model runner from."""
     import torch
 
     from streamvlm.inputs.processor import resolve_max_model_len
@@ -274,19 +290,27 @@ def _prepare_process(config: EngineConfig, tp: TPSetup | None,
         if device.type == "cpu":
             torch.set_num_threads(1)   # ranks share the host's cores
         init_tensor_parallel(tp, device)
+        if tp.share_config:
+            from workers.distributed import broadcast_config_bytes
+
+            mine = msgspec.msgpack.encode(config) if tp.rank == 0 else None
+            shared = msgspec.msgpack.decode(broadcast_config_bytes(mine), type=EngineConfig)
+            # A host may name its own checkpoint path.
+            model = shared.model if config.model == RANK0_MODEL else config.model
+            config = msgspec.structs.replace(shared, model=model, devices=None)
     source = resolve_model(config.model)
-    return source, resolve_max_model_len(config, source.text_config)
+    return config, source, resolve_max_model_len(config, source.text_config)
 
 
 def _build_worker(config: EngineConfig, tp: TPSetup | None = None,
                   device_index: int | None = None):
     from workers.worker import Worker
 
-    return Worker(config, *_prepare_process(config, tp, device_index))
+    return Worker(*_prepare_process(config, tp, device_index))
 
 
 def _build_follower_runner(config: EngineConfig, tp: TPSetup, device_index: int | None):
     """Followers hold a model shard and its KV cache, but no scheduler or block pool."""
     from workers.model_runner import ModelRunner
 
-    return ModelRunner(config, *_prepare_process(config, tp, device_index))
+    return ModelRunner(*_prepare_process(config, tp, device_index))
