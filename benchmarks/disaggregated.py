@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -37,6 +38,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else 0.0
 
 
+def layout_fields(layout: str) -> dict:
+    """EngineConfig fields of a layout name: "2p6d" (2 prefill + 6 decode groups) or "8mixed"
+    (8 mixed replicas), one device each, in order."""
+    match = re.fullmatch(r"(\d+)p(\d+)d", layout)
+    if match:
+        prefill, decode = int(match[1]), int(match[2])
+        return {"groups": [{"role": "prefill", "devices": [i]} for i in range(prefill)]
+                + [{"role": "decode", "devices": [prefill + i]} for i in range(decode)]}
+    match = re.fullmatch(r"(\d+)mixed", layout)
+    if match:
+        n = int(match[1])
+        return {"num_replicas": n, "devices": list(range(n))}
+    raise SystemExit(f"unknown layout {layout!r}: use e.g. 1p1d, 2p6d or 2mixed")
+
+
 async def mixed_load(args: argparse.Namespace, folder: str, layout: str) -> dict:
     from streamvlm import AsyncEngine, EngineConfig, SamplingParams
 
@@ -44,11 +60,7 @@ async def mixed_load(args: argparse.Namespace, folder: str, layout: str) -> dict
                   device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=False)
-    if layout == "1p1d":
-        config = EngineConfig(groups=[{"role": "prefill", "devices": [0]}, {"role": "decode", "devices": [1]}],
-                              **common)
-    else:
-        config = EngineConfig(num_replicas=2, devices=[0, 1], **common)
+    config = EngineConfig(**layout_fields(layout), **common)
     rng = random.Random(0)
     vocab = min(10000, json.loads((Path(folder) / "config.json").read_text()).get("vocab_size", 10000))
     chat_params = SamplingParams(max_tokens=args.chat_output_len, ignore_eos=True, temperature=0)
@@ -93,7 +105,7 @@ async def mixed_load(args: argparse.Namespace, folder: str, layout: str) -> dict
            "chat_tokens_per_s": round(chat_tokens / elapsed, 1),
            "chat_itl_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else None,
            "chat_itl_ms_p99": round(1000 * percentile(gaps, 99), 2) if gaps else None}
-    if layout == "1p1d":
+    if "p" in layout:
         row.update(kv_transfers=stats.kv_transfers, kv_transfer_bytes=stats.kv_transfer_bytes,
                    kv_transfer_seconds=round(stats.kv_transfer_seconds, 4),
                    kv_bandwidth_gb_s=round(stats.kv_transfer_bytes / stats.kv_transfer_seconds / 1e9, 3)
