@@ -84,6 +84,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A handoff (first token to the decode group holding the KV) that takes longer fails the
     # request with an error.
     kv_transfer_timeout_s: float = 30.0
+    # How KV bytes travel between groups: "zmq" (ZeroMQ frames through host memory) or "peer"
+    # (torch.distributed point-to-point between the groups' rank 0: gloo on CPU, NCCL on CUDA,
+    # GPU to GPU). "auto" is "zmq" for now.
+    kv_transport: Literal["auto", "zmq", "peer"] = "auto"
     # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
     # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
     max_images_per_request: int = 8

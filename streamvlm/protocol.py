@@ -148,6 +148,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     num_kv_blocks: int
     device: str
     kv_address: str | None = None   # a decode group's KV inbox
+    kv_store_address: str | None = None   # its torch.distributed rendezvous (kv_transport "peer")
 
 
 class WorkerFailed(msgspec.Struct, tag=True, kw_only=True):
@@ -210,12 +211,20 @@ class ReleaseKV(msgspec.Struct, tag=True, kw_only=True):
 
 
 class ConnectKVPeers(msgspec.Struct, tag=True, kw_only=True):
-    """To a prefill group: the KV inboxes of the decode groups, by group id."""
+    """To a prefill group: the KV inboxes of the decode groups, by group id, and with
+    kv_transport "peer" their rendezvous stores."""
 
     addresses: dict[int, str]
+    stores: dict[int, str] = {}
+
+
+class AcceptKVPeers(msgspec.Struct, tag=True, kw_only=True):
+    """To a decode group (kv_transport "peer"): make the links with these prefill groups."""
+
+    prefill_groups: list[int]
 
 
 CoreToWorker = (AddRequest | AbortRequest | Shutdown | Heartbeat | SendKV | ReleaseKV
-                | ConnectKVPeers)
+                | ConnectKVPeers | AcceptKVPeers)
 WorkerToCore = StepOutput | WorkerReady | WorkerFailed | Heartbeat
 JoinReply = JoinAccepted | JoinRefused

@@ -61,11 +61,12 @@ def mixed_tokens(loop, checkpoints):
     return run(loop, scenario())
 
 
+@pytest.mark.parametrize("transport", ["zmq", "peer"])
 @pytest.mark.parametrize("groups", [["prefill", "decode"], ["prefill", "decode", "decode"]],
                          ids=["1p1d", "1p2d"])
-def test_prefill_decode_gives_the_tokens_of_one_mixed_group(loop, checkpoints, mixed_tokens, groups):
+def test_prefill_decode_gives_the_tokens_of_one_mixed_group(loop, checkpoints, mixed_tokens, groups, transport):
     async def scenario():
-        async with engine(checkpoints["qwen3"], groups) as eng:
+        async with engine(checkpoints["qwen3"], groups, kv_transport=transport) as eng:
             got = await outputs(eng, PROMPTS)
             stats = await eng.stats()
             health = await eng.health()
@@ -240,12 +241,13 @@ def test_group_config_errors():
     assert [g.role for g in spec] == ["prefill", "decode"] and spec[0].devices == [0]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
-def test_tensor_parallel_prefill_and_decode_groups(loop, checkpoints, arch):
+@pytest.mark.parametrize("arch, transport", [("qwen3", "zmq"), ("qwen2", "peer")])
+def test_tensor_parallel_prefill_and_decode_groups(loop, checkpoints, arch, transport):
     """Groups of 2 ranks (gloo): each rank's KV shard goes to the same rank of the decode group.
     qwen2's 2 KV heads split one per rank; qwen3 has as many."""
     async def scenario(groups):
-        eng = AsyncEngine(EngineConfig(model=str(checkpoints[arch]), groups=groups, **OPTIONS))
+        eng = AsyncEngine(EngineConfig(model=str(checkpoints[arch]), groups=groups, kv_transport=transport,
+                                       **OPTIONS))
         async with eng:
             got = await outputs(eng, PROMPTS)
             return got, await eng.stats()
@@ -255,3 +257,20 @@ def test_tensor_parallel_prefill_and_decode_groups(loop, checkpoints, arch):
     assert split == mixed
     assert stats.kv_transfers == len(PROMPTS)
     assert not child_pids()
+
+
+def test_peer_link_abort_keeps_the_link_in_order(loop, checkpoints, mixed_tokens):
+    """kv_transport "peer": a transfer for a request the decode side aborted is still taken off
+    the link, so the next request's blocks arrive whole."""
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"], kv_transport="peer") as eng:
+            decode = eng.groups[1].local_worker
+            stream = eng.stream({"prompt_token_ids": PROMPTS[4]}, GREEDY, request_id="gone")
+            await asyncio.wait_for(stream.__anext__(), 10)
+            await eng.abort("gone")
+            await stream.aclose()
+            out = await eng.generate({"prompt_token_ids": PROMPTS[1]}, GREEDY)
+            return out.token_ids, await wait_released(eng), decode.kv_bytes_received
+    tokens, held, received = run(loop, scenario())
+    assert tokens == mixed_tokens[1]
+    assert held == [0, 0] and received > 0

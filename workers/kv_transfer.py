@@ -1,4 +1,4 @@
-"""KV-cache blocks between worker groups (disaggregated prefill/decode), over ZeroMQ frames.
+"""KV-cache blocks between worker groups (disaggregated prefill/decode).
 
 A decode group binds one PULL socket (its KV inbox, on rank 0); a prefill group's rank 0 holds
 one PUSH socket per decode group. One transfer is two frames: a msgpack KVHeader, then the
@@ -8,12 +8,20 @@ the shards of its group before sending and scatters them after receiving (torch.
 so groups of equal tensor-parallel size pair rank to rank. The engine core never touches the
 bytes: it only tells the prefill group which blocks the decode group already caches, and when
 the decode group has them.
+
+Two ways for the bytes (``kv_transport``): in the second ZeroMQ frame ("zmq", through host
+memory), or over a torch.distributed point-to-point link between the two groups' rank 0 ("peer",
+a 2-rank process group per prefill/decode pair, rendezvous on a TCPStore the decode group hosts:
+gloo on CPU, NCCL on CUDA, so GPU memory goes GPU to GPU). The header always goes over ZeroMQ.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import msgspec
 import torch
+import torch.distributed as dist
 import zmq
 
 from workers.multimodal import TORCH_DTYPES
@@ -31,6 +39,8 @@ class KVHeader(msgspec.Struct, kw_only=True):
     dtype: str
     shape: list[int]            # of one shard
     num_shards: int = 1         # the prefill group's tensor-parallel size
+    source_group: int = -1      # the prefill group; with ``via_peer_link``, the bytes come over its link
+    via_peer_link: bool = False
 
 
 def pack_shards(shards: list[torch.Tensor]) -> bytes:
@@ -53,6 +63,62 @@ def unpack_shards(header: KVHeader, payload: bytes | memoryview) -> list[torch.T
         return [torch.empty(header.shape, dtype=dtype) for _ in range(header.num_shards)]
     flat = torch.frombuffer(bytearray(payload), dtype=dtype)
     return list(flat.view(header.num_shards, *header.shape).unbind(0))
+
+
+def _pair_group(store: dist.Store, pair: str, rank: int, device: torch.device,
+                timeout_s: float) -> dist.ProcessGroup:
+    """The 2-rank process group of one prefill/decode pair (rank 0: decode, rank 1: prefill)."""
+    prefixed = dist.PrefixStore(pair, store)
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(prefixed, rank, 2)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timedelta(seconds=timeout_s))
+
+
+class KVPeerLinks:
+    """torch.distributed links from this group's rank 0 to other groups' rank 0, by group id.
+
+    A decode group hosts the TCPStore (``host()``); prefill groups join it (``connect``). Both
+    sides make the pairs in increasing group-id order, so that every rendezvous finds its peer."""
+
+    def __init__(self, group_id: int, device: torch.device, timeout_s: float = 60.0) -> None:
+        self.group_id = group_id
+        self.device = device
+        self.timeout_s = timeout_s
+        self._store: dist.TCPStore | None = None
+        self._links: dict[int, dist.ProcessGroup] = {}
+        self._in_flight: list[tuple[object, torch.Tensor]] = []   # sends and the tensors they read
+
+    def host(self, host: str = "127.0.0.1") -> str:
+        """Decode side: open the rendezvous store; returns its address for prefill groups."""
+        self._store = dist.TCPStore(host, 0, None, True, timeout=timedelta(seconds=self.timeout_s),
+                                    wait_for_workers=False)
+        return f"tcp://{host}:{self._store.port}"
+
+    def accept(self, prefill_groups: list[int]) -> None:
+        """Decode side: make the pair with each prefill group (blocks until each has joined)."""
+        for group_id in sorted(prefill_groups):
+            self._links[group_id] = _pair_group(self._store, f"{group_id}-{self.group_id}", 0, self.device,
+                                                self.timeout_s)
+
+    def connect(self, stores: dict[int, str]) -> None:
+        """Prefill side: join each decode group's store and make the pair."""
+        for group_id in sorted(stores):
+            host, port = stores[group_id].removeprefix("tcp://").rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), None, False, timeout=timedelta(seconds=self.timeout_s))
+            self._links[group_id] = _pair_group(store, f"{self.group_id}-{group_id}", 1, self.device,
+                                                self.timeout_s)
+
+    def send(self, group_id: int, blocks: torch.Tensor) -> None:
+        """Start sending; the tensor is kept until the send completes."""
+        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+        blocks = blocks.contiguous()
+        self._in_flight.append((self._links[group_id].send([blocks], 0, 0), blocks))
+
+    def receive(self, group_id: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The next tensor the prefill group sends (it follows its header, so it is on its way)."""
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        self._links[group_id].recv([out], 1, 0).wait()
+        return out
 
 
 class KVOutbox:

@@ -25,7 +25,7 @@ from streamvlm.config import EngineConfig
 from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, KVShardPlan, Shutdown,
                                 StepPlan, WorkerFailed, WorkerReady)
 from workers.distributed import TPSetup
-from workers.kv_transfer import KVInbox, KVOutbox
+from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
 
 IDLE_POLL_MS = 200
 # A remote follower's model before rank 0's config arrives: "take rank 0's".
@@ -82,7 +82,7 @@ def _heartbeats_meanwhile(outbox: zmq.Socket | None) -> Iterator[None]:
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                parent_pid: int | None, on_ready: Callable[[Any], None] | None = None,
                tp: TPSetup | None = None, device_index: int | None = None,
-               kv_role: str = "mixed", kv_address: str | None = None) -> None:
+               kv_role: str = "mixed", kv_address: str | None = None, kv_group_id: int = -1) -> None:
     """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
     built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group. ``parent_pid``
     None: a remote worker, with no parent to watch; it sends heartbeats and leaves when the
@@ -128,6 +128,11 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     kv_inbox = KVInbox(ctx, kv_address or "tcp://127.0.0.1:0") if kv_role == "decode" else None
     if kv_role == "prefill":
         worker.kv_outbox = KVOutbox(ctx)
+    kv_store_address = None
+    if kv_role != "mixed" and config.kv_transport == "peer":
+        worker.kv_links = KVPeerLinks(kv_group_id, worker.runner.device, config.kv_transfer_timeout_s)
+        if kv_role == "decode":
+            kv_store_address = worker.kv_links.host()
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     if kv_inbox is not None:
@@ -136,7 +141,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         on_ready(worker)
     outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
                                            device=str(worker.runner.device),
-                                           kv_address=kv_inbox.address if kv_inbox else None)))
+                                           kv_address=kv_inbox.address if kv_inbox else None,
+                                           kv_store_address=kv_store_address)))
     # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
     profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
     profiler = cProfile.Profile() if profile_prefix else None

@@ -7,10 +7,13 @@ from streamvlm.model_source import ModelSource
 import time
 from collections import deque
 
-from streamvlm.protocol import (AbortRequest, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
-                                RequestDelta, SendKV, StepOutput, StepStats)
+import torch
+
+from streamvlm.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent,
+                                ReleaseKV, RequestDelta, SendKV, StepOutput, StepStats)
 from workers.kv_cache import BlockPool
-from workers.kv_transfer import KVHeader, KVOutbox, pack_shards, unpack_shards
+from workers.kv_transfer import KVHeader, KVOutbox, KVPeerLinks, pack_shards, unpack_shards
+from workers.multimodal import TORCH_DTYPES
 from workers.model_runner import ModelRunner
 from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler
@@ -37,6 +40,7 @@ class Worker:
         self._pending_deltas: list[RequestDelta] = []
         # Disaggregated prefill/decode (see workers/kv_transfer.py).
         self.kv_outbox: KVOutbox | None = None           # prefill side, set by the process
+        self.kv_links: KVPeerLinks | None = None         # kv_transport "peer", set by the process
         self._handoffs: dict[str, Sequence] = {}         # prefill side: computed, holding blocks
         self._next_block: dict[str, int] = {}            # prefill side: first block not sent yet
         self._receiving: dict[str, Sequence] = {}        # decode side: blocks reserved, KV awaited
@@ -60,6 +64,12 @@ class Worker:
             if self.kv_outbox is None:
                 raise RuntimeError("ConnectKVPeers reached a worker without a KV outbox")
             self.kv_outbox.connect(message.addresses)
+            if self.kv_links is not None:
+                self.kv_links.connect(message.stores)
+        elif isinstance(message, AcceptKVPeers):
+            if self.kv_links is None:
+                raise RuntimeError("AcceptKVPeers reached a worker without peer links")
+            self.kv_links.accept(message.prefill_groups)
         else:
             raise TypeError(f"unexpected message {type(message).__name__}")
 
@@ -173,20 +183,28 @@ class Worker:
             return
         try:
             shards = self.runner.gather_kv(seq.block_table[start:end])
-            payload = pack_shards(shards)
+            links = self.kv_links
+            payload = b"" if links is not None else pack_shards(shards)
             first_token = seq.token_ids[seq.num_prompt_tokens] if last else -1
             header = KVHeader(request_id=seq.request_id, last=last, first_token=first_token, start_block=start,
                               num_blocks=end - start, dtype=str(shards[0].dtype).removeprefix("torch."),
-                              shape=list(shards[0].shape), num_shards=len(shards))
+                              shape=list(shards[0].shape), num_shards=len(shards),
+                              source_group=links.group_id if links else -1, via_peer_link=links is not None)
             self.kv_outbox.send(seq.kv_peer, header, payload)
+            if links is not None:   # the bytes follow their header, device to device
+                blocks = torch.stack(shards)
+                links.send(seq.kv_peer, blocks)
+                num_bytes = blocks.numel() * blocks.element_size()
+            else:
+                num_bytes = len(payload)
         except (ValueError, RuntimeError) as exc:
             self._kv_events.append(KVEvent(seq.request_id, "failed", error=f"KV send failed: {exc}"))
             return
         self._next_block[seq.request_id] = end
         if last:
             del self._next_block[seq.request_id]
-        self.kv_bytes_sent += len(payload)
-        self._kv_events.append(KVEvent(seq.request_id, "sent", num_bytes=len(payload)))
+        self.kv_bytes_sent += num_bytes
+        self._kv_events.append(KVEvent(seq.request_id, "sent", num_bytes=num_bytes))
 
     def release_kv(self, request_id: str) -> None:
         """The decode group has the blocks: free them here (they stay in this prefix cache)."""
@@ -214,11 +232,17 @@ class Worker:
     def receive_kv(self, header: KVHeader, payload: bytes | memoryview) -> None:
         """One batch of a request's blocks into its reserved blocks; the last one lets it decode."""
         start = time.monotonic()
+        peer_blocks = None
+        if header.via_peer_link:
+            # Taken off the link even for an aborted request: the link delivers in order.
+            peer_blocks = self.kv_links.receive(header.source_group, [header.num_shards, *header.shape],
+                                                TORCH_DTYPES[header.dtype])
+            payload = memoryview(b"")
         seq = self._receiving.get(header.request_id)
         if seq is None:
             return   # aborted meanwhile: its blocks are already free
         try:
-            shards = unpack_shards(header, payload)
+            shards = unpack_shards(header, payload) if peer_blocks is None else list(peer_blocks.unbind(0))
             end_block = header.start_block + header.num_blocks
             if header.last and end_block * self.pool.block_size < seq.num_prompt_tokens:
                 raise ValueError(f"the last blocks end at block {end_block}, short of the prompt's "
@@ -232,10 +256,11 @@ class Worker:
             self._pending_deltas.append(RequestDelta(seq.request_id, [], finish_reason="error",
                                                      error=f"KV receive failed: {exc}"))
             return
-        self.kv_bytes_received += len(payload)
+        num_bytes = len(payload) if peer_blocks is None else peer_blocks.numel() * peer_blocks.element_size()
+        self.kv_bytes_received += num_bytes
         seconds = time.monotonic() - start
         self.kv_receive_seconds += seconds
-        seq.kv_received_bytes += len(payload)
+        seq.kv_received_bytes += num_bytes
         if not header.last:
             return
         del self._receiving[seq.request_id]

@@ -31,7 +31,7 @@ from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, 
 from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import (AbortRequest, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
+from streamvlm.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
                                 RequestDelta, SendKV, StepOutput, WorkerFailed)
 from streamvlm.sampling import SamplingParams
 
@@ -221,9 +221,14 @@ class AsyncEngine:
         for group in self.groups:
             self._tasks.append(loop.create_task(_output_loop(weakref.ref(self), group)))
             self._watch(group, loop)
-        inboxes = {g.group_id: g.ready.kv_address for g in self._decode_groups}
-        for group in self._prefill_groups:
-            group.send(ConnectKVPeers(addresses=inboxes))
+        decode, prefill = self._decode_groups, self._prefill_groups
+        inboxes = {g.group_id: g.ready.kv_address for g in decode}
+        stores = {g.group_id: g.ready.kv_store_address for g in decode if g.ready.kv_store_address}
+        for group in decode:
+            if stores:   # kv_transport "peer": links with every prefill group
+                group.send(AcceptKVPeers(prefill_groups=[g.group_id for g in prefill]))
+        for group in prefill:
+            group.send(ConnectKVPeers(addresses=inboxes, stores=stores))
 
     @property
     def _prefill_groups(self) -> list[WorkerGroup]:

@@ -98,7 +98,7 @@ class WorkerGroupClient:
         device_ids = (self.spec.devices or
                       (self.config.devices[first:first + size] if self.config.devices
                        else list(range(first, first + size))))
-        kv = {"kv_role": self.role, "kv_address": self._kv_address()}
+        kv = {"kv_role": self.role, "kv_address": self._kv_address(), "kv_group_id": self.group_id}
         if self.config.worker_backend == "thread":
             self.process = threading.Thread(target=run_worker, name=name, daemon=True,
                                             args=(*args, self._set_local_worker), kwargs=kv)
