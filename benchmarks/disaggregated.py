@@ -159,23 +159,28 @@ def raw_send_recv_bandwidth(num_bytes: int, device: str, repeats: int = 20) -> f
     return result
 
 
+def add_mixed_load_args(parser: argparse.ArgumentParser, chats: int, burst_size: int) -> None:
+    """The flags of the mixed load, shared with scaling.py."""
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--chats", type=int, default=chats)
+    parser.add_argument("--chat-prompt-len", type=int, default=128)
+    parser.add_argument("--chat-output-len", type=int, default=256)
+    parser.add_argument("--burst-every", type=float, default=5.0)
+    parser.add_argument("--burst-size", type=int, default=burst_size)
+    parser.add_argument("--burst-prompt-len", type=int, default=8192)
+    parser.add_argument("--burst-output-len", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=10240)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-8b", help=f"one of {', '.join(SHAPES)}")
     parser.add_argument("--model", help="a checkpoint folder instead of --shape (its own weights)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--chats", type=int, default=32)
-    parser.add_argument("--chat-prompt-len", type=int, default=128)
-    parser.add_argument("--chat-output-len", type=int, default=256)
-    parser.add_argument("--burst-every", type=float, default=5.0)
-    parser.add_argument("--burst-size", type=int, default=4)
-    parser.add_argument("--burst-prompt-len", type=int, default=8192)
-    parser.add_argument("--burst-output-len", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=10240)
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_mixed_load_args(parser, chats=32, burst_size=4)
     parser.add_argument("--layouts", default="1p1d,2mixed")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.disaggregated import mixed_load  # noqa: E402
+from benchmarks.disaggregated import add_mixed_load_args, mixed_load  # noqa: E402
 from benchmarks.shapes import shape_folder  # noqa: E402
 from benchmarks.throughput import workload  # noqa: E402
 
@@ -110,18 +110,7 @@ def main() -> None:
     parser.add_argument("--latency-output-len", type=int, default=128)
     parser.add_argument("--layouts", default="2p6d,4p4d", help="prefill/decode layouts; N mixed replicas is added")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: replicas,tp,pd")
-    # The mixed load (see disaggregated.py).
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--chats", type=int, default=128)
-    parser.add_argument("--chat-prompt-len", type=int, default=128)
-    parser.add_argument("--chat-output-len", type=int, default=256)
-    parser.add_argument("--burst-every", type=float, default=5.0)
-    parser.add_argument("--burst-size", type=int, default=16)
-    parser.add_argument("--burst-prompt-len", type=int, default=8192)
-    parser.add_argument("--burst-output-len", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=10240)
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_mixed_load_args(parser, chats=128, burst_size=16)   # the mixed load of disaggregated.py
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
