@@ -194,16 +194,6 @@ class ModelRunner:
         self.kv_cache.index_copy_(2, index, scatter_from_rank0(shards, mine))
         return []
 
-    def write_kv_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
-        """Keys and values [num_layers, 2, n, block_size, kv_heads, head_dim] from another group
-        into blocks block_ids of this pool."""
-        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
-        if tuple(blocks.shape) != expected:
-            raise ValueError(f"KV blocks of shape {tuple(blocks.shape)} do not fit this pool: "
-                             f"expected {expected}")
-        index = torch.tensor(block_ids, dtype=torch.int64).to(self.device)
-        self.kv_cache.index_copy_(2, index, blocks.to(self.device, self.dtype))
-
     def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         """What every rank needs to run this step's forward pass."""
         input_ids: list[int] = []
@@ -359,10 +349,7 @@ class ModelRunner:
             return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device)
         input_ids, positions, meta, logits_rows = self._prepare(plan)
         self.backend.prepare(meta)
-        mm = self._mm_embeds(plan, embeds)
-        if mm is None:
-            return self.model(input_ids, positions, meta), logits_rows
-        return self.model(input_ids, positions, meta, mm), logits_rows
+        return self.model(input_ids, positions, meta, self._mm_embeds(plan, embeds)), logits_rows
 
     @torch.inference_mode()
     def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan,

@@ -184,6 +184,7 @@ class AsyncEngine:
         self._started = False
         self._finalizer: weakref.finalize | None = None
         self._num_steps = 0
+        self._disaggregated = False   # prefill and decode groups instead of mixed ones
         self.metrics = EngineMetrics()   # Prometheus text via streamvlm.metrics.render_metrics
 
     @classmethod
@@ -222,6 +223,7 @@ class AsyncEngine:
             self._tasks.append(loop.create_task(_output_loop(weakref.ref(self), group)))
             self._watch(group, loop)
         decode, prefill = self._decode_groups, self._prefill_groups
+        self._disaggregated = bool(prefill)
         inboxes = {g.group_id: g.ready.kv_address for g in decode}
         stores = {g.group_id: g.ready.kv_store_address for g in decode if g.ready.kv_store_address}
         for group in decode:
@@ -232,11 +234,11 @@ class AsyncEngine:
 
     @property
     def _prefill_groups(self) -> list[WorkerGroup]:
-        return [g for g in self.groups if getattr(g, "role", "mixed") == "prefill"]
+        return [g for g in self.groups if g.role == "prefill"]
 
     @property
     def _decode_groups(self) -> list[WorkerGroup]:
-        return [g for g in self.groups if getattr(g, "role", "mixed") == "decode"]
+        return [g for g in self.groups if g.role == "decode"]
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -317,7 +319,7 @@ class AsyncEngine:
         )
 
     async def health(self) -> HealthReport:
-        groups = [GroupHealth(group_id=g.group_id, role=getattr(g, "role", "mixed"), pid=g.pid, alive=g.alive, host=g.host,
+        groups = [GroupHealth(group_id=g.group_id, role=g.role, pid=g.pid, alive=g.alive, host=g.host,
                               error=g.dead_reason, num_requests=g.load.num_requests,
                               num_routed=g.load.num_routed) for g in self.groups]
         healthy = self._started and self._dead is None and all(g.alive for g in groups)
@@ -355,8 +357,7 @@ class AsyncEngine:
             raise ValueError("request_id must be a non-empty string")
         elif request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        disaggregated = bool(self._prefill_groups)
-        if disaggregated:
+        if self._disaggregated:
             prefill = self._route(prompt_token_ids, "prefill")
             group = self._route(prompt_token_ids, "decode")
         else:
@@ -382,7 +383,7 @@ class AsyncEngine:
         return request_id, tracked
 
     def _route(self, prompt_token_ids: list[int], role: str) -> WorkerGroup:
-        live = [g for g in self.groups if g.alive and getattr(g, "role", "mixed") == role]
+        live = [g for g in self.groups if g.alive and g.role == role]
         if not live:
             raise self._dead or EngineDeadError(f"no live {role} worker group")
         if len(live) == 1:

@@ -24,6 +24,7 @@ SHUTDOWN_LINGER_MS = 1000
 
 
 class RemoteWorkerGroup:
+    role = "mixed"   # remote groups are replicas (prefill/decode groups are local)
     def __init__(self, group_id: int, config: EngineConfig, ctx: zmq.asyncio.Context) -> None:
         self.group_id = group_id
         self.config = config

@@ -19,6 +19,7 @@ from workers.layers.attention import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
+from workers.multimodal import MultiModalEmbeds
 
 # Fused parameter -> the checkpoint projections it holds, in order.
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -237,9 +238,13 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                mm: MultiModalEmbeds | None = None) -> torch.Tensor:
+        """``mm``: encoder rows that replace the embeddings of those tokens (vision-language
+        models built on this decoder)."""
         x = self.model.embed_tokens(input_ids)
+        if mm is not None:
+            x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
         for layer in self.model.layers:
             x = layer(positions, x, meta)
         return self.model.norm(x)

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.layers.attention import AttentionMetadata
 from workers.models.llama import DecoderArgs, LlamaForCausalLM
 from workers.models.qwen2 import Qwen2ForCausalLM
 from workers.models.qwen3 import Qwen3ForCausalLM
 from workers.models.vision_encoders import VisionArgs, VisionTransformer, activation
-from workers.multimodal import MultiModalEmbeds, MultiModalInput
+from workers.multimodal import MultiModalInput
 
 TEXT_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
@@ -132,15 +131,6 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
     def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
         """The decoder's args, from the text config as its own model class reads them."""
         return TEXT_MODELS[hf_config["model_type"]].make_args(hf_config)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                mm: MultiModalEmbeds | None = None) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        if mm is not None:
-            x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
-        for layer in self.model.layers:
-            x = layer(positions, x, meta)
-        return self.model.norm(x)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected features [B, tokens_per_image, hidden_size] of a [B, C, H, W] pixel batch."""

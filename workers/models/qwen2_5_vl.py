@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.attention import AttentionMetadata
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
 from workers.models.llama import DecoderArgs
 from workers.models.qwen2 import Qwen2ForCausalLM
 from workers.models.vision_common import SegmentPlan, apply_rotary_float32, segment_attention
-from workers.multimodal import MultiModalEmbeds, MultiModalInput
+from workers.multimodal import MultiModalInput
 
 VISION_PREFIX = "visual."
 # transformers' in-memory prefixes -> ours (the hub's).
@@ -320,15 +319,6 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     @staticmethod
     def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
         return DecoderArgs.from_hf_config(hf_config, qkv_bias=True, o_bias=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                mm: MultiModalEmbeds | None = None) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        if mm is not None:
-            x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
-        for layer in self.model.layers:
-            x = layer(positions, x, meta)
-        return self.model.norm(x)
 
     def encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
         weight = self.model.embed_tokens.weight
