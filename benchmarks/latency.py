@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
+from benchmarks.shapes import ASYNC_SCHEDULING, SHAPES, shape_folder  # noqa: E402
 
 
 def hbm_bandwidth(device: str = "cuda", gib: float = 4.0, repeats: int = 20) -> float:
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                        help="queue step N+1 before step N's tokens are back (auto: on for CUDA, TP 1)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -87,6 +89,7 @@ def main() -> None:
              device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=8,
              num_kv_blocks=1024, enable_prefix_caching=False,
              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+             async_scheduling=ASYNC_SCHEDULING[args.async_scheduling],
              tensor_parallel_size=args.tensor_parallel_size) as llm:
         def timed(n: int) -> float:
             start = time.perf_counter()
@@ -102,7 +105,7 @@ def main() -> None:
     step_bytes = decode_bytes_per_step(SHAPES[args.shape], context, args.tensor_parallel_size)
     utilisation = step_bytes / step_s / bandwidth if bandwidth else None
     result = {"shape": args.shape, "device": device, "tensor_parallel_size": args.tensor_parallel_size,
-              "cuda_graphs": not args.enforce_eager, "attention_backend": args.attention_backend,
+              "cuda_graphs": not args.enforce_eager, "async_scheduling": args.async_scheduling, "attention_backend": args.attention_backend,
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "first_token_s": round(first, 4), "ms_per_token": round(1000 * step_s, 3),
               "bytes_per_step_per_gpu": int(step_bytes),

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,8 +56,9 @@ def main() -> None:
     runner = ModelRunner(config, resolve_model(config.model), 4096)
     tables = [[1 + s * blocks_per_seq + i for i in range(blocks_per_seq)] for s in range(args.batch)]
     pos = args.context
-    plan = StepPlan(input_ids=[7] * args.batch, positions=[pos] * args.batch,
-                    slot_mapping=[t[pos // bs] * bs + pos % bs for t in tables], block_tables=tables,
+    slots = np.array([t[pos // bs] * bs + pos % bs for t in tables], dtype=np.int64)
+    plan = StepPlan(input_ids=[7] * args.batch, positions=[pos] * args.batch, slot_mapping=slots.tobytes(),
+                    block_tables=np.array(tables, dtype=np.int32).tobytes(), block_table_width=blocks_per_seq,
                     query_lens=[1] * args.batch, seq_lens=[pos + 1] * args.batch,
                     logits_rows=list(range(args.batch)))
 

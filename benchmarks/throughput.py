@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.shapes import shape_folder  # noqa: E402
+from benchmarks.shapes import ASYNC_SCHEDULING, shape_folder  # noqa: E402
 
 
 def workload(num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--num-replicas", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                        help="queue step N+1 before step N's tokens are back (auto: on for CUDA, TP 1)")
     parser.add_argument("--peer", choices=["transformers"], help="also run this engine on the same requests")
     parser.add_argument("--peer-requests", type=int, help="the peer runs only the first N requests")
     parser.add_argument("--profile", metavar="PREFIX",
@@ -118,7 +120,8 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size, num_replicas=args.num_replicas,
-              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+              async_scheduling=ASYNC_SCHEDULING[args.async_scheduling])
     prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -130,7 +133,7 @@ def main() -> None:
     llm.shutdown()
     output_tokens = sum(len(o.token_ids) for o in outputs)
     result = {"model": args.model or args.shape, "tensor_parallel_size": args.tensor_parallel_size,
-              "num_replicas": args.num_replicas, "device": llm.engine.groups[0].ready.device,
+              "num_replicas": args.num_replicas, "async_scheduling": args.async_scheduling, "device": llm.engine.groups[0].ready.device,
               "dtype": llm.config.dtype, "requests": len(requests),
               "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
               "seconds": round(elapsed, 3),

@@ -29,7 +29,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", help="a TOML file of EngineConfig fields")
     for field in msgspec.structs.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
+        if field.type in (bool, bool | None):
             group.add_argument(flag, dest=f"engine.{field.name}",
                                action=argparse.BooleanOptionalAction, default=None)
         elif str(field.type).startswith("list"):

@@ -68,6 +68,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def reads_history(self) -> bool:
+        """Sampling looks at the tokens generated so far (the penalties), so it needs them on the host."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -51,6 +51,12 @@ def events(outs: list[StepOutput], kind: str) -> list[Any]:
     return [e for out in outs for e in out.kv_events if e.kind == kind]
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"], autouse=True)
+def scheduling(request, monkeypatch):
+    """Every test also with async scheduling (the prefill side hands off from a step in flight)."""
+    monkeypatch.setitem(OPTIONS, "async_scheduling", request.param)
+
+
 @pytest.fixture(scope="module")
 def path(checkpoints):
     return checkpoints["qwen3"]

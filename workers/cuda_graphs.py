@@ -45,8 +45,11 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
-        # ids, positions, slots, seq_lens, then the block tables: one pinned staging buffer.
-        self._staging = torch.zeros((3 + self.position_rows) * n + n * self.max_blocks, dtype=torch.int64).pin_memory()
+        # ids, positions, slots, seq_lens, the block tables, then the placeholder rows and sources: one
+        # pinned staging buffer per step in flight (async scheduling queues a step before the last one ran).
+        size = (5 + self.position_rows) * n + n * self.max_blocks
+        self._staging = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._next_staging = 0
         self.buckets = batch_buckets(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -91,27 +94,43 @@ class DecodeGraphs:
         return (0 < n <= self.max_batch and not plan.mm_rows and len(plan.query_lens) == n
                 and max(plan.seq_lens) <= self.max_model_len)
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step (can_run(plan) is true)."""
+    def run(self, plan: StepPlan, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, hidden] of a decode step (can_run(plan) is true). Placeholder rows take their
+        token from previous_tokens, the sampled tokens of the step before, still on the device."""
         n = len(plan.input_ids)
         b = next(size for size in self.buckets if size >= n)
-        pad = b - n
-        positions = plan.mrope_positions if plan.mrope_positions is not None else [plan.positions]
-        width = len(plan.block_tables[0])
-        flat: list[int] = list(plan.input_ids) + [0] * pad
-        for row in positions:
-            flat += row + [0] * pad
-        flat += plan.slot_mapping + [-1] * pad
-        flat += plan.seq_lens + [1] * pad
-        tables = [t for row in plan.block_tables for t in row] + [0] * (pad * width)
-        staging = self._staging[:len(flat) + len(tables)]
-        staging.copy_(torch.tensor(flat + tables, dtype=torch.int64))
-        device_copy = staging.to(self.device, non_blocking=True)
         rows = self.position_rows
+        width = plan.block_table_width
+        staging = self._staging[self._next_staging]
+        self._next_staging ^= 1
+        host = staging.numpy()
+        host[:n] = plan.input_ids
+        host[n:b] = 0
+        positions = plan.mrope_positions if plan.mrope_positions is not None else [plan.positions]
+        for axis, row in enumerate(positions):
+            host[(1 + axis) * b:(1 + axis) * b + n] = row
+            host[(1 + axis) * b + n:(2 + axis) * b] = 0
+        slots = (1 + rows) * b
+        host[slots:slots + n] = plan.slot_array()
+        host[slots + n:slots + b] = -1
+        host[slots + b:slots + b + n] = plan.seq_lens
+        host[slots + b + n:slots + 2 * b] = 1
+        tables = slots + 2 * b
+        table_view = host[tables:tables + b * width].reshape(b, width)
+        table_view[:n] = plan.table_array()
+        table_view[n:] = 0
+        holes = tables + b * width
+        num_holes = len(plan.placeholder_rows)
+        host[holes:holes + num_holes] = plan.placeholder_rows
+        host[holes + num_holes:holes + 2 * num_holes] = plan.placeholder_sources
+        device_copy = staging[:holes + 2 * num_holes].to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(device_copy[:b])
+        if num_holes:
+            sources = device_copy[holes + num_holes:holes + 2 * num_holes]
+            self.input_ids.index_copy_(0, device_copy[holes:holes + num_holes], previous_tokens.index_select(0, sources))
         self.positions[:, :b].copy_(device_copy[b:(1 + rows) * b].view(rows, b))
-        self.slot_mapping[:b].copy_(device_copy[(1 + rows) * b:(2 + rows) * b])
-        self.seq_lens[:b].copy_(device_copy[(2 + rows) * b:(3 + rows) * b])
-        self.block_tables[:b, :width].copy_(device_copy[(3 + rows) * b:].view(b, width))
+        self.slot_mapping[:b].copy_(device_copy[slots:slots + b])
+        self.seq_lens[:b].copy_(device_copy[slots + b:slots + 2 * b])
+        self.block_tables[:b, :width].copy_(device_copy[tables:holes].view(b, width))
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import random
 
+import numpy as np
 import torch
 
 from streamvlm.config import EngineConfig
@@ -20,7 +21,7 @@ from workers.loader import load_model
 from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
 from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
-from workers.sequence import Sequence
+from workers.sequence import PLACEHOLDER_TOKEN, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -197,33 +198,45 @@ class ModelRunner:
     def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         """What every rank needs to run this step's forward pass."""
         input_ids: list[int] = []
-        positions: list[int] = []
         mrope: list[list[int]] | None = [[], [], []] if self.uses_mrope else None
-        slots: list[int] = []
         logits_rows: list[int] = []
         mm_rows: list[int] = []
-        bs = self.block_size
-        for chunk in chunks:
+        placeholder_rows: list[int] = []
+        placeholder_sources: list[int] = []
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), width), dtype=np.int32)
+        for i, chunk in enumerate(chunks):
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
+            tables[i, :len(seq.block_table)] = seq.block_table
             if mrope is not None:
                 self._extend_mrope(mrope, seq, start, end)
-            else:
-                positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             for item in seq.mm_items:
                 lo, hi = max(start, item.offset), min(end, item.end)
                 mm_rows.extend(range(row + lo - start, row + hi - start))
+            position = seq.placeholder_position
+            if start <= position < end and seq.token_ids[position] == PLACEHOLDER_TOKEN:
+                placeholder_rows.append(row + position - start)
+                placeholder_sources.append(seq.placeholder_source)
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
-        max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
-        return StepPlan(input_ids, positions, slots, tables,
-                        [c.num_tokens for c in chunks],
+        query_lens = [c.num_tokens for c in chunks]
+        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
+        if len(input_ids) == len(chunks):   # decode only: one token per sequence
+            rows, positions = np.arange(len(chunks)), starts
+        else:
+            counts = np.asarray(query_lens)
+            rows = np.repeat(np.arange(len(chunks)), counts)
+            first_row = np.cumsum(counts) - counts
+            positions = np.arange(len(input_ids)) - np.repeat(first_row - starts, counts)
+        bs = self.block_size
+        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        return StepPlan(input_ids, positions.tolist() if mrope is None else [], slots.tobytes(),
+                        tables.tobytes(), width, query_lens,
                         [c.start + c.num_tokens for c in chunks], logits_rows,
-                        mrope_positions=mrope, mm_rows=mm_rows)
+                        mrope_positions=mrope, mm_rows=mm_rows, placeholder_rows=placeholder_rows,
+                        placeholder_sources=placeholder_sources)
 
     @staticmethod
     def _extend_mrope(rows: list[list[int]], seq: Sequence, start: int, end: int) -> None:
@@ -308,22 +321,25 @@ class ModelRunner:
             raise ValueError(next(iter(failed.values())))
         return self.encoder_embeds(chunks)
 
-    def _prepare(self, plan: StepPlan
+    def _prepare(self, plan: StepPlan, previous_tokens: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
 
-        def tensor(values: list) -> torch.Tensor:
+        def tensor(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
             query_lens=plan.query_lens,
             seq_lens=plan.seq_lens,
-            slot_mapping=tensor(plan.slot_mapping),
-            block_tables=tensor(plan.block_tables),
+            slot_mapping=tensor(plan.slot_array()),
+            block_tables=tensor(plan.table_array()),
             block_size=self.block_size,
         )
         positions = tensor(plan.mrope_positions if plan.mrope_positions is not None
                            else plan.positions)
-        return tensor(plan.input_ids), positions, meta, tensor(plan.logits_rows)
+        input_ids = tensor(plan.input_ids)
+        if plan.placeholder_rows:
+            input_ids[tensor(plan.placeholder_rows)] = previous_tokens[tensor(plan.placeholder_sources)]
+        return input_ids, positions, meta, tensor(plan.logits_rows)
 
     def _mm_embeds(self, plan: StepPlan, embeds: torch.Tensor | None) -> MultiModalEmbeds | None:
         """This step's encoder rows; ranks other than 0 receive rank 0's over the group."""
@@ -341,19 +357,22 @@ class ModelRunner:
         count = sum(c.samples for c in chunks)
         return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
 
-    def _forward(self, plan: StepPlan, embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, plan: StepPlan, embeds: torch.Tensor | None,
+                 previous_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.placeholder_rows and previous_tokens is None:
+            raise RuntimeError("a step plan with placeholder tokens needs the previous step's sampled tokens")
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan):
-            hidden = self.decode_graphs.run(plan)
+            hidden = self.decode_graphs.run(plan, previous_tokens)
             if len(plan.logits_rows) == hidden.shape[0]:
                 return hidden, torch.arange(hidden.shape[0], device=self.device)
             return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device)
-        input_ids, positions, meta, logits_rows = self._prepare(plan)
+        input_ids, positions, meta, logits_rows = self._prepare(plan, previous_tokens)
         self.backend.prepare(meta)
         return self.model(input_ids, positions, meta, self._mm_embeds(plan, embeds)), logits_rows
 
     @torch.inference_mode()
-    def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan,
-                       embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_logits(self, chunks: list[ScheduledChunk] | StepPlan, embeds: torch.Tensor | None = None,
+                       previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) of the last token of every chunk that completes its sequence.
 
         Given chunks, this rank plans and encodes; given a plan (ranks other than 0), the
@@ -362,7 +381,7 @@ class ModelRunner:
             plan, embeds = self.plan(chunks), self._encoded_embeds(chunks)
         else:
             plan = chunks
-        hidden, logits_rows = self._forward(plan, embeds)
+        hidden, logits_rows = self._forward(plan, embeds, previous_tokens)
         return self.model.compute_logits(hidden[logits_rows])
 
     @torch.inference_mode()
@@ -378,17 +397,21 @@ class ModelRunner:
         """One step; the chunks' items are already encoded (encode_pending)."""
         return self.finish(self.launch(chunks))
 
-    def launch(self, chunks: list[ScheduledChunk]) -> PendingStep:
+    def launch(self, chunks: list[ScheduledChunk], previous: PendingStep | None = None) -> PendingStep:
         """Queue one step's forward pass and sampling on the device and return without waiting for
-        it, so that the caller's bookkeeping overlaps with the device's work."""
+        it, so that the caller's bookkeeping overlaps with the device's work. Placeholder tokens in
+        the chunks (async scheduling) are the sampled tokens of ``previous``, still in flight."""
         samplers = [c.seq for c in chunks if c.samples]
         if self.config.skip_model_forward:
             return PendingStep(samplers, None, self._random_tokens(chunks))
         plan = self.plan(chunks)
         embeds = self.encoder_embeds(chunks)
         if self.publish_plan is not None:
+            if plan.placeholder_rows:
+                raise RuntimeError("async scheduling does not run with tensor parallelism")
             self.publish_plan(plan)   # the other ranks run the same forward pass with us
-        logits = self.forward_logits(plan, embeds)
+        previous_tokens = previous.sample.token_ids if previous is not None and previous.sample else None
+        logits = self.forward_logits(plan, embeds, previous_tokens)
         return PendingStep(samplers, self.sampler.launch(logits, samplers), None)
 
     def finish(self, pending: PendingStep) -> SamplerOutput:

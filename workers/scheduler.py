@@ -60,9 +60,15 @@ class Scheduler:
         self.resumed.append(seq)
 
     def detach(self, seq: Sequence) -> None:
-        """Take a running sequence out of the schedule keeping its blocks (handed off)."""
-        self.running.remove(seq)
+        """Take a running (or finishing) sequence out of the schedule keeping its blocks (handed off)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
         seq.status = SequenceStatus.HANDOFF
+
+    def retire(self, seq: Sequence) -> None:
+        """A running sequence whose last token is in flight: schedule it no more, keep its blocks."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHING
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the schedule (finished or aborted) and free its blocks now."""

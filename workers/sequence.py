@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from workers.multimodal import MultiModalInput
 
 
+# Async scheduling: the token a step in flight is still sampling; the next step reads it on the device.
+PLACEHOLDER_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -22,6 +26,9 @@ class SequenceStatus(enum.Enum):
     # Disaggregated prefill/decode: a prefill group holds a computed prompt's blocks until the
     # decode group has them; a decode group holds reserved blocks until they arrive.
     HANDOFF = enum.auto()
+    # Async scheduling: its last token is in flight and ends it (max_tokens, max_model_len, or a
+    # hand-off), so it is no longer scheduled; it keeps its blocks until the token arrives.
+    FINISHING = enum.auto()
 
 
 class Sequence:
@@ -59,6 +66,10 @@ class Sequence:
         self.kv_role = "mixed"
         self.kv_peer = -1
         self.kv_received_bytes = 0
+        # Async scheduling: where the latest placeholder token sits, and its row among the sampled
+        # tokens of the step that computes it.
+        self.placeholder_position = -1
+        self.placeholder_source = -1
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +104,19 @@ class Sequence:
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
         self.token_ids.append(token_id)
+        self.pending_token_ids.append(token_id)
+        if logprobs is not None:
+            self.pending_logprobs.append(logprobs)
+
+    def append_placeholder(self, source_row: int) -> int:
+        """Stand in for a token still being sampled (row source_row of its step); returns its position."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        self.placeholder_position = len(self.token_ids) - 1
+        self.placeholder_source = source_row
+        return self.placeholder_position
+
+    def fill_placeholder(self, position: int, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        self.token_ids[position] = token_id
         self.pending_token_ids.append(token_id)
         if logprobs is not None:
             self.pending_logprobs.append(logprobs)

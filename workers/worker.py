@@ -6,6 +6,7 @@ from streamvlm.config import EngineConfig
 from streamvlm.model_source import ModelSource
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -14,10 +15,19 @@ from streamvlm.protocol import (AbortRequest, AcceptKVPeers, AddRequest, Connect
 from workers.kv_cache import BlockPool
 from workers.kv_transfer import KVHeader, KVOutbox, KVPeerLinks, pack_shards, unpack_shards
 from workers.multimodal import TORCH_DTYPES
-from workers.model_runner import ModelRunner
+from workers.distributed import tp_size
+from workers.model_runner import ModelRunner, PendingStep
 from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class LaunchedStep:
+    pending: PendingStep
+    # Async scheduling: where each sampling sequence's placeholder token sits (None: the tokens are
+    # appended when they arrive).
+    positions: list[int] | None
 
 
 class Worker:
@@ -37,6 +47,11 @@ class Worker:
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
         self._arrivals = 0
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = (self.runner.device.type == "cuda" and tp_size() == 1
+                                     and not config.skip_model_forward)
+        self._in_flight: LaunchedStep | None = None
         self._pending_deltas: list[RequestDelta] = []
         # Disaggregated prefill/decode (see workers/kv_transfer.py).
         self.kv_outbox: KVOutbox | None = None           # prefill side, set by the process
@@ -149,7 +164,8 @@ class Worker:
     def has_work(self) -> bool:
         # Reservations waiting for blocks are retried by the next step, which whatever frees
         # blocks (a finish, an abort, a transfer) brings about.
-        return self.scheduler.has_work() or bool(self._pending_deltas) or bool(self._kv_events)
+        return (self.scheduler.has_work() or bool(self._pending_deltas) or bool(self._kv_events)
+                or self._in_flight is not None)
 
     # ---- disaggregated prefill/decode: the prefill side -------------------------------------
 
@@ -273,9 +289,15 @@ class Worker:
         self._kv_events.append(KVEvent(seq.request_id, "received", num_bytes=seq.kv_received_bytes))
 
     def step(self) -> StepOutput:
+        """Schedule and launch one step. With async scheduling the step before is still on the device
+        meanwhile: its tokens are taken (and streamed) after this one is queued behind it."""
         if self._unreserved:
             self._reserve_blocks()
         deltas, self._pending_deltas = self._pending_deltas, []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and not self._may_schedule_ahead():
+            self._complete(in_flight, deltas)
+            in_flight = None
         plan = self.scheduler.schedule()
         if plan.chunks and self.runner.supports_images and not self.config.skip_model_forward:
             failed = self.runner.encode_pending(plan.chunks)
@@ -284,28 +306,31 @@ class Worker:
                 del self.sequences[seq.request_id]
                 deltas.append(RequestDelta(seq.request_id, [], finish_reason="error", error=error))
             plan.chunks = [c for c in plan.chunks if c.seq not in failed]
+        launched = None
         if plan.chunks:
-            pending = self.runner.launch(plan.chunks)
-            # While the device runs the step: what does not need its tokens.
+            pending = self.runner.launch(plan.chunks, in_flight.pending if in_flight else None)
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
-                self.pool.register_full_blocks(chunk.seq)
                 if chunk.seq.encoder_outputs:
                     chunk.seq.release_encoder_outputs()
+            positions = None
+            if self.async_scheduling:
+                positions = [self._stand_in(seq, row) for row, seq in enumerate(pending.seqs)]
+            launched = LaunchedStep(pending, positions)
+        # While the device runs the step: the step before's tokens, and what needs no tokens.
+        if in_flight is not None:
+            self._complete(in_flight, deltas)
+        if launched is not None:
+            for chunk in plan.chunks:
+                if chunk.seq.status is SequenceStatus.FINISHED:
+                    continue   # ended by the step before (async scheduling): its blocks are free
+                self.pool.register_full_blocks(chunk.seq)
                 if chunk.seq.request_id in self._next_block:
                     self._send_blocks(chunk.seq)   # the full blocks this chunk completed
-            sampled = self.runner.finish(pending)
-            for seq, token, logprobs in zip(pending.seqs, sampled.token_ids, sampled.logprobs):
-                seq.append_token(token, logprobs)
-                finish_reason = self._finish_reason(seq, token)
-                if finish_reason:
-                    self.scheduler.remove(seq)
-                    del self.sequences[seq.request_id]
-                elif seq.kv_role == "prefill":
-                    self._hand_off(seq)
-                token_ids, token_logprobs = seq.take_pending()
-                deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
-                                           finish_reason, seq.num_cached_tokens))
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                self._complete(launched, deltas)
         self.num_steps += 1
         kv_events, self._kv_events = self._kv_events, []
         return StepOutput(step=self.num_steps, deltas=deltas, kv_events=kv_events, stats=StepStats(
@@ -325,11 +350,49 @@ class Worker:
             num_handoffs_held=len(self._handoffs) + len(self._receiving) + len(self._unreserved),
         ))
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _may_schedule_ahead(self) -> bool:
+        """Penalties read the tokens generated so far on the host: those steps wait for them."""
+        return not any(seq.params.reads_history for seq in self.scheduler.running)
+
+    def _stand_in(self, seq: Sequence, row: int) -> int:
+        """Async scheduling: a placeholder for seq's token being sampled in row `row` of the step just
+        launched; a sequence that this token ends for certain is scheduled no more."""
+        position = seq.append_placeholder(row)
+        num_tokens = position + 1
+        if (seq.kv_role == "prefill" or num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
+                or num_tokens >= self.max_model_len):
+            self.scheduler.retire(seq)
+        return position
+
+    def _complete(self, step: LaunchedStep, deltas: list[RequestDelta]) -> None:
+        """Take a launched step's sampled tokens (the step's one wait for the device) and stream them."""
+        sampled = self.runner.finish(step.pending)
+        for row, (seq, token, logprobs) in enumerate(zip(step.pending.seqs, sampled.token_ids, sampled.logprobs)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue   # aborted, or (async scheduling) ended by the step before
+            if step.positions is None:
+                seq.append_token(token, logprobs)
+                num_tokens = seq.num_tokens
+            else:
+                seq.fill_placeholder(step.positions[row], token, logprobs)
+                num_tokens = step.positions[row] + 1
+            finish_reason = self._finish_reason(seq, token, num_tokens)
+            if finish_reason:
+                self.scheduler.remove(seq)
+                del self.sequences[seq.request_id]
+            elif seq.kv_role == "prefill":
+                self._hand_off(seq)
+            token_ids, token_logprobs = seq.take_pending()
+            deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
+                                       finish_reason, seq.num_cached_tokens))
+
+    def _finish_reason(self, seq: Sequence, token: int, num_tokens: int) -> str | None:
+        """Why seq ends with `token` as its token number num_tokens (None: it goes on)."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        num_output_tokens = num_tokens - seq.num_prompt_tokens
+        if num_output_tokens >= p.min_tokens:
             if token in seq.stop_token_ids or (token in seq.eos_token_ids and not p.ignore_eos):
                 return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output_tokens >= p.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None

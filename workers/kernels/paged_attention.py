@@ -20,9 +20,11 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# Split-K decode: no partition shorter than this, and at most this many partitions per sequence.
+# Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
+# except for batches so small that a context of SHORT_CONTEXT_TOKENS would not fill the device with them.
 MIN_PARTITION_TOKENS = 256
 MAX_PARTITIONS = 256
+SHORT_CONTEXT_TOKENS = 256
 
 
 @triton.jit
@@ -262,12 +264,16 @@ def default_decode_programs(device: torch.device) -> int:
 
 def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
                            target_programs: int, partition_size: int | None = None) -> DecodePartitions:
-    """Split the context only when (sequences x kv heads) alone leave the device idle."""
+    """Split the context only when (sequences x kv heads) alone leave the device idle. A few sequences
+    split finer, so that short contexts too fill the device (a partition size depends on num_seqs and
+    max_seq_len only, never on the contexts, so that one plan serves a CUDA graph's every replay)."""
     tile_n = _decode_tile_n(head_dim)
     if partition_size is None:
-        wanted = triton.cdiv(target_programs, num_seqs * num_kv_heads)
+        wanted = triton.cdiv(target_programs, num_kv_heads)
         parts = max(1, min(wanted, triton.cdiv(max_seq_len, MIN_PARTITION_TOKENS), MAX_PARTITIONS))
-        partition_size = triton.cdiv(max_seq_len, parts)
+        for_long = triton.cdiv(max_seq_len, parts)
+        for_short = triton.cdiv(num_seqs * num_kv_heads * SHORT_CONTEXT_TOKENS, target_programs)
+        partition_size = max(min(for_long, for_short), triton.cdiv(max_seq_len, MAX_PARTITIONS))
     partition_size = max(tile_n, triton.cdiv(partition_size, tile_n) * tile_n)
     return DecodePartitions(partition_size, triton.cdiv(max_seq_len, partition_size))
 

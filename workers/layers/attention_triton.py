@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 from workers.kernels.kv_store import store_kv_cache
 from workers.kernels.paged_attention import (
@@ -92,8 +93,10 @@ class TritonAttentionBackend:
         num_heads, num_kv_heads, head_dim = shape
         num_seqs = len(step.query_lens)
         if step.decode_only:
-            partitions = plan_decode_partitions(1, num_kv_heads, self.max_model_len, head_dim,
-                                                self._decode_programs, self.decode_partition_size)
+            # Planned for the batch rounded up to a power of two: every CUDA graph bucket lies between the
+            # same powers of two as the batches it serves, so eager steps and replays split alike.
+            partitions = plan_decode_partitions(triton.next_power_of_2(num_seqs), num_kv_heads, self.max_model_len,
+                                                head_dim, self._decode_programs, self.decode_partition_size)
             workspace = None
             if partitions.num_partitions > 1:
                 workspace = decode_workspace(num_seqs, num_heads, head_dim, partitions.num_partitions, device)
