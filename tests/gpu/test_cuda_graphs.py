@@ -68,3 +68,25 @@ def _image():
 
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+
+
+def test_async_scheduling_matches_synchronous_steps(tmp_path):
+    """Step N+1 queued behind step N, its tokens read on the device, gives the synchronous tokens: greedy,
+    seeded, penalties (those steps wait for the tokens), stop tokens that end requests mid-flight."""
+    from streamvlm import SamplingParams
+
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3", **SIZES, head_dim=64)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 448, (int(n),), generator=g).tolist() for n in torch.randint(4, 300, (24,), generator=g)]
+    probe = _outputs(path, prompts[:1], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)],
+                     async_scheduling=False)[0]
+    kinds = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=33, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[probe[9]]),
+             SamplingParams(temperature=0, max_tokens=25, repetition_penalty=1.2, ignore_eos=True)]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    params[0] = kinds[2]   # prompt 0 stops at its 10th token
+    sync = _outputs(path, prompts, params, async_scheduling=False)
+    ahead = _outputs(path, prompts, params, async_scheduling=True)
+    assert len(sync[0]) == 10
+    assert ahead == sync
