@@ -125,22 +125,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _peak_activation_bytes(self, max_model_len: int) -> int:
-        """Peak memory of a forward pass over a full step's token budget (one sequence, a scratch KV cache
-        that is freed again), beyond what is allocated now."""
+        """Peak memory of a forward pass over a full step's token budget (a scratch KV cache that is freed
+        again), beyond what is allocated now. It also compiles the prefill kernels before serving."""
         n = self._warmup_tokens(max_model_len)
-        blocks = -(-n // self.block_size)
+        bs = self.block_size
+        # A long prompt and (n > 1) a one-token query beside it: both kinds of prefill tiles compile now.
+        query_lens = [n - 1, 1] if n > 1 else [n]
+        long_blocks = -(-query_lens[0] // bs)
+        blocks = long_blocks + (len(query_lens) - 1)
         self.num_blocks = blocks
         self._allocate_kv_cache()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
-        meta = AttentionMetadata(query_lens=[n], seq_lens=[n],
-                                 slot_mapping=torch.arange(n, dtype=torch.int64, device=self.device),
-                                 block_tables=torch.arange(blocks, dtype=torch.int64, device=self.device)[None],
-                                 block_size=self.block_size)
+        tables = torch.zeros(len(query_lens), long_blocks, dtype=torch.int64)
+        tables[0] = torch.arange(long_blocks)
+        slots = torch.arange(query_lens[0])
+        if len(query_lens) > 1:
+            tables[1, 0] = long_blocks
+            slots = torch.cat([slots, torch.tensor([long_blocks * bs])])
+        meta = AttentionMetadata(query_lens=query_lens, seq_lens=list(query_lens),
+                                 slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
+                                 block_size=bs)
         self.backend.prepare(meta)
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        positions = torch.arange(n, device=self.device)
+        positions = torch.cat([torch.arange(q) for q in query_lens]).to(self.device)
         if self.uses_mrope:
             positions = positions.expand(3, n)
         hidden = self.model(ids, positions, meta)

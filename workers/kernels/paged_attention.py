@@ -51,7 +51,9 @@ def _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRE
     return m_new, l_i, acc
 
 
-@triton.jit
+# Integers that vary from step to step are not specialized on (Triton would compile a variant for each of
+# ==1, divisible by 16 and neither): a kernel compiles once, at start-up, never in the middle of serving.
+@triton.jit(do_not_specialize=["partition_size", "max_partitions", "stride_table_seq"])
 def _paged_decode_kernel(
     out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
@@ -106,7 +108,7 @@ def _paged_decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition_size", "max_partitions"])
 def _reduce_partitions_kernel(
     out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr,
     partition_size, num_heads, max_partitions, stride_o_token, stride_o_head,
@@ -139,7 +141,7 @@ def _reduce_partitions_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def _paged_prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
     tile_seqs_ptr, tile_starts_ptr, qk_scale,
