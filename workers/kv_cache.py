@@ -71,6 +71,10 @@ class BlockPool:
         shared, and their tokens count as computed. Returns False, changing nothing, if the pool
         is too small.
         """
+        if not cached_blocks:   # the common case, a decode: usually its last block has room
+            num_needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+            if num_needed <= len(seq.block_table):
+                return True
         num_hit_tokens = len(cached_blocks) * self.block_size
         first_token = num_hit_tokens if cached_blocks else seq.num_computed_tokens
         num_needed = -(-(first_token + num_new_tokens) // self.block_size)
@@ -94,9 +98,9 @@ class BlockPool:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make seq's newly computed full blocks findable by later requests."""
-        if not self.enable_prefix_caching:
-            return
         num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_registered_blocks:
+            return
         self._extend_hashes(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):
             block_id, block_hash = seq.block_table[i], seq.block_hashes[i]

@@ -217,18 +217,22 @@ class ModelRunner:
         for i, chunk in enumerate(chunks):
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
-            tables[i, :len(seq.block_table)] = seq.block_table
+            token_ids = seq.token_ids
+            if end - start == 1:
+                input_ids.append(token_ids[start])
+            else:
+                input_ids.extend(token_ids[start:end])
+            tables[i, :len(seq.block_table)] = seq.block_table_array()
             if mrope is not None:
                 self._extend_mrope(mrope, seq, start, end)
             for item in seq.mm_items:
                 lo, hi = max(start, item.offset), min(end, item.end)
                 mm_rows.extend(range(row + lo - start, row + hi - start))
             position = seq.placeholder_position
-            if start <= position < end and seq.token_ids[position] == PLACEHOLDER_TOKEN:
+            if start <= position < end and token_ids[position] == PLACEHOLDER_TOKEN:
                 placeholder_rows.append(row + position - start)
                 placeholder_sources.append(seq.placeholder_source)
-            if chunk.samples:
+            if end == len(token_ids):   # the chunk samples
                 logits_rows.append(len(input_ids) - 1)
         query_lens = [c.num_tokens for c in chunks]
         starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))

@@ -87,7 +87,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         # Decodes (one token left to compute) before prefill chunks; stable within each kind.
-        order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1)
         scheduled: set[int] = set()
         for seq in order:
             if budget == 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 from typing import TYPE_CHECKING
 
 from streamvlm.protocol import TokenLogprobs
@@ -70,6 +72,8 @@ class Sequence:
         # tokens of the step that computes it.
         self.placeholder_position = -1
         self.placeholder_source = -1
+        # block_table as an int32 array, for step plans; remade when the table grows or is replaced.
+        self._table_array: tuple[list[int], int, np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +94,13 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    def block_table_array(self) -> np.ndarray:
+        cached = self._table_array
+        table = self.block_table
+        if cached is None or cached[0] is not table or cached[1] != len(table):
+            cached = self._table_array = (table, len(table), np.array(table, dtype=np.int32))
+        return cached[2]
 
     def block_extra_keys(self, start: int, end: int) -> tuple:
         """Keys besides token ids that identify the content of tokens [start, end): the hashes
