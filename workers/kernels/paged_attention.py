@@ -388,17 +388,23 @@ def plan_prefill(query_lens: list[int], queries_per_kv: int, head_dim: int,
         for start in reversed(range(0, query_len, block_q)):
             seqs.append(seq)
             starts.append(start)
-    flat = [value for seqs, starts in per_shape for value in seqs + starts]
+    # Every list starts 16-byte aligned (4 int32s): Triton specializes on pointer alignment, and lengths that
+    # moved it would compile other kernel variants in the middle of serving.
+    flat: list[int] = []
+    for seqs, starts in per_shape:
+        for values in (seqs, starts):
+            flat += values + [0] * (-len(values) % 4)
     packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
     launches = []
     offset = 0
     for shape, (seqs, _) in zip(shapes, per_shape):
         n = len(seqs)
+        stride = n + (-n % 4)
         if n:
             launches.append(PrefillLaunch(shape.block_m, max(1, shape.block_m // queries_per_kv),
                                           shape.block_n, shape.num_warps, shape.num_stages,
-                                          packed[offset:offset + n], packed[offset + n:offset + 2 * n]))
-        offset += 2 * n
+                                          packed[offset:offset + n], packed[offset + stride:offset + stride + n]))
+        offset += 2 * stride
     return launches
 
 

@@ -69,10 +69,13 @@ class TritonAttentionBackend:
         cu_seqlens_q = [0]
         for n in query_lens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-        packed = torch.tensor(seq_lens + cu_seqlens_q, dtype=torch.int32).to(device, non_blocking=True)
+        # cu_seqlens_q starts 16-byte aligned: Triton specializes on pointer alignment, and a batch size that
+        # moved it would compile another kernel variant in the middle of serving.
+        gap = -len(seq_lens) % 4
+        packed = torch.tensor(seq_lens + [0] * gap + cu_seqlens_q, dtype=torch.int32).to(device, non_blocking=True)
         step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(seq_lens),
                           query_lens=query_lens, seq_lens=packed[:len(seq_lens)],
-                          cu_seqlens_q=packed[len(seq_lens):])
+                          cu_seqlens_q=packed[len(seq_lens) + gap:])
         for shape in self._head_shapes:
             self._plan(step, shape, device)
         meta.prepared = step
