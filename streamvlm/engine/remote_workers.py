@@ -13,11 +13,11 @@ import zmq.asyncio
 
 from streamvlm.config import EngineConfig, tcp_host_port
 from streamvlm.engine.router import GroupLoad
-from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S
+from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S, receive_ready
 from streamvlm.errors import EngineDeadError
 from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, JoinAccepted,
                                 JoinRefused, JoinReply, JoinRequest, Shutdown, StepStats,
-                                WorkerFailed, WorkerReady, WorkerToCore)
+                                WorkerReady, WorkerToCore)
 
 # Lets a Shutdown reach the worker after its socket is closed.
 SHUTDOWN_LINGER_MS = 1000
@@ -75,10 +75,10 @@ class RemoteWorkerGroup:
         self.outbox = self._ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.outbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.setsockopt(zmq.SNDHWM, 0)    # queue every request, never drop one
-        self.outbox.setsockopt(zmq.RCVHWM, 0)
-        # Unbounded: a send that would block then only means the worker is not connected.
+        # Unbounded: every request queues, none is dropped, and a send that would block then only means
+        # the worker is not connected.
         self.inbox.setsockopt(zmq.SNDHWM, 0)
+        self.outbox.setsockopt(zmq.RCVHWM, 0)
         self._sender = zmq.Socket.shadow(self.inbox.underlying)
         input_port = self.inbox.bind_to_random_port(f"tcp://{host}")
         output_port = self.outbox.bind_to_random_port(f"tcp://{host}")
@@ -99,25 +99,16 @@ class RemoteWorkerGroup:
             raise EngineDeadError(
                 f"no remote worker joined as group {self.group_id} at "
                 f"{self.config.worker_listen_address} in {STARTUP_TIMEOUT_S:.0f} s") from None
-        while time.monotonic() < deadline:
-            if await self.outbox.poll(100):
-                message = self.decoder.decode(await self.outbox.recv())
-                self.last_heard = time.monotonic()
-                if isinstance(message, WorkerReady):
-                    await self._wait_connected(deadline)
-                    self.ready = message
-                    self.stats = StepStats(num_free_blocks=message.num_kv_blocks,
-                                           num_total_blocks=message.num_kv_blocks)
-                    return message
-                if isinstance(message, WorkerFailed):
-                    self.kill()
-                    error = ValueError if message.error_type == "ValueError" else RuntimeError
-                    raise error(f"{self.name} failed to start: {message.message}")
-            elif (reason := self.failure()) is not None:
-                self.kill()
-                raise EngineDeadError(f"{reason} during start-up")
-        self.kill()
-        raise EngineDeadError(f"{self.name} did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+        def heard() -> None:
+            self.last_heard = time.monotonic()
+
+        message = await receive_ready(self.outbox, self.decoder, self.name, deadline, self.failure, self.kill,
+                                      heard)
+        await self._wait_connected(deadline)
+        self.ready = message
+        self.stats = StepStats(num_free_blocks=message.num_kv_blocks, num_total_blocks=message.num_kv_blocks)
+        return message
 
     async def _wait_connected(self, deadline: float) -> None:
         # The worker connected its input before loading the model, so this is all but certain;

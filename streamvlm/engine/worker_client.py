@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -25,6 +26,30 @@ from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed,
                                 WorkerToCore)
 
 STARTUP_TIMEOUT_S = 600.0
+
+
+async def receive_ready(outbox: zmq.asyncio.Socket, decoder: msgspec.msgpack.Decoder, name: str,
+                        deadline: float, failure: Callable[[], str | None], kill: Callable[[], None],
+                        heard: Callable[[], None] | None = None) -> WorkerReady:
+    """A starting group's WorkerReady, local or remote. Its WorkerFailed raises the worker's error (ValueError
+    for a bad configuration); failure() (a process that ended, a silent remote) or the deadline raises
+    EngineDeadError; either way the group is killed first. heard() is called on every message."""
+    while time.monotonic() < deadline:
+        if await outbox.poll(100):
+            message = decoder.decode(await outbox.recv())
+            if heard is not None:
+                heard()
+            if isinstance(message, WorkerReady):
+                return message
+            if isinstance(message, WorkerFailed):
+                kill()
+                error = ValueError if message.error_type == "ValueError" else RuntimeError
+                raise error(f"{name} failed to start: {message.message}")
+        elif (reason := failure()) is not None:
+            kill()
+            raise EngineDeadError(f"{reason} during start-up")
+    kill()
+    raise EngineDeadError(f"{name} did not start in {STARTUP_TIMEOUT_S:.0f} s")
 
 
 def _free_port() -> int:
@@ -123,25 +148,15 @@ class WorkerGroupClient:
             for follower in self.followers:
                 follower.start()
         self.process.start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if await self.outbox.poll(100):
-                message = self.decoder.decode(await self.outbox.recv())
-                if isinstance(message, WorkerReady):
-                    self.ready = message
-                    self.stats = StepStats(num_free_blocks=message.num_kv_blocks,
-                                           num_total_blocks=message.num_kv_blocks)
-                    return message
-                if isinstance(message, WorkerFailed):
-                    self.kill()
-                    error = ValueError if message.error_type == "ValueError" else RuntimeError
-                    raise error(f"worker failed to start: {message.message}")
-            elif not all(p.is_alive() for p in self.processes):
-                reason = self.exit_description()
-                self.kill()
-                raise EngineDeadError(f"{reason} during start-up")
-        self.kill()
-        raise EngineDeadError(f"worker {self.group_id} did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+        def failure() -> str | None:
+            return None if all(p.is_alive() for p in self.processes) else self.exit_description()
+
+        message = await receive_ready(self.outbox, self.decoder, f"worker {self.group_id}",
+                                      time.monotonic() + STARTUP_TIMEOUT_S, failure, self.kill)
+        self.ready = message
+        self.stats = StepStats(num_free_blocks=message.num_kv_blocks, num_total_blocks=message.num_kv_blocks)
+        return message
 
     def _kv_address(self) -> str | None:
         """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
