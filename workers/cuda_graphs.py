@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,38 +101,84 @@ class DecodeGraphs:
         token from previous_tokens, the sampled tokens of the step before, still on the device."""
         n = len(plan.input_ids)
         b = next(size for size in self.buckets if size >= n)
-        rows = self.position_rows
-        width = plan.block_table_width
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1
-        host = staging.numpy()
-        host[:n] = plan.input_ids
-        host[n:b] = 0
-        positions = plan.mrope_positions if plan.mrope_positions is not None else [plan.positions]
-        for axis, row in enumerate(positions):
-            host[(1 + axis) * b:(1 + axis) * b + n] = row
-            host[(1 + axis) * b + n:(2 + axis) * b] = 0
-        slots = (1 + rows) * b
-        host[slots:slots + n] = plan.slot_array()
-        host[slots + n:slots + b] = -1
-        host[slots + b:slots + b + n] = plan.seq_lens
-        host[slots + b + n:slots + 2 * b] = 1
-        tables = slots + 2 * b
-        table_view = host[tables:tables + b * width].reshape(b, width)
-        table_view[:n] = plan.table_array()
-        table_view[n:] = 0
-        holes = tables + b * width
-        num_holes = len(plan.placeholder_rows)
-        host[holes:holes + num_holes] = plan.placeholder_rows
-        host[holes + num_holes:holes + 2 * num_holes] = plan.placeholder_sources
-        device_copy = staging[:holes + 2 * num_holes].to(self.device, non_blocking=True)
-        self.input_ids[:b].copy_(device_copy[:b])
-        if num_holes:
-            sources = device_copy[holes + num_holes:holes + 2 * num_holes]
-            self.input_ids.index_copy_(0, device_copy[holes:holes + num_holes], previous_tokens.index_select(0, sources))
-        self.positions[:, :b].copy_(device_copy[b:(1 + rows) * b].view(rows, b))
-        self.slot_mapping[:b].copy_(device_copy[slots:slots + b])
-        self.seq_lens[:b].copy_(device_copy[slots + b:slots + 2 * b])
-        self.block_tables[:b, :width].copy_(device_copy[tables:holes].view(b, width))
+        layout = fill_staging(staging.numpy(), plan, b, self.position_rows)
+        inputs = layout.unpack(staging[:layout.end].to(self.device, non_blocking=True))
+        self.input_ids[:b].copy_(inputs.input_ids)
+        if layout.num_holes:
+            self.input_ids.index_copy_(0, inputs.hole_rows, previous_tokens.index_select(0, inputs.hole_sources))
+        self.positions[:, :b].copy_(inputs.positions)
+        self.slot_mapping[:b].copy_(inputs.slot_mapping)
+        self.seq_lens[:b].copy_(inputs.seq_lens)
+        self.block_tables[:b, :layout.width].copy_(inputs.block_tables)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    input_ids: torch.Tensor      # [bucket]
+    positions: torch.Tensor      # [position rows, bucket]
+    slot_mapping: torch.Tensor   # [bucket]
+    seq_lens: torch.Tensor       # [bucket]
+    block_tables: torch.Tensor   # [bucket, width]
+    hole_rows: torch.Tensor      # [placeholders]: rows whose token is the previous step's
+    hole_sources: torch.Tensor   # [placeholders]: their rows among its sampled tokens
+
+
+@dataclass(frozen=True)
+class StagingLayout:
+    """Where fill_staging put a decode step's inputs in the flat int64 buffer: ids, position rows, slots,
+    seq_lens, block tables, placeholder rows, placeholder sources."""
+    bucket: int
+    position_rows: int
+    width: int
+    num_holes: int
+
+    @property
+    def slots(self) -> int:
+        return (1 + self.position_rows) * self.bucket
+
+    @property
+    def tables(self) -> int:
+        return self.slots + 2 * self.bucket
+
+    @property
+    def holes(self) -> int:
+        return self.tables + self.bucket * self.width
+
+    @property
+    def end(self) -> int:
+        return self.holes + 2 * self.num_holes
+
+    def unpack(self, flat: torch.Tensor) -> DecodeInputs:
+        b, slots, holes = self.bucket, self.slots, self.holes
+        return DecodeInputs(flat[:b], flat[b:slots].view(self.position_rows, b), flat[slots:slots + b],
+                            flat[slots + b:slots + 2 * b], flat[self.tables:holes].view(b, self.width),
+                            flat[holes:holes + self.num_holes], flat[holes + self.num_holes:self.end])
+
+
+def fill_staging(host: np.ndarray, plan: StepPlan, bucket: int, position_rows: int) -> StagingLayout:
+    """A decode step's inputs, padded to the bucket, into one flat int64 host buffer. Padding rows store no
+    K/V (slot -1) and attend to one key of block 0."""
+    layout = StagingLayout(bucket, position_rows, plan.block_table_width, len(plan.placeholder_rows))
+    n, b = len(plan.input_ids), bucket
+    host[:n] = plan.input_ids
+    host[n:b] = 0
+    positions = plan.mrope_positions if plan.mrope_positions is not None else [plan.positions]
+    for axis, row in enumerate(positions):
+        host[(1 + axis) * b:(1 + axis) * b + n] = row
+        host[(1 + axis) * b + n:(2 + axis) * b] = 0
+    slots = layout.slots
+    host[slots:slots + n] = plan.slot_array()
+    host[slots + n:slots + b] = -1
+    host[slots + b:slots + b + n] = plan.seq_lens
+    host[slots + b + n:slots + 2 * b] = 1
+    table_view = host[layout.tables:layout.holes].reshape(b, layout.width)
+    table_view[:n] = plan.table_array()
+    table_view[n:] = 0
+    holes, h = layout.holes, layout.num_holes
+    host[holes:holes + h] = plan.placeholder_rows
+    host[holes + h:holes + 2 * h] = plan.placeholder_sources
+    return layout

@@ -206,61 +206,7 @@ class ModelRunner:
 
     def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         """What every rank needs to run this step's forward pass."""
-        input_ids: list[int] = []
-        mrope: list[list[int]] | None = [[], [], []] if self.uses_mrope else None
-        logits_rows: list[int] = []
-        mm_rows: list[int] = []
-        placeholder_rows: list[int] = []
-        placeholder_sources: list[int] = []
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = np.zeros((len(chunks), width), dtype=np.int32)
-        for i, chunk in enumerate(chunks):
-            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            row = len(input_ids)
-            token_ids = seq.token_ids
-            if end - start == 1:
-                input_ids.append(token_ids[start])
-            else:
-                input_ids.extend(token_ids[start:end])
-            tables[i, :len(seq.block_table)] = seq.block_table_array()
-            if mrope is not None:
-                self._extend_mrope(mrope, seq, start, end)
-            for item in seq.mm_items:
-                lo, hi = max(start, item.offset), min(end, item.end)
-                mm_rows.extend(range(row + lo - start, row + hi - start))
-            position = seq.placeholder_position
-            if start <= position < end and token_ids[position] == PLACEHOLDER_TOKEN:
-                placeholder_rows.append(row + position - start)
-                placeholder_sources.append(seq.placeholder_source)
-            if end == len(token_ids):   # the chunk samples
-                logits_rows.append(len(input_ids) - 1)
-        query_lens = [c.num_tokens for c in chunks]
-        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
-        if len(input_ids) == len(chunks):   # decode only: one token per sequence
-            rows, positions = np.arange(len(chunks)), starts
-        else:
-            counts = np.asarray(query_lens)
-            rows = np.repeat(np.arange(len(chunks)), counts)
-            first_row = np.cumsum(counts) - counts
-            positions = np.arange(len(input_ids)) - np.repeat(first_row - starts, counts)
-        bs = self.block_size
-        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
-        return StepPlan(input_ids, positions.tolist() if mrope is None else [], slots.tobytes(),
-                        tables.tobytes(), width, query_lens,
-                        [c.start + c.num_tokens for c in chunks], logits_rows,
-                        mrope_positions=mrope, mm_rows=mm_rows, placeholder_rows=placeholder_rows,
-                        placeholder_sources=placeholder_sources)
-
-    @staticmethod
-    def _extend_mrope(rows: list[list[int]], seq: Sequence, start: int, end: int) -> None:
-        prompt_end = min(end, seq.num_prompt_tokens) if seq.mrope_positions is not None else start
-        if start < prompt_end:
-            part = seq.mrope_positions[:, start:prompt_end].tolist()
-            for axis in range(3):
-                rows[axis].extend(part[axis])
-        rest = range(max(start, prompt_end) + seq.mrope_delta, end + seq.mrope_delta)
-        for axis in range(3):
-            rows[axis].extend(rest)
+        return build_step_plan(chunks, self.block_size, self.uses_mrope)
 
     def encode_pending(self, chunks: list[ScheduledChunk]) -> dict[Sequence, str]:
         """Encode the items this step's chunks reach that neither their sequence nor the
@@ -431,3 +377,62 @@ class ModelRunner:
         if pending.output is not None:
             return pending.output
         return self.sampler.finish(pending.sample, pending.seqs)
+
+
+def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: bool) -> StepPlan:
+    """What every rank needs to run one step's forward pass over these chunks."""
+    input_ids: list[int] = []
+    mrope: list[list[int]] | None = [[], [], []] if uses_mrope else None
+    logits_rows: list[int] = []
+    mm_rows: list[int] = []
+    placeholder_rows: list[int] = []
+    placeholder_sources: list[int] = []
+    width = max(len(c.seq.block_table) for c in chunks)
+    tables = np.zeros((len(chunks), width), dtype=np.int32)
+    for i, chunk in enumerate(chunks):
+        seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+        row = len(input_ids)
+        token_ids = seq.token_ids
+        if end - start == 1:
+            input_ids.append(token_ids[start])
+        else:
+            input_ids.extend(token_ids[start:end])
+        tables[i, :len(seq.block_table)] = seq.block_table_array()
+        if mrope is not None:
+            _extend_mrope(mrope, seq, start, end)
+        for item in seq.mm_items:
+            lo, hi = max(start, item.offset), min(end, item.end)
+            mm_rows.extend(range(row + lo - start, row + hi - start))
+        position = seq.placeholder_position
+        if start <= position < end and token_ids[position] == PLACEHOLDER_TOKEN:
+            placeholder_rows.append(row + position - start)
+            placeholder_sources.append(seq.placeholder_source)
+        if end == len(token_ids):   # the chunk samples
+            logits_rows.append(len(input_ids) - 1)
+    query_lens = [c.num_tokens for c in chunks]
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
+    if len(input_ids) == len(chunks):   # decode only: one token per sequence
+        rows, positions = np.arange(len(chunks)), starts
+    else:
+        counts = np.asarray(query_lens)
+        rows = np.repeat(np.arange(len(chunks)), counts)
+        first_row = np.cumsum(counts) - counts
+        positions = np.arange(len(input_ids)) - np.repeat(first_row - starts, counts)
+    bs = block_size
+    slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+    return StepPlan(input_ids, positions.tolist() if mrope is None else [], slots.tobytes(),
+                    tables.tobytes(), width, query_lens,
+                    [c.start + c.num_tokens for c in chunks], logits_rows,
+                    mrope_positions=mrope, mm_rows=mm_rows, placeholder_rows=placeholder_rows,
+                    placeholder_sources=placeholder_sources)
+
+
+def _extend_mrope(rows: list[list[int]], seq: Sequence, start: int, end: int) -> None:
+    prompt_end = min(end, seq.num_prompt_tokens) if seq.mrope_positions is not None else start
+    if start < prompt_end:
+        part = seq.mrope_positions[:, start:prompt_end].tolist()
+        for axis in range(3):
+            rows[axis].extend(part[axis])
+    rest = range(max(start, prompt_end) + seq.mrope_delta, end + seq.mrope_delta)
+    for axis in range(3):
+        rows[axis].extend(rest)
