@@ -153,3 +153,15 @@ def test_async_scheduling_refuses_tensor_parallelism():
     with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size 1"):
         EngineConfig(async_scheduling=True, tensor_parallel_size=2)
     assert EngineConfig(async_scheduling=False, tensor_parallel_size=2).async_scheduling is False
+
+
+def test_the_command_line_sets_it_either_way():
+    import argparse
+
+    from streamvlm.cli import add_engine_flags, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    assert engine_config_from_args(parser.parse_args([])).async_scheduling is None
+    assert engine_config_from_args(parser.parse_args(["--async-scheduling"])).async_scheduling is True
+    assert engine_config_from_args(parser.parse_args(["--no-async-scheduling"])).async_scheduling is False
