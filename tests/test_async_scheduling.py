@@ -96,8 +96,14 @@ def test_mixed_requests_give_the_synchronous_tokens(path):
         "one": (prompt(5, 4), dict(temperature=0, max_tokens=1)),
         "edge": (prompt(6, 120), dict(temperature=0, max_tokens=50, ignore_eos=True)),   # max_model_len
     }
-    (sync_tokens, sync_finish, _), (tokens, finish, outs) = both(path, requests)
+    (sync_tokens, sync_finish, sync_outs), (tokens, finish, outs) = both(path, requests)
     assert tokens == sync_tokens and finish == sync_finish
+
+    def logprobs(step_outputs):
+        return [(e.logprob, e.top_token_ids, e.top_logprobs) for out in step_outputs for d in out.deltas
+                if d.request_id == "logprobs" for e in d.logprobs or []]
+    assert logprobs(outs) == logprobs(sync_outs) and len(logprobs(outs)) == 6
+    assert all(len(ids) == 2 for _, ids, _ in logprobs(outs))
     assert finish["stops"] == "stop" and tokens["stops"][-1] == stop and len(tokens["stops"]) == 7
     assert len(tokens["min"]) >= 12 and finish["edge"] == "length" and len(tokens["edge"]) == 8
     assert len(tokens["greedy"]) == 17 and len(tokens["one"]) == 1

@@ -474,3 +474,26 @@ def test_seeded_draw_depends_on_seed_and_position_only(sampler):
              for k in range(20)}
     assert len(draws) > 1
 
+
+
+def test_sampler_logprobs_per_row_come_with_the_tokens():
+    """Rows asking for different numbers of alternatives (or none) in one batch: each gets its own,
+    computed on the device at launch and read on the host with the tokens."""
+    import torch
+
+    from workers.sampler import Sampler
+    from workers.sequence import Sequence
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    kinds = [SamplingParams(temperature=0, top_logprobs=3), SamplingParams(temperature=0, logprobs=True),
+             SamplingParams(temperature=0)]
+    seqs = [Sequence(f"s{i}", [1, 2], p, [2], i) for i, p in enumerate(kinds)]
+    out = Sampler(torch.device("cpu"), 0)(logits, seqs)
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    first, second, third = out.logprobs
+    assert first.logprob == pytest.approx(raw[0, out.token_ids[0]].item())
+    assert first.top_token_ids == raw[0].topk(3).indices.tolist()
+    assert first.top_logprobs == pytest.approx(raw[0].topk(3).values.tolist())
+    assert second.logprob == pytest.approx(raw[1, out.token_ids[1]].item()) and second.top_token_ids == []
+    assert third is None

@@ -30,7 +30,9 @@ class PendingSample:
     token_ids: torch.Tensor               # on the device
     host_ids: torch.Tensor | None         # pinned copy being filled (CUDA), None on CPU
     ready: torch.cuda.Event | None
-    raw_logprobs: torch.Tensor | None
+    # Rows that asked for logprobs: the sampled tokens' logprobs [B] and the top alternatives [B, k] (values,
+    # ids), on their way to the host with the tokens; None when no row asked.
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -56,23 +58,34 @@ class Sampler:
         if sampled_rows:
             rows = self._tensor(sampled_rows, torch.int64)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
+        logprobs = None
+        if raw_logprobs is not None:
+            top = raw_logprobs.topk(max(p.top_logprobs for p in params), dim=-1)
+            logprobs = (raw_logprobs.gather(1, token_ids[:, None]).squeeze(1), top.values, top.indices)
         if self.device.type != "cuda":
-            return PendingSample(token_ids, None, None, raw_logprobs)
-        host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-        host_ids.copy_(token_ids, non_blocking=True)
+            return PendingSample(token_ids, None, None, logprobs)
+        host_ids = self._to_host(token_ids)
+        if logprobs is not None:
+            logprobs = tuple(self._to_host(t) for t in logprobs)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingSample(token_ids, host_ids, ready, raw_logprobs)
+        return PendingSample(token_ids, host_ids, ready, logprobs)
+
+    @staticmethod
+    def _to_host(values: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        return host
 
     def finish(self, pending: PendingSample, seqs: list[Sequence]) -> SamplerOutput:
-        """The sampled tokens on the host: the step's one wait for the device."""
+        """The sampled tokens on the host: the step's one wait for the device (and for exactly its own
+        work: a step queued behind it keeps running)."""
         if pending.ready is not None:
             pending.ready.synchronize()
             ids = pending.host_ids.tolist()
         else:
             ids = pending.token_ids.tolist()
-        with torch.inference_mode():
-            return SamplerOutput(ids, self._logprobs(pending.raw_logprobs, ids, seqs))
+        return SamplerOutput(ids, self._logprobs(pending.logprobs, seqs))
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A small host list on the device without waiting for the device (pinned, non-blocking)."""
@@ -140,19 +153,17 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor | None, ids: list[int],
+    def _logprobs(logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                   seqs: list[Sequence]) -> list[TokenLogprobs | None]:
-        if raw is None:
+        if logprobs is None:
             return [None] * len(seqs)
+        chosen, top_values, top_ids = (t.tolist() for t in logprobs)
         out: list[TokenLogprobs | None] = []
-        for row, (token, seq) in enumerate(zip(ids, seqs)):
+        for row, seq in enumerate(seqs):
             if not seq.params.logprobs:
                 out.append(None)
                 continue
-            entry = TokenLogprobs(raw[row, token].item())
-            if seq.params.top_logprobs:
-                values, indices = raw[row].topk(seq.params.top_logprobs)
-                entry.top_token_ids = indices.tolist()
-                entry.top_logprobs = values.tolist()
-            out.append(entry)
+            k = seq.params.top_logprobs
+            out.append(TokenLogprobs(chosen[row], top_ids[row][:k], top_values[row][:k]) if k
+                       else TokenLogprobs(chosen[row]))
         return out
