@@ -53,8 +53,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).
     max_cuda_graph_batch_size: int | None = None
     # Schedule and queue step N+1 while step N still runs on the device, its sampled tokens feeding
-    # N+1 on the device. Steps with penalty sampling wait for the tokens instead. None: on for CUDA
-    # worker groups of one rank (the other ranks of a group never see the sampled tokens).
+    # N+1 on the device. Steps with penalty sampling wait for the tokens instead. With tensor
+    # parallelism rank 0 broadcasts the sampled tokens to the other ranks each step. None: on for CUDA
+    # worker groups of one rank.
     async_scheduling: bool | None = None
     # No tokenizer: prompts must be token ids and outputs carry no text (benchmarks).
     skip_tokenizer_init: bool = False
@@ -132,9 +133,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         self._check_remote_workers()
         self._check_groups()
-        if self.async_scheduling and max(spec.tensor_parallel_size for spec in self.group_specs) > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size 1: the other ranks of a group "
-                             "do not see the sampled tokens")
         needed = self.num_replicas * self.tensor_parallel_size
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "

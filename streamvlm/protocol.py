@@ -142,6 +142,9 @@ class StepPlan(msgspec.Struct, tag=True):
     # placeholder_sources[i] is its row among that step's sampled tokens.
     placeholder_rows: list[int] = []
     placeholder_sources: list[int] = []
+    # Async scheduling with tensor parallelism: rank 0 broadcasts the tokens it samples in this step, and
+    # the other ranks keep them for the next step's placeholder rows.
+    shares_sampled_tokens: bool = False
 
     def slot_array(self) -> np.ndarray:
         return np.frombuffer(self.slot_mapping, dtype=np.int64)

@@ -155,10 +155,20 @@ def test_the_engine_streams_the_same_tokens(path):
     assert [len(t) for t in outputs[True]] == [5, 11, 3]
 
 
-def test_async_scheduling_refuses_tensor_parallelism():
-    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size 1"):
-        EngineConfig(async_scheduling=True, tensor_parallel_size=2)
-    assert EngineConfig(async_scheduling=False, tensor_parallel_size=2).async_scheduling is False
+def test_tensor_parallel_ranks_share_the_sampled_tokens(path):
+    """TP=2 (gloo): rank 0 broadcasts each step's tokens, the other rank fills its placeholders with them."""
+    prompts = [{"prompt_token_ids": prompt(i, 5 + 9 * i)} for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=11, repetition_penalty=1.2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1)]
+    outputs = {}
+    for size, mode in ((1, False), (2, True)):
+        with local_llm(path, worker_backend="process", tensor_parallel_size=size, async_scheduling=mode,
+                       max_model_len=128) as llm:
+            outputs[size] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs[2] == outputs[1]
+    assert [len(t) for t in outputs[2]] == [14, 9, 11, 1]
 
 
 def test_the_command_line_sets_it_either_way():

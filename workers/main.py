@@ -267,7 +267,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
             if isinstance(plan, KVShardPlan):
                 runner.run_kv_plan(plan)
             else:
-                runner.forward_logits(plan)
+                runner.follow(plan)
     finally:
         plans.close(linger=0)
         ctx.term()

@@ -78,6 +78,10 @@ class ModelRunner:
         self.num_encoded_items = 0
         # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.
         self.publish_plan: Callable[[StepPlan], None] | None = None
+        # Async scheduling with tensor parallelism (set by the worker): rank 0 broadcasts each step's sampled
+        # tokens; the other ranks keep the last ones they received.
+        self.shares_sampled_tokens = False
+        self._shared_tokens: torch.Tensor | None = None
         self._rng = random.Random(config.seed)
         self.decode_graphs: DecodeGraphs | None = None
         if self._use_cuda_graphs():
@@ -364,14 +368,27 @@ class ModelRunner:
         if self.config.skip_model_forward:
             return PendingStep(samplers, None, self._random_tokens(chunks))
         plan = self.plan(chunks)
+        plan.shares_sampled_tokens = self.shares_sampled_tokens and bool(plan.logits_rows)
         embeds = self.encoder_embeds(chunks)
         if self.publish_plan is not None:
-            if plan.placeholder_rows:
-                raise RuntimeError("async scheduling does not run with tensor parallelism")
+            if plan.placeholder_rows and not self.shares_sampled_tokens:
+                raise RuntimeError("placeholder tokens in a tensor-parallel step whose ranks do not share "
+                                   "the sampled tokens")
             self.publish_plan(plan)   # the other ranks run the same forward pass with us
         previous_tokens = previous.sample.token_ids if previous is not None and previous.sample else None
         logits = self.forward_logits(plan, embeds, previous_tokens)
-        return PendingStep(samplers, self.sampler.launch(logits, samplers), None)
+        sample = self.sampler.launch(logits, samplers)
+        if plan.shares_sampled_tokens:
+            broadcast_tensor(sample.token_ids)
+        return PendingStep(samplers, sample, None)
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A rank other than 0: rank 0's step, and the tokens it samples when the next step needs them."""
+        self.forward_logits(plan, previous_tokens=self._shared_tokens)
+        if plan.shares_sampled_tokens:
+            tokens = torch.empty(len(plan.logits_rows), dtype=torch.int64, device=self.device)
+            self._shared_tokens = broadcast_tensor(tokens)
 
     def finish(self, pending: PendingStep) -> SamplerOutput:
         if pending.output is not None:

@@ -51,6 +51,8 @@ class Worker:
         if self.async_scheduling is None:
             self.async_scheduling = (self.runner.device.type == "cuda" and tp_size() == 1
                                      and not config.skip_model_forward)
+        # The other ranks of a tensor-parallel group fill their placeholders from rank 0's broadcast.
+        self.runner.shares_sampled_tokens = self.async_scheduling and tp_size() > 1
         self._in_flight: LaunchedStep | None = None
         self._pending_deltas: list[RequestDelta] = []
         # Disaggregated prefill/decode (see workers/kv_transfer.py).
