@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 
@@ -205,9 +206,7 @@ def main() -> None:
     if split and mixed and mixed["chat_itl_ms_p99"]:
         result["itl_p99_ratio"] = round(split["chat_itl_ms_p99"] / mixed["chat_itl_ms_p99"], 3)
         print(f"chat ITL p99, 1p1d / 2mixed: {result['itl_p99_ratio']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

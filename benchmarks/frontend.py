@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 
 async def run_case(engine, streams: int, max_tokens: int, prompt_len: int) -> dict:
     from streamvlm import SamplingParams
@@ -243,9 +244,7 @@ def main() -> None:
         rows = loop.run_until_complete(run_ws([int(n) for n in args.streams.split(",")],
                                               args.noop_tokens, args.prompt_len, args.deflate))
         loop.close()
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
         return
 
     stream_counts = [int(n) for n in args.streams.split(",")]
@@ -257,9 +256,7 @@ def main() -> None:
         tokens = args.noop_tokens if mode == "noop" else args.model_tokens
         rows += loop.run_until_complete(run_mode(mode, stream_counts, tokens, args.prompt_len))
     loop.close()
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

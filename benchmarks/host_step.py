@@ -9,7 +9,6 @@ be. Runs anywhere; no GPU needed.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +73,7 @@ def main() -> None:
               **{f"{name}_ms": round(1000 * seconds / args.steps, 4) for name, seconds in totals.items()}}
     print(f"{'batch':>6} " + " ".join(f"{name + ' ms':>15}" for name in totals))
     print(f"{args.batch:>6} " + " ".join(f"{result[name + '_ms']:>15.3f}" for name in totals))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ On the GPU machine:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.shapes import ASYNC_SCHEDULING, SHAPES, shape_folder  # noqa: E402
+from benchmarks.common import ASYNC_SCHEDULING, write_json  # noqa: E402
+from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 
 def hbm_bandwidth(device: str = "cuda", gib: float = 4.0, repeats: int = 20) -> float:
@@ -116,9 +116,7 @@ def main() -> None:
     print(f"{args.shape:>10} {args.tensor_parallel_size:>3} {str(not args.enforce_eager):>6} {first:>12.4f} "
           f"{1000 * step_s:>9.3f} {step_bytes / 1e9:>8.2f} "
           f"{(bandwidth or 0) / 1e9:>9.1f} {100 * (utilisation or 0):>5.1f}%")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

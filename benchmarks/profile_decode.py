@@ -9,13 +9,13 @@ On the GPU machine:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 KINDS = [("attention", ("paged_decode", "reduce_partitions", "paged_prefill")), ("kv store", ("store_kv",)),
@@ -67,7 +67,7 @@ def main() -> None:
         runner.decode_graphs = saved if graphs else None
         with torch.inference_mode():
             hidden, rows = runner._forward(plan, None)
-            runner.model.compute_logits(hidden[rows]).argmax(-1)
+            runner.model.compute_logits(hidden if rows is None else hidden[rows]).argmax(-1)
         runner.decode_graphs = saved
 
     def timed(graphs: bool, iters: int = 50) -> float:
@@ -104,10 +104,9 @@ def main() -> None:
     for event in top:
         print(f"    {(getattr(event, 'device_time_total', 0) or 0) / 5 / 1000:8.3f} ms  {event.count // 5:4d}x  "
               f"{event.key[:100]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"shape": args.shape, "batch": args.batch, "context": args.context,
+    write_json(args.json, {"shape": args.shape, "batch": args.batch, "context": args.context,
                                                "graph_step_ms": graph_ms, "eager_step_ms": eager_ms,
-                                               "kernel_ms": kernel_ms, "by_kind_ms": by_kind}, indent=2))
+                                               "kernel_ms": kernel_ms, "by_kind_ms": by_kind})
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.disaggregated import add_mixed_load_args, mixed_load  # noqa: E402
 from benchmarks.shapes import shape_folder  # noqa: E402
 from benchmarks.throughput import workload  # noqa: E402
@@ -138,9 +138,7 @@ def main() -> None:
         for row in result["prefill_decode"]:
             print(f"{row['layout']:>8} {row['chat_tokens_per_s']:>11} {row['chat_itl_ms_p50']:>11} "
                   f"{row['chat_itl_ms_p99']:>11}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     if args.plot and {"replicas", "tensor_parallel", "prefill_decode"} <= set(result):
         plot(result, args.plot)
 

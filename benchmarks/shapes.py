@@ -56,7 +56,3 @@ def shape_folder(name: str) -> str:
         with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
             json.dump(PREPROCESSORS[name], f)
     return folder
-
-
-# --async-scheduling of the benchmarks, as EngineConfig.async_scheduling.
-ASYNC_SCHEDULING = {"auto": None, "on": True, "off": False}

@@ -16,7 +16,6 @@ whole workload takes minutes); the ratio compares output tokens per second eithe
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.shapes import ASYNC_SCHEDULING, shape_folder  # noqa: E402
+from benchmarks.common import ASYNC_SCHEDULING, write_json  # noqa: E402
+from benchmarks.shapes import shape_folder  # noqa: E402
 
 
 def workload(num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
@@ -153,8 +153,7 @@ def main() -> None:
               f"{row['output_tokens_per_s']:>10.1f}")
     if "ratio_vs_peer" in result:
         print(f"streamvlm / transformers: {result['ratio_vs_peer']}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

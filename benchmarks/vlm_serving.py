@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 
@@ -102,9 +102,7 @@ def main() -> None:
     print(f"{'requests':>8} {'conc':>5} {'seconds':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}")
     print(f"{result['requests']:>8} {result['concurrency']:>5} {result['seconds']:>8} {result['ttft_ms_p50']:>7} ms "
           f"{result['ttft_ms_p99']:>6} ms {result['tpot_ms_p50']:>6} ms {result['tpot_ms_p99']:>6} ms")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

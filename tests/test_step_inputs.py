@@ -84,3 +84,12 @@ def test_staging_of_mrope_positions():
     host = np.zeros(64, dtype=np.int64)
     inputs = fill_staging(host, plan, 2, position_rows=3).unpack(torch.from_numpy(host))
     assert inputs.positions.tolist() == [[3, 3]] * 3 and inputs.input_ids.tolist() == plan.input_ids
+
+
+def test_kernel_index_arrays_start_16_byte_aligned():
+    from workers.kernels.index_arrays import packed_int32
+
+    arrays = [[1, 2, 3], [], [4, 5, 6, 7, 8], [9]]
+    views = packed_int32(arrays, torch.device("cpu"))
+    assert [v.tolist() for v in views] == arrays
+    assert all(v.dtype == torch.int32 and v.data_ptr() % 16 == 0 for v in views)

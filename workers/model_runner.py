@@ -321,14 +321,15 @@ class ModelRunner:
         return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
 
     def _forward(self, plan: StepPlan, embeds: torch.Tensor | None,
-                 previous_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 previous_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the step's tokens, and the rows to take logits of (None: every row)."""
         if plan.placeholder_rows and previous_tokens is None:
             raise RuntimeError("a step plan with placeholder tokens needs the previous step's sampled tokens")
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan):
             hidden = self.decode_graphs.run(plan, previous_tokens)
             if len(plan.logits_rows) == hidden.shape[0]:
-                return hidden, torch.arange(hidden.shape[0], device=self.device)
-            return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device)
+                return hidden, None
+            return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         input_ids, positions, meta, logits_rows = self._prepare(plan, previous_tokens)
         self.backend.prepare(meta)
         return self.model(input_ids, positions, meta, self._mm_embeds(plan, embeds)), logits_rows
@@ -345,7 +346,7 @@ class ModelRunner:
         else:
             plan = chunks
         hidden, logits_rows = self._forward(plan, embeds, previous_tokens)
-        return self.model.compute_logits(hidden[logits_rows])
+        return self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
 
     @torch.inference_mode()
     def forward_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -53,11 +53,14 @@ class Sampler:
                         if any(p.logprobs for p in params) else None)
         logits = self._apply_penalties(logits, seqs)
         logits = self._ban_stop_tokens_before_min(logits, seqs)
-        token_ids = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled_rows:
-            rows = self._tensor(sampled_rows, torch.int64)
-            token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
+        if sampled_rows and len(sampled_rows) == len(seqs):   # no greedy row: no gather, no argmax
+            token_ids = self._draw(logits, seqs)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if sampled_rows:
+                rows = self._tensor(sampled_rows, torch.int64)
+                token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
         logprobs = None
         if raw_logprobs is not None:
             top = raw_logprobs.topk(max(p.top_logprobs for p in params), dim=-1)

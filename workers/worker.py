@@ -360,9 +360,7 @@ class Worker:
         """Async scheduling: a placeholder for seq's token being sampled in row `row` of the step just
         launched; a sequence that this token ends for certain is scheduled no more."""
         position = seq.append_placeholder(row)
-        num_tokens = position + 1
-        if (seq.kv_role == "prefill" or num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
-                or num_tokens >= self.max_model_len):
+        if seq.kv_role == "prefill" or self._ends_by_length(seq, position + 1):
             self.scheduler.retire(seq)
         return position
 
@@ -395,6 +393,9 @@ class Worker:
         if num_output_tokens >= p.min_tokens:
             if token in seq.stop_token_ids or (token in seq.eos_token_ids and not p.ignore_eos):
                 return "stop"
-        if num_output_tokens >= p.max_tokens or num_tokens >= self.max_model_len:
+        if self._ends_by_length(seq, num_tokens):
             return "length"
         return None
+
+    def _ends_by_length(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len

@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from streamvlm.config import EngineConfig, tcp_host_port
 from streamvlm.engine.router import GroupLoad
-from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S, receive_ready
+from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S, group_sockets, receive_ready
 from streamvlm.errors import EngineDeadError
 from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, JoinAccepted,
                                 JoinRefused, JoinReply, JoinRequest, Shutdown, StepStats,
@@ -71,14 +71,8 @@ class RemoteWorkerGroup:
     def accept(self, join: JoinRequest) -> JoinAccepted:
         """Take this worker: bind the group's sockets on the listen interface."""
         host, _ = tcp_host_port(self.config.worker_listen_address or "", "worker_listen_address")
-        self.inbox = self._ctx.socket(zmq.PUSH)
-        self.outbox = self._ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        # Unbounded: every request queues, none is dropped, and a send that would block then only means
-        # the worker is not connected.
-        self.inbox.setsockopt(zmq.SNDHWM, 0)
-        self.outbox.setsockopt(zmq.RCVHWM, 0)
+        self.inbox, self.outbox = group_sockets(self._ctx)
+        # The queue is unbounded, so a send that would block only means the worker is not connected.
         self._sender = zmq.Socket.shadow(self.inbox.underlying)
         input_port = self.inbox.bind_to_random_port(f"tcp://{host}")
         output_port = self.outbox.bind_to_random_port(f"tcp://{host}")

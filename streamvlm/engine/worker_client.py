@@ -52,6 +52,18 @@ async def receive_ready(outbox: zmq.asyncio.Socket, decoder: msgspec.msgpack.Dec
     raise EngineDeadError(f"{name} did not start in {STARTUP_TIMEOUT_S:.0f} s")
 
 
+def group_sockets(ctx: zmq.asyncio.Context) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+    """A group's PUSH socket (requests to the worker) and PULL socket (its step outputs): no linger, and no
+    high-water mark, so that a burst of requests while the worker is in a long step queues instead of being
+    dropped (a non-blocking send on an asyncio socket would lose it silently)."""
+    inbox, outbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, 0)
+    inbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.setsockopt(zmq.RCVHWM, 0)
+    return inbox, outbox
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,14 +105,7 @@ class WorkerGroupClient:
                 and all(p.is_alive() for p in self.processes))
 
     def _bind(self) -> tuple[str, str]:
-        self.inbox = self._ctx.socket(zmq.PUSH)
-        self.outbox = self._ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        # No high-water mark: a burst of requests while the worker is in a long step must queue,
-        # not be dropped (a non-blocking send on an asyncio socket would lose it silently).
-        self.inbox.setsockopt(zmq.SNDHWM, 0)
-        self.outbox.setsockopt(zmq.RCVHWM, 0)
+        self.inbox, self.outbox = group_sockets(self._ctx)
         if self.config.worker_transport == "tcp":
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels.index_arrays import packed_int32
+
 LOG2E = 1.4426950408889634
 # Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
 # except for batches so small that a context of SHORT_CONTEXT_TOKENS would not fill the device with them.
@@ -388,23 +390,12 @@ def plan_prefill(query_lens: list[int], queries_per_kv: int, head_dim: int,
         for start in reversed(range(0, query_len, block_q)):
             seqs.append(seq)
             starts.append(start)
-    # Every list starts 16-byte aligned (4 int32s): Triton specializes on pointer alignment, and lengths that
-    # moved it would compile other kernel variants in the middle of serving.
-    flat: list[int] = []
-    for seqs, starts in per_shape:
-        for values in (seqs, starts):
-            flat += values + [0] * (-len(values) % 4)
-    packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+    tile_lists = packed_int32([values for pair in per_shape for values in pair], device)
     launches = []
-    offset = 0
-    for shape, (seqs, _) in zip(shapes, per_shape):
-        n = len(seqs)
-        stride = n + (-n % 4)
-        if n:
+    for shape, (seqs, _), tile_seqs, tile_starts in zip(shapes, per_shape, tile_lists[::2], tile_lists[1::2]):
+        if seqs:
             launches.append(PrefillLaunch(shape.block_m, max(1, shape.block_m // queries_per_kv),
-                                          shape.block_n, shape.num_warps, shape.num_stages,
-                                          packed[offset:offset + n], packed[offset + stride:offset + stride + n]))
-        offset += 2 * stride
+                                          shape.block_n, shape.num_warps, shape.num_stages, tile_seqs, tile_starts))
     return launches
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from workers.kernels.index_arrays import packed_int32
 from workers.kernels.kv_store import store_kv_cache
 from workers.kernels.paged_attention import (
     DecodePartitions,
@@ -69,13 +70,9 @@ class TritonAttentionBackend:
         cu_seqlens_q = [0]
         for n in query_lens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-        # cu_seqlens_q starts 16-byte aligned: Triton specializes on pointer alignment, and a batch size that
-        # moved it would compile another kernel variant in the middle of serving.
-        gap = -len(seq_lens) % 4
-        packed = torch.tensor(seq_lens + [0] * gap + cu_seqlens_q, dtype=torch.int32).to(device, non_blocking=True)
+        seq_lens_t, cu_seqlens_t = packed_int32([seq_lens, cu_seqlens_q], device)
         step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(seq_lens),
-                          query_lens=query_lens, seq_lens=packed[:len(seq_lens)],
-                          cu_seqlens_q=packed[len(seq_lens) + gap:])
+                          query_lens=query_lens, seq_lens=seq_lens_t, cu_seqlens_q=cu_seqlens_t)
         for shape in self._head_shapes:
             self._plan(step, shape, device)
         meta.prepared = step
