@@ -177,7 +177,19 @@ def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, nu
     return max(cache_diff, *(max_abs_diff(out, expected) for out in outs))
 
 
+def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int) -> float:
+    from workers.kernels.gemv import GemvConfig, gemv
+
+    torch.manual_seed(n + k)
+    x, weight = torch.randn(1, k), torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    out = gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4))
+    return max_abs_diff(out, torch.nn.functional.linear(x, weight, b))
+
+
 CASES = {
+    "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
+    "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
     "kv_store": lambda: check_kv_store(torch.float32),
     "kv_store_bf16": lambda: check_kv_store(torch.bfloat16),
     "decode_gqa1_bs8": lambda: check_decode([5, 17, 40], 4, 4, 32, 8),
@@ -213,7 +225,7 @@ def test_interpreted_kernels_match_reference(case: str, interpreted_results: dic
 
 
 def _index_one_element_arrays() -> None:
-    """Triton 3.5's interpreter takes a loaded scalar (a one-element array) as a loop bound through int(), which
+    """Triton 3.5 and 3.6's interpreter takes a loaded scalar (a one-element array) as a loop bound through int(), which
     numpy >= 2.4 refuses for arrays that are not 0-d."""
     from triton.runtime import interpreter
 
@@ -221,8 +233,8 @@ def _index_one_element_arrays() -> None:
     if patch_tensor is None:   # another Triton version: nothing to work around here
         return
 
-    def patch_tensor_and_index(tensor: type) -> None:
-        patch_tensor(tensor)
+    def patch_tensor_and_index(tensor: type, *scope: object) -> None:
+        patch_tensor(tensor, *scope)   # Triton >= 3.6 passes a patch scope too
         tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 
     interpreter._patch_lang_tensor = patch_tensor_and_index

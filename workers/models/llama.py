@@ -17,6 +17,7 @@ from torch import nn
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
+from workers.layers.linear import Linear, linear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from workers.multimodal import MultiModalEmbeds
@@ -112,8 +113,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -141,7 +142,7 @@ class Attention(nn.Module):
             shard.num_heads, shard.num_kv_heads, args.head_dim)
         self.q_size = self.num_heads * args.head_dim
         self.kv_size = self.num_kv_heads * args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=args.qkv_bias)
         self.o_proj = RowParallelLinear(self.q_size, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
@@ -181,7 +182,7 @@ class MLP(nn.Module):
     def __init__(self, args: DecoderArgs, shard: ShardPlan) -> None:
         super().__init__()
         self.intermediate_size = shard.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * shard.intermediate_size,
+        self.gate_up_proj = Linear(args.hidden_size, 2 * shard.intermediate_size,
                                       bias=args.mlp_bias)
         self.down_proj = RowParallelLinear(shard.intermediate_size, args.hidden_size,
                                            bias=args.mlp_bias)
@@ -252,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (self.model.embed_tokens.weight if self.args.tie_word_embeddings
                   else self.lm_head.weight)
-        logits = all_gather_last_dim(F.linear(hidden, weight))
+        logits = all_gather_last_dim(linear(hidden, weight))
         return logits[..., :self.args.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

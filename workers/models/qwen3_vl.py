@@ -20,6 +20,7 @@ from torch import nn
 
 from workers.distributed import all_gather_last_dim, tp_rank, tp_size
 from workers.layers.attention import AttentionMetadata
+from workers.layers.linear import linear
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import _rotate_half
@@ -370,7 +371,7 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (self.model.language_model.embed_tokens.weight if self.args.tie_word_embeddings
                   else self.lm_head.weight)
-        logits = all_gather_last_dim(F.linear(hidden, weight))
+        logits = all_gather_last_dim(linear(hidden, weight))
         return logits[..., :self.args.vocab_size].float()
 
     # -- multimodal contract
