@@ -11,6 +11,7 @@ On the GPU machine:
     python benchmarks/latency.py --shape qwen3-8b --json results/latency.json
     python benchmarks/latency.py --shape qwen3-8b --enforce-eager          # without CUDA graphs
     python benchmarks/latency.py --shape qwen3-8b --tensor-parallel-size 2
+    STREAMVLM_DISABLE_PDL=1 python benchmarks/latency.py   # kernels without programmatic dependent launch
 """
 
 from __future__ import annotations

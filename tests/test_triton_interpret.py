@@ -177,19 +177,26 @@ def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, nu
     return max(cache_diff, *(max_abs_diff(out, expected) for out in outs))
 
 
-def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int) -> float:
+def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, silu_and_mul: bool = False) -> float:
+    import torch.nn.functional as F
+
     from workers.kernels.gemv import GemvConfig, gemv
 
     torch.manual_seed(n + k)
-    x, weight = torch.randn(1, k), torch.randn(n, k)
+    x, weight = torch.randn(1, 2 * k if silu_and_mul else k), torch.randn(n, k)
     b = torch.randn(n) if bias else None
-    out = gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4))
-    return max_abs_diff(out, torch.nn.functional.linear(x, weight, b))
+    out = gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4), silu_and_mul=silu_and_mul)
+    if silu_and_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    return max_abs_diff(out, F.linear(x, weight, b))
 
 
 CASES = {
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
+    "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),
+    "gemv_silu_and_mul_ragged": lambda: check_gemv(21, 70, True, 8, 64, silu_and_mul=True),
     "kv_store": lambda: check_kv_store(torch.float32),
     "kv_store_bf16": lambda: check_kv_store(torch.bfloat16),
     "decode_gqa1_bs8": lambda: check_decode([5, 17, 40], 4, 4, 32, 8),

@@ -33,6 +33,84 @@ def test_gemv_matches_reference(dtype, n, k, bias):
         assert (y.double() - expected).abs().max().item() <= tolerance, config
 
 
+@pytest.mark.parametrize("n,k", [(4096, 12288), (1024, 3072), (896, 4864), (50, 70)])
+def test_gemv_silu_and_mul_matches_the_unfused_pair(n, k):
+    from workers.kernels.fused import silu_and_mul
+    from workers.kernels.gemv import gemv
+
+    torch.manual_seed(n * k)
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    hidden = silu_and_mul(gate_up)
+    expected = _reference(hidden, weight, None)
+    y = gemv(gate_up, weight, silu_and_mul=True)
+    tolerance = torch.finfo(torch.bfloat16).eps * expected.abs().max().item() + 1e-4
+    assert (y.double() - expected).abs().max().item() <= tolerance
+    # The fused kernel rounds silu(gate) * up to bfloat16 as silu_and_mul stores it: same products.
+    assert torch.equal(y, gemv(hidden, weight))
+
+
+def _decoder_chain(x, residual, norm_weight, w_in, w_down, w_qk, head_weight, positions, cos, sin):
+    """rms_norm -> GEMV -> silu-and-mul GEMV -> rms_norm with residual -> GEMV -> q/k norm + rotary:
+    each kernel reads what the one before it wrote."""
+    from workers.kernels.fused import qk_norm_rope, rms_norm
+    from workers.kernels.gemv import gemv
+
+    h, _ = rms_norm(x, norm_weight, 1e-6)
+    mixed = gemv(gemv(h, w_in), w_down, silu_and_mul=True)
+    h, residual = rms_norm(mixed, norm_weight, 1e-6, residual)
+    qk = gemv(h, w_qk).view(1, -1, 128)
+    heads = qk.shape[1] // 2
+    q, k = qk_norm_rope(qk[:, :heads], qk[:, heads:], positions, cos, sin, head_weight, head_weight, 1e-6)
+    return q, k, residual
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_programmatic_launch_chain_matches_plain_launches(monkeypatch, graph):
+    """Kernels launched with programmatic dependent launch give the bits of plain launches, in
+    dependent chains replayed back to back (a missing wait would read a half-written input)."""
+    from workers.kernels import fused, gemv as gemv_mod, launch
+
+    if not launch.programmatic_launch(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    torch.manual_seed(0)
+    d, inter = 2048, 6144
+    norm_weight = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    w_in = torch.randn(2 * inter, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5
+    w_down = torch.randn(d, inter, device="cuda", dtype=torch.bfloat16) * inter ** -0.5
+    w_qk = torch.randn(8 * 128, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5
+    head_weight = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
+    cos = torch.rand(64, 128, device="cuda", dtype=torch.float32)
+    sin = torch.rand(64, 128, device="cuda", dtype=torch.float32)
+    inputs = [(torch.randn(1, d, device="cuda", dtype=torch.bfloat16),
+               torch.randn(1, d, device="cuda", dtype=torch.bfloat16),
+               torch.tensor([i], device="cuda", dtype=torch.int64)) for i in range(8)]
+
+    def run_all():
+        return [_decoder_chain(x, r, norm_weight, w_in, w_down, w_qk, head_weight, p, cos, sin)
+                for x, r, p in inputs]
+
+    def flatten(results):
+        return [t for outputs in results for t in outputs]
+
+    if graph:
+        run_all()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = run_all()
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        fast = [t.clone() for t in flatten(captured)]
+    else:
+        fast = flatten(run_all())
+    for module in (fused, gemv_mod):
+        monkeypatch.setattr(module, "programmatic_launch", lambda device: False)
+    plain = flatten(run_all())
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+
+
 def test_linear_takes_gemv_for_one_row_only():
     from workers.layers import linear as linear_mod
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+from workers.kernels.launch import programmatic_launch, start_dependents_and_wait
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    start_dependents_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -46,12 +48,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out, residual_out
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
     block = triton.next_power_of_2(d)
+    pdl = programmatic_launch(x.device)
     _rms_norm_kernel[(n,)](
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         residual_out.stride(0) if residual_out is not None else 0, d, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl, num_warps=min(16, max(1, block // 256)),
+        launch_pdl=pdl,
     )
     return out, residual_out
 
@@ -60,8 +64,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_ptr, sin_ptr,
                          q_weight_ptr, k_weight_ptr, stride_q_token, stride_q_head, stride_k_token,
                          stride_k_head, stride_cache, eps, num_q_heads, num_kv_heads,
-                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """Program (token, head): q heads first, then k heads. Output is contiguous [n, heads, dim]."""
+    start_dependents_and_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < num_q_heads
@@ -106,25 +112,28 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     if n == 0:
         return q_out, k_out
     has_norm = q_weight is not None
+    pdl = programmatic_launch(q.device)
     _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if has_norm else q, k_weight if has_norm else k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), eps,
         num_q_heads, num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
-        num_warps=1,
+        USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
     return q_out, k_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    start_dependents_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = g / (1.0 + libdevice.exp(-g))
+    act = g * tl.sigmoid(g)
     tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
@@ -137,6 +146,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     assert x.stride(-1) == 1
     block = min(1024, triton.next_power_of_2(d))
+    pdl = programmatic_launch(x.device)
     _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
-                                                     num_warps=4)
+                                                     USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels.launch import gdc_launch_dependents, gdc_wait, programmatic_launch
+
 
 class GemvConfig(NamedTuple):
     block_n: int     # weight rows per program
@@ -31,24 +33,50 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def _load_x(x_ptr, offsets, inside, n_cols, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+    """A chunk of the vector in float32; with SILU_AND_MUL, x holds [gate, up] and the chunk is
+    silu(gate) * up rounded to x's dtype, as silu_and_mul stores it."""
+    if EVEN_K:
+        x = tl.load(x_ptr + offsets, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy="evict_last")
+    if SILU_AND_MUL:
+        if EVEN_K:
+            up = tl.load(x_ptr + n_cols + offsets, eviction_policy="evict_last")
+        else:
+            up = tl.load(x_ptr + n_cols + offsets, mask=inside, other=0.0, eviction_policy="evict_last")
+        gate = x.to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_w(w_ptrs, start, inside, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs + start, eviction_policy="evict_first")
+    return tl.load(w_ptrs + start, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_w,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past the end re-read the last row and are not stored: the loads stay unmasked.
     safe_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + safe_rows[:, None] * stride_w + cols[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs + start, eviction_policy="evict_first")
-            x = tl.load(x_ptr + start + cols, eviction_policy="evict_last")
-        else:
-            inside = start + cols < n_cols
-            w = tl.load(w_ptrs + start, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + start + cols, mask=inside, other=0.0, eviction_policy="evict_last")
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # The weights are no other kernel's output: the first tile is on its way before the wait.
+    w = _load_w(w_ptrs, 0, cols < n_cols, EVEN_K)
+    if USE_PDL:
+        gdc_wait()
+    acc = w.to(tl.float32) * _load_x(x_ptr, cols, cols < n_cols, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
+    for start in range(BLOCK_K, n_cols, BLOCK_K):
+        inside = start + cols < n_cols
+        w = _load_w(w_ptrs, start, inside, EVEN_K)
+        acc += w.to(tl.float32) * _load_x(x_ptr, start + cols, inside, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + safe_rows).to(tl.float32)
@@ -56,18 +84,19 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_w,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of one row ([1, K] or [K]), weight [N, K] with unit
-    column stride; the result has x's leading shape and dtype."""
-    k = x.shape[-1]
-    n = weight.shape[0]
-    assert x.numel() == k and weight.shape[1] == k and weight.stride(1) == 1
+    column stride; the result has x's leading shape and dtype. With ``silu_and_mul``, x is
+    [gate, up] (2K wide) and the product is with silu(gate) * up."""
+    n, k = weight.shape
+    assert x.numel() == x.shape[-1] == (2 * k if silu_and_mul else k) and weight.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or default_config(n, k)
+    pdl = programmatic_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, SILU_AND_MUL=silu_and_mul,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return y

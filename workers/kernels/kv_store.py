@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels.launch import programmatic_launch, start_dependents_and_wait
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -15,8 +17,9 @@ def _store_kv_kernel(
     stride_vc_block, stride_vc_slot, stride_vc_head,
     block_size,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    start_dependents_and_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     block = slot // block_size
@@ -47,6 +50,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     k, v = _unit_last_stride(k), _unit_last_stride(v)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    pdl = programmatic_launch(k.device)
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -55,7 +59,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         k_cache.shape[1],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=triton.next_power_of_2(head_dim),
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        USE_PDL=pdl, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, launch_pdl=pdl,
     )
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels.index_arrays import packed_int32
+from workers.kernels.launch import programmatic_launch, start_dependents_and_wait
 
 LOG2E = 1.4426950408889634
 # Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
@@ -64,8 +65,10 @@ def _paged_decode_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (sequence, kv head, context partition): the group's query heads against the partition's keys."""
+    start_dependents_and_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     partition = tl.program_id(2)
@@ -115,8 +118,10 @@ def _reduce_partitions_kernel(
     out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr,
     partition_size, num_heads, max_partitions, stride_o_token, stride_o_head,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (sequence, query head): combines the partitions' (max, sum, unnormalized output)."""
+    start_dependents_and_wait(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -339,6 +344,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_max = part_sum = part_acc = out    # not touched
 
     dim_pad = _dim_pad(head_dim)
+    pdl = programmatic_launch(q.device)
     grid = (num_seqs, num_kv_heads, partitions.num_partitions)
     _paged_decode_kernel[grid](
         out, part_max, part_sum, part_acc,
@@ -349,16 +355,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
         GROUP_PAD=max(16, triton.next_power_of_2(queries_per_kv)), DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=_decode_tile_n(head_dim), SPLIT=split,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2),
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl,
+        num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2), launch_pdl=pdl,
     )
     if split:
         parts_pad = triton.next_power_of_2(partitions.num_partitions)
         _reduce_partitions_kernel[(num_seqs, num_heads)](
             out, part_max, part_sum, part_acc, seq_lens,
             partitions.partition_size, num_heads, partitions.num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, DIM_PAD=dim_pad, PARTS_PAD=parts_pad, CHUNK=min(16, parts_pad),
-            num_warps=4 if dim_pad >= 128 else 2,
+            HEAD_DIM=head_dim, DIM_PAD=dim_pad, PARTS_PAD=parts_pad, CHUNK=min(16, parts_pad), USE_PDL=pdl,
+            num_warps=4 if dim_pad >= 128 else 2, launch_pdl=pdl,
         )
     return out
 

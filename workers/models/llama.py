@@ -17,7 +17,7 @@ from torch import nn
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
-from workers.layers.linear import Linear, linear
+from workers.layers.linear import Linear, linear, silu_and_mul_linear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from workers.multimodal import MultiModalEmbeds
@@ -111,10 +111,12 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor:
+        """With ``silu_and_mul``, x is [gate, up] and the input is silu(gate) * up."""
+        product = silu_and_mul_linear if silu_and_mul else linear
         if tp_size() == 1:
-            return linear(x, self.weight, self.bias)
-        y = all_reduce(linear(x, self.weight))
+            return product(x, self.weight, self.bias)
+        y = all_reduce(product(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -188,12 +190,7 @@ class MLP(nn.Module):
                                            bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        kernels = fused_kernels(gate_up)
-        if kernels is not None:
-            return self.down_proj(kernels.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True)
 
 
 class DecoderLayer(nn.Module):
