@@ -9,6 +9,7 @@ activations stay there.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -24,12 +25,35 @@ class GemvConfig(NamedTuple):
     num_warps: int
 
 
-def default_config(n: int, k: int) -> GemvConfig:
-    """From `python benchmarks/gemv.py --sweep` on an H200: four rows and 2,048 columns a program
-    came within 1% of the best config on every Qwen3-8B shape. Narrower columns where they
-    divide K, so that the loads stay unmasked."""
-    block_k = next((b for b in (2048, 1024, 512, 256) if k % b == 0), min(2048, triton.next_power_of_2(k)))
-    return GemvConfig(block_n=4, block_k=block_k, num_warps=4)
+def _config_from_env() -> GemvConfig | None:
+    """STREAMVLM_GEMV_CONFIG="block_n,block_k,num_warps" fixes the config (for tuning runs)."""
+    value = os.environ.get("STREAMVLM_GEMV_CONFIG")
+    if not value:
+        return None
+    try:
+        block_n, block_k, num_warps = (int(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(f"STREAMVLM_GEMV_CONFIG={value!r}: expected block_n,block_k,num_warps") from None
+    return GemvConfig(block_n, block_k, num_warps)
+
+
+_ENV_CONFIG = _config_from_env()
+
+
+def default_config(n: int, k: int, silu_and_mul: bool = False) -> GemvConfig:
+    """From `STREAMVLM_DISABLE_PDL=1 python benchmarks/profile_decode.py --batch 1 --gemv-configs ...`
+    on an H200 (Qwen3-8B, each GEMV in place in a decode step). Four rows and 1,024 columns a
+    program was the best single config; the down projection with SiLU-and-mul fused in does
+    better with eight rows (it reads twice the vector per weight row), and a square 4096 x 4096
+    (the attention output) with sixteen rows and eight warps."""
+    if silu_and_mul:
+        block_n, num_warps = 8, 4
+    elif n >= 4096 and n * k <= 4096 * 4096:   # fewer rows would leave SMs idle below this
+        block_n, num_warps = 16, 8
+    else:
+        block_n, num_warps = 4, 4
+    block_k = next((b for b in (1024, 512, 256) if k % b == 0), min(1024, triton.next_power_of_2(k)))
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
 @triton.jit
@@ -92,7 +116,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert x.numel() == x.shape[-1] == (2 * k if silu_and_mul else k) and weight.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    cfg = config or default_config(n, k)
+    cfg = config or _ENV_CONFIG or default_config(n, k, silu_and_mul)
     pdl = programmatic_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
