@@ -46,8 +46,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enable_prefix_caching: bool = True
     load_format: LoadFormat = "auto"
     seed: int = 0
-    # "auto": our Triton kernels on CUDA (where triton is importable), the torch backend on CPU.
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # "auto": FlashAttention 4 on Hopper or newer GPUs in bfloat16 / float16 where flash_attn.cute
+    # (flash-attn-4) is importable, else our Triton kernels on CUDA (where triton is importable), the
+    # torch backend on CPU.
+    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
     # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
     enforce_eager: bool = False
     # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).

@@ -61,7 +61,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = load_model(source, config.load_format, max_model_len, self.device,
                                 self.dtype, config.seed)
-        self.backend = get_attention_backend(config.attention_backend, self.device, max_model_len)
+        self.backend = get_attention_backend(config.attention_backend, self.device, max_model_len, self.dtype)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
         if config.skip_model_forward:
             # No forward pass reads the cache: enough block ids that no request is preempted.

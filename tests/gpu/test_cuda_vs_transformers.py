@@ -24,15 +24,25 @@ SIZES = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
              initializer_range=0.04)
 
 
+def _backends() -> list:
+    from workers.layers.attention import flash_attn_available
+
+    has_flash = torch.cuda.is_available() and flash_attn_available(torch.device("cuda"))
+    return ["triton", pytest.param("flash_attn", marks=pytest.mark.skipif(not has_flash,
+                                                                          reason="needs flash-attn-4"))]
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_bfloat16_matches_transformers(arch, tmp_path):
+def test_bfloat16_matches_transformers(arch, backend, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from streamvlm import LLM, SamplingParams
 
     overrides = dict(SIZES, head_dim=128) if arch == "qwen3" else SIZES
     path = build_checkpoint(tmp_path / arch, arch, **overrides)
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=512)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=512,
+              attention_backend=backend)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 448, (n,), generator=g).tolist() for n in (5, 37, 160, 300)]
@@ -55,14 +65,14 @@ def test_bfloat16_matches_transformers(arch, tmp_path):
         clear = [i for i, m in enumerate(margins) if m >= CLEAR_MARGIN]
         mismatches = [i for i in clear if ref_greedy[i] != out.token_ids[i]]
         max_diff = (ours - theirs).abs().max().item()
-        report.append({"arch": arch, "prompt_tokens": len(out.prompt_token_ids),
+        report.append({"arch": arch, "backend": backend, "prompt_tokens": len(out.prompt_token_ids),
                        "max_logprob_diff": round(max_diff, 4), "clear_steps": len(clear),
                        "mismatches_at_clear_steps": len(mismatches),
                        "equal_greedy_steps": sum(a == b for a, b in zip(ref_greedy,
                                                                         out.token_ids))})
         assert not mismatches, mismatches
         assert max_diff < 0.1, max_diff
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and backend == "triton":
         with open(os.path.join(os.environ["OUT"], f"gpu_vs_transformers_{arch}.json"), "w") as f:
             json.dump(report, f, indent=2)
     print(json.dumps(report))

@@ -90,7 +90,7 @@ class TorchAttentionBackend:
         return out[batch.valid_rows]
 
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
 def _triton_available() -> bool:
@@ -99,18 +99,46 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def get_attention_backend(name: str, device: torch.device, max_model_len: int) -> AttentionBackend:
-    """"auto": our Triton kernels on CUDA where triton is importable, else the torch backend."""
+def flash_attn_available(device: torch.device) -> bool:
+    """FlashAttention 4 (flash_attn.cute) importable, with triton, on a Hopper or newer GPU."""
+    import importlib.util
+
+    if device.type != "cuda" or not _triton_available() or importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        if importlib.util.find_spec("flash_attn.cute") is None:
+            return False
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def get_attention_backend(name: str, device: torch.device, max_model_len: int,
+                          dtype: torch.dtype | None = None) -> AttentionBackend:
+    """"auto": FlashAttention 4 on CUDA where it is importable and serves the dtype, else our
+    Triton kernels on CUDA where triton is importable, else the torch backend."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; available: {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if flash_attn_available(device) and dtype in (torch.bfloat16, torch.float16):
+            name = "flash_attn"
+        else:
+            name = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":
-        raise ValueError("attention_backend='triton' needs a CUDA device")
+        raise ValueError(f"attention_backend={name!r} needs a CUDA device")
     if not _triton_available():
-        raise ValueError("attention_backend='triton' needs the triton package")
+        raise ValueError(f"attention_backend={name!r} needs the triton package")
+    if name == "flash_attn":
+        if not flash_attn_available(device):
+            raise ValueError("attention_backend='flash_attn' needs FlashAttention 4 (pip install flash-attn-4) "
+                             "and a GPU of compute capability 9.0 or newer")
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"attention_backend='flash_attn' needs bfloat16 or float16, not {dtype}")
+        from workers.layers.attention_flash import FlashAttnBackend
+
+        return FlashAttnBackend(device, max_model_len)
     from workers.layers.attention_triton import TritonAttentionBackend
 
     return TritonAttentionBackend(device, max_model_len)

@@ -1,0 +1,37 @@
+"""Which attention backend a config gets, and the errors for backends a device cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.layers.attention import TorchAttentionBackend, flash_attn_available, get_attention_backend
+
+
+def test_auto_on_cpu_is_the_torch_backend():
+    backend = get_attention_backend("auto", torch.device("cpu"), 512, torch.float32)
+    assert isinstance(backend, TorchAttentionBackend)
+
+
+@pytest.mark.parametrize("name", ["triton", "flash_attn"])
+def test_gpu_backends_on_cpu_are_refused(name):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        get_attention_backend(name, torch.device("cpu"), 512, torch.float32)
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match="available: auto, torch, triton, flash_attn"):
+        get_attention_backend("flash", torch.device("cpu"), 512)
+
+
+def test_flash_attn_is_not_available_on_cpu():
+    assert not flash_attn_available(torch.device("cpu"))
+
+
+def test_engine_config_refuses_flash_attn_on_cpu(tmp_path):
+    from streamvlm import LLM
+    from tests.conftest import build_checkpoint
+
+    path = build_checkpoint(tmp_path / "llama", "llama")
+    with pytest.raises(ValueError, match="flash_attn.*needs a CUDA device"):
+        LLM(str(path), device="cpu", dtype="float32", attention_backend="flash_attn", max_model_len=128)
