@@ -26,7 +26,7 @@ def _expected(batch: PagedBatch) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim,queries_per_kv,block_size", [(128, 4, 16), (64, 1, 32), (128, 8, 128),
-                                                                (256, 2, 16), (96, 4, 64)])
+                                                                (256, 2, 16), (96, 4, 64), (64, 4, 16)])
 @pytest.mark.parametrize("query_lens,seq_lens", [([1, 1, 1, 1], [3, 700, 5000, 120]),
                                                  ([1, 513, 1, 77, 1], [900, 513, 20, 2100, 1]),
                                                  ([300], [300])])
