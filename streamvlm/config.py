@@ -46,9 +46,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enable_prefix_caching: bool = True
     load_format: LoadFormat = "auto"
     seed: int = 0
-    # "auto": FlashAttention 4 on Hopper or newer GPUs in bfloat16 / float16 where flash_attn.cute
-    # (flash-attn-4) is importable, else our Triton kernels on CUDA (where triton is importable), the
-    # torch backend on CPU.
+    # "auto": our Triton kernels on CUDA (where triton is importable), the torch backend on CPU.
+    # "flash_attn": FlashAttention 4 (flash_attn.cute, pip install flash-attn-4), on Hopper or newer
+    # GPUs in bfloat16 / float16.
     attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
     # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
     enforce_eager: bool = False

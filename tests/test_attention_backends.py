@@ -35,3 +35,4 @@ def test_engine_config_refuses_flash_attn_on_cpu(tmp_path):
     path = build_checkpoint(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="flash_attn.*needs a CUDA device"):
         LLM(str(path), device="cpu", dtype="float32", attention_backend="flash_attn", max_model_len=128)
+

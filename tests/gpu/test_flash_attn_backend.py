@@ -46,7 +46,8 @@ def test_backend_matches_torch_backend(dtype, head_dim, queries_per_kv, block_si
 
 
 def test_decode_replays_from_a_cuda_graph():
-    """Static buffers sized for max_model_len, captured once, replayed for two different batches."""
+    """Static buffers sized for max_model_len, prepared and captured once, replayed for two different
+    batches."""
     from workers.layers.attention_flash import FlashAttnBackend
 
     dtype, head_dim, block_size, max_model_len, num_seqs = torch.bfloat16, 128, 16, 4096, 4
@@ -58,7 +59,7 @@ def test_decode_replays_from_a_cuda_graph():
     v_cache = torch.zeros_like(k_cache)
     static = dict(q=torch.zeros_like(first.q), k=torch.zeros_like(first.k), v=torch.zeros_like(first.v),
                   slots=torch.zeros(num_seqs, dtype=torch.int64, device=DEVICE),
-                  tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int64, device=DEVICE),
+                  tables=torch.zeros(num_seqs, max_blocks, dtype=backend.block_table_dtype, device=DEVICE),
                   seq_lens=torch.ones(num_seqs, dtype=torch.int32, device=DEVICE))
     meta = AttentionMetadata([1] * num_seqs, [max_model_len] * num_seqs, static["slots"], static["tables"],
                              block_size)
@@ -74,8 +75,11 @@ def test_decode_replays_from_a_cuda_graph():
         static["tables"].zero_()
         static["tables"][:, :batch.meta.block_tables.shape[1]].copy_(batch.meta.block_tables)
 
+    # Prepared once before the capture, as DecodeGraphs does: the replays must read the static
+    # buffers themselves, not anything derived from them at preparation time.
+    backend.prepare_decode_graph(meta, static["seq_lens"])
+
     def step() -> torch.Tensor:
-        backend.prepare_decode_graph(meta, static["seq_lens"])
         return backend.forward(static["q"], static["k"], static["v"], k_cache, v_cache, meta, first.scale)
 
     load(first)

@@ -115,15 +115,13 @@ def flash_attn_available(device: torch.device) -> bool:
 
 def get_attention_backend(name: str, device: torch.device, max_model_len: int,
                           dtype: torch.dtype | None = None) -> AttentionBackend:
-    """"auto": FlashAttention 4 on CUDA where it is importable and serves the dtype, else our
-    Triton kernels on CUDA where triton is importable, else the torch backend."""
+    """"auto": our Triton kernels on CUDA where triton is importable, else the torch backend.
+    "flash_attn" (FlashAttention 4) is chosen by name: its kernels match the torch backend on the GPU,
+    but the engine on it has not yet been checked against transformers, so auto does not pick it."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; available: {', '.join(BACKENDS)}")
     if name == "auto":
-        if flash_attn_available(device) and dtype in (torch.bfloat16, torch.float16):
-            name = "flash_attn"
-        else:
-            name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":

@@ -43,6 +43,9 @@ def check_supported(head_dim: int, dtype: torch.dtype) -> None:
 class FlashAttnBackend:
     name = "flash_attn"
     supports_cuda_graphs = True
+    # FA4 takes an int32 page table: CUDA-graph decode keeps its static tables in int32, since a
+    # conversion made when the graph step is prepared (before capture) would never see new tables.
+    block_table_dtype = torch.int32
 
     def __init__(self, device: torch.device, max_model_len: int) -> None:
         self.device = device
@@ -61,8 +64,11 @@ class FlashAttnBackend:
         """A decode step whose tensors stay put across CUDA graph replays (seq_lens and the block
         tables are the caller's static buffers); the launch covers max_model_len keys."""
         num_seqs = seq_lens.shape[0]
+        tables = meta.block_tables
+        if tables.dtype != torch.int32 or not tables.is_contiguous():
+            raise ValueError(f"CUDA-graph block tables for flash_attn must be contiguous int32, not {tables.dtype}")
         cu_seqlens = torch.arange(num_seqs + 1, dtype=torch.int32, device=seq_lens.device)
-        meta.prepared = FlashStep(cu_seqlens, seq_lens, _int32_table(meta.block_tables), 1, self.max_model_len)
+        meta.prepared = FlashStep(cu_seqlens, seq_lens, tables, 1, self.max_model_len)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
