@@ -21,7 +21,7 @@ def test_gpu_backends_on_cpu_are_refused(name):
 
 def test_unknown_backend_lists_the_known_ones():
     with pytest.raises(ValueError, match="available: auto, torch, triton, flash_attn"):
-        get_attention_backend("flash", torch.device("cpu"), 512)
+        get_attention_backend("flash", torch.device("cpu"), 512, torch.float32)
 
 
 def test_flash_attn_is_not_available_on_cpu():

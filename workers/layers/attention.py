@@ -114,7 +114,7 @@ def flash_attn_available(device: torch.device) -> bool:
 
 
 def get_attention_backend(name: str, device: torch.device, max_model_len: int,
-                          dtype: torch.dtype | None = None) -> AttentionBackend:
+                          dtype: torch.dtype) -> AttentionBackend:
     """"auto": our Triton kernels on CUDA where triton is importable, else the torch backend.
     "flash_attn" (FlashAttention 4) is chosen by name: its kernels match the torch backend on the GPU,
     but the engine on it has not yet been checked against transformers, so auto does not pick it."""
@@ -132,7 +132,7 @@ def get_attention_backend(name: str, device: torch.device, max_model_len: int,
         if not flash_attn_available(device):
             raise ValueError("attention_backend='flash_attn' needs FlashAttention 4 (pip install flash-attn-4) "
                              "and a GPU of compute capability 9.0 or newer")
-        if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"attention_backend='flash_attn' needs bfloat16 or float16, not {dtype}")
         from workers.layers.attention_flash import FlashAttnBackend
 

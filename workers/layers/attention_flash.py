@@ -16,12 +16,9 @@ from dataclasses import dataclass
 import torch
 from flash_attn.cute import flash_attn_varlen_func
 
-from workers.kernels.index_arrays import packed_int32
+from workers.kernels.index_arrays import varlen_index_arrays
 from workers.kernels.kv_store import store_kv_cache
 from workers.layers.attention import AttentionMetadata
-
-FLASH_DTYPES = (torch.bfloat16, torch.float16)
-
 
 @dataclass
 class FlashStep:
@@ -32,9 +29,7 @@ class FlashStep:
     max_seqlen_k: int
 
 
-def check_supported(head_dim: int, dtype: torch.dtype) -> None:
-    if dtype not in FLASH_DTYPES:
-        raise ValueError(f"attention_backend='flash_attn' needs bfloat16 or float16, not {dtype}")
+def check_head_dim(head_dim: int) -> None:
     if head_dim % 8 or not 8 <= head_dim <= 256:
         raise ValueError(f"attention_backend='flash_attn' needs a head_dim that is a multiple of 8 "
                          f"up to 256, not {head_dim}")
@@ -50,13 +45,10 @@ class FlashAttnBackend:
     def __init__(self, device: torch.device, max_model_len: int) -> None:
         self.device = device
         self.max_model_len = max_model_len
-        self._checked: set[tuple[int, torch.dtype]] = set()
+        self._checked_head_dims: set[int] = set()
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        cu_seqlens_q = [0]
-        for n in meta.query_lens:
-            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-        seq_lens, cu_seqlens = packed_int32([list(meta.seq_lens), cu_seqlens_q], meta.slot_mapping.device)
+        seq_lens, cu_seqlens = varlen_index_arrays(meta.query_lens, meta.seq_lens, meta.slot_mapping.device)
         meta.prepared = FlashStep(cu_seqlens, seq_lens, _int32_table(meta.block_tables),
                                   max(meta.query_lens), max(meta.seq_lens))
 
@@ -73,9 +65,9 @@ class FlashAttnBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if (q.shape[-1], q.dtype) not in self._checked:
-            check_supported(q.shape[-1], q.dtype)
-            self._checked.add((q.shape[-1], q.dtype))
+        if q.shape[-1] not in self._checked_head_dims:
+            check_head_dim(q.shape[-1])
+            self._checked_head_dims.add(q.shape[-1])
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         step: FlashStep = meta.prepared
         # Causal masks are aligned bottom-right: query i of a sequence with n queries and s keys

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from workers.kernels.index_arrays import packed_int32
+from workers.kernels.index_arrays import varlen_index_arrays
 from workers.kernels.kv_store import store_kv_cache
 from workers.kernels.paged_attention import (
     DecodePartitions,
@@ -66,12 +66,9 @@ class TritonAttentionBackend:
 
     def prepare(self, meta: AttentionMetadata) -> None:
         device = meta.slot_mapping.device
-        query_lens, seq_lens = list(meta.query_lens), list(meta.seq_lens)
-        cu_seqlens_q = [0]
-        for n in query_lens:
-            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-        seq_lens_t, cu_seqlens_t = packed_int32([seq_lens, cu_seqlens_q], device)
-        step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(seq_lens),
+        query_lens = list(meta.query_lens)
+        seq_lens_t, cu_seqlens_t = varlen_index_arrays(query_lens, meta.seq_lens, device)
+        step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(meta.seq_lens),
                           query_lens=query_lens, seq_lens=seq_lens_t, cu_seqlens_q=cu_seqlens_t)
         for shape in self._head_shapes:
             self._plan(step, shape, device)
