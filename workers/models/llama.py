@@ -201,11 +201,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, shard)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        attended = self.self_attn(positions, self.input_layernorm(x), meta)
-        h, x = self.post_attention_layernorm.add_and_norm(attended, x)
-        return x + self.mlp(h)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it). The hidden state is their sum, which the next
+        norm forms in its fused add (x is the whole hidden state when residual is None): the
+        residual add costs no kernel of its own."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attended = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -243,9 +250,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if mm is not None:
             x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
+        residual = None
         for layer in self.model.layers:
-            x = layer(positions, x, meta)
-        return self.model.norm(x)
+            x, residual = layer(positions, x, residual, meta)
+        return self.model.norm(x) if residual is None else self.model.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (self.model.embed_tokens.weight if self.args.tie_word_embeddings

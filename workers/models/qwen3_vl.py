@@ -362,11 +362,12 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
             embeds = mm.embeds.to(x.dtype)
             x = x.index_copy(0, mm.rows, embeds[:, :hidden])
             levels = embeds[:, hidden:].view(-1, self.num_deepstack_levels, hidden)
+        residual = None
         for index, layer in enumerate(lm.layers):
-            x = layer(positions, x, meta)
+            x, residual = layer(positions, x, residual, meta)
             if levels is not None and index < self.num_deepstack_levels:
-                x = x.index_add(0, mm.rows, levels[:, index])
-        return lm.norm(x)
+                x, residual = (residual + x).index_add(0, mm.rows, levels[:, index]), None
+        return lm.norm(x) if residual is None else lm.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (self.model.language_model.embed_tokens.weight if self.args.tie_word_embeddings
