@@ -134,6 +134,31 @@ def check_kv_store(dtype: torch.dtype) -> float:
     return max(max_abs_diff(batch.k_cache, expected_k), max_abs_diff(batch.v_cache, expected_v))
 
 
+def check_qk_norm_rope_store(qk_norm: bool) -> float:
+    """The rotary kernel writing k and v into the cache: q as qk_norm_rope gives it, the cache as
+    qk_norm_rope's k stored by store_kv_cache; a padding token (slot -1) writes nothing."""
+    from workers.kernels.fused import qk_norm_rope, qk_norm_rope_store
+    from workers.kernels.kv_store import store_kv_cache
+    from workers.layers.rotary import RotaryEmbedding
+
+    batch = make_paged_batch([3, 1, 6], [3, 9, 20], 4, 2, 32, 8, poison=False)
+    n, num_heads, num_kv_heads, head_dim = batch.q.shape[0] + 1, 4, 2, 32
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim)
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                                                            num_kv_heads * head_dim], dim=-1))
+    slots = torch.cat([batch.meta.slot_mapping, torch.tensor([-1])])
+    positions = torch.randint(0, 64, (n,))
+    rotary = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 1e4}, 64, 64)
+    norms = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else ()
+    expected_k, expected_v = batch.k_cache.clone(), batch.v_cache.clone()
+    q_ref, k_ref = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, *norms)
+    store_kv_cache(k_ref, v, expected_k, expected_v, slots)
+    q_out = qk_norm_rope_store(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, batch.k_cache,
+                               batch.v_cache, slots, *norms)
+    return max(max_abs_diff(q_out, q_ref), max_abs_diff(batch.k_cache, expected_k),
+               max_abs_diff(batch.v_cache, expected_v))
+
+
 def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  partition_size: int | None = None, dtype: torch.dtype = torch.float32) -> float:
     from workers.kernels.paged_attention import paged_decode_attention, plan_decode_partitions
@@ -199,6 +224,8 @@ CASES = {
     "gemv_silu_and_mul_ragged": lambda: check_gemv(21, 70, True, 8, 64, silu_and_mul=True),
     "kv_store": lambda: check_kv_store(torch.float32),
     "kv_store_bf16": lambda: check_kv_store(torch.bfloat16),
+    "qk_norm_rope_store": lambda: check_qk_norm_rope_store(qk_norm=True),
+    "qk_rope_store_no_norm": lambda: check_qk_norm_rope_store(qk_norm=False),
     "decode_gqa1_bs8": lambda: check_decode([5, 17, 40], 4, 4, 32, 8),
     "decode_gqa2_bs16": lambda: check_decode([1, 16, 33], 4, 2, 64, 16),
     "decode_gqa4_bs8_split": lambda: check_decode([150, 7, 300, 64], 8, 2, 64, 8, partition_size=64),

@@ -71,6 +71,36 @@ def test_qk_norm_rope(dtype, heads, kv_heads, head_dim, qk_norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,qk_norm", [(32, 8, 128, 16, True), (14, 2, 64, 32, False),
+                                                                        (16, 16, 128, 1, True)])
+def test_qk_norm_rope_store_matches_rope_then_store(dtype, heads, kv_heads, head_dim, block_size, qk_norm):
+    """The rotary kernel that writes k and v into the paged cache gives the bits of qk_norm_rope
+    followed by store_kv_cache; padding tokens (slot -1) write nothing."""
+    from workers.kernels.fused import qk_norm_rope, qk_norm_rope_store
+    from workers.kernels.kv_store import store_kv_cache
+    from workers.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(heads + block_size)
+    rotary = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 1e6}, 40960, 40960).to("cuda")
+    n, num_blocks = 45, 64
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                            kv_heads * head_dim], dim=-1))
+    positions = torch.randint(0, 40000, (n,), device="cuda")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:n]
+    slots[::7] = -1
+    weights = (torch.rand(head_dim, device="cuda", dtype=dtype) + 0.5,
+               torch.rand(head_dim, device="cuda", dtype=dtype) + 0.5, 1e-6) if qk_norm else ()
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    q_ref, k_ref = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, *weights)
+    store_kv_cache(k_ref, v, *expected, slots)
+    q_out = qk_norm_rope_store(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, *caches, slots, *weights)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,dim", [(1, 12288), (9, 3072), (257, 1408)])
 def test_silu_and_mul(dtype, rows, dim):
     import torch.nn.functional as F

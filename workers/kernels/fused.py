@@ -61,16 +61,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_ptr, sin_ptr,
-                         q_weight_ptr, k_weight_ptr, stride_q_token, stride_q_head, stride_k_token,
-                         stride_k_head, stride_cache, eps, num_q_heads, num_kv_heads,
-                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """Program (token, head): q heads first, then k heads. Output is contiguous [n, heads, dim]."""
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                         positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr,
+                         stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token,
+                         stride_v_head, stride_cache, stride_kc_block, stride_kc_slot, stride_kc_head,
+                         stride_vc_block, stride_vc_slot, stride_vc_head, block_size, eps,
+                         num_q_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                         HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (token, head): q heads first, then k heads, then (STORE_KV) v heads. q goes to a
+    contiguous [n, heads, dim]; k too, or with STORE_KV into the paged cache at the token's slot
+    (slots < 0 are padding: not written), where v is copied as well."""
     start_dependents_and_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    half = tl.arange(0, HALF)
     is_q = head < num_q_heads
+    mask = half < HALF
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        block = slot // block_size
+        offset = slot % block_size
+        mask = mask & (is_q | (slot >= 0))
+        if head >= num_q_heads + num_kv_heads:
+            kv = head - num_q_heads - num_kv_heads
+            src = v_ptr + token * stride_v_token + kv * stride_v_head
+            dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + kv * stride_vc_head
+            tl.store(dst + half, tl.load(src + half, mask=mask), mask=mask)
+            tl.store(dst + HALF + half, tl.load(src + HALF + half, mask=mask), mask=mask)
+            return
     if is_q:
         src = q_ptr + token * stride_q_token + head * stride_q_head
         dst = q_out_ptr + (token * num_q_heads + head) * HEAD_DIM
@@ -78,11 +96,13 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_
     else:
         kv = head - num_q_heads
         src = k_ptr + token * stride_k_token + kv * stride_k_head
-        dst = k_out_ptr + (token * num_kv_heads + kv) * HEAD_DIM
+        if STORE_KV:
+            dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + kv * stride_kc_head
+        else:
+            dst = k_out_ptr + (token * num_kv_heads + kv) * HEAD_DIM
         w_ptr = k_weight_ptr
-    half = tl.arange(0, HALF)
-    x1 = tl.load(src + half)
-    x2 = tl.load(src + HALF + half)
+    x1 = tl.load(src + half, mask=mask)
+    x2 = tl.load(src + HALF + half, mask=mask)
     dtype = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:
@@ -94,8 +114,8 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_
     cos = tl.load(cos_ptr + pos * stride_cache + half)
     sin = tl.load(sin_ptr + pos * stride_cache + half)
     # x * cos + rotate_half(x) * sin
-    tl.store(dst + half, (a1 * cos - a2 * sin).to(dtype))
-    tl.store(dst + HALF + half, (a2 * cos + a1 * sin).to(dtype))
+    tl.store(dst + half, (a1 * cos - a2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF + half, (a2 * cos + a1 * sin).to(dtype), mask=mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -103,24 +123,55 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                  k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary (full head dim, NeoX halves) over q [n, H, D] and k [n, KV, D] (strided views are fine),
     after a per-head RMSNorm when weights are given. Returns contiguous new tensors."""
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = _launch_qk_norm_rope(q, k, None, positions, cos_cache, sin_cache, q_weight, k_weight, eps,
+                                 k_out, None)
+    return q_out, k_out
+
+
+def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
+                       k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """qk_norm_rope, with the rotated keys and the values v [n, KV, D] written straight into the
+    paged caches [num_blocks, block_size, KV, D] at slot_mapping [n] (slots < 0 are skipped), as
+    store_kv_cache would: one kernel for both. Returns the rotated q."""
+    n, num_kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and v.stride(-1) == 1, (v.shape, k.shape, v.stride())
+    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, k.shape)
+    assert v_cache.shape == k_cache.shape and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype, (k_cache.dtype, k.dtype, v.dtype)
+    assert slot_mapping.shape == (n,), (slot_mapping.shape, n)
+    return _launch_qk_norm_rope(q, k, v, positions, cos_cache, sin_cache, q_weight, k_weight, eps,
+                                None, (k_cache, v_cache, slot_mapping))
+
+
+def _launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
+                         cos_cache: torch.Tensor, sin_cache: torch.Tensor, q_weight: torch.Tensor | None,
+                         k_weight: torch.Tensor | None, eps: float, k_out: torch.Tensor | None,
+                         caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     n, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, head_dim
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_cache.stride(-1) == 1
     q_out = torch.empty(n, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(n, num_kv_heads, head_dim, dtype=k.dtype, device=k.device)
     if n == 0:
-        return q_out, k_out
+        return q_out
     has_norm = q_weight is not None
+    store = caches is not None
+    k_cache, v_cache, slot_mapping = caches if store else (k_out, k_out, positions)
+    v = v if v is not None else k
     pdl = programmatic_launch(q.device)
-    _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads)](
-        q, k, q_out, k_out, positions, cos_cache, sin_cache,
-        q_weight if has_norm else q, k_weight if has_norm else k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), eps,
-        num_q_heads, num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
+    _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads * (2 if store else 1))](
+        q, k, v, q_out, k_out if k_out is not None else q_out, k_cache, v_cache, slot_mapping,
+        positions, cos_cache, sin_cache, q_weight if has_norm else q, k_weight if has_norm else k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
+        *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
+        k_cache.shape[1] if store else 1, eps, num_q_heads, num_kv_heads,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm, STORE_KV=store,
         USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
-    return q_out, k_out
+    return q_out
 
 
 @triton.jit

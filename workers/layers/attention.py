@@ -2,7 +2,9 @@
 
 A step's tokens are one flat batch: sequence b contributes query_lens[b] tokens at positions
 [seq_lens[b] - query_lens[b], seq_lens[b]); its keys and values live in the blocks of
-block_tables[b]. Backends store the step's new K/V into the cache (slot_mapping) and attend.
+block_tables[b]. Backends store the step's new K/V into the cache (slot_mapping) and attend
+(forward), or attend only (attend), where the caller's rotary kernel has stored K/V already. Every
+backend reads the same cache layout: [num_blocks, block_size, num_kv_heads, head_dim].
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -73,10 +78,15 @@ class TorchAttentionBackend:
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         num_kv_heads, head_dim = k_cache.shape[-2:]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[-2:]
         flat_k = k_cache.view(-1, num_kv_heads, head_dim)
         flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
         batch: _PaddedBatch = meta.prepared
         qp = q[batch.query_index].transpose(1, 2)             # [B, H, max_q, D]
         kp = flat_k[batch.key_slots].transpose(1, 2)          # [B, Hkv, max_k, D]

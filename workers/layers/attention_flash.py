@@ -65,10 +65,14 @@ class FlashAttnBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if q.shape[-1] not in self._checked_head_dims:
             check_head_dim(q.shape[-1])
             self._checked_head_dims.add(q.shape[-1])
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         step: FlashStep = meta.prepared
         # Causal masks are aligned bottom-right: query i of a sequence with n queries and s keys
         # sees keys up to s - n + i, its own position.

@@ -105,6 +105,10 @@ class TritonAttentionBackend:
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
         step: TritonStep = meta.prepared
         shape = (q.shape[1], k_cache.shape[2], q.shape[2])
         plans = step.decode_plans if step.decode_only else step.prefill_plans

@@ -167,13 +167,15 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         kernels = fused_kernels(x)
         if kernels is not None and getattr(self.rotary, "fusable", False) and positions.dim() == 1:
+            # One kernel rotates q and k and writes k and v into the cache; the backend only attends.
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-            q, k = kernels.qk_norm_rope(q, k, positions, self.rotary.cos_cache, self.rotary.sin_cache,
-                                        *norms)
-        else:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
+            q = kernels.qk_norm_rope_store(q, k, v, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                                           self.k_cache, self.v_cache, meta.slot_mapping, *norms)
+            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
+            return self.o_proj(out.reshape(n, self.q_size))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
         if self.backend.name == "torch":
             v = v.contiguous()   # the Triton backend reads strided values
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
