@@ -46,9 +46,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enable_prefix_caching: bool = True
     load_format: LoadFormat = "auto"
     seed: int = 0
-    # "auto": our Triton kernels on CUDA (where triton is importable), the torch backend on CPU.
-    # "flash_attn": FlashAttention 4 (flash_attn.cute, pip install flash-attn-4), on Hopper or newer
-    # GPUs in bfloat16 / float16.
+    # "flash_attn": FlashAttention 4 (flash_attn.cute, pip install flash-attn-4) for prefill, our
+    # Triton kernel for decode; Hopper or newer GPUs, bfloat16 / float16. "triton": our Triton
+    # kernels throughout. "auto": flash_attn where it can run, else triton on CUDA (where triton
+    # is importable), else torch (CPU).
     attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
     # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
     enforce_eager: bool = False

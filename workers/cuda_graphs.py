@@ -46,9 +46,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(self.position_rows, n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        # The backend reads these tables in place on every replay: they are kept in the dtype it reads.
-        table_dtype = getattr(backend, "block_table_dtype", torch.int64)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=table_dtype, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
         # ids, positions, slots, seq_lens, the block tables, then the placeholder rows and sources: one
         # pinned staging buffer per step in flight (async scheduling queues a step before the last one ran).
         size = (5 + self.position_rows) * n + n * self.max_blocks

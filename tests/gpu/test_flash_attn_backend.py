@@ -1,6 +1,7 @@
-"""The FlashAttention 4 backend (flash_attn.cute) against the torch backend on the paged cache:
-mixed prefill / decode steps, chunks over a cached prefix, GQA, several head and block sizes, and
-decode replayed from a CUDA graph. Skipped where flash-attn-4 is not installed."""
+"""The FlashAttention 4 backend (FA4 prefill, Triton decode) against the torch backend on the paged
+cache: mixed prefill / decode steps (leading decodes split off to the decode kernel, or none),
+chunks over a cached prefix, GQA, several head and block sizes, and decode replayed from a CUDA
+graph. Skipped where flash-attn-4 is not installed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def _expected(batch: PagedBatch) -> torch.Tensor:
                                                                 (256, 2, 16), (96, 4, 64), (64, 4, 16)])
 @pytest.mark.parametrize("query_lens,seq_lens", [([1, 1, 1, 1], [3, 700, 5000, 120]),
                                                  ([1, 513, 1, 77, 1], [900, 513, 20, 2100, 1]),
+                                                 ([1, 1, 1, 256, 40, 1], [64, 3000, 17, 1024, 40, 300]),
                                                  ([300], [300])])
 def test_backend_matches_torch_backend(dtype, head_dim, queries_per_kv, block_size, query_lens, seq_lens):
     from workers.layers.attention_flash import FlashAttnBackend
@@ -59,7 +61,7 @@ def test_decode_replays_from_a_cuda_graph():
     v_cache = torch.zeros_like(k_cache)
     static = dict(q=torch.zeros_like(first.q), k=torch.zeros_like(first.k), v=torch.zeros_like(first.v),
                   slots=torch.zeros(num_seqs, dtype=torch.int64, device=DEVICE),
-                  tables=torch.zeros(num_seqs, max_blocks, dtype=backend.block_table_dtype, device=DEVICE),
+                  tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int64, device=DEVICE),
                   seq_lens=torch.ones(num_seqs, dtype=torch.int32, device=DEVICE))
     meta = AttentionMetadata([1] * num_seqs, [max_model_len] * num_seqs, static["slots"], static["tables"],
                              block_size)

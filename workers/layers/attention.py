@@ -125,13 +125,18 @@ def flash_attn_available(device: torch.device) -> bool:
 
 def get_attention_backend(name: str, device: torch.device, max_model_len: int,
                           dtype: torch.dtype) -> AttentionBackend:
-    """"auto": our Triton kernels on CUDA where triton is importable, else the torch backend.
-    "flash_attn" (FlashAttention 4) is chosen by name: its kernels match the torch backend on the GPU,
-    but the engine on it has not yet been checked against transformers, so auto does not pick it."""
+    """"auto": on CUDA, flash_attn (FlashAttention 4 prefill, Triton decode) where FA4 is importable,
+    the GPU is Hopper or newer and dtype is 16-bit; else our Triton kernels where triton is
+    importable; else (and on CPU) the torch backend."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; available: {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type != "cuda" or not _triton_available():
+            name = "torch"
+        elif dtype in (torch.bfloat16, torch.float16) and flash_attn_available(device):
+            name = "flash_attn"
+        else:
+            name = "triton"
     if name == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":

@@ -1,0 +1,123 @@
+"""Attention backends compared on the paged KV cache: microseconds per layer call of each
+backend's attend() (the keys and values already in the cache) for decode batches, prefill
+chunks over a cached prefix and mixed steps, on a real model's head shapes (default Qwen3-8B),
+bfloat16, blocks of 16. Calls replay from a CUDA graph over enough layers' caches that a layer's
+keys are not served from L2 by the previous call.
+
+On the GPU machine:
+    python benchmarks/attention.py --json results/attention.json
+    python benchmarks/attention.py --backends triton,flash_attn --shape qwen3-0.6b
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.shapes import SHAPES  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    query_lens: list[int]
+    seq_lens: list[int]
+
+
+def cases() -> list[Case]:
+    return [
+        Case("decode b1 ctx 512", [1], [512]),
+        Case("decode b1 ctx 8192", [1], [8192]),
+        Case("decode b64 ctx 1024", [1] * 64, [1024] * 64),
+        Case("decode b256 ctx 600", [1] * 256, [600] * 256),
+        Case("prefill 1 x 2048", [2048], [2048]),
+        Case("prefill 4 x 512 over 512 cached", [512] * 4, [1024] * 4),
+        Case("mixed 512-token chunk + 200 decodes ctx 600", [512] + [1] * 200, [900] + [600] * 200),
+    ]
+
+
+def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int, repeats: int) -> float:
+    """Microseconds per attend() call."""
+    import torch
+
+    from workers.layers.attention import AttentionMetadata, get_attention_backend
+
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    max_len = max(case.seq_lens)
+    backend = get_attention_backend(backend_name, device, max_len, dtype)
+    blocks_per_seq = [-(-s // block_size) for s in case.seq_lens]
+    num_blocks = sum(blocks_per_seq) + 1
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(case.seq_lens), max(blocks_per_seq), dtype=torch.int64)
+    slots, used = [], 0
+    for b, (n_blocks, seq_len, query_len) in enumerate(zip(blocks_per_seq, case.seq_lens, case.query_lens)):
+        tables[b, :n_blocks] = order[used:used + n_blocks]
+        used += n_blocks
+        for pos in range(seq_len - query_len, seq_len):
+            slots.append(int(tables[b, pos // block_size]) * block_size + pos % block_size)
+    cache_bytes = 2 * num_blocks * block_size * num_kv_heads * head_dim * dtype.itemsize
+    layers = max(2, min(36, -(-(256 << 20) // cache_bytes)))
+    caches = [torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+              for _ in range(layers)]
+    q = torch.randn(sum(case.query_lens), num_heads, head_dim, device=device, dtype=dtype)
+    meta = AttentionMetadata(query_lens=case.query_lens, seq_lens=case.seq_lens,
+                             slot_mapping=torch.tensor(slots, device=device),
+                             block_tables=tables.to(device), block_size=block_size)
+    backend.prepare(meta)
+    scale = head_dim ** -0.5
+
+    def run_layers() -> None:
+        for cache in caches:
+            backend.attend(q, cache[0], cache[1], meta, scale)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run_layers()   # compiles, and plans every head shape
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_layers()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (repeats * layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen3-8b", help=f"one of {', '.join(SHAPES)}")
+    parser.add_argument("--backends", default="triton,flash_attn", help="comma-separated attention backends")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    cfg = SHAPES[args.shape].get("text_config") or SHAPES[args.shape]
+    num_heads, num_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    backends = args.backends.split(",")
+    rows = []
+    for case in cases():
+        row = {"case": case.name}
+        for name in backends:
+            row[name] = time_case(name, case, num_heads, num_kv_heads, head_dim, args.block_size, args.repeats)
+        rows.append(row)
+        print(f"{case.name:>46}  " + "  ".join(f"{name} {row[name]:9.1f} us" for name in backends), flush=True)
+    write_json(args.json, {"shape": args.shape, "block_size": args.block_size, "dtype": "bfloat16",
+                           "microseconds_per_call": rows})
+
+
+if __name__ == "__main__":
+    main()
