@@ -2,7 +2,8 @@
 backend's attend() (the keys and values already in the cache) for decode batches, prefill
 chunks over a cached prefix and mixed steps, on a real model's head shapes (default Qwen3-8B),
 bfloat16, blocks of 16. Calls replay from a CUDA graph over enough layers' caches that a layer's
-keys are not served from L2 by the previous call.
+keys are not served from L2 by the previous call. (The flash_attn backend decodes with the
+Triton kernel: its decode rows time the same kernel as triton's.)
 
 On the GPU machine:
     python benchmarks/attention.py --json results/attention.json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import seconds_per_replay, write_json  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 
 
@@ -74,26 +75,11 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     backend.prepare(meta)
     scale = head_dim ** -0.5
 
-    def run_layers() -> None:
+    def run_layers() -> None:   # the warm-up call compiles, and plans every head shape
         for cache in caches:
             backend.attend(q, cache[0], cache[1], meta, scale)
 
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        run_layers()   # compiles, and plans every head shape
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_layers()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (repeats * layers)
+    return seconds_per_replay(run_layers, repeats) * 1e6 / layers
 
 
 def main() -> None:

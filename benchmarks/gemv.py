@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import seconds_per_replay, write_json  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 
 
@@ -32,26 +32,11 @@ def linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
 
 def time_calls(fn, weights: list, x, repeats: int = 20) -> float:
     """Seconds per call of fn(x, w), replayed from a CUDA graph cycling over ``weights``."""
-    import torch
+    def calls() -> None:
+        for w in weights:
+            fn(x, w)
 
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for w in weights:
-            fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(x, w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / (repeats * len(weights))
+    return seconds_per_replay(calls, repeats) / len(weights)
 
 
 def main() -> None:
