@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.layers.attention import TorchAttentionBackend, flash_attn_available, get_attention_backend
+from workers.layers import attention
+from workers.layers.attention import (TorchAttentionBackend, flash_attn_available, get_attention_backend,
+                                      resolve_backend_name)
 
 
 def test_auto_on_cpu_is_the_torch_backend():
@@ -36,3 +38,17 @@ def test_engine_config_refuses_flash_attn_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="flash_attn.*needs a CUDA device"):
         LLM(str(path), device="cpu", dtype="float32", attention_backend="flash_attn", max_model_len=128)
 
+
+
+@pytest.mark.parametrize("has_triton,has_flash,dtype,expected", [
+    (True, True, torch.bfloat16, "flash_attn"),
+    (True, True, torch.float16, "flash_attn"),
+    (True, True, torch.float32, "triton"),     # FA4 runs 16-bit only
+    (True, False, torch.bfloat16, "triton"),
+    (False, False, torch.bfloat16, "torch"),
+])
+def test_auto_on_cuda_prefers_flash_attn_then_triton(monkeypatch, has_triton, has_flash, dtype, expected):
+    monkeypatch.setattr(attention, "_triton_available", lambda: has_triton)
+    monkeypatch.setattr(attention, "flash_attn_available", lambda device: has_flash)
+    assert resolve_backend_name("auto", torch.device("cuda"), dtype) == expected
+    assert resolve_backend_name("triton", torch.device("cuda"), dtype) == "triton"

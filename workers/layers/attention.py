@@ -123,20 +123,26 @@ def flash_attn_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def get_attention_backend(name: str, device: torch.device, max_model_len: int,
-                          dtype: torch.dtype) -> AttentionBackend:
-    """"auto": on CUDA, flash_attn (FlashAttention 4 prefill, Triton decode) where FA4 is importable,
-    the GPU is Hopper or newer and dtype is 16-bit; else our Triton kernels where triton is
-    importable; else (and on CPU) the torch backend."""
+def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend "auto" stands for: on CUDA, flash_attn (FlashAttention 4 prefill, Triton decode)
+    where FA4 is importable, the GPU is Hopper or newer and dtype is 16-bit; else our Triton kernels
+    where triton is importable; else (and on CPU) the torch backend. Other names stay as they are."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; available: {', '.join(BACKENDS)}")
-    if name == "auto":
-        if device.type != "cuda" or not _triton_available():
-            name = "torch"
-        elif dtype in (torch.bfloat16, torch.float16) and flash_attn_available(device):
-            name = "flash_attn"
-        else:
-            name = "triton"
+    if name != "auto":
+        return name
+    if device.type != "cuda" or not _triton_available():
+        return "torch"
+    if dtype in (torch.bfloat16, torch.float16) and flash_attn_available(device):
+        return "flash_attn"
+    return "triton"
+
+
+def get_attention_backend(name: str, device: torch.device, max_model_len: int,
+                          dtype: torch.dtype) -> AttentionBackend:
+    """The backend of that name (or the one "auto" resolves to), or a ValueError saying why the
+    device cannot run it."""
+    name = resolve_backend_name(name, device, dtype)
     if name == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":
