@@ -22,9 +22,8 @@ import torch
 from flash_attn.cute import flash_attn_varlen_func
 
 from workers.kernels.index_arrays import varlen_index_arrays
-from workers.kernels.kv_store import store_kv_cache
 from workers.layers.attention import AttentionMetadata
-from workers.layers.attention_triton import TritonAttentionBackend
+from workers.layers.attention_triton import StoresKVWithTriton, TritonAttentionBackend
 
 
 @dataclass
@@ -58,7 +57,7 @@ def leading_decodes(query_lens: list[int]) -> int:
     return count
 
 
-class FlashAttnBackend:
+class FlashAttnBackend(StoresKVWithTriton):
     name = "flash_attn"
     supports_cuda_graphs = True
 
@@ -89,12 +88,6 @@ class FlashAttnBackend:
                                    meta.block_size)
         self.decode_backend.prepare_decode_graph(decode, seq_lens)
         meta.prepared = FlashStep(decode, None)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, scale: float) -> torch.Tensor:

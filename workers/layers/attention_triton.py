@@ -47,7 +47,17 @@ class TritonStep:
     prefill_plans: dict[HeadShape, list[PrefillLaunch]] = field(default_factory=dict)
 
 
-class TritonAttentionBackend:
+class StoresKVWithTriton:
+    """forward() for backends over the paged cache: our Triton KV store, then the backend's attend()."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+
+class TritonAttentionBackend(StoresKVWithTriton):
     name = "triton"
     supports_cuda_graphs = True
 
@@ -100,12 +110,6 @@ class TritonAttentionBackend:
             step.decode_plans[shape] = _DecodePlan(partitions, workspace)
         else:
             step.prefill_plans[shape] = plan_prefill(step.query_lens, num_heads // num_kv_heads, head_dim, device)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, scale: float) -> torch.Tensor:

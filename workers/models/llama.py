@@ -172,13 +172,13 @@ class Attention(nn.Module):
             q = kernels.qk_norm_rope_store(q, k, v, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                                            self.k_cache, self.v_cache, meta.slot_mapping, *norms)
             out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
-            return self.o_proj(out.reshape(n, self.q_size))
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        if self.backend.name == "torch":
-            v = v.contiguous()   # the Triton backend reads strided values
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+            if self.backend.name == "torch":
+                v = v.contiguous()   # the Triton backend reads strided values
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
 
