@@ -1,2 +1,12 @@
 class EngineDeadError(RuntimeError):
     """A worker process died (or the engine was shut down): its requests cannot finish."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine is at its admission limit (``max_pending_requests``): try again after
+    ``retry_after`` seconds. HTTP answers 429 with a Retry-After header; WebSocket an ``error``
+    event with code ``overloaded`` and ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
