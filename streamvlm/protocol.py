@@ -78,6 +78,10 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    # Index of new_token_ids[0] among the request's output tokens. Two groups stream one
+    # prefill/decode request, so its deltas may reach the core out of order: the core puts them
+    # back in order by it. -1: not positioned (applied as it comes; the core's own final events).
+    output_index: int = -1
 
 
 class StepStats(msgspec.Struct, kw_only=True):

@@ -85,6 +85,81 @@ def test_prefill_decode_gives_the_tokens_of_one_mixed_group(loop, checkpoints, m
         assert routed[1] and routed[2]   # both decode groups got work
 
 
+HANDOFF_PROMPTS = [[3 + i, 60 + 2 * i, 7, 150 + i] for i in range(24)]
+FEW = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+async def streamed_tokens(eng: AsyncEngine, prompt: list[int]) -> list[int]:
+    return [t async for delta in eng.stream({"prompt_token_ids": prompt}, FEW) for t in delta.token_ids]
+
+
+@pytest.fixture(scope="module")
+def mixed_handoff_tokens(loop, checkpoints):
+    async def scenario():
+        async with engine(checkpoints["qwen3"]) as eng:
+            return await asyncio.gather(*(streamed_tokens(eng, p) for p in HANDOFF_PROMPTS))
+    return run(loop, scenario())
+
+
+@pytest.mark.parametrize("transport", ["zmq", "peer"])
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_many_concurrent_handoffs_stream_their_tokens_in_order(loop, checkpoints, mixed_handoff_tokens,
+                                                               backend, transport):
+    """The prefill group's first token and the decode group's second reach the core from two
+    groups; whichever comes first, the stream delivers them in order."""
+    async def scenario():
+        async with engine(checkpoints["qwen3"], ["prefill", "decode"], kv_transport=transport,
+                          worker_backend=backend) as eng:
+            got = await asyncio.gather(*(streamed_tokens(eng, p) for p in HANDOFF_PROMPTS))
+            return got, (await eng.stats()).num_requests
+    got, num_requests = run(loop, scenario(), timeout=120)
+    assert got == mixed_handoff_tokens
+    assert all(len(tokens) == FEW.max_tokens for tokens in got)
+    assert num_requests == 0
+
+
+@pytest.mark.parametrize("transport", ["zmq", "peer"])
+def test_a_first_token_that_arrives_after_the_second_still_streams_first(loop, checkpoints, transport):
+    """The prefill group's step output lags behind its KV: the decode group's tokens (even its
+    finish) reach the core first, and wait for the first token. The late "prefilled" event
+    starts no transfer timer for a request already handed off."""
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def scenario(groups, **overrides):
+        async with engine(checkpoints["qwen3"], groups, **overrides) as eng:
+            if groups:
+                prefill = eng.groups[0].local_worker
+                step = prefill.step
+
+                def late_step():   # the worker's thread: the KV is on its way, the first token waits
+                    out = step()
+                    if any(d.new_token_ids for d in out.deltas):
+                        time.sleep(0.2)
+                    return out
+                prefill.step = late_step
+                decode = eng.groups[1].local_worker
+                decode_step = decode.step
+
+                def slow_step():   # the long request still decodes when "prefilled" comes
+                    if decode.scheduler.running:
+                        time.sleep(0.005)
+                    return decode_step()
+                decode.step = slow_step
+            async def deltas_of(params):
+                return [d async for d in eng.stream({"prompt_token_ids": PROMPTS[1]}, params)]
+            deltas = await asyncio.gather(deltas_of(GREEDY), deltas_of(long))
+            return deltas, (await eng.stats()).num_requests, await wait_released(eng)
+    (mixed, _), _, _ = run(loop, scenario(None))
+    (short, long_deltas), num_requests, held = run(
+        loop, scenario(["prefill", "decode"], kv_transport=transport, kv_transfer_timeout_s=0.05))
+    assert [t for d in short for t in d.token_ids] == [t for d in mixed for t in d.token_ids]
+    assert [d.finish_reason for d in short][-1] == "length"
+    assert [d.finish_reason for d in long_deltas].count(None) == len(long_deltas) - 1
+    assert long_deltas[-1].finish_reason == "length"
+    assert sum(len(d.token_ids) for d in long_deltas) == long.max_tokens
+    assert num_requests == 0 and held == [0, 0]
+
+
 def test_decode_side_prefix_cache_means_fewer_bytes(loop, checkpoints):
     async def scenario():
         async with engine(checkpoints["qwen3"], ["prefill", "decode"]) as eng:

@@ -94,3 +94,45 @@ def test_error_delta():
     out = state.apply(RequestDelta("r", [], finish_reason="error", error="prompt is empty"))
     assert out.error == "prompt is empty" and state.output.error == "prompt is empty"
     assert state.finished and state.output.finish_reason == "error"
+
+
+def test_deltas_out_of_order_are_folded_in_output_order():
+    """A prefill/decode request streams from two groups: the decode group's second token can
+    reach the core before the prefill group's first."""
+    state = make_state(logprobs=True)
+    assert state.apply(RequestDelta("r", ids("b"), logprobs(1), output_index=1)) is None
+    assert state.apply(RequestDelta("r", ids("d"), logprobs(1), output_index=3)) is None
+    assert state.output.token_ids == []
+    out = state.apply(RequestDelta("r", ids("a"), logprobs(1), output_index=0))
+    assert out.token_ids == ids("ab") and out.text == "ab" and len(out.logprobs) == 2
+    # Tokens folded in already are dropped; a delta overlapping them keeps only its new ones.
+    assert state.apply(RequestDelta("r", ids("a"), logprobs(1), output_index=0)) is None
+    out = state.apply(RequestDelta("r", ids("bc"), logprobs(2), output_index=1))
+    assert out.token_ids == ids("cd") and out.text == "cd" and len(out.logprobs) == 2
+    last = state.apply(RequestDelta("r", ids("e"), logprobs(1), finish_reason="length",
+                                    output_index=4))
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 5
+    result = state.output
+    assert result.token_ids == ids("abcde") and result.text == "abcde"
+    assert len(result.logprobs) == 5 and result.finish_reason == "length"
+
+
+def test_a_held_final_delta_ends_the_request_once_its_turn_comes():
+    state = make_state(stop=["c"])
+    assert state.apply(RequestDelta("r", ids("d"), finish_reason="length", output_index=3)) is None
+    assert state.apply(RequestDelta("r", ids("bc"), output_index=1)) is None
+    assert not state.finished
+    out = state.apply(RequestDelta("r", ids("a"), output_index=0))
+    # The stop string ends it at "c": the held "d" and its finish never show.
+    assert out.token_ids == ids("abc") and out.text == "ab" and out.finish_reason == "stop"
+    assert state.apply(RequestDelta("r", ids("d"), finish_reason="length", output_index=3)) is None
+    assert state.output.token_ids == ids("abc") and state.output.finish_reason == "stop"
+
+
+def test_an_error_without_tokens_ends_a_request_that_waits_for_earlier_tokens():
+    state = make_state()
+    assert state.apply(RequestDelta("r", ids("b"), output_index=1)) is None
+    out = state.apply(RequestDelta("r", [], finish_reason="error", error="KV receive failed"))
+    assert out.finish_reason == "error" and state.finished
+    assert state.apply(RequestDelta("r", ids("a"), output_index=0)) is None
+    assert state.output.token_ids == []

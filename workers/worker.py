@@ -383,8 +383,10 @@ class Worker:
             elif seq.kv_role == "prefill":
                 self._hand_off(seq)
             token_ids, token_logprobs = seq.take_pending()
+            output_index = num_tokens - seq.num_prompt_tokens - len(token_ids)
             deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
-                                       finish_reason, seq.num_cached_tokens))
+                                       finish_reason, seq.num_cached_tokens,
+                                       output_index=output_index))
 
     def _finish_reason(self, seq: Sequence, token: int, num_tokens: int) -> str | None:
         """Why seq ends with `token` as its token number num_tokens (None: it goes on)."""

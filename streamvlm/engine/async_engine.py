@@ -461,7 +461,8 @@ class AsyncEngine:
                 metrics.tokens_arrived(len(out.token_ids), tracked.arrival,
                                        tracked.last_token, now)
                 if not tracked.last_token:   # prefilled: no longer queued work
-                    group.load.queued_prompt_tokens -= len(tracked.state.output.prompt_token_ids)
+                    (tracked.prefill or tracked.group).load.queued_prompt_tokens -= len(
+                        tracked.state.output.prompt_token_ids)
                 tracked.last_token = now
             if out.finish_reason is not None:
                 holders = tracked.holders()
@@ -483,7 +484,7 @@ class AsyncEngine:
             return   # ended meanwhile: both sides were told to free it
         if event.kind == "reserved":
             tracked.prefill.send(SendKV(request_id=event.request_id, skip_blocks=event.cached_blocks))
-        elif event.kind == "prefilled":
+        elif event.kind == "prefilled" and not tracked.handed_off:   # not overtaken by "received"
             tracked.prefilled_at = now
             tracked.transfer_timer = asyncio.get_running_loop().call_later(
                 self.config.kv_transfer_timeout_s, _transfer_timed_out, weakref.ref(self),
@@ -548,9 +549,13 @@ class AsyncEngine:
             return
         group.mark_dead(reason)
         error = EngineDeadError(f"worker group {group.group_id} died: {reason}")
-        # Requests it held fail; the other group of a prefill/decode pair frees their blocks.
-        affected = [(rid, t.holders()) for rid, t in self._requests.items() if group in t.holders()]
-        self._fail_requests(lambda t: group in t.holders(), error)
+        # Requests it held fail; the other group of a prefill/decode pair frees their blocks. So
+        # do those whose first token it had not delivered yet: the decode group's tokens wait
+        # for it (the core streams tokens in order).
+        def lost(t: _Tracked) -> bool:
+            return group in t.holders() or (t.prefill is group and not t.last_token)
+        affected = [(rid, t.holders()) for rid, t in self._requests.items() if lost(t)]
+        self._fail_requests(lost, error)
         for request_id, holders in affected:
             self._release(request_id, [g for g in holders if g is not group])
         if not any(g.alive for g in self.groups):

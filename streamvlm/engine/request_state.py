@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from streamvlm.engine.detokenizer import IncrementalDetokenizer
 from streamvlm.outputs import RequestOutput
 from streamvlm.protocol import RequestDelta, TokenLogprobs
@@ -58,6 +60,8 @@ class RequestState:
                                                    params.skip_special_tokens,
                                                    params.min_tokens)
                             if tokenizer is not None else None)
+        # Positioned deltas that arrived ahead of their turn, by output_index.
+        self._held: dict[int, RequestDelta] = {}
 
     @property
     def finished(self) -> bool:
@@ -68,10 +72,45 @@ class RequestState:
         return self.detokenizer is not None and self.detokenizer.stop_string_hit is not None
 
     def apply(self, delta: RequestDelta) -> OutputDelta | None:
-        """Fold in a worker delta. None if the request already ended (a late abort echo)."""
-        out = self.output
-        if out.finished:
+        """Fold in a worker delta, in output order: a positioned delta ahead of its turn is held
+        until the tokens before it arrive, and tokens already folded in are dropped. None if
+        nothing is new yet (held, a duplicate) or the request already ended (a late abort echo).
+        A delta without tokens (an abort or error) ends the request as it comes."""
+        if self.output.finished:
             return None
+        index = delta.output_index
+        if index < 0 or not delta.new_token_ids:
+            return self._fold(delta)
+        expected = len(self.output.token_ids)
+        if index > expected:
+            self._held[index] = delta
+            return None
+        if index < expected:
+            delta = self._without_first(delta, expected - index)
+            if delta is None:
+                return None
+        out = self._fold(delta)
+        while not self.output.finished:
+            later = self._held.pop(len(self.output.token_ids), None)
+            if later is None:
+                break
+            out.merge(self._fold(later))
+        if self.output.finished:
+            self._held.clear()
+        return out
+
+    @staticmethod
+    def _without_first(delta: RequestDelta, num_tokens: int) -> RequestDelta | None:
+        """delta less its first num_tokens tokens (already folded in); None if nothing is left."""
+        if num_tokens >= len(delta.new_token_ids):
+            return None
+        logprobs = delta.logprobs[num_tokens:] if delta.logprobs is not None else None
+        return msgspec.structs.replace(delta, new_token_ids=delta.new_token_ids[num_tokens:],
+                                       logprobs=logprobs,
+                                       output_index=delta.output_index + num_tokens)
+
+    def _fold(self, delta: RequestDelta) -> OutputDelta:
+        out = self.output
         token_ids = delta.new_token_ids
         detok = self.detokenizer
         text = detok.add_tokens(token_ids) if token_ids and detok else ""
