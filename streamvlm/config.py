@@ -96,6 +96,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (torch.distributed point-to-point between the groups' rank 0: gloo on CPU, NCCL on CUDA,
     # GPU to GPU). "auto" is "zmq" for now.
     kv_transport: Literal["auto", "zmq", "peer"] = "auto"
+    # Admission control: requests the engine core holds at once, from the moment they are
+    # submitted (prompts still being prepared count, so a flood of images is bounded too) to
+    # their final event; past it a request fails at once with EngineOverloadedError (HTTP 429).
+    # 1024 is 16 full batches of the default max_num_seqs: enough queue to keep one GPU server
+    # busy, small enough that queued prompts and images cannot exhaust host memory.
+    max_pending_requests: int = 1024
     # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
     # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
     max_images_per_request: int = 8
@@ -121,6 +127,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not isinstance(self.max_pending_requests, int) or self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests must be an integer >= 1, got {self.max_pending_requests!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

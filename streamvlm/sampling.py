@@ -5,6 +5,11 @@ from __future__ import annotations
 import msgspec
 
 MAX_TOP_LOGPROBS = 20
+# Integers cross to the workers as msgpack, which carries at most 64 bits; token ids are int32
+# (vocabularies are far smaller). Larger values are refused here, before a request is queued.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+UINT64_MAX = 2**64 - 1
+TOKEN_ID_MAX = 2**31 - 1
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -36,13 +41,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT64_MAX,
+               f"max_tokens must be an integer in [1, 2**63), got {self.max_tokens!r}")
         _check(_is_number(self.temperature) and self.temperature >= 0,
                f"temperature must be >= 0, got {self.temperature!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int), f"top_k must be an integer, got {self.top_k!r}")
+        _check(_is_int(self.top_k) and INT64_MIN <= self.top_k <= INT64_MAX,
+               f"top_k must be an integer in [-2**63, 2**63), got {self.top_k!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1,
                f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -51,15 +57,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
         _check(_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        _check(self.seed is None or isinstance(self.seed, int),
-               f"seed must be an integer or None, got {self.seed!r}")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        # The sampler mixes any integer seed down to 63 bits; the wire takes int64 and uint64.
+        _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= UINT64_MAX),
+               f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop must be a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be a list of non-negative integers")
-        _check(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+        _check(all(_is_int(t) and 0 <= t <= TOKEN_ID_MAX for t in self.stop_token_ids),
+               "stop_token_ids must be a list of integers in [0, 2**31)")
+        _check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.top_logprobs:
             self.logprobs = True
@@ -72,6 +79,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def reads_history(self) -> bool:
         """Sampling looks at the tokens generated so far (the penalties), so it needs them on the host."""
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

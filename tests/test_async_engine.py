@@ -602,7 +602,7 @@ def test_a_burst_of_requests_during_a_long_step_loses_none(loop, llama_path):
 
     async def scenario() -> list:
         eng = AsyncEngine(EngineConfig(model=str(llama_path), worker_backend="thread", max_model_len=64,
-                                       num_kv_blocks=2048, max_num_seqs=256))
+                                       num_kv_blocks=2048, max_num_seqs=256, max_pending_requests=4096))
         async with eng:
             worker = eng.groups[0].local_worker
             step = worker.step
@@ -621,3 +621,115 @@ def test_a_burst_of_requests_during_a_long_step_loses_none(loop, llama_path):
 
     outs = run(loop, scenario(), timeout=60)
     assert len(outs) == 3001 and all(o.finish_reason == "length" for o in outs)
+
+
+# ---- submission: a request that cannot be sent, admission control -------------------------
+
+def load_counters(eng: AsyncEngine) -> list[tuple[int, int, int]]:
+    return [(g.load.num_requests, g.load.num_routed, g.load.queued_prompt_tokens) for g in eng.groups]
+
+
+@pytest.mark.parametrize("groups", [None, ["prefill", "decode"]], ids=["mixed", "prefill-decode"])
+def test_a_request_that_cannot_reach_its_workers_leaves_no_trace(loop, llama_path, groups):
+    """The send to the (last) group fails: the request is not tracked, the load counters are as
+    before, a group that got it already frees it, and the engine serves the next request."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def scenario():
+        eng = await start_engine(llama_path, worker_backend="thread", groups=groups)
+        try:
+            before = load_counters(eng)
+            failing = eng.groups[-1]
+
+            def refuse(message):
+                raise OverflowError("int too big to convert")
+            failing.send = refuse
+            with pytest.raises(RuntimeError, match="could not be handed to the workers") as info:
+                await eng.generate({"prompt_token_ids": [3, 4, 5]}, params, request_id="lost")
+            del failing.send
+            stats = await eng.stats()
+            after = load_counters(eng)
+            deadline = time.monotonic() + 5
+            while (any(g.local_worker.sequences for g in eng.groups)
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.01)
+            held = [len(g.local_worker.sequences) for g in eng.groups]
+            out = await eng.generate({"prompt_token_ids": [3, 4, 5]}, params, request_id="lost")
+            return info.value, stats, before, after, held, out, await wait_idle(eng)
+        finally:
+            await eng.shutdown()
+
+    error, stats, before, after, held, out, idle = run(loop, scenario())
+    assert isinstance(error.__cause__, OverflowError)
+    assert stats.num_requests == 0 and after == before
+    assert held == [0] * len(held)   # the decode group that got it freed it
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    assert_idle(idle)
+
+
+def test_admission_control_refuses_requests_past_max_pending_requests(loop, llama_path):
+    from streamvlm import EngineOverloadedError
+
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    async def scenario():
+        eng = await start_engine(llama_path, worker_backend="thread", max_pending_requests=2)
+        try:
+            streams = [eng.stream({"prompt_token_ids": [3, 4, 5 + i]}, long) for i in range(2)]
+            firsts = [await stream.__anext__() for stream in streams]   # both admitted
+            with pytest.raises(EngineOverloadedError, match="max_pending_requests=2") as refused:
+                await eng.generate({"prompt_token_ids": [7, 8]}, one)
+            tracked_while_full = (await eng.stats()).num_requests
+            outs = [firsts[i:i + 1] + await collect(s) for i, s in enumerate(streams)]
+            admitted = await eng.generate({"prompt_token_ids": [7, 8]}, one)
+
+            # Prompts still being prepared hold their place too.
+            gate = asyncio.Event()
+            prepare = eng.prepare_prompt
+
+            async def slow_prepare(prompt):
+                await gate.wait()
+                return await prepare(prompt)
+            eng.prepare_prompt = slow_prepare
+            preparing = [asyncio.ensure_future(eng.generate({"prompt_token_ids": [7, 8]}, one))
+                         for _ in range(2)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(EngineOverloadedError):
+                await eng.generate({"prompt_token_ids": [7, 8]}, one)
+            gate.set()
+            prepared = await asyncio.gather(*preparing)
+            del eng.prepare_prompt
+            # Refused and failed submissions give their place back.
+            for _ in range(3):
+                with pytest.raises(ValueError):
+                    await eng.generate({"prompt_token_ids": []}, one)
+            last = await asyncio.gather(*(eng.generate({"prompt_token_ids": [7, 8]}, one)
+                                          for _ in range(2)))
+            return (refused.value, tracked_while_full, outs, admitted, prepared, last,
+                    await wait_idle(eng))
+        finally:
+            await eng.shutdown()
+
+    refused, tracked_while_full, outs, admitted, prepared, last, idle = run(loop, scenario())
+    assert refused.retry_after > 0 and tracked_while_full == 2
+    assert [sum(len(d.token_ids) for d in deltas) for deltas in outs] == [200, 200]
+    assert all(o.finish_reason == "length" for o in [admitted, *prepared, *last])
+    assert_idle(idle)
+
+
+def test_offline_generate_queues_prompts_past_max_pending_requests(llama_path):
+    llm = local_llm(llama_path, max_pending_requests=2, max_model_len=MAX_MODEL_LEN)
+    try:
+        outs = llm.generate([{"prompt_token_ids": [3, 4, 5 + i]} for i in range(7)],
+                            SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(o.token_ids) for o in outs] == [3] * 7
+
+
+def test_max_pending_requests_must_be_at_least_one():
+    from streamvlm import EngineConfig
+
+    with pytest.raises(ValueError, match="max_pending_requests"):
+        EngineConfig(max_pending_requests=0)

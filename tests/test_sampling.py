@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
 
@@ -323,6 +324,17 @@ def test_logprobs_absent_unless_asked(llm):
     (dict(seed=1.5), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    # Past what the wire to the workers carries (64 bits; token ids 32).
+    (dict(seed=2**64), "seed"),
+    (dict(seed=-2**63 - 1), "seed"),
+    (dict(top_k=2**70), "top_k"),
+    (dict(top_k=-2**70), "top_k"),
+    (dict(stop_token_ids=[2**70]), "stop_token_ids"),
+    (dict(stop_token_ids=[2**31]), "stop_token_ids"),
+    (dict(max_tokens=2**63), "max_tokens"),
+    (dict(max_tokens=2**70, min_tokens=2**70), "max_tokens"),
+    (dict(top_logprobs=2**70), "top_logprobs"),
+    (dict(max_tokens=True), "max_tokens"),
 ])
 def test_sampling_params_validation(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -333,6 +345,11 @@ def test_sampling_params_accepts_edges():
     SamplingParams(temperature=0, top_p=1, top_k=-1, min_p=0, max_tokens=1, top_logprobs=20,
                    min_tokens=1)
     assert SamplingParams(stop="x").stop == ["x"]
+    largest = SamplingParams(seed=2**64 - 1, top_k=2**63 - 1, max_tokens=2**63 - 1,
+                             min_tokens=2**63 - 1, stop_token_ids=[2**31 - 1])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(largest), type=SamplingParams) == largest
+    smallest = SamplingParams(seed=-2**63, top_k=-2**63)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(smallest), type=SamplingParams) == smallest
 
 
 # --- the Sampler on hand-made logits ------------------------------------------------------------

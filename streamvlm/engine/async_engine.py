@@ -26,7 +26,7 @@ from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
 from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.worker_client import WorkerGroupClient
-from streamvlm.errors import EngineDeadError
+from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, Prompt
 from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
@@ -39,6 +39,8 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 WorkerGroup = WorkerGroupClient | RemoteWorkerGroup
 DRAIN_BUDGET_S = 0.002
 REMOTE_CHECK_S = 0.1
+# An overloaded engine frees a slot when some request ends: typically within a second or so.
+OVERLOADED_RETRY_AFTER_S = 1.0
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
@@ -178,6 +180,7 @@ class AsyncEngine:
         self.groups: list[WorkerGroup] = []
         self._listener: WorkerListener | None = None
         self._requests: dict[str, _Tracked] = {}
+        self._num_preparing = 0   # requests in _submit not yet in _requests
         self._tasks: list[asyncio.Task] = []
         self._ctx: zmq.asyncio.Context | None = None
         self._dead: EngineDeadError | None = None
@@ -346,22 +349,29 @@ class AsyncEngine:
                       request_id: str | None) -> tuple[str, _Tracked]:
         arrival = time.monotonic()
         self._check_alive()
-        params = SamplingParams() if params is None else params
-        prepared = await self.prepare_prompt(prompt)
-        prompt_token_ids = prepared.prompt_token_ids
-        self.processor.validate(prompt_token_ids, params)
-        self._check_alive()
-        if request_id is None:
-            request_id = uuid.uuid4().hex
-        elif not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        elif request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if self._disaggregated:
-            prefill = self._route(prompt_token_ids, "prefill")
-            group = self._route(prompt_token_ids, "decode")
-        else:
-            prefill, group = None, self._route(prompt_token_ids, "mixed")
+        self._admit()
+        # Counted from here on, so that prompts in preparation are bounded too; it becomes a
+        # tracked request below with no await in between.
+        self._num_preparing += 1
+        try:
+            params = SamplingParams() if params is None else params
+            prepared = await self.prepare_prompt(prompt)
+            prompt_token_ids = prepared.prompt_token_ids
+            self.processor.validate(prompt_token_ids, params)
+            self._check_alive()
+            if request_id is None:
+                request_id = uuid.uuid4().hex
+            elif not isinstance(request_id, str) or not request_id:
+                raise ValueError("request_id must be a non-empty string")
+            elif request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if self._disaggregated:
+                prefill = self._route(prompt_token_ids, "prefill")
+                group = self._route(prompt_token_ids, "decode")
+            else:
+                prefill, group = None, self._route(prompt_token_ids, "mixed")
+        finally:
+            self._num_preparing -= 1
         tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
                            DeltaCollector(), group, arrival, prefill=prefill)
         self._requests[request_id] = tracked
@@ -370,17 +380,48 @@ class AsyncEngine:
             holder.load.num_routed += 1
         (prefill or group).load.queued_prompt_tokens += len(prompt_token_ids)
         self.metrics.request_received(len(prompt_token_ids))
-        request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                             params=params, eos_token_ids=self.processor.eos_token_ids,
-                             mm_items=prepared.mm_items)
-        if prefill is None:
-            group.send(request)
-        else:
-            # The decode group reserves blocks (and reports its cached prefix) while the
-            # prefill group computes the prompt.
-            group.send(msgspec.structs.replace(request, kv_role="decode"))
-            prefill.send(msgspec.structs.replace(request, kv_role="prefill", kv_peer=group.group_id))
+        # From here on the request is tracked: whatever fails leaves through _withdraw.
+        try:
+            request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                 params=params, eos_token_ids=self.processor.eos_token_ids,
+                                 mm_items=prepared.mm_items)
+            if prefill is None:
+                group.send(request)
+            else:
+                # The decode group reserves blocks (and reports its cached prefix) while the
+                # prefill group computes the prompt.
+                group.send(msgspec.structs.replace(request, kv_role="decode"))
+                prefill.send(msgspec.structs.replace(request, kv_role="prefill",
+                                                     kv_peer=group.group_id))
+        except Exception as exc:
+            self._withdraw(request_id)
+            raise RuntimeError(f"request {request_id!r} could not be handed to the workers: "
+                               f"{exc!r}") from exc
         return request_id, tracked
+
+    def _admit(self) -> None:
+        """Refuse a request beyond max_pending_requests (tracked ones and those in preparation)."""
+        pending = len(self._requests) + self._num_preparing
+        limit = self.config.max_pending_requests
+        if pending >= limit:
+            raise EngineOverloadedError(
+                f"the engine holds {pending} requests, its limit (max_pending_requests="
+                f"{limit}): try again later", retry_after=OVERLOADED_RETRY_AFTER_S)
+
+    def _withdraw(self, request_id: str) -> None:
+        """Undo a request that _submit registered but could not hand to its groups: it leaves
+        _requests and the load counters, and a group that got it already frees it."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        holders = tracked.holders()
+        self._finished(tracked, "error", time.monotonic())
+        for group in holders:
+            group.load.num_routed -= 1
+            try:
+                self._release(request_id, [group])
+            except Exception:  # noqa: BLE001 - the caller gets the error that brought us here
+                pass
 
     def _route(self, prompt_token_ids: list[int], role: str) -> WorkerGroup:
         live = [g for g in self.groups if g.alive and g.role == role]

@@ -90,8 +90,12 @@ class LLM:
             from tqdm.auto import tqdm
             progress = tqdm(total=len(prompts), desc="Generating", unit="req")
 
+        # At most max_pending_requests in the engine at once: the rest wait here, not refused.
+        slots = asyncio.Semaphore(self.config.max_pending_requests)
+
         async def one(prompt: PreparedPrompt, p: SamplingParams) -> RequestOutput:
-            out = await self.engine.generate(prompt, p)
+            async with slots:
+                out = await self.engine.generate(prompt, p)
             if progress is not None:
                 progress.update(1)
             return out
