@@ -194,7 +194,13 @@ class InputProcessor:
             raise ValueError(f"prompt has {num_tokens} tokens; max_model_len="
                              f"{self.max_model_len} leaves no room to generate")
 
-    def _check_stop(self, params: SamplingParams) -> None:
+    def validate_params(self, params: SamplingParams) -> None:
+        """The checks of ``validate`` that need no prompt: cheap, so callers may run them before
+        preparing the prompt."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
         if len(params.stop) > self.max_stop_strings:
             raise ValueError(f"stop has {len(params.stop)} strings; max_stop_strings is "
                              f"{self.max_stop_strings}")
@@ -204,11 +210,7 @@ class InputProcessor:
                              f"{self.max_stop_length}")
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
-        self._check_stop(params)
+        self.validate_params(params)
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         self._check_context(len(prompt_token_ids))
