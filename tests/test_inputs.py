@@ -301,3 +301,12 @@ def test_pixel_budget_cancelled_waiter_lets_others_through():
         assert budget.in_use == 0 and budget.num_waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_placeholder_text_in_content_is_not_an_image(proc):
+    """A user who types the image placeholder gets text, not a slot that an image would fill."""
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids, refs = proc.split_prompt(image_chat([png(64, 48)], text="see " + IMAGE_PLACEHOLDER * 3))
+    assert ids.count(pad) == 1 and len(refs) == 1
+    expanded, [item] = asyncio.run(proc.multimodal.build(ids, refs))
+    assert expanded.count(pad) == item.num_tokens == 48
