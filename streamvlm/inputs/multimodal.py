@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamvlm.config import EngineConfig
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.model_source import ModelSource
 from streamvlm.protocol import MultiModalItem, TensorData
+
+if TYPE_CHECKING:
+    from streamvlm.inputs.images import PendingImage
 
 ItemSource = Literal["pixels", "embeds", "features"]
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
@@ -164,7 +167,7 @@ class MultiModalPreparer:
         # that cannot fit the context is refused before any pixels are decoded.
         pending = iter(await asyncio.gather(*(read_image(ref.value, self.limits)
                                               for ref in refs if ref.source == "pixels")))
-        slots: list[Any] = [next(pending) if ref.source == "pixels" else self._embeds_item(ref)
+        slots: list[PendingImage | MultiModalItem] = [next(pending) if ref.source == "pixels" else self._embeds_item(ref)
                             for ref in refs]
         self._check_context(token_ids, [self._num_tokens(slot) for slot in slots])
         decoded = iter(await asyncio.gather(*(self._pixels_item(slot) for slot in slots
@@ -172,7 +175,7 @@ class MultiModalPreparer:
         items = [slot if isinstance(slot, MultiModalItem) else next(decoded) for slot in slots]
         return self._expand(token_ids, items)
 
-    def _num_tokens(self, slot: Any) -> int:
+    def _num_tokens(self, slot: PendingImage | MultiModalItem) -> int:
         if isinstance(slot, MultiModalItem):
             return slot.num_tokens
         from streamvlm.inputs.images import fitted_size
@@ -191,7 +194,7 @@ class MultiModalPreparer:
                              f"{len(image_tokens)} images); max_model_len={self.max_model_len} "
                              f"leaves no room to generate")
 
-    async def _pixels_item(self, pending: Any) -> MultiModalItem:
+    async def _pixels_item(self, pending: PendingImage) -> MultiModalItem:
         """Decodes and preprocesses one image in a worker thread, once its pixels fit the budget."""
         granted = await self.pixel_budget.acquire(pending.num_pixels)
         work = asyncio.get_running_loop().run_in_executor(None, self._decode_and_preprocess, pending)
@@ -199,7 +202,7 @@ class MultiModalPreparer:
         work.add_done_callback(lambda _: self.pixel_budget.release(granted))
         return await asyncio.shield(work)
 
-    def _decode_and_preprocess(self, pending: Any) -> MultiModalItem:
+    def _decode_and_preprocess(self, pending: PendingImage) -> MultiModalItem:
         from streamvlm.inputs.images import decode_pending_image
 
         loaded = decode_pending_image(pending, self.limits)
