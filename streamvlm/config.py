@@ -116,6 +116,17 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     image_fetch_timeout: float = 10.0
     # Encoder outputs kept by image hash (least recently used out), in placeholder tokens.
     encoder_cache_tokens: int = 32768
+    # Request input limits, checked before anything is queued. Stop strings: how many, and the
+    # characters of each. A text prompt's (or a chat's message texts') UTF-8 bytes before it is
+    # tokenized; None: 16 bytes per token of max_model_len. Decoded image pixels (width * height)
+    # in flight across requests: an image waits until its pixels fit (one larger than the whole
+    # budget waits until it is alone). Special-token text (such as "<|im_end|>") in chat message
+    # content is tokenized as plain text unless allow_special_tokens_in_content is on.
+    max_stop_strings: int = 16
+    max_stop_length: int = 1024
+    max_prompt_bytes: int | None = None
+    max_pending_image_pixels: int = 160_000_000
+    allow_special_tokens_in_content: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -160,6 +171,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        self._check_input_limits()
+
+    def _check_input_limits(self) -> None:
+        for name in ("max_stop_strings", "max_stop_length", "max_prompt_bytes",
+                     "max_pending_image_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
     def _check_groups(self) -> None:
         if self.kv_transfer_timeout_s <= 0:

@@ -367,6 +367,10 @@ BAD_INPUTS = [
     ("Hello", {"max_tokens": 4}),
     ("Hello", "greedy"),
     (42, None),
+    ("a" * 8 * 2**20, None),
+    ("Hello", SamplingParams(stop=["x" * 2**20])),
+    ([{"role": 7, "content": "Hello"}], None),
+    ([{"role": "user", "content": 7}], None),
 ]
 
 

@@ -52,3 +52,20 @@ def test_generate_with_a_missing_image_says_why(vlm, tmp_path):
                      "--image", str(tmp_path / "nope.png"), "Describe it.")
     assert done.returncode == 2
     assert "cannot read image" in done.stderr and "nope.png" in done.stderr
+
+
+def test_input_limit_flags_reach_the_engine_config():
+    import argparse
+
+    from streamvlm.cli import add_engine_flags, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    config = engine_config_from_args(parser.parse_args(
+        ["--allow-special-tokens-in-content", "--max-stop-strings", "4", "--max-stop-length", "64",
+         "--max-prompt-bytes", "1000", "--max-pending-image-pixels", "5000000"]))
+    assert config.allow_special_tokens_in_content is True
+    assert (config.max_stop_strings, config.max_stop_length, config.max_prompt_bytes,
+            config.max_pending_image_pixels) == (4, 64, 1000, 5_000_000)
+    default = engine_config_from_args(parser.parse_args([]))
+    assert default.allow_special_tokens_in_content is False and default.max_prompt_bytes is None

@@ -278,3 +278,82 @@ def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
     assert late.stop_string_hit == "stop"
     assert late.text == "stop here and "
     assert late.num_tokens_at_stop > 3
+
+
+# --- stop strings in linear time and memory ---------------------------------------------------------
+
+def naive_stop_stream(pieces: list[str], stops: list[str]) -> tuple[list[str], str | None]:
+    """The reference: after each piece, release everything but the longest suffix that begins a stop
+    string; stop at the first stop string to complete (the earliest start on a tie)."""
+    text, released, out = "", 0, []
+    for piece in pieces:
+        start_len = len(text)
+        text += piece
+        ends = [(text.find(s, max(0, start_len - len(s) + 1)) + len(s), -len(s), s) for s in stops
+                if text.find(s, max(0, start_len - len(s) + 1)) >= 0]
+        if ends:
+            end, _, stop = min(ends)
+            out.append(text[released:end - len(stop)])
+            return out, stop
+        keep = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        out.append(text[released:len(text) - keep])
+        released = len(text) - keep
+    return out, None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_matcher_matches_naive_reference(seed):
+    from streamvlm.engine.stop_strings import StopStringMatcher
+
+    rng = random.Random(seed)
+    alphabet = "aab" if seed % 2 else "abc"
+    text = "".join(rng.choice(alphabet) for _ in range(200))
+    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 4))]
+    pieces, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 7)
+        pieces.append(text[i:i + n])
+        i += n
+    matcher = StopStringMatcher(stops)
+    out, hit = [], None
+    for piece in pieces:
+        released, hit = matcher.feed(piece)
+        out.append(released)
+        if hit is not None:
+            break
+    expected, expected_hit = naive_stop_stream(pieces, stops)
+    assert (out, hit) == (expected, expected_hit)
+
+
+def test_long_stop_string_costs_linear_memory(tokenizer):
+    """A 100 KB stop string, and output that follows it for a long stretch before it departs: what the
+    detokenizer keeps grows with the stop string, not with its square."""
+    import tracemalloc
+
+    stop = "ab" * 50_000 + "!"
+    text = "ab" * 2_000 + "a, and then more"
+    ids = tokenizer.encode(text)
+    tracemalloc.start()
+    try:
+        detok = IncrementalDetokenizer(tokenizer, [], stop=[stop])
+        longest_held = 0
+        out = []
+        for i in ids:
+            out.append(detok.add_tokens([i]))
+            longest_held = max(longest_held, detok._stop.held_len)
+        out.append(detok.finish())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "".join(out) == text and detok.stop_string_hit is None
+    assert longest_held == 4001    # "ab" * 2000 + "a" could still begin the stop string
+    # The KMP table (a list of ints) and copies of text: a few dozen bytes per character.
+    assert peak < 64 * len(stop)
+
+
+def test_long_stop_string_match_is_found(tokenizer):
+    stop = "xy" * 5_000
+    text = "start " + stop + " end"
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[stop])
+    out = "".join(detok.add_tokens([i]) for i in tokenizer.encode(text))
+    assert out == "start " and detok.stop_string_hit == stop

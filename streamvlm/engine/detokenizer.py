@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from streamvlm.engine.stop_strings import StopStringMatcher
+
 _REPLACEMENT_CHAR = "\ufffd"
 # Held-back ids beyond which the window is checked for a cut that later ids cannot change; only
 # text that ends in a real U+FFFD or invalid bytes stays held that long, and the window must not
@@ -53,15 +55,11 @@ class IncrementalDetokenizer:
         self._min_tokens = min_tokens
         self._decode_ids = fast_decode_fn(tokenizer)
         self._skip_special_tokens = skip_special_tokens
-        self._stop = [s for s in stop if s]
-        # Every proper prefix of a stop string: text ending in one of these is held back.
-        self._stop_prefixes = {s[:i] for s in self._stop for i in range(1, len(s))}
-        self._max_held = max((len(s) - 1 for s in self._stop), default=0)
+        self._stop = StopStringMatcher(stop)
 
         self._window: list[int] = []
         self._prefix_len = 0  # window[:prefix_len] is emitted context, and ends on a clean cut
         self._prefix_text = ""
-        self._held = ""  # decoded text that may be the beginning of a stop string
         self._parts: list[str] = []
         self._num_tokens = 0
         self._finished = False
@@ -100,10 +98,11 @@ class IncrementalDetokenizer:
         self._finished = True
         # An incomplete character at the very end is emitted as decode() renders it.
         out = self._release(self._decode(self._window)[len(self._prefix_text):])
-        if self._stop_string_hit is None and self._held:
-            out += self._held
-            self._parts.append(self._held)
-            self._held = ""
+        if self._stop_string_hit is None:
+            held = self._stop.flush()
+            if held:
+                out += held
+                self._parts.append(held)
         return out
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -142,26 +141,14 @@ class IncrementalDetokenizer:
         """Applies stop strings to ``new_text``; returns the part that can be emitted."""
         if not new_text:
             return ""
-        if not self._stop or self._num_tokens < self._min_tokens:
-            out, self._held = self._held + new_text, ""
+        if not self._stop.stops or self._num_tokens < self._min_tokens:
+            out = self._stop.flush() + new_text
             self._parts.append(out)
             return out
-        # Emitted text never ends in a stop string's prefix, so a match starts in held or new text.
-        buf = self._held + new_text
-        match: tuple[int, int, str] | None = None
-        for s in self._stop:
-            start = buf.find(s)
-            # The first stop string to complete wins; on a tie, the one that starts first.
-            if start >= 0 and (match is None or (start + len(s), start) < match[:2]):
-                match = (start + len(s), start, s)
-        if match is not None:
-            out, self._held = buf[:match[1]], ""
-            self._stop_string_hit = match[2]
+        out, hit = self._stop.feed(new_text)
+        if hit is not None:
+            self._stop_string_hit = hit
             self._num_tokens_at_stop = self._num_tokens
-        else:
-            keep = next((n for n in range(min(self._max_held, len(buf)), 0, -1)
-                         if buf[-n:] in self._stop_prefixes), 0)
-            out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
         if out:
             self._parts.append(out)
         return out

@@ -68,6 +68,10 @@ class ProcessedImage:
 class ImageProcessor(Protocol):
     def preprocess(self, image: Image.Image) -> ProcessedImage: ...
 
+    def num_tokens_for_size(self, width: int, height: int) -> int:
+        """Placeholder tokens ``preprocess`` gives an image of this size, known before it is decoded."""
+        ...
+
     def num_tokens_for_embeds(self, num_rows: int, grid_thw: Sequence[int] | None) -> int:
         """Placeholder tokens for precomputed image embeddings of ``num_rows`` rows (already in the LM hidden size);
         raises ValueError when ``grid_thw`` does not fit the model family or the rows."""
@@ -208,6 +212,11 @@ class QwenVLImageProcessor:
         patches, grid_h, grid_w = self._patchify(pixels)
         grid_thw = (1, grid_h, grid_w)
         return ProcessedImage(pixel_values=patches, num_tokens=self._tokens(grid_thw), grid_thw=grid_thw)
+
+    def num_tokens_for_size(self, width: int, height: int) -> int:
+        if self.do_resize:
+            height, width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return self._tokens((1, height // self.patch_size, width // self.patch_size))
 
     def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
         """[H, W, C] -> [grid_h * grid_w, C * T * P * P], rows in (window row, window col, row in window, col in
@@ -415,6 +424,9 @@ class LlavaImageProcessor:
             )
         pixel_values = np.ascontiguousarray(self.scaling.apply(pixels).transpose(2, 0, 1), dtype=np.float32)
         return ProcessedImage(pixel_values=pixel_values, num_tokens=self.num_tokens)
+
+    def num_tokens_for_size(self, width: int, height: int) -> int:
+        return self.num_tokens
 
     def num_tokens_for_embeds(self, num_rows: int, grid_thw: Sequence[int] | None) -> int:
         _check_num_rows(num_rows)

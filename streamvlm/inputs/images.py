@@ -92,50 +92,87 @@ def check_image_count(count: int, limits: ImageLimits) -> None:
                               f"{limits.max_images_per_request}")
 
 
+@dataclass(frozen=True)
+class PendingImage:
+    """An image read and checked from its header, not yet decoded: its encoded bytes, or a caller's
+    PIL image. ``size`` is (width, height) as stored, before the EXIF orientation."""
+
+    size: tuple[int, int]
+    data: bytes | None = None
+    image: Image.Image | None = field(default=None, compare=False)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
 async def load_image(source: object, limits: ImageLimits) -> LoadedImage:
     """Load any accepted form without blocking the event loop: http(s) is fetched asynchronously,
     file reading, decoding, resizing and hashing run in a worker thread."""
+    pending = await read_image(source, limits)
+    return await asyncio.to_thread(decode_pending_image, pending, limits)
+
+
+async def read_image(source: object, limits: ImageLimits) -> PendingImage:
+    """Fetch or read an image's bytes and check its header, without decoding its pixels; http(s) is
+    fetched asynchronously, the rest runs in a worker thread."""
     if isinstance(source, str) and _url_scheme(source) in ("http", "https"):
         if not limits.allow_remote_images:
             raise _remote_disabled()
         data = await fetch_image_bytes(source, limits)
-        return await asyncio.to_thread(decode_image_bytes, data, limits)
-    return await asyncio.to_thread(load_image_sync, source, limits)
+        return await asyncio.to_thread(_pending_from_bytes, data, limits)
+    return await asyncio.to_thread(read_image_sync, source, limits)
 
 
 def load_image_sync(source: object, limits: ImageLimits) -> LoadedImage:
     """Load every accepted form except http(s) URLs (those need ``load_image``)."""
+    return decode_pending_image(read_image_sync(source, limits), limits)
+
+
+def read_image_sync(source: object, limits: ImageLimits) -> PendingImage:
+    """``read_image`` for every accepted form except http(s) URLs."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
-        return _finish(source, limits, owned=False)
+        return PendingImage(size=source.size, image=source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         _check_byte_count(memoryview(source).nbytes, limits, "image data")
-        return decode_image_bytes(source if isinstance(source, bytes) else bytes(source), limits)
+        return _pending_from_bytes(source if isinstance(source, bytes) else bytes(source), limits)
     if isinstance(source, os.PathLike):
         path = os.fspath(source)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
-        return decode_image_bytes(_read_local_file(path, limits), limits)
+        return _pending_from_bytes(_read_local_file(path, limits), limits)
     if isinstance(source, str):
-        return _load_string(source, limits)
+        return _pending_from_bytes(_string_bytes(source, limits), limits)
     raise ImageInputError(f"unsupported image source of type {type(source).__name__}; accepted: {ACCEPTED_FORMS}")
 
 
-def _load_string(source: str, limits: ImageLimits) -> LoadedImage:
+def decode_pending_image(pending: PendingImage, limits: ImageLimits) -> LoadedImage:
+    if pending.image is not None:
+        return _finish(pending.image, limits, owned=False)
+    assert pending.data is not None
+    return decode_image_bytes(pending.data, limits)
+
+
+def _pending_from_bytes(data: bytes, limits: ImageLimits) -> PendingImage:
+    return PendingImage(size=probe_image_bytes(data, limits), data=data)
+
+
+def _string_bytes(source: str, limits: ImageLimits) -> bytes:
     if not source:
         raise ImageInputError(f"image source is an empty string; accepted: {ACCEPTED_FORMS}")
     if source[:5].lower() == "data:":
-        return decode_image_bytes(decode_data_url(source, limits), limits)
+        return decode_data_url(source, limits)
     scheme = _url_scheme(source)
     if scheme in ("http", "https"):
         if not limits.allow_remote_images:
             raise _remote_disabled()
         raise ImageInputError("load_image_sync cannot fetch http(s) URLs; use the async load_image")
     if scheme == "file":
-        return decode_image_bytes(_read_local_file(_file_url_path(source), limits), limits)
+        return _read_local_file(_file_url_path(source), limits)
     if scheme is not None:
         raise ImageInputError(f"unsupported image URL scheme {scheme!r}; accepted: {ACCEPTED_FORMS}")
-    return decode_image_bytes(_read_local_file(source, limits), limits)
+    return _read_local_file(source, limits)
 
 
 def _url_scheme(source: str) -> str | None:
@@ -218,8 +255,27 @@ def _read_local_file(path: str, limits: ImageLimits) -> bytes:
 # --- decoding --------------------------------------------------------------------------------------------------
 
 
+def probe_image_bytes(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    """(width, height) from the header of encoded image bytes, format and pixel count checked;
+    the pixels are not decoded."""
+    with _open_checked(data, limits) as image:
+        return image.size
+
+
 def decode_image_bytes(data: bytes, limits: ImageLimits) -> LoadedImage:
     """Decode encoded image bytes (format and pixel count checked from the header first)."""
+    with _open_checked(data, limits) as image:
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageInputError(f"image has too many pixels: {exc}") from exc
+        except Exception as exc:
+            raise ImageInputError(f"cannot decode image: {exc}") from exc
+        return _finish(image, limits, owned=True)
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The image opened lazily (header only), its format and pixel count checked."""
     _check_byte_count(len(data), limits, "image data")
     try:
         image = Image.open(io.BytesIO(data), formats=DECODER_FORMATS)
@@ -229,17 +285,14 @@ def decode_image_bytes(data: bytes, limits: ImageLimits) -> LoadedImage:
         raise _unsupported_or_undecodable(data, exc) from exc
     except Exception as exc:  # Pillow's header parsers raise many types on malformed input
         raise ImageInputError(f"cannot decode image: {exc}") from exc
-    with image:
+    try:
         if image.format not in ALLOWED_FORMATS:
             raise ImageInputError(f"unsupported image format: {image.format}; allowed: {', '.join(ALLOWED_FORMATS)}")
         _check_pixels(image.size, limits)
-        try:
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageInputError(f"image has too many pixels: {exc}") from exc
-        except Exception as exc:
-            raise ImageInputError(f"cannot decode image: {exc}") from exc
-        return _finish(image, limits, owned=True)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def _unsupported_or_undecodable(data: bytes, error: Exception) -> ImageInputError:
@@ -292,13 +345,18 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def shrink_to_fit(image: Image.Image, max_size: int) -> Image.Image:
-    width, height = image.size
+    new_size = fitted_size(image.size, max_size)
+    return image if new_size == image.size else image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def fitted_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` after ``shrink_to_fit``."""
+    width, height = size
     longest = max(width, height)
     if longest <= max_size:
-        return image
+        return size
     scale = max_size / longest
-    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(new_size, Image.Resampling.BICUBIC)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def image_content_hash(image: Image.Image) -> str:

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamvlm.config import EngineConfig
+from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.model_source import ModelSource
 from streamvlm.protocol import MultiModalItem, TensorData
+
+if TYPE_CHECKING:
+    from streamvlm.inputs.images import PendingImage
 
 ItemSource = Literal["pixels", "embeds", "features"]
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
@@ -38,8 +42,8 @@ class ImageRef:
 
 
 def is_media_part(part: Any) -> bool:
-    return isinstance(part, dict) and (part.get("type") in IMAGE_PART_TYPES
-                                       or part.get("type") in EMBEDS_PART_TYPES)
+    kind = part.get("type") if isinstance(part, dict) else None
+    return isinstance(kind, str) and (kind in IMAGE_PART_TYPES or kind in EMBEDS_PART_TYPES)
 
 
 def parse_media_part(part: dict[str, Any]) -> ImageRef:
@@ -118,10 +122,12 @@ def content_hash(*parts: bytes | str) -> str:
 class MultiModalPreparer:
     """Loads, checks and preprocesses a prompt's images, and expands its placeholders."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
         from streamvlm.inputs.images import ImageLimits
 
         self.limits = ImageLimits.from_config(config)
+        self.max_model_len = max_model_len
+        self.pixel_budget = PixelBudget(config.max_pending_image_pixels)
         hf_config = source.hf_config
         self.architecture = (hf_config.get("architectures") or ["?"])[0]
         token = hf_config.get("image_token_id", hf_config.get("image_token_index"))
@@ -155,22 +161,51 @@ class MultiModalPreparer:
         if not refs:
             return token_ids, []
         self.check_count(refs)
-        from streamvlm.inputs.images import load_image
+        from streamvlm.inputs.images import read_image
 
-        loop = asyncio.get_running_loop()
-        loaded = await asyncio.gather(*(load_image(ref.value, self.limits)
-                                        for ref in refs if ref.source == "pixels"))
-        pending = iter(loaded)
-        items = []
-        for ref in refs:
-            if ref.source == "pixels":
-                image = next(pending)
-                items.append(await loop.run_in_executor(None, self._pixels_item, image))
-            else:
-                items.append(self._embeds_item(ref))
+        # Headers first: the token count each image will take is known from its size, so a request
+        # that cannot fit the context is refused before any pixels are decoded.
+        pending = iter(await asyncio.gather(*(read_image(ref.value, self.limits)
+                                              for ref in refs if ref.source == "pixels")))
+        slots: list[PendingImage | MultiModalItem] = [next(pending) if ref.source == "pixels" else self._embeds_item(ref)
+                            for ref in refs]
+        self._check_context(token_ids, [self._num_tokens(slot) for slot in slots])
+        decoded = iter(await asyncio.gather(*(self._pixels_item(slot) for slot in slots
+                                              if not isinstance(slot, MultiModalItem))))
+        items = [slot if isinstance(slot, MultiModalItem) else next(decoded) for slot in slots]
         return self._expand(token_ids, items)
 
-    def _pixels_item(self, loaded: Any) -> MultiModalItem:
+    def _num_tokens(self, slot: PendingImage | MultiModalItem) -> int:
+        if isinstance(slot, MultiModalItem):
+            return slot.num_tokens
+        from streamvlm.inputs.images import fitted_size
+
+        width, height = fitted_size(slot.size, self.limits.max_image_size)
+        return self.image_processor.num_tokens_for_size(width, height)
+
+    def _check_context(self, token_ids: list[int], image_tokens: list[int]) -> None:
+        """The prompt's length once its placeholders are expanded, checked as validate() will."""
+        placeholders = sum(1 for t in token_ids if t == self.image_token_id)
+        if placeholders != len(image_tokens):
+            return  # expanded already, or a mismatch that _expand names
+        total = len(token_ids) - placeholders + sum(image_tokens)
+        if total >= self.max_model_len:
+            raise ValueError(f"prompt has {total} tokens ({sum(image_tokens)} of them for "
+                             f"{len(image_tokens)} images); max_model_len={self.max_model_len} "
+                             f"leaves no room to generate")
+
+    async def _pixels_item(self, pending: PendingImage) -> MultiModalItem:
+        """Decodes and preprocesses one image in a worker thread, once its pixels fit the budget."""
+        granted = await self.pixel_budget.acquire(pending.num_pixels)
+        work = asyncio.get_running_loop().run_in_executor(None, self._decode_and_preprocess, pending)
+        # Released when the thread is done, even if the request is cancelled while it runs.
+        work.add_done_callback(lambda _: self.pixel_budget.release(granted))
+        return await asyncio.shield(work)
+
+    def _decode_and_preprocess(self, pending: PendingImage) -> MultiModalItem:
+        from streamvlm.inputs.images import decode_pending_image
+
+        loaded = decode_pending_image(pending, self.limits)
         processed = self.image_processor.preprocess(loaded.image)
         grid = list(processed.grid_thw) if processed.grid_thw is not None else None
         return MultiModalItem(hash=loaded.hash, offset=-1, num_tokens=processed.num_tokens,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamvlm.config import EngineConfig
+from streamvlm.inputs.chat import ChatEncoder, check_role, message_texts
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.model_source import ModelSource
 from streamvlm.protocol import MultiModalItem
@@ -18,6 +19,9 @@ TOKENIZER_CACHE = os.path.join(
 
 Prompt = str | dict[str, Any]
 Message = dict[str, Any]
+# The default max_prompt_bytes per token of context: far above what text averages, so that only a
+# prompt that cannot fit is refused before it is tokenized.
+PROMPT_BYTES_PER_TOKEN = 16
 
 
 def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Any:
@@ -74,9 +78,15 @@ class InputProcessor:
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(source, config.tokenizer))
         hf_config = source.text_config
-        self.multimodal = MultiModalPreparer(config, source)
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_model_len = resolve_max_model_len(config, hf_config)
+        self.multimodal = MultiModalPreparer(config, source, self.max_model_len)
+        self.chat = (None if self.tokenizer is None
+                     else ChatEncoder(self.tokenizer, config.allow_special_tokens_in_content))
+        self.max_prompt_bytes = (config.max_prompt_bytes
+                                 or PROMPT_BYTES_PER_TOKEN * self.max_model_len)
+        self.max_stop_strings = config.max_stop_strings
+        self.max_stop_length = config.max_stop_length
         eos: list[int] = []
         for value in (source.generation_config().get("eos_token_id"),
                       hf_config.get("eos_token_id"),
@@ -98,6 +108,7 @@ class InputProcessor:
             if not prompt:
                 raise ValueError("prompt is empty")
             self._need_tokenizer()
+            self._check_prompt_bytes([prompt], "prompt")
             return self.tokenizer.encode(prompt), []
         if not isinstance(prompt, dict):
             raise ValueError("a prompt is a string, a list of chat messages, {'prompt': str} or "
@@ -109,7 +120,10 @@ class InputProcessor:
         self.multimodal.check_count(refs)
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            if not isinstance(ids, list):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            self._check_context(len(ids))
+            if not all(isinstance(t, int) for t in ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
             return list(ids), refs
         if "prompt" in prompt and isinstance(prompt["prompt"], str):
@@ -122,27 +136,28 @@ class InputProcessor:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("a conversation is a non-empty list of messages")
         refs: list[ImageRef] = []
-        messages = [self._template_message(m, refs) for m in messages]
+        messages = [self._template_message(m, i, refs) for i, m in enumerate(messages)]
         self.multimodal.check_count(refs)
         self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False), refs
+        self._check_prompt_bytes([t for m in messages for t in message_texts(m)], "message text")
+        return self.chat.encode(messages), refs
 
     @staticmethod
-    def _template_message(message: Message, refs: list[ImageRef]) -> Message:
+    def _template_message(message: Message, index: int, refs: list[ImageRef]) -> Message:
         """The message as the chat template takes it: text parts joined into one string, or,
         with images, Hugging Face parts ({"type": "text"} / {"type": "image"}); the images go
         to refs in order."""
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError("each message needs a 'role' and 'content'")
+        check_role(message, index)
         content = message["content"]
         if isinstance(content, str):
             return message
         if not isinstance(content, list):
-            raise ValueError("message content must be a string or a list of content parts")
+            raise ValueError(f"messages[{index}].content must be a string or a list of content "
+                             f"parts, got a value of type {type(content).__name__}")
         parts: list[dict[str, str]] = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
@@ -152,7 +167,8 @@ class InputProcessor:
                 refs.append(parse_media_part(part))
                 parts.append({"type": "image"})
             else:
-                raise ValueError(f"unsupported content part {kind!r}: expected 'text', "
+                shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+                raise ValueError(f"unsupported content part {shown}: expected 'text', "
                                  f"'image_url', 'image', 'image_embeds' or 'image_features'")
         if all(p["type"] == "text" for p in parts):
             return {**message, "content": "".join(p["text"] for p in parts)}
@@ -162,16 +178,42 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError("skip_tokenizer_init is set: pass {'prompt_token_ids': [...]}")
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt_bytes(self, texts: list[str], what: str) -> None:
+        """Refuses text that cannot fit the context before it is tokenized: tokenizing megabytes
+        takes seconds and gigabytes."""
+        # Characters bound bytes from below, so that huge text is refused without encoding it.
+        size = sum(len(t) for t in texts)
+        if size <= self.max_prompt_bytes:
+            size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if size > self.max_prompt_bytes:
+            raise ValueError(f"{what} is over {self.max_prompt_bytes} bytes (max_prompt_bytes), "
+                             f"more than max_model_len={self.max_model_len} tokens can hold")
+
+    def _check_context(self, num_tokens: int) -> None:
+        if num_tokens >= self.max_model_len:
+            raise ValueError(f"prompt has {num_tokens} tokens; max_model_len="
+                             f"{self.max_model_len} leaves no room to generate")
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """The checks of ``validate`` that need no prompt: cheap, so callers may run them before
+        preparing the prompt."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
+        if len(params.stop) > self.max_stop_strings:
+            raise ValueError(f"stop has {len(params.stop)} strings; max_stop_strings is "
+                             f"{self.max_stop_strings}")
+        longest = max(map(len, params.stop), default=0)
+        if longest > self.max_stop_length:
+            raise ValueError(f"a stop string has {longest} characters; max_stop_length is "
+                             f"{self.max_stop_length}")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate_params(params)
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len="
-                             f"{self.max_model_len} leaves no room to generate")
+        self._check_context(len(prompt_token_ids))
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "

@@ -1,0 +1,138 @@
+"""Chat messages to token ids: role and content checks, the chat template, and tokenization that keeps
+special-token text typed into message content as plain text.
+
+Without that, a user who writes ``<|im_end|>\\n<|im_start|>system`` in a message closes their own turn and
+opens a system turn. The template's own markers stay special tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+Message = dict[str, Any]
+
+
+def check_role(message: Message, index: int) -> None:
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        shown = repr(role[:40]) if isinstance(role, str) else f"a value of type {type(role).__name__}"
+        raise ValueError(f"messages[{index}].role must be one of {', '.join(map(repr, ROLES))}; got {shown}")
+
+
+def message_texts(message: Message) -> list[str]:
+    """The text of a message as the template takes it (see InputProcessor._template_message)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return [content]
+    return [part["text"] for part in content if part.get("type") == "text"]
+
+
+class ChatEncoder:
+    """Renders a conversation with the tokenizer's chat template and tokenizes it.
+
+    Message content that holds no special-token text is tokenized with the rendered text as a whole,
+    exactly as ``apply_chat_template(..., tokenize=True)`` does. Otherwise the template is rendered again
+    with a sentinel in place of each content text, which locates the contents in the rendered text; only
+    special-token text outside them is a special token, and the text between those markers is tokenized
+    with special tokens split into plain text. A template that changes content (so that the sentinels do
+    not locate it) is refused rather than guessed at.
+    """
+
+    def __init__(self, tokenizer: Any, allow_special_tokens_in_content: bool) -> None:
+        self.tokenizer = tokenizer
+        self.allow_special_tokens_in_content = allow_special_tokens_in_content
+        specials = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+        self._special_ids = {t.content: tokenizer.convert_tokens_to_ids(t.content) for t in specials}
+        # Whitespace beside a marker that the tokenizer strips into it (AddedToken lstrip / rstrip).
+        self._strips = {t.content: (t.lstrip, t.rstrip) for t in specials}
+        # Longest first, as the tokenizer matches added tokens.
+        self._special_text = (re.compile("|".join(re.escape(t.content)
+                                                  for t in sorted(specials, key=lambda t: -len(t.content))))
+                              if specials else None)
+        self._encode_plain = _plain_encoder(tokenizer)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        text = self._render(messages)
+        if self.allow_special_tokens_in_content or not self._content_has_special_text(messages):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._encode_protected(messages, text)
+
+    def _render(self, messages: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def _content_has_special_text(self, messages: Sequence[Message]) -> bool:
+        if self._special_text is None:
+            return False
+        return any(self._special_text.search(text) for message in messages for text in message_texts(message))
+
+    def _encode_protected(self, messages: Sequence[Message], text: str) -> list[int]:
+        marker = f"\u2063streamvlm-{uuid.uuid4().hex}-"
+        contents: list[str] = []
+
+        def sentinel(content: str) -> str:
+            contents.append(content)
+            return f"{marker}{len(contents) - 1}\u2063"
+
+        template = self._render([_with_sentinels(message, sentinel) for message in messages])
+        pieces = re.split(re.escape(marker) + r"(\d+)\u2063", template)
+        # pieces: template text, content index, template text, ..., template text.
+        if "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces)) != text:
+            raise ValueError("message content holds special-token text, and this chat template changes "
+                             "message content, so it cannot be kept as plain text: remove the special-token "
+                             "text, or start the engine with allow_special_tokens_in_content")
+        # Plain text and the template's special tokens, in order.
+        items: list[str | int] = [""]
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                items[-1] += contents[int(piece)]
+                continue
+            start = 0
+            for match in self._special_text.finditer(piece):
+                items[-1] += piece[start:match.start()]
+                items.extend((self._special_ids[match.group()], ""))
+                start = match.end()
+            items[-1] += piece[start:]
+        return self._encode_items(items)
+
+    def _encode_items(self, items: list[str | int]) -> list[int]:
+        """items alternate text, special id, text, ...; the tokenizer's whitespace stripping is applied."""
+        specials = {v: k for k, v in self._special_ids.items()}
+        texts = items[0::2]
+        for n, token_id in enumerate(items[1::2]):
+            lstrip, rstrip = self._strips[specials[token_id]]
+            if lstrip:
+                texts[n] = texts[n].rstrip()
+            if rstrip:
+                texts[n + 1] = texts[n + 1].lstrip()
+        ids: list[int] = []
+        for n, text in enumerate(texts):
+            if n:
+                ids.append(items[2 * n - 1])
+            ids.extend(self._encode_plain(text))
+        return ids
+
+
+def _with_sentinels(message: Message, sentinel: Any) -> Message:
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": sentinel(content)}
+    return {**message, "content": [{**part, "text": sentinel(part["text"])} if part.get("type") == "text" else part
+                                   for part in content]}
+
+
+def _plain_encoder(tokenizer: Any) -> Any:
+    """Encodes text with special-token text split into ordinary tokens. A fast tokenizer gets its own
+    backend copy with that setting: transformers switches it on the shared backend per call, which threads
+    tokenizing other prompts at the same moment would see."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return lambda text: plain.encode(text, add_special_tokens=False).ids if text else []
