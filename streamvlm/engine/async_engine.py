@@ -355,6 +355,8 @@ class AsyncEngine:
         self._num_preparing += 1
         try:
             params = SamplingParams() if params is None else params
+            # The prompt-free checks first: a request with bad parameters costs no image decoding.
+            self.processor.validate_params(params)
             prepared = await self.prepare_prompt(prompt)
             prompt_token_ids = prepared.prompt_token_ids
             self.processor.validate(prompt_token_ids, params)
