@@ -272,7 +272,8 @@ def test_chats_belong_to_their_connection(server):
 
     with slow_worker(server, 0.01):
         no_token, wrong, cancel, b_chats, taken = run(main())
-    assert [(e["id"], e["code"]) for e in (no_token, wrong, cancel)] == [("same", "unknown_chat")] * 3
+    assert [(e["id"], e["code"]) for e in (no_token, wrong, cancel)] == \
+        [("same", "unknown_chat")] * 3
     assert b_chats.done("same")["usage"]["completion_tokens"] == 3
     assert taken.done("same")["finish_reason"] == "cancelled"
     wait_engine_idle(server)

@@ -6,7 +6,7 @@ Client to server::
 
     {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...}}
     {"type": "chat.cancel", "id": "c1"}
-    {"type": "chat.resume", "id": "c1", "after_seq": 7, "token": "..."}   # token: chat.created's
+    {"type": "chat.resume", "id": "c1", "after_seq": 7, "token": "..."}  # chat.created's token
     {"type": "ping"}
     {"type": "auth", "token": "..."}     # first message, when the server has an API key
 
@@ -213,7 +213,8 @@ class ChatRegistry:
 
 class Chat:
     __slots__ = ("registry", "engine", "id", "resume_token", "request_id", "prompt", "params",
-                 "max_tokens_given", "conn", "gen", "inflight", "space", "history", "history_bytes", "seq",
+                 "max_tokens_given", "conn", "gen", "inflight", "space", "history",
+                 "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
                  "task", "prompt_tokens", "completion_tokens")
 
@@ -522,14 +523,14 @@ class Connection:
         for chat in finished[:max(0, len(self.chats) - limit + 1)]:
             chat.forget()
 
-    def _take_id(self, chat_id: str, chat: Chat | None = None) -> bool:
-        """Free ``chat_id`` on this connection for ``chat``: a finished chat holding it is
-        forgotten, a running one is a duplicate (error sent, False)."""
-        existing = self.chats.get(chat_id)
+    def _take_id_for(self, chat: Chat) -> bool:
+        """Free the chat's id on this connection for a chat moving here: a finished chat holding
+        it is forgotten, a running one is a duplicate (error sent, False)."""
+        existing = self.chats.get(chat.id)
         if existing is None or existing is chat:
             return True
         if not existing.finished:
-            self.send_error(chat_id, "duplicate_id", f"chat {chat_id!r} is already running")
+            self.send_error(chat.id, "duplicate_id", f"chat {chat.id!r} is already running")
             return False
         existing.forget()
         return True
@@ -612,7 +613,8 @@ class Connection:
             except RequestError as exc:
                 self.send_error(chat_id, "invalid_request", exc.message)
                 return
-        self._take_id(chat_id)
+        if existing is not None:
+            existing.forget()   # a finished chat's id may be used again
         self._make_room()
         chat = Chat(self.registry, self.engine, chat_id, prompt, params,
                     "max_tokens" in message.params)
@@ -637,18 +639,18 @@ class Connection:
                             f"after_seq {message.after_seq} is past the chat's last seq "
                             f"{chat.seq}")
             return
-        if chat.conn is not self:
-            if not chat.finished and self._refuse_more_chats(chat.id):
-                return
-            if not self._take_id(chat.id, chat):
-                return
-            self._make_room()
         history = chat.history
         if history and history[0][0] > message.after_seq + 1:
             self.send_error(message.id, "resume_gap",
                             f"deltas after seq {message.after_seq} are no longer kept "
                             f"(the oldest kept is {history[0][0]})")
             return
+        if chat.conn is not self:
+            if not chat.finished and self._refuse_more_chats(chat.id):
+                return
+            if not self._take_id_for(chat):
+                return
+            self._make_room()
         chat.replay(self, message.after_seq)
         if chat.error is not None and chat.finished:
             self.enqueue(None, 0, _frame(chat.error))
