@@ -270,7 +270,7 @@ def test_chats_belong_to_their_connection(server):
             await taken.until_done(b, "same")
         return no_token, wrong, cancel, b_chats, taken
 
-    with slow_worker(server, 0.01):
+    with slow_worker(server, 0.02):   # A's 200 tokens surely outlast the exchange
         no_token, wrong, cancel, b_chats, taken = run(main())
     assert [(e["id"], e["code"]) for e in (no_token, wrong, cancel)] == \
         [("same", "unknown_chat")] * 3
@@ -400,6 +400,10 @@ def test_silent_and_slowloris_connections_are_closed(guarded):
 
 
 def test_connections_beyond_the_limit_are_refused(guarded):
+    deadline = time.monotonic() + 15
+    while guarded.server.server_state.connections:   # earlier tests' connections are gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     held = [_connect(guarded) for _ in range(3)]
     try:
         for sock in held:   # each one surely accepted before the next is counted

@@ -77,7 +77,12 @@ class ServeProcess:
 
 
 def _hanging_requests(server: ServeProcess) -> list[socket.socket]:
-    """A streaming request whose client never reads, and a request whose body never ends."""
+    """A request whose body never ends, and a streaming request whose client reads only the
+    start of the response (so both are surely in the app when this returns) and then nothing."""
+    uploader = server.connect()
+    uploader.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"prompt": "')
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader.connect(("127.0.0.1", server.port))
@@ -87,10 +92,8 @@ def _hanging_requests(server: ServeProcess) -> list[socket.socket]:
     reader.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                    % (len(body), body))
-    uploader = server.connect()
-    uploader.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                     b'{"prompt": "')
+    reader.settimeout(60)
+    assert reader.recv(12, socket.MSG_WAITALL) == b"HTTP/1.1 200"
     return [reader, uploader]
 
 
@@ -111,7 +114,6 @@ def test_sigterm_drains_then_aborts_what_is_left(serve):
     server = serve(shutdown_timeout_s=2)
     hanging = _hanging_requests(server)
     try:
-        time.sleep(0.5)   # both requests reach the app (the exit bound below does not need it)
         server.process.send_signal(signal.SIGTERM)
         server.wait_draining(deadline=time.monotonic() + 30)
         took = server.wait_exit(timeout=60)
