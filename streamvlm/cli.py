@@ -41,6 +41,30 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=field.name.upper(), help=f"default: {field.default!r}")
 
 
+_GATEWAY_FLAGS_ELSEWHERE = ("api_key", "served_model_name")
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    from streamvlm.gateway.settings import GatewaySettings
+
+    group = parser.add_argument_group("server limits (GatewaySettings fields)")
+    for field in msgspec.structs.fields(GatewaySettings):
+        if field.name in _GATEWAY_FLAGS_ELSEWHERE:
+            continue
+        group.add_argument("--" + field.name.replace("_", "-"), dest=f"gateway.{field.name}",
+                           type=field.type, default=None, metavar=field.name.upper(),
+                           help=f"default: {field.default!r}")
+
+
+def gateway_settings_from_args(args: argparse.Namespace) -> Any:
+    from streamvlm.gateway.settings import GatewaySettings
+
+    overrides = {name.removeprefix("gateway."): value for name, value in vars(args).items()
+                 if name.startswith("gateway.") and value is not None}
+    return GatewaySettings(api_key=args.api_key, served_model_name=args.served_model_name,
+                           **overrides)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     overrides = {name.removeprefix("engine."): value for name, value in vars(args).items()
                  if name.startswith("engine.") and value is not None}
@@ -99,26 +123,25 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from streamvlm import AsyncEngine
     from streamvlm.gateway.app import build_app
-    from streamvlm.gateway.settings import GatewaySettings
+    from streamvlm.gateway.server import GatewayServer, server_config
 
     engine = AsyncEngine(engine_config_from_args(args))
-    settings = GatewaySettings(api_key=args.api_key, served_model_name=args.served_model_name)
+    settings = gateway_settings_from_args(args)
     try:
         import uvloop  # noqa: F401
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
-    config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port,
-                            loop=loop, ws="websockets-sansio", lifespan="on",
-                            # Above our own limit, so that the endpoint answers an oversize
-                            # message with an error event instead of uvicorn closing the socket.
-                            ws_max_size=2 * settings.ws_max_message_bytes,
-                            log_level=args.log_level)
-    uvicorn.Server(config).run()
+    app = build_app(engine, settings)
+    config = server_config(app, settings, host=args.host, port=args.port,
+                           log_level=args.log_level, loop=loop)
+    # Bound here, so that --port 0 (any free port) can be reported before serving.
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    print(f"streamvlm: serving on http://{host}:{port}", flush=True)
+    GatewayServer(config, app, settings).run(sockets=[sock])
     return 0
 
 
@@ -170,10 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the "
                                               "WebSocket chat stream on one port")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
     serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
     serve.add_argument("--log-level", default="info")
+    add_gateway_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(handler=_serve)
 

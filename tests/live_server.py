@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free loopback port, in a background thread, for gateway tests."""
+"""The gateway's real server (its uvicorn config and protocol guards) on a loopback port it
+binds itself (port 0: no race for a free port), in a background thread, for gateway tests."""
 
 from __future__ import annotations
 
@@ -9,32 +10,27 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import uvicorn
-
 from streamvlm.engine.loop import new_event_loop
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streamvlm.gateway.server import GatewayServer, server_config
 
 
 class LiveServer:
     def __init__(self, app: Any) -> None:
-        self.port = free_port()
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, ws="websockets-sansio",
-                                lifespan="on", log_level="warning")
-        self.server = uvicorn.Server(config)
+        settings = app.state.settings
+        self.server = GatewayServer(server_config(app, settings, log_level="warning"), app,
+                                    settings)
         self.loop = new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
 
     def start(self, timeout: float = 120.0) -> LiveServer:
         self.thread.start()

@@ -147,6 +147,11 @@ class Chats:
     def token_ids(self, chat_id: str) -> list[int]:
         return [t for e in self.deltas(chat_id) for t in e["token_ids"]]
 
+    def resume_token(self, chat_id: str) -> str:
+        created = self.events[chat_id][0]
+        assert created["type"] == "chat.created"
+        return created["resume_token"]
+
     def last_seq(self, chat_id: str) -> int:
         seqs = [e["seq"] for e in self.events.get(chat_id, []) if "seq" in e]
         return seqs[-1] if seqs else 0
@@ -195,8 +200,12 @@ def test_two_concurrent_chats_on_one_connection(server, reference):
 
     with slow_worker(server, 0.005):   # both surely start before either ends
         chats = run(main())
-    assert chats.events["chat-a"][0] == {"type": "chat.created", "id": "chat-a"}
-    assert chats.events["raw-b"][0] == {"type": "chat.created", "id": "raw-b"}
+    for chat_id in ("chat-a", "raw-b"):
+        created = chats.events[chat_id][0]
+        assert created.keys() == {"type", "id", "resume_token"}
+        assert (created["type"], created["id"]) == ("chat.created", chat_id)
+    assert len(chats.resume_token("chat-a")) >= 22   # 128 random bits, base64url
+    assert chats.resume_token("chat-a") != chats.resume_token("raw-b")
     check_stream(chats, "chat-a", chat_ref)
     check_stream(chats, "raw-b", raw_ref)
     # Interleaved: each chat's deltas arrive while the other one is still streaming.
@@ -288,7 +297,8 @@ def test_slow_client_costs_bounded_memory(server, reference):
 
     async def queued() -> int | None:
         """Frames queued on the connection, once every chat is in the engine."""
-        chats = [server.app.state.chats.chats.get(name) for name in names]
+        by_id = {chat.id: chat for chat in server.app.state.chats.by_token.values()}
+        chats = [by_id.get(name) for name in names]
         if not all(chat is not None and chat.submitted for chat in chats):
             return None
         assert len({chat.conn for chat in chats}) == 1
@@ -336,7 +346,8 @@ def test_resume_after_dropped_connection(server, reference):
         await asyncio.sleep(0.2)       # the chat runs on detached meanwhile
         async with await open_ws(server) as ws2:
             await send(ws2, type="chat.resume", id="resumable",
-                       after_seq=before.last_seq("resumable"))
+                       after_seq=before.last_seq("resumable"),
+                       token=before.resume_token("resumable"))
             after = Chats()
             await after.until_done(ws2, "resumable")
         return before, after
@@ -360,7 +371,8 @@ def test_resume_moves_chat_from_a_live_connection(server, reference):
                                      ignore_eos=True))
             first = Chats()
             await first.until(ws1, lambda c: c.last_seq("moved") >= 2)
-            await send(ws2, type="chat.resume", id="moved", after_seq=2)
+            await send(ws2, type="chat.resume", id="moved", after_seq=2,
+                       token=first.resume_token("moved"))
             second = Chats()
             await second.until_done(ws2, "moved")
             # Whatever ws1 still had in flight, the move stops it: no chat.done there.
@@ -387,7 +399,8 @@ def test_resume_a_finished_chat_replays_its_end(server, reference):
             chats = Chats()
             await chats.until_done(ws, "finished")
         async with await open_ws(server) as ws:
-            await send(ws, type="chat.resume", id="finished", after_seq=0)
+            await send(ws, type="chat.resume", id="finished", after_seq=0,
+                       token=chats.resume_token("finished"))
             replay = Chats()
             await replay.until_done(ws, "finished")
         return chats, replay
@@ -426,23 +439,24 @@ def test_detached_chats_expire_and_free_blocks(short_server):
         chats = Chats()
         await chats.until(ws, lambda c: c.deltas("gone-1") and c.deltas("gone-2"))
         ws.transport.abort()
-        return time.monotonic()
+        return time.monotonic(), chats
 
-    async def resume_both():
+    async def resume_both(chats):
         async with await open_ws(short_server, key=None) as ws:
             for chat_id in ("gone-1", "gone-2"):
-                await send(ws, type="chat.resume", id=chat_id, after_seq=1)
+                await send(ws, type="chat.resume", id=chat_id, after_seq=1,
+                           token=chats.resume_token(chat_id))
                 event = await recv(ws)
                 assert event["type"] == "error" and event["id"] == chat_id
                 assert event["code"] == "unknown_chat"
 
     with slow_worker(short_server, 0.01):   # 220 steps would take over two seconds
-        dropped = run(start_and_drop())
+        dropped, chats = run(start_and_drop())
         stats = wait_engine_idle(short_server)
         assert time.monotonic() - dropped < 1.8
     assert stats.kv_blocks_used == 0
     assert len(short_server.app.state.chats) == 0
-    run(resume_both())
+    run(resume_both(chats))
 
 
 def test_detached_chat_over_the_resume_buffer_is_cancelled(server):
@@ -457,9 +471,11 @@ def test_detached_chat_over_the_resume_buffer_is_cancelled(server):
         await asyncio.sleep(0.1)
         await asyncio.to_thread(wait_engine_idle, server)   # cancelled well before 230 tokens
         async with await open_ws(server) as ws2:
-            await send(ws2, type="chat.resume", id="flood", after_seq=chats.last_seq("flood"))
+            token = chats.resume_token("flood")
+            await send(ws2, type="chat.resume", id="flood", after_seq=chats.last_seq("flood"),
+                       token=token)
             error = await recv(ws2)
-            await send(ws2, type="chat.resume", id="flood", after_seq=0)
+            await send(ws2, type="chat.resume", id="flood", after_seq=0, token=token)
             again = await recv(ws2)
         return error, again
 

@@ -12,6 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.gateway import http, ws
 from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.shutdown import RefuseWhileDraining, ShutdownGate
 
 
 def build_app(engine: AsyncEngine, settings: GatewaySettings | None = None) -> Starlette:
@@ -28,7 +29,9 @@ def build_app(engine: AsyncEngine, settings: GatewaySettings | None = None) -> S
             await app.state.chats.close()
             await engine.shutdown()
 
-    app = Starlette(middleware=[Middleware(http.BearerAuth, api_key=settings.api_key)], routes=[
+    gate = ShutdownGate()
+    app = Starlette(middleware=[Middleware(RefuseWhileDraining, gate=gate),
+                                Middleware(http.BearerAuth, api_key=settings.api_key)], routes=[
         Route("/health", http.health, methods=["GET"]),
         Route("/metrics", http.metrics, methods=["GET"]),
         Route("/v1/models", http.models, methods=["GET"]),
@@ -38,4 +41,5 @@ def build_app(engine: AsyncEngine, settings: GatewaySettings | None = None) -> S
     ], lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.shutdown_gate = gate
     return app

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.gateway.openai_schemas import MessageRole
 from streamvlm.inputs.processor import PreparedPrompt
 from streamvlm.sampling import SamplingParams
 
@@ -21,6 +22,17 @@ class RequestError(Exception):
         self.status = status
         self.code = code
         self.param = param
+
+
+_message_roles = list[MessageRole]
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """Every message has a known role (a string, not a number, null or object)."""
+    try:
+        msgspec.convert(messages, _message_roles)
+    except msgspec.ValidationError as exc:
+        raise RequestError(f"invalid messages: {exc}", param="messages") from exc
 
 
 def sampling_params(fields: dict[str, Any]) -> SamplingParams:

@@ -4,10 +4,12 @@ models, health and Prometheus metrics. Errors use OpenAI's error JSON shape."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -16,24 +18,34 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
-from streamvlm.errors import EngineDeadError
-from streamvlm.gateway.common import RequestError, prepare, sampling_params
+from streamvlm.errors import EngineDeadError, EngineOverloadedError
+from streamvlm.gateway.auth import check_authorization
+from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.openai_schemas import ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.outputs import RequestOutput
 from streamvlm.protocol import TokenLogprobs
 
 _json = msgspec.json.Encoder()
+_T = TypeVar("_T")
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(_json.encode(body), status_code=status, media_type="application/json")
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    return Response(_json.encode(body), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def error_response(message: str, status: int = 400, kind: str = "invalid_request_error",
-                   param: str | None = None) -> Response:
+                   param: str | None = None, headers: dict[str, str] | None = None) -> Response:
     return json_response({"error": {"message": message, "type": kind, "param": param,
-                                    "code": status}}, status)
+                                    "code": status}}, status, headers)
+
+
+def overloaded_response(exc: EngineOverloadedError) -> Response:
+    return error_response(str(exc), 429, "overloaded",
+                          headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
 
 
 def _engine(request: Request) -> AsyncEngine:
@@ -54,12 +66,12 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.expected is not None and scope["type"] == "http"
+        if (self.api_key is not None and scope["type"] == "http"
                 and scope["path"] != "/health"
-                and dict(scope["headers"]).get(b"authorization") != self.expected):
+                and not check_authorization(scope["headers"], self.api_key)):
             response = error_response("missing or invalid API key", 401, "authentication_error")
             await response(scope, receive, send)
             return
@@ -77,12 +89,20 @@ async def _read_json(request: Request, schema: type) -> Any:
         if size > limit:
             raise RequestError(f"request body over the {limit}-byte limit", 413)
         chunks.append(chunk)
+    body = b"".join(chunks)
+    max_depth = _settings(request).max_json_depth
+    if json_too_deep(body, max_depth):
+        raise RequestError(f"JSON nested deeper than {max_depth} levels")
     try:
-        return msgspec.json.decode(b"".join(chunks), type=schema)
+        return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
         raise RequestError(f"invalid request: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from exc
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its response began: its request was aborted."""
 
 
 def _handles_errors(handler: Callable[[Request], Awaitable[Response]]
@@ -92,8 +112,14 @@ def _handles_errors(handler: Callable[[Request], Awaitable[Response]]
             return await handler(request)
         except RequestError as exc:
             return error_response(exc.message, exc.status, param=exc.param)
+        except EngineOverloadedError as exc:
+            return overloaded_response(exc)
         except EngineDeadError as exc:
             return error_response(str(exc), 503, "engine_dead")
+        except ValueError as exc:   # input the engine refused at submission
+            return error_response(str(exc), 400)
+        except _ClientGone:
+            return Response(status_code=499)   # nobody reads it; uvicorn drops it
     wrapped.__name__ = handler.__name__
     return wrapped
 
@@ -113,18 +139,47 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """Await ``work``; if the client goes away first, cancel it (leaving the engine call aborts
+    its request), wait until the cancellation is done and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
 async def _generate_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
                              params: Any) -> RequestOutput:
     """engine.generate, aborted if the client goes away first."""
-    generation = asyncio.ensure_future(engine.generate(prompt, params))
-    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    return await _unless_disconnected(request, engine.generate(prompt, params))
+
+
+async def _started_stream(request: Request, engine: AsyncEngine, prompt: Any,
+                          params: Any) -> AsyncIterator[OutputDelta]:
+    """engine.stream, submitted and its first delta received before the response starts, so
+    that a refusal at submission (overloaded, bad input, engine dead) is a status code rather
+    than an error event after a 200."""
+    stream = engine.stream(prompt, params)
     try:
-        await asyncio.wait({generation, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-        if not generation.done():
-            generation.cancel()
-    return generation.result()
+        first = await _unless_disconnected(request, anext(stream))
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def deltas() -> AsyncIterator[OutputDelta]:
+        async with contextlib.aclosing(stream):
+            yield first
+            async for delta in stream:
+                yield delta
+    return deltas()
 
 
 def _usage(usage: Usage | None) -> dict[str, Any] | None:
@@ -215,6 +270,7 @@ async def models(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
     model = _check_model(request, body.model)
+    check_messages(body.messages)
     if body.n != 1:
         raise RequestError("only n=1 is supported", param="n")
     fields = body.sampling_fields()
@@ -232,8 +288,8 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_chat_chunks(engine, prompt, params, request_id, created, model,
-                                 include_usage))
+        deltas = await _started_stream(request, engine, prompt, params)
+        return _sse(_chat_chunks(engine, deltas, request_id, created, model, include_usage))
     out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
     return json_response({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -271,7 +327,8 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_completion_chunks(engine, prompt, params, request_id, created, model,
+        deltas = await _started_stream(request, engine, prompt, params)
+        return _sse(_completion_chunks(engine, deltas, request_id, created, model,
                                        include_usage))
     out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
     return json_response({
@@ -309,7 +366,7 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield _DONE
 
 
-def _stream_events(engine: AsyncEngine, prompt: Any, params: Any, head: dict[str, Any],
+def _stream_events(deltas: AsyncIterator[OutputDelta], head: dict[str, Any],
                    include_usage: bool, first: dict[str, Any] | None,
                    choice: Callable[[OutputDelta], dict[str, Any]]) -> AsyncIterator[bytes]:
     """SSE events of one streamed request: an optional first choice, one chunk per delta with
@@ -320,7 +377,7 @@ def _stream_events(engine: AsyncEngine, prompt: Any, params: Any, head: dict[str
         if first is not None:
             yield _event({**head, "choices": [first], **usage_field})
         last: OutputDelta | None = None
-        async for delta in engine.stream(prompt, params):
+        async for delta in deltas:
             last = delta
             if delta.finish_reason == "error":
                 yield _event({"error": {"message": delta.error or "the request failed in the worker",
@@ -333,7 +390,7 @@ def _stream_events(engine: AsyncEngine, prompt: Any, params: Any, head: dict[str
     return _guarded(events())
 
 
-def _chat_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[OutputDelta], request_id: str,
                  created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
@@ -344,11 +401,12 @@ def _chat_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
         return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
                 "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs),
                 "finish_reason": _finish_reason(delta.finish_reason)}
-    return _stream_events(engine, prompt, params, head, include_usage, first, choice)
+    return _stream_events(deltas, head, include_usage, first, choice)
 
 
-def _completion_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
-                       created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[OutputDelta],
+                       request_id: str, created: int, model: str,
+                       include_usage: bool) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     offset = 0
 
@@ -359,4 +417,4 @@ def _completion_chunks(engine: AsyncEngine, prompt: Any, params: Any, request_id
         offset += len(delta.text)
         return {"index": 0, "text": delta.text, "logprobs": logprobs,
                 "finish_reason": _finish_reason(delta.finish_reason)}
-    return _stream_events(engine, prompt, params, head, include_usage, None, choice)
+    return _stream_events(deltas, head, include_usage, None, choice)

@@ -6,9 +6,18 @@ OpenAI's (top_k, min_p, repetition_penalty, ignore_eos, min_tokens) follow vLLM.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class MessageRole(msgspec.Struct):
+    """What the gateway checks of each chat message before the chat template sees it (the rest
+    of the message passes through as a dict)."""
+
+    role: Role
 
 
 class StreamOptions(msgspec.Struct):

@@ -9,9 +9,31 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     api_key: str | None = None
     served_model_name: str | None = None      # the name /v1/models reports and requests use
     max_body_bytes: int = 8 * 2**20
+    max_json_depth: int = 64                  # arrays/objects open at once in a body or message
     ws_max_message_bytes: int = 8 * 2**20
     ws_auth_timeout_s: float = 5.0
     # A chat whose connection dropped keeps running and its deltas are kept this long (and up
     # to this many bytes) for chat.resume; past either, it is cancelled and forgotten.
     resume_window_s: float = 60.0
     resume_buffer_bytes: int = 4 * 2**20
+    max_chats_per_connection: int = 16        # running at once on one WebSocket
+    max_kept_chats_per_connection: int = 64   # running or finished, kept for chat.resume
+    ws_idle_timeout_s: float = 300.0          # no chat running and no message: closed
+    # Connections (uvicorn protocol level): beyond max_connections a new connection gets a 503
+    # and is closed at once; a request head must arrive within header_timeout_s of the
+    # connection opening or of the previous response; an idle keep-alive connection is closed
+    # after keep_alive_timeout_s.
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    # On SIGTERM/SIGINT: refuse new work at once, give running requests this long, then abort
+    # them and exit. A second signal exits at once.
+    shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_kept_chats_per_connection < self.max_chats_per_connection:
+            raise ValueError("max_kept_chats_per_connection must be at least "
+                             "max_chats_per_connection")
+        if min(self.max_chats_per_connection, self.max_connections, self.max_json_depth) < 1:
+            raise ValueError("max_chats_per_connection, max_connections and max_json_depth "
+                             "must be positive")

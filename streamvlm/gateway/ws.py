@@ -6,23 +6,30 @@ Client to server::
 
     {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...}}
     {"type": "chat.cancel", "id": "c1"}
-    {"type": "chat.resume", "id": "c1", "after_seq": 7}
+    {"type": "chat.resume", "id": "c1", "after_seq": 7, "token": "..."}  # chat.created's token
     {"type": "ping"}
     {"type": "auth", "token": "..."}     # first message, when the server has an API key
 
 Server to client::
 
-    {"type": "chat.created", "id": "c1"}
+    {"type": "chat.created", "id": "c1", "resume_token": "..."}
     {"type": "chat.delta", "id": "c1", "seq": 1, "text": "...", "token_ids": [...],
      "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}]}  # if asked
     {"type": "chat.done", "id": "c1", "seq": 9, "finish_reason": "stop" | "length" | "cancelled",
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}}
-    {"type": "error", "id": "c1" | null, "code": "...", "message": "..."}
+    {"type": "error", "id": "c1" | null, "code": "...", "message": "...",
+     "retry_after": 1.5}                                         # with code "overloaded" only
     {"type": "pong"}
 
 A chat ends with chat.done, or with an error event carrying its id. Each chat's delta and done
 events are numbered 1, 2, 3... (``seq``). A bad message gets an error event and never closes the
-connection or disturbs the other chats; only authentication failures close it (code 1008).
+connection or disturbs the other chats; only authentication failures close it (code 1008),
+idleness (no chat running and no message for ``ws_idle_timeout_s``, code 1001) and shutdown.
+
+Chats belong to their connection: ids are the connection's own (other connections may use the
+same ids), and only it can cancel or resume them by id. Another connection takes a chat over
+with ``chat.resume`` carrying the chat's ``resume_token`` (128 random bits, sent in
+chat.created): the token is the chat's key in the server-wide registry.
 
 Design. One task per chat runs ``engine.stream``; one writer task per connection sends frames
 from a queue. A chat appends each frame to its history and to its connection's queue in one
@@ -36,15 +43,17 @@ drops, the chat keeps running detached for ``resume_window_s``; then it is cance
 request aborted, its KV blocks freed) and forgotten. A detached chat whose history outgrows
 ``resume_buffer_bytes`` is cancelled at once, and a later resume gets the error. A finished chat
 is kept ``resume_window_s`` after it finished, so that a client who lost the connection before
-the chat.done arrived can still resume it. Chat ids live in one registry (one API key).
+the chat.done arrived can still resume it. A connection runs at most
+``max_chats_per_connection`` chats at once and keeps at most ``max_kept_chats_per_connection``
+(running or finished) for resume, forgetting its oldest finished chats first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import secrets
 import uuid
 from collections import deque
 from typing import Any
@@ -54,9 +63,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta
-from streamvlm.errors import EngineDeadError
-from streamvlm.gateway.common import RequestError, prepare, sampling_params
+from streamvlm.errors import EngineDeadError, EngineOverloadedError
+from streamvlm.gateway.auth import check_authorization, key_matches
+from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.shutdown import ShutdownGate
 from streamvlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -81,6 +93,7 @@ class ChatCancel(msgspec.Struct, tag="chat.cancel", tag_field="type", kw_only=Tr
 class ChatResume(msgspec.Struct, tag="chat.resume", tag_field="type", kw_only=True):
     id: str
     after_seq: int = 0
+    token: str | None = None     # needed to resume a chat another connection created
 
 
 class Ping(msgspec.Struct, tag="ping", tag_field="type"):
@@ -107,6 +120,7 @@ class _Envelope(msgspec.Struct):
 
 class ChatCreated(msgspec.Struct, tag="chat.created", tag_field="type"):
     id: str
+    resume_token: str
 
 
 class LogprobEntry(msgspec.Struct):
@@ -137,10 +151,11 @@ class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type"):
     usage: ChatUsage
 
 
-class ErrorEvent(msgspec.Struct, tag="error", tag_field="type"):
+class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
     id: str | None
     code: str
     message: str
+    retry_after: float | None = None
 
 
 class Pong(msgspec.Struct, tag="pong", tag_field="type"):
@@ -158,6 +173,10 @@ def _error_frame(chat_id: str | None, code: str, message: str) -> str:
     return _encode(ErrorEvent(chat_id, code, message)).decode()
 
 
+def _frame(event: msgspec.Struct) -> str:
+    return _encode(event).decode()
+
+
 class _Overflow(Exception):
     """A detached chat's history outgrew resume_buffer_bytes."""
 
@@ -166,19 +185,23 @@ class _Overflow(Exception):
 
 
 class ChatRegistry:
-    """Every chat of the server by id, attached to a connection or detached (awaiting resume)."""
+    """Every chat of the server by resume token, attached to a connection or detached
+    (awaiting resume)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.chats: dict[str, Chat] = {}
+        self.by_token: dict[str, Chat] = {}
 
     def __len__(self) -> int:
-        return len(self.chats)
+        return len(self.by_token)
+
+    def running(self) -> int:
+        return sum(not chat.finished for chat in self.by_token.values())
 
     async def close(self) -> None:
         """Cancel every chat (aborting its engine request) and forget it."""
-        chats = list(self.chats.values())
-        self.chats.clear()
+        chats = list(self.by_token.values())
+        self.by_token.clear()
         tasks = []
         for chat in chats:
             chat.forget()
@@ -189,8 +212,9 @@ class ChatRegistry:
 
 
 class Chat:
-    __slots__ = ("registry", "engine", "id", "request_id", "prompt", "params", "max_tokens_given",
-                 "conn", "gen", "inflight", "space", "history", "history_bytes", "seq",
+    __slots__ = ("registry", "engine", "id", "resume_token", "request_id", "prompt", "params",
+                 "max_tokens_given", "conn", "gen", "inflight", "space", "history",
+                 "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
                  "task", "prompt_tokens", "completion_tokens")
 
@@ -199,6 +223,7 @@ class Chat:
         self.registry = registry
         self.engine = engine
         self.id = chat_id
+        self.resume_token = secrets.token_urlsafe(16)
         self.request_id = f"ws-{uuid.uuid4().hex}"
         self.prompt = prompt
         self.params = params
@@ -215,7 +240,7 @@ class Chat:
         self.submitted = False
         self.cancel_requested = False
         self.finished = False
-        self.error: tuple[str, str] | None = None
+        self.error: ErrorEvent | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
         self.prompt_tokens = 0
@@ -225,10 +250,10 @@ class Chat:
 
     def attach(self, conn: Connection) -> None:
         old = self.conn
-        if old is not None:
-            old.chats.discard(self)
+        if old is not None and old.chats.get(self.id) is self:
+            del old.chats[self.id]
         self.conn = conn
-        conn.chats.add(self)
+        conn.chats[self.id] = self
         self.gen += 1
         self.inflight = 0
         self.space.set()
@@ -237,8 +262,8 @@ class Chat:
             self.timer = None
 
     def detach(self) -> None:
-        if self.conn is not None:
-            self.conn.chats.discard(self)
+        if self.conn is not None and self.conn.chats.get(self.id) is self:
+            del self.conn.chats[self.id]
         self.conn = None
         self.detach_seq = self.seq
         self.gen += 1
@@ -258,11 +283,12 @@ class Chat:
             self.task.cancel()   # leaving engine.stream aborts the request: its blocks are freed
 
     def forget(self) -> None:
-        chats = self.registry.chats
-        if chats.get(self.id) is self:
-            del chats[self.id]
+        chats = self.registry.by_token
+        if chats.get(self.resume_token) is self:
+            del chats[self.resume_token]
         if self.conn is not None:
-            self.conn.chats.discard(self)
+            if self.conn.chats.get(self.id) is self:
+                del self.conn.chats[self.id]
             self.conn = None
         if self.timer is not None:
             self.timer.cancel()
@@ -300,10 +326,10 @@ class Chat:
         if self.conn is not None:
             self.conn.enqueue(None, 0, frame)
 
-    def _fail(self, code: str, message: str) -> None:
+    def _fail(self, code: str, message: str, retry_after: float | None = None) -> None:
         """End the chat with an error event; kept for a resume attempt if nobody hears it now."""
-        self.error = (code, message)
-        self._control(_error_frame(self.id, code, message))
+        self.error = ErrorEvent(self.id, code, message, retry_after)
+        self._control(_frame(self.error))
 
     def _push_delta(self, delta: OutputDelta) -> None:
         self.seq += 1
@@ -344,7 +370,7 @@ class Chat:
                 self._fail("invalid_request", exc.message)
                 return
             self.prompt_tokens = len(prompt.prompt_token_ids)
-            self._control(_encode(ChatCreated(self.id)).decode())
+            self._control(_frame(ChatCreated(self.id, self.resume_token)))
             if self.cancel_requested:
                 self._push_done("cancelled", None)
                 return
@@ -368,12 +394,16 @@ class Chat:
         except _Overflow:
             self.history.clear()
             self.history_bytes = 0
-            self.error = ("resume_overflow",
-                          f"chat {self.id!r} was cancelled: its output while disconnected "
-                          f"outgrew the {self.registry.settings.resume_buffer_bytes}-byte "
-                          "resume buffer")
+            self.error = ErrorEvent(
+                self.id, "resume_overflow",
+                f"chat {self.id!r} was cancelled: its output while disconnected outgrew the "
+                f"{self.registry.settings.resume_buffer_bytes}-byte resume buffer")
+        except EngineOverloadedError as exc:
+            self._fail("overloaded", str(exc), exc.retry_after)
         except EngineDeadError as exc:
             self._fail("engine_dead", str(exc))
+        except ValueError as exc:   # input the engine refused at submission
+            self._fail("invalid_request", str(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one broken chat must not take others down
@@ -381,7 +411,7 @@ class Chat:
             self._fail("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             self.finished = True
-            if self.timer is None and self.registry.chats.get(self.id) is self:
+            if self.timer is None and self.registry.by_token.get(self.resume_token) is self:
                 with contextlib.suppress(RuntimeError):
                     self.timer = asyncio.get_running_loop().call_later(
                         self.registry.settings.resume_window_s, self._expire)
@@ -394,26 +424,34 @@ class Chat:
             await self.engine.abort(self.request_id)   # its stream ends with "abort"
 
     def replay(self, conn: Connection, after_seq: int) -> None:
-        """Move the chat to ``conn`` and queue its frames after ``after_seq``, in one step."""
+        """Move the chat to ``conn`` and queue its frames after ``after_seq``, in one step.
+
+        A finished chat always answers with its chat.done, even to a client that claims to
+        have seen it (after_seq at or past the end): a resume never goes unanswered.
+        """
         self.attach(conn)
-        for seq, frame, _ in self.history:
-            if seq > after_seq:
-                self.inflight += 1
-                conn.enqueue(self, self.gen, frame)
+        frames = [frame for seq, frame, _ in self.history if seq > after_seq]
+        if not frames and self.finished and self.error is None and self.history:
+            frames = [self.history[-1][1]]
+        for frame in frames:
+            self.inflight += 1
+            conn.enqueue(self, self.gen, frame)
 
 
 class Connection:
     """One WebSocket: its chats and the single writer that sends their frames in order."""
 
-    def __init__(self, websocket: WebSocket, registry: ChatRegistry, engine: AsyncEngine) -> None:
+    def __init__(self, websocket: WebSocket, registry: ChatRegistry, engine: AsyncEngine,
+                 gate: ShutdownGate) -> None:
         self.websocket = websocket
         self.registry = registry
         self.engine = engine
+        self.gate = gate
         self.queue: deque[tuple[Chat | None, int, str]] = deque()
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()
         self.drained.set()
-        self.chats: set[Chat] = set()
+        self.chats: dict[str, Chat] = {}    # by id, oldest first: created here or resumed
         self.closed = False
         self.writer: asyncio.Task | None = None
 
@@ -463,8 +501,39 @@ class Connection:
         self.drained.set()
         if self.writer is not None and self.writer is not asyncio.current_task():
             self.writer.cancel()
-        for chat in list(self.chats):
+        for chat in list(self.chats.values()):
             chat.detach()
+
+    def running_chats(self) -> int:
+        return sum(not chat.finished for chat in self.chats.values())
+
+    def _refuse_more_chats(self, chat_id: str) -> bool:
+        """Send an error if this connection already runs its maximum of chats."""
+        limit = self.registry.settings.max_chats_per_connection
+        if self.running_chats() < limit:
+            return False
+        self.send_error(chat_id, "too_many_chats",
+                        f"this connection already runs {limit} chats; wait for one to end")
+        return True
+
+    def _make_room(self) -> None:
+        """Forget the oldest finished chats beyond max_kept_chats_per_connection - 1."""
+        limit = self.registry.settings.max_kept_chats_per_connection
+        finished = [chat for chat in self.chats.values() if chat.finished]
+        for chat in finished[:max(0, len(self.chats) - limit + 1)]:
+            chat.forget()
+
+    def _take_id_for(self, chat: Chat) -> bool:
+        """Free the chat's id on this connection for a chat moving here: a finished chat holding
+        it is forgotten, a running one is a duplicate (error sent, False)."""
+        existing = self.chats.get(chat.id)
+        if existing is None or existing is chat:
+            return True
+        if not existing.finished:
+            self.send_error(chat.id, "duplicate_id", f"chat {chat.id!r} is already running")
+            return False
+        existing.forget()
+        return True
 
     # ---- client messages ---------------------------------------------------------------
 
@@ -475,6 +544,10 @@ class Connection:
         if size > limit:
             self.send_error(None, "message_too_large",
                             f"message of {size} bytes is over the {limit}-byte limit")
+            return
+        max_depth = self.registry.settings.max_json_depth
+        if json_too_deep(data, max_depth):
+            self.send_error(None, "invalid_request", f"JSON nested deeper than {max_depth} levels")
             return
         try:
             message = _decoder.decode(data)
@@ -489,9 +562,10 @@ class Connection:
         if kind is ChatCreate:
             self._create(message)
         elif kind is ChatCancel:
-            chat = self.registry.chats.get(message.id)
+            chat = self.chats.get(message.id)
             if chat is None:
-                self.send_error(message.id, "unknown_chat", f"no chat with id {message.id!r}")
+                self.send_error(message.id, "unknown_chat",
+                                f"no chat with id {message.id!r} on this connection")
             else:
                 await chat.cancel()
         elif kind is ChatResume:
@@ -501,13 +575,18 @@ class Connection:
         # Auth once authenticated (or with no API key): nothing to do.
 
     def _create(self, message: ChatCreate) -> None:
-        chat_id, chats = message.id, self.registry.chats
+        chat_id = message.id
         if not chat_id:
             self.send_error(None, "invalid_message", "chat id must be a non-empty string")
             return
-        existing = chats.get(chat_id)
+        if self.gate.draining:
+            self.send_error(chat_id, "shutting_down", "the server is shutting down")
+            return
+        existing = self.chats.get(chat_id)
         if existing is not None and not existing.finished:
             self.send_error(chat_id, "duplicate_id", f"chat {chat_id!r} is already running")
+            return
+        if self._refuse_more_chats(chat_id):
             return
         if (message.messages is None) == (message.prompt is None):
             self.send_error(chat_id, "invalid_message",
@@ -528,19 +607,37 @@ class Connection:
             prompt = message.prompt
             if isinstance(prompt, list):
                 prompt = {"prompt_token_ids": prompt}
+        else:
+            try:
+                check_messages(prompt)
+            except RequestError as exc:
+                self.send_error(chat_id, "invalid_request", exc.message)
+                return
         if existing is not None:
-            existing.forget()
+            existing.forget()   # a finished chat's id may be used again
+        self._make_room()
         chat = Chat(self.registry, self.engine, chat_id, prompt, params,
                     "max_tokens" in message.params)
-        chats[chat_id] = chat
+        self.registry.by_token[chat.resume_token] = chat
         chat.attach(self)
         chat.task = asyncio.get_running_loop().create_task(chat.run())
 
     def _resume(self, message: ChatResume) -> None:
-        chat = self.registry.chats.get(message.id)
+        if message.token is not None:
+            chat = self.registry.by_token.get(message.token)
+            if chat is not None and chat.id != message.id:
+                chat = None
+        else:
+            chat = self.chats.get(message.id)
         if chat is None:
             self.send_error(message.id, "unknown_chat",
-                            f"no chat with id {message.id!r} (finished or expired?)")
+                            f"no chat with id {message.id!r} (finished or expired? from another "
+                            "connection, chat.resume needs the chat's resume token)")
+            return
+        if message.after_seq > chat.seq and not chat.finished:
+            self.send_error(chat.id, "invalid_message",
+                            f"after_seq {message.after_seq} is past the chat's last seq "
+                            f"{chat.seq}")
             return
         history = chat.history
         if history and history[0][0] > message.after_seq + 1:
@@ -548,9 +645,15 @@ class Connection:
                             f"deltas after seq {message.after_seq} are no longer kept "
                             f"(the oldest kept is {history[0][0]})")
             return
+        if chat.conn is not self:
+            if not chat.finished and self._refuse_more_chats(chat.id):
+                return
+            if not self._take_id_for(chat):
+                return
+            self._make_room()
         chat.replay(self, message.after_seq)
         if chat.error is not None and chat.finished:
-            self.send_error(chat.id, *chat.error)
+            self.enqueue(None, 0, _frame(chat.error))
             chat.forget()
 
 
@@ -573,18 +676,13 @@ async def _refuse(websocket: WebSocket, message: str) -> None:
         await websocket.close(code=1008)
 
 
-def _token_ok(token: str, api_key: str) -> bool:
-    return hmac.compare_digest(token.encode(), api_key.encode())
-
-
 async def _authenticate(websocket: WebSocket, settings: GatewaySettings) -> bool:
     api_key = settings.api_key
-    if api_key is None:
+    if not api_key:
         return True
-    header = websocket.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and _token_ok(token.strip(), api_key):
+    header_ok = check_authorization(websocket.scope["headers"], api_key)
+    if header_ok is not None:
+        if header_ok:
             return True
         await _refuse(websocket, "invalid API key")
         return False
@@ -599,30 +697,58 @@ async def _authenticate(websocket: WebSocket, settings: GatewaySettings) -> bool
     if data is None:
         data = message.get("bytes") or b""
     try:
-        auth = _decoder.decode(data) if len(data) <= settings.ws_max_message_bytes else None
+        auth = _decoder.decode(data) if len(data) <= settings.ws_max_message_bytes \
+            and not json_too_deep(data, settings.max_json_depth) else None
     except msgspec.MsgspecError:
         auth = None
     if not isinstance(auth, Auth):
         await _refuse(websocket, "authenticate first: Authorization: Bearer <key> in the "
                                  "handshake, or a first message {\"type\": \"auth\", ...}")
         return False
-    if not _token_ok(auth.token, api_key):
+    if not key_matches(auth.token, api_key):
         await _refuse(websocket, "invalid API key")
         return False
     return True
 
 
+async def _close(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_text(_error_frame(None, code, message))
+        await websocket.close(code=close_code)
+
+
+async def _receive_until_idle(websocket: WebSocket, conn: Connection,
+                              idle_timeout_s: float) -> dict[str, Any] | None:
+    """The next message; None once no chat has run and no message came for idle_timeout_s."""
+    while True:
+        try:
+            return await asyncio.wait_for(websocket.receive(), idle_timeout_s)
+        except TimeoutError:
+            if conn.running_chats() == 0:
+                return None
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     state = websocket.app.state
     registry: ChatRegistry = state.chats
+    gate: ShutdownGate = state.shutdown_gate
+    settings = registry.settings
     await websocket.accept()
-    if not await _authenticate(websocket, registry.settings):
+    if gate.draining:
+        await _close(websocket, "shutting_down", "the server is shutting down", 1001)
         return
-    conn = Connection(websocket, registry, state.engine)
+    if not await _authenticate(websocket, settings):
+        return
+    conn = Connection(websocket, registry, state.engine, gate)
     conn.start()
     try:
         while True:
-            message = await websocket.receive()
+            message = await _receive_until_idle(websocket, conn, settings.ws_idle_timeout_s)
+            if message is None:
+                conn.close()
+                await _close(websocket, "idle_timeout",
+                             f"no chat and no message for {settings.ws_idle_timeout_s} s", 1001)
+                break
             if message["type"] == "websocket.disconnect":
                 break
             data = message.get("text")

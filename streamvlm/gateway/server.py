@@ -1,0 +1,132 @@
+"""The gateway's uvicorn server: the connection guards uvicorn lacks, and a draining shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from types import FrameType
+from typing import Any
+
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.shutdown import ShutdownGate
+
+_OVER_CAPACITY_BODY = (b'{"error": {"message": "too many connections", "type": "overloaded", '
+                       b'"param": null, "code": 503}}')
+_OVER_CAPACITY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(_OVER_CAPACITY_BODY), _OVER_CAPACITY_BODY))
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with two guards.
+
+    A connection beyond ``max_connections`` gets a 503 and is closed at once: uvicorn's own
+    limit_concurrency answers 503 only to a request, leaving a silent connection its file
+    descriptor. And a request head must be complete within ``header_timeout_s`` of the
+    connection opening or of the previous response, else the connection is closed: uvicorn
+    times out only idle keep-alive connections, so a client that sends nothing, or a head
+    byte by byte (slowloris), could hold a connection forever.
+    """
+
+    def __init__(self, *args: Any, max_connections: int, header_timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.logger.warning("over max_connections (%d): connection refused",
+                                self.max_connections)
+            transport.write(_OVER_CAPACITY)
+            transport.close()
+            return
+        self._time_next_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._time_next_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        super().connection_lost(exc)
+
+    def _time_next_head(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = None
+        if not self.transport.is_closing():
+            self.header_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self.header_timer = None
+        # IDLE: h11 has not yet parsed a whole request head on this connection (cycle).
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn.Server that drains before it stops.
+
+    On SIGTERM/SIGINT (or ``should_exit``) new work is refused at once (HTTP 503, WebSocket
+    ``shutting_down``) while the listening socket stays open to say so; running HTTP requests
+    and WebSocket chats get ``shutdown_timeout_s`` to end; then uvicorn's own shutdown closes
+    every connection, cancels the requests left (aborting them in the engine) and the app's
+    lifespan cancels the chats left and stops the engine. A second signal, SIGTERM included,
+    skips the waiting.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, settings: GatewaySettings
+                 ) -> None:
+        super().__init__(config)
+        self.app = app
+        self.settings = settings
+
+    @property
+    def gate(self) -> ShutdownGate:
+        return self.app.state.shutdown_gate
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded for uvicorn to re-raise after the shutdown: the process exits normally.
+        if self.should_exit:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+            self.gate.draining = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gate.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout_s
+        while self._work_in_flight() and not self.force_exit and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        # What is left of the budget, and a moment for idle connections to close.
+        self.config.timeout_graceful_shutdown = max(0.5, deadline - loop.time())
+        await super().shutdown(sockets)
+
+    def _work_in_flight(self) -> bool:
+        chats = getattr(self.app.state, "chats", None)
+        return self.gate.http_requests > 0 or (chats is not None and chats.running() > 0)
+
+
+def server_config(app: Starlette, settings: GatewaySettings, *, host: str = "127.0.0.1",
+                  port: int = 0, log_level: str = "info", loop: str = "auto") -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, loop=loop, ws="websockets-sansio", lifespan="on",
+        http=functools.partial(GuardedH11Protocol, max_connections=settings.max_connections,
+                               header_timeout_s=settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        # Above our own limit, so that the endpoint answers an oversize message with an error
+        # event instead of uvicorn closing the socket.
+        ws_max_size=2 * settings.ws_max_message_bytes,
+        log_level=log_level)
