@@ -51,6 +51,7 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
     does not fit is refused, as the OpenAI API does.
     """
     try:
+        engine.processor.validate_params(params)
         prepared = await engine.prepare_prompt(prompt)
         prompt_ids = prepared.prompt_token_ids
         engine.processor.validate(prompt_ids, params)
