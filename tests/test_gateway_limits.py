@@ -310,6 +310,43 @@ def test_chats_per_connection_are_bounded(server):
     wait_engine_idle(server)
 
 
+
+def test_detached_chats_are_bounded_server_wide(llama_path):
+    """With max_detached_chats=1, a second dropped connection's chat pushes out the first's:
+    it is cancelled (its blocks freed) and cannot be resumed; the newer one still can."""
+    live = _server(llama_path, max_detached_chats=1)
+
+    async def drop_a_running_chat(name: str) -> str:
+        ws = await open_ws(live, None)
+        chats = Chats()
+        await send(ws, **create(name, PROMPT, max_tokens=200, ignore_eos=True))
+        await chats.until(ws, lambda c: c.deltas(name))
+        ws.transport.abort()
+        return chats.resume_token(name)
+
+    async def main():
+        first = await drop_a_running_chat("a")
+        await asyncio.sleep(0.1)
+        second = await drop_a_running_chat("b")
+        await asyncio.sleep(0.1)
+        async with await open_ws(live, None) as ws:
+            await send(ws, type="chat.resume", id="a", after_seq=0, token=first)
+            refused = await recv(ws)
+            await send(ws, type="chat.resume", id="b", after_seq=0, token=second)
+            resumed = await recv(ws)
+            await send(ws, type="chat.cancel", id="b")
+        return refused, resumed
+
+    try:
+        with slow_worker(live, 0.01):
+            refused, resumed = run(main())
+        assert refused["type"] == "error" and refused["code"] == "unknown_chat"
+        assert resumed["type"] == "chat.delta" and resumed["id"] == "b"
+        wait_engine_idle(live)
+    finally:
+        live.stop()
+
+
 # ---- authentication -----------------------------------------------------------------------
 
 def test_authorization_parsing():

@@ -16,6 +16,9 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     # to this many bytes) for chat.resume; past either, it is cancelled and forgotten.
     resume_window_s: float = 60.0
     resume_buffer_bytes: int = 4 * 2**20
+    # Detached chats kept server-wide (the oldest is cancelled and forgotten beyond it): with
+    # resume_buffer_bytes this bounds the memory held for clients that went away.
+    max_detached_chats: int = 256
     max_chats_per_connection: int = 16        # running at once on one WebSocket
     max_kept_chats_per_connection: int = 64   # running or finished, kept for chat.resume
     ws_idle_timeout_s: float = 300.0          # no chat running and no message: closed
@@ -34,6 +37,7 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
         if self.max_kept_chats_per_connection < self.max_chats_per_connection:
             raise ValueError("max_kept_chats_per_connection must be at least "
                              "max_chats_per_connection")
-        if min(self.max_chats_per_connection, self.max_connections, self.max_json_depth) < 1:
-            raise ValueError("max_chats_per_connection, max_connections and max_json_depth "
-                             "must be positive")
+        if min(self.max_chats_per_connection, self.max_connections, self.max_json_depth,
+               self.max_detached_chats) < 1:
+            raise ValueError("max_chats_per_connection, max_connections, max_json_depth and "
+                             "max_detached_chats must be positive")

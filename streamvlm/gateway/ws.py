@@ -191,12 +191,20 @@ class ChatRegistry:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.by_token: dict[str, Chat] = {}
+        # Chats without a connection (awaiting chat.resume), oldest first: server-wide at most
+        # max_detached_chats, so reconnecting clients cannot pile up kept output without bound.
+        self.detached: dict[str, Chat] = {}
 
     def __len__(self) -> int:
         return len(self.by_token)
 
     def running(self) -> int:
         return sum(not chat.finished for chat in self.by_token.values())
+
+    def keep_detached(self, chat: Chat) -> None:
+        self.detached[chat.resume_token] = chat
+        while len(self.detached) > self.settings.max_detached_chats:
+            next(iter(self.detached.values())).end_retention()
 
     async def close(self) -> None:
         """Cancel every chat (aborting its engine request) and forget it."""
@@ -254,6 +262,7 @@ class Chat:
             del old.chats[self.id]
         self.conn = conn
         conn.chats[self.id] = self
+        self.registry.detached.pop(self.resume_token, None)
         self.gen += 1
         self.inflight = 0
         self.space.set()
@@ -271,9 +280,10 @@ class Chat:
         self.space.set()
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(
-                self.registry.settings.resume_window_s, self._expire)
+                self.registry.settings.resume_window_s, self.end_retention)
+        self.registry.keep_detached(self)
 
-    def _expire(self) -> None:
+    def end_retention(self) -> None:
         """The resume window passed (detached) or the retention of a finished chat ended."""
         self.timer = None
         if self.conn is not None and not self.finished:
@@ -286,6 +296,7 @@ class Chat:
         chats = self.registry.by_token
         if chats.get(self.resume_token) is self:
             del chats[self.resume_token]
+        self.registry.detached.pop(self.resume_token, None)
         if self.conn is not None:
             if self.conn.chats.get(self.id) is self:
                 del self.conn.chats[self.id]
@@ -414,7 +425,7 @@ class Chat:
             if self.timer is None and self.registry.by_token.get(self.resume_token) is self:
                 with contextlib.suppress(RuntimeError):
                     self.timer = asyncio.get_running_loop().call_later(
-                        self.registry.settings.resume_window_s, self._expire)
+                        self.registry.settings.resume_window_s, self.end_retention)
 
     async def cancel(self) -> None:
         if self.finished or self.cancel_requested:
