@@ -64,6 +64,44 @@ def group_sockets(ctx: zmq.asyncio.Context) -> tuple[zmq.asyncio.Socket, zmq.asy
     return inbox, outbox
 
 
+IPC_DIR_PREFIX = "streamvlm-"
+
+
+def make_ipc_dir() -> str:
+    """A fresh folder for one group's ipc sockets, named after this process: see
+    remove_stale_ipc_dirs."""
+    return tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_ipc_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the socket folders of engine cores that are gone (a killed core cannot clean up);
+    returns them. The owner is the pid in the name; a folder whose owner lives, or may live
+    (another user's), is kept."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        # "streamvlm-PID-RANDOM"; mkdtemp's RANDOM has no "-".
+        owner, dash, _ = name.removeprefix(IPC_DIR_PREFIX).partition("-")
+        if (not name.startswith(IPC_DIR_PREFIX) or not dash or not owner.isdigit()
+                or _pid_alive(int(owner))):
+            continue
+        path = os.path.join(tmp, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,7 +148,8 @@ class WorkerGroupClient:
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
             return f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
-        self._ipc_dir = tempfile.mkdtemp(prefix="streamvlm-")
+        remove_stale_ipc_dirs()
+        self._ipc_dir = make_ipc_dir()
         addresses = (f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out")
         self.inbox.bind(addresses[0])
         self.outbox.bind(addresses[1])

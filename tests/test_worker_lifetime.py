@@ -1,0 +1,121 @@
+"""Worker processes never outlive their engine core, whatever they are doing when it dies, and
+a worker whose step loop stops making progress is reported and routed around."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from streamvlm import AsyncEngine, EngineConfig, SamplingParams
+from streamvlm.errors import EngineUnresponsiveError
+from tests.conftest import build_checkpoint
+from tests.helpers import run
+
+REPO = Path(__file__).resolve().parents[1]
+GONE_WITHIN_S = 30.0
+LONG_CONTEXT = 65536
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has) (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not running(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory) -> Path:
+    """Room for a generation that keeps a CPU worker busy for minutes."""
+    return build_checkpoint(tmp_path_factory.mktemp("long") / "llama", "llama",
+                            max_position_embeddings=LONG_CONTEXT)
+
+
+CORE = textwrap.dedent("""
+    import asyncio, sys
+    from streamvlm import AsyncEngine, EngineConfig, SamplingParams
+    from streamvlm.engine.loop import new_event_loop
+
+    async def main(busy):
+        config = EngineConfig(model=sys.argv[1], worker_backend="process", device="cpu",
+                              num_kv_blocks=4200, max_num_batched_tokens=64)
+        async with AsyncEngine(config) as engine:
+            print(engine.groups[0].pid, flush=True)
+            if busy:
+                params = SamplingParams(max_tokens=65000, ignore_eos=True)
+                asyncio.ensure_future(engine.generate({"prompt_token_ids": [5, 6, 7]}, params))
+                while (await engine.stats()).num_running < 1:
+                    await asyncio.sleep(0.05)
+                print("busy", flush=True)
+            await asyncio.sleep(3600)
+
+    if __name__ == "__main__":
+        new_event_loop().run_until_complete(main(sys.argv[2] == "busy"))
+""")
+
+
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_a_worker_exits_when_its_core_is_killed(long_llama, state):
+    core = subprocess.Popen([sys.executable, "-c", CORE, str(long_llama), state], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker_pid = None
+    try:
+        line = core.stdout.readline().strip()
+        assert line.isdigit(), core.stderr.read() if core.poll() is not None else line
+        worker_pid = int(line)
+        if state == "busy":
+            assert core.stdout.readline().strip() == "busy"
+        assert running(worker_pid)
+        core.kill()
+        core.wait(30)
+        assert wait_gone(worker_pid, GONE_WITHIN_S), f"worker {worker_pid} outlived its core"
+    finally:
+        if core.poll() is None:
+            core.kill()
+        # Before reading the core's pipes to the end: a worker left behind holds them open.
+        if worker_pid is not None and running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+        core.communicate(timeout=30)
+
+
+def test_socket_folders_of_dead_cores_are_removed_at_start(loop, llama_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = tempfile.gettempdir()
+    # Owners: a process that has exited, this live one, and no pid at all.
+    stale = tempfile.mkdtemp(prefix=f"streamvlm-{dead.pid}-")
+    Path(stale, "out").touch()
+    live = tempfile.mkdtemp(prefix=f"streamvlm-{os.getpid()}-")
+    unnamed = tempfile.mkdtemp(prefix="streamvlm-", dir=tmp)
+    try:
+        async def start() -> None:
+            async with AsyncEngine(EngineConfig(model=str(llama_path), max_model_len=256,
+                                                worker_backend="thread")):
+                pass
+
+        run(loop, start())
+        assert not os.path.exists(stale)
+        assert os.path.isdir(live) and os.path.isdir(unnamed)
+    finally:
+        for path in (stale, live, unnamed):
+            if os.path.isdir(path):
+                os.rmdir(path)
