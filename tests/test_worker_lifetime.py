@@ -119,3 +119,61 @@ def test_socket_folders_of_dead_cores_are_removed_at_start(loop, llama_path):
         for path in (stale, live, unnamed):
             if os.path.isdir(path):
                 os.rmdir(path)
+
+
+def test_a_stopped_worker_is_unhealthy_and_routed_around_until_it_resumes(loop, llama_path):
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    config = EngineConfig(model=str(llama_path), max_model_len=256, device="cpu", num_replicas=2,
+                          worker_step_timeout_s=3.0)
+
+    async def wait_for(engine: AsyncEngine, condition, within: float = 30.0):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            health = await engine.health()
+            if condition(health):
+                return health
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"health never changed as expected: {health}")
+
+    async def generate(engine: AsyncEngine, n: int) -> list[int]:
+        outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": [5 + i, 6, 7]}, greedy)
+                                      for i in range(n)))
+        return [len(o.token_ids) for o in outs]
+
+    async def scenario(engine: AsyncEngine, stopped: list[int]) -> None:
+        first, second = (g.pid for g in engine.groups)
+        assert await generate(engine, 4) == [8] * 4
+        os.kill(first, signal.SIGSTOP)
+        stopped.append(first)
+        health = await wait_for(engine, lambda h: not h.groups[0].responsive)
+        assert not health.healthy and health.groups[0].alive and health.groups[1].responsive
+        assert "no progress for" in health.groups[0].error
+        routed = engine.groups[0].load.num_routed
+        assert await generate(engine, 4) == [8] * 4
+        assert engine.groups[0].load.num_routed == routed   # all went to the other group
+
+        os.kill(second, signal.SIGSTOP)
+        stopped.append(second)
+        await wait_for(engine, lambda h: not any(g.responsive for g in h.groups))
+        started = time.monotonic()
+        with pytest.raises(EngineUnresponsiveError, match="worker_step_timeout_s"):
+            await engine.generate({"prompt_token_ids": [5, 6, 7]}, greedy)
+        assert time.monotonic() - started < 5
+
+        for pid in (first, second):
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        health = await wait_for(engine, lambda h: h.healthy)
+        assert all(g.alive and g.responsive and g.error is None for g in health.groups)
+        assert await generate(engine, 4) == [8] * 4
+
+    async def main() -> None:
+        stopped: list[int] = []
+        async with AsyncEngine(config) as engine:
+            try:
+                await scenario(engine, stopped)
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+
+    run(loop, main(), timeout=240)

@@ -116,6 +116,15 @@ class RemoteWorkerGroup:
                     raise EngineDeadError(f"{self.name} never connected its input") from None
                 await asyncio.sleep(0.01)
 
+    @property
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    @property
+    def responsive(self) -> bool:
+        """As a local group's; silence past remote_worker_timeout_s makes the group dead anyway."""
+        return self.silent_for <= self.config.worker_step_timeout_s
+
     def failure(self) -> str | None:
         """Why the group counts as dead from here; None while it is heard from in time."""
         if self.connection_lost:

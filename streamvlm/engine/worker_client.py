@@ -127,7 +127,7 @@ class WorkerGroupClient:
         self.stats = StepStats()
         self.load = GroupLoad()
         self.dead_reason: str | None = None
-        self.last_heard = 0.0   # of the latest message; only remote groups judge liveness by it
+        self.last_heard = 0.0   # time.monotonic() of the latest message (see responsive)
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
@@ -141,6 +141,17 @@ class WorkerGroupClient:
     def alive(self) -> bool:
         return (self.dead_reason is None and self.process is not None
                 and all(p.is_alive() for p in self.processes))
+
+    @property
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    @property
+    def responsive(self) -> bool:
+        """Heard from within worker_step_timeout_s. The step loop itself sends a heartbeat when
+        it has sent nothing else for a second, so longer silence means it is stuck: stopped,
+        or hung in a step or a collective. The process is left alone: it may come back."""
+        return self.silent_for <= self.config.worker_step_timeout_s
 
     def _bind(self) -> tuple[str, str]:
         self.inbox, self.outbox = group_sockets(self._ctx)
@@ -199,6 +210,7 @@ class WorkerGroupClient:
         message = await receive_ready(self.outbox, self.decoder, f"worker {self.group_id}",
                                       time.monotonic() + STARTUP_TIMEOUT_S, failure, self.kill)
         self.ready = message
+        self.last_heard = time.monotonic()
         self.stats = StepStats(num_free_blocks=message.num_kv_blocks, num_total_blocks=message.num_kv_blocks)
         return message
 
