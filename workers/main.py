@@ -157,6 +157,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         with _heartbeats_meanwhile(sock if remote else None):
             worker = _build_worker(config, tp, device_index)
         if publisher is not None:
+            if tp.plan_address.endswith(ANY_PORT):
+                _share_plan_port(publisher)
             _handshake_followers(publisher)
             plan_encoder = msgspec.msgpack.Encoder()
             worker.runner.publish_plan = lambda plan: publisher.send(plan_encoder.encode(plan))
@@ -258,6 +260,24 @@ def _report_failure(outbox: _CoreOutbox, failure: WorkerFailed) -> None:
 
 
 _HELLO = b"hello"
+ANY_PORT = ":*"
+
+
+def _share_plan_port(publisher: zmq.Socket) -> None:
+    """Rank 0: the port the OS gave the plan publisher, to every rank (see _plan_address)."""
+    from workers.distributed import broadcast_int
+
+    endpoint = publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    broadcast_int(int(endpoint.rpartition(":")[2]))
+
+
+def _plan_address(address: str) -> str:
+    """The other ranks: where rank 0 publishes, its port taken from rank 0 where not given."""
+    from workers.distributed import broadcast_int
+
+    if not address.endswith(ANY_PORT):
+        return address
+    return f"{address.removesuffix(ANY_PORT)}:{broadcast_int(0)}"
 
 
 def _handshake_followers(publisher: zmq.Socket) -> None:
@@ -291,10 +311,11 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
     ctx = zmq.Context()
     plans = ctx.socket(zmq.SUB)
     plans.setsockopt(zmq.SUBSCRIBE, b"")
-    plans.connect(tp.plan_address)
     decoder = msgspec.msgpack.Decoder(StepPlan | KVShardPlan | Shutdown)
     try:
         runner = _build_follower_runner(config, tp, device_index)
+        # Rank 0 says hello until every rank has heard it: connecting late loses nothing.
+        plans.connect(_plan_address(tp.plan_address))
         timeout_s = runner.config.remote_worker_timeout_s
         while plans.recv() != _HELLO:
             pass

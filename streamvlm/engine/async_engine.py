@@ -235,6 +235,13 @@ class AsyncEngine:
             group.send(ConnectKVPeers(addresses=inboxes, stores=stores))
 
     @property
+    def worker_listen_address(self) -> str | None:
+        """Where remote worker groups join, as bound: with port 0 in the config's
+        worker_listen_address, the port the OS picked. None until start() has bound it (start()
+        then waits for the workers to join)."""
+        return self._listener.bound_address if self._listener is not None else None
+
+    @property
     def _prefill_groups(self) -> list[WorkerGroup]:
         return [g for g in self.groups if g.role == "prefill"]
 

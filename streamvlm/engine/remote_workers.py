@@ -190,6 +190,7 @@ class WorkerListener:
     def __init__(self, address: str, ctx: zmq.asyncio.Context,
                  groups: list[RemoteWorkerGroup]) -> None:
         self.address = address
+        self.bound_address: str | None = None   # port 0 in address: the one the OS picked
         self.groups = groups
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -201,6 +202,7 @@ class WorkerListener:
             self._sock.close()
             raise ValueError(f"cannot listen at worker_listen_address {self.address!r}: "
                              f"{exc}") from exc
+        self.bound_address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def serve(self) -> None:
         """Answer joins for as long as the engine runs (late ones are refused, not left hanging)."""

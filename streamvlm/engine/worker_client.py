@@ -7,7 +7,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -102,12 +101,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WorkerGroupClient:
     host: str | None = None    # this host (remote groups name theirs)
 
@@ -159,12 +152,18 @@ class WorkerGroupClient:
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
             return f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
-        remove_stale_ipc_dirs()
-        self._ipc_dir = make_ipc_dir()
-        addresses = (f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out")
+        folder = self._group_dir()
+        addresses = (f"ipc://{folder}/in", f"ipc://{folder}/out")
         self.inbox.bind(addresses[0])
         self.outbox.bind(addresses[1])
         return addresses
+
+    def _group_dir(self) -> str:
+        """The group's folder for ipc sockets and rendezvous files, made on first use."""
+        if self._ipc_dir is None:
+            remove_stale_ipc_dirs()
+            self._ipc_dir = make_ipc_dir()
+        return self._ipc_dir
 
     async def start(self) -> WorkerReady:
         from workers.main import run_worker
@@ -188,11 +187,13 @@ class WorkerGroupClient:
                                          args=(*args, None, None, device_ids[0]), kwargs=kv)
         else:
             from workers.distributed import TPSetup
-            from workers.main import run_follower
+            from workers.main import ANY_PORT, run_follower
             spawn = multiprocessing.get_context("spawn")
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
-            plan_address = (f"ipc://{self._ipc_dir}/plan" if self._ipc_dir
-                            else f"tcp://127.0.0.1:{_free_port()}")
+            # Nothing to race other processes for: a rendezvous file in the group's folder, and
+            # (tcp) a plan port rank 0 picks and tells the other ranks.
+            init_method = f"file://{self._group_dir()}/rendezvous"
+            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.worker_transport == "ipc"
+                            else f"tcp://127.0.0.1{ANY_PORT}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
             self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
                                          args=(*args, None, setups[0], device_ids[0]), kwargs=kv)
@@ -218,7 +219,9 @@ class WorkerGroupClient:
         """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
         if self.role != "decode":
             return None
-        return f"ipc://{self._ipc_dir}/kv" if self._ipc_dir else "tcp://127.0.0.1:0"
+        if self.config.worker_transport == "ipc":
+            return f"ipc://{self._group_dir()}/kv"
+        return "tcp://127.0.0.1:0"
 
     def _set_local_worker(self, worker: Any) -> None:
         self.local_worker = worker
