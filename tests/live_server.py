@@ -1,4 +1,4 @@
-"""A real uvicorn server on a free loopback port, in a background thread, for gateway tests."""
+"""A real uvicorn server on a loopback port the OS picks, in a background thread, for gateway tests."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ import uvicorn
 from streamvlm.engine.loop import new_event_loop
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
     def __init__(self, app: Any) -> None:
-        self.port = free_port()
+        # Bound here and handed to uvicorn: no other process can take the port in between.
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
         self.app = app
@@ -34,7 +31,7 @@ class LiveServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
 
     def start(self, timeout: float = 120.0) -> LiveServer:
         self.thread.start()
@@ -52,3 +49,4 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        self.socket.close()
