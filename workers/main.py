@@ -59,10 +59,15 @@ class _CoreOutbox:
 
     def send(self, frame: bytes) -> None:
         start = time.monotonic()
-        while not self.sock.poll(self.check_every_ms, zmq.POLLOUT):
+        while True:
+            if self.sock.poll(self.check_every_ms, zmq.POLLOUT):
+                try:
+                    self.sock.send(frame, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    pass   # the core's end went away between the poll and the send
             if not self.core_present(time.monotonic() - start):
                 raise CoreGone
-        self.sock.send(frame, zmq.NOBLOCK)
         self.last_sent = time.monotonic()
 
     def beat_if_quiet(self) -> None:
