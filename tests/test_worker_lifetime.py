@@ -55,11 +55,12 @@ CORE = textwrap.dedent("""
     from streamvlm import AsyncEngine, EngineConfig, SamplingParams
     from streamvlm.engine.loop import new_event_loop
 
-    async def main(busy):
+    async def main(busy, tensor_parallel_size):
         config = EngineConfig(model=sys.argv[1], worker_backend="process", device="cpu",
-                              num_kv_blocks=4200, max_num_batched_tokens=64)
+                              num_kv_blocks=4200, max_num_batched_tokens=64,
+                              tensor_parallel_size=tensor_parallel_size)
         async with AsyncEngine(config) as engine:
-            print(engine.groups[0].pid, flush=True)
+            print(*(p.pid for p in engine.groups[0].processes), flush=True)
             if busy:
                 params = SamplingParams(max_tokens=65000, ignore_eos=True)
                 asyncio.ensure_future(engine.generate({"prompt_token_ids": [5, 6, 7]}, params))
@@ -69,31 +70,36 @@ CORE = textwrap.dedent("""
             await asyncio.sleep(3600)
 
     if __name__ == "__main__":
-        new_event_loop().run_until_complete(main(sys.argv[2] == "busy"))
+        new_event_loop().run_until_complete(main(sys.argv[2] == "busy", int(sys.argv[3])))
 """)
 
 
-@pytest.mark.parametrize("state", ["idle", "busy"])
-def test_a_worker_exits_when_its_core_is_killed(long_llama, state):
-    core = subprocess.Popen([sys.executable, "-c", CORE, str(long_llama), state], cwd=REPO,
+# Tensor-parallel ranks 1.. are the core's children too, and follow rank 0's steps.
+@pytest.mark.parametrize("state, tensor_parallel_size", [("idle", 1), ("busy", 1), ("busy", 2)])
+def test_workers_exit_when_their_core_is_killed(long_llama, state, tensor_parallel_size):
+    core = subprocess.Popen([sys.executable, "-c", CORE, str(long_llama), state,
+                             str(tensor_parallel_size)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    worker_pid = None
+    worker_pids: list[int] = []
     try:
-        line = core.stdout.readline().strip()
-        assert line.isdigit(), core.stderr.read() if core.poll() is not None else line
-        worker_pid = int(line)
+        line = core.stdout.readline().split()
+        assert line and all(p.isdigit() for p in line), core.stderr.read() if core.poll() else line
+        worker_pids = [int(p) for p in line]
+        assert len(worker_pids) == tensor_parallel_size
         if state == "busy":
             assert core.stdout.readline().strip() == "busy"
-        assert running(worker_pid)
+        assert all(running(pid) for pid in worker_pids)
         core.kill()
         core.wait(30)
-        assert wait_gone(worker_pid, GONE_WITHIN_S), f"worker {worker_pid} outlived its core"
+        for pid in worker_pids:
+            assert wait_gone(pid, GONE_WITHIN_S), f"worker {pid} outlived its core"
     finally:
         if core.poll() is None:
             core.kill()
         # Before reading the core's pipes to the end: a worker left behind holds them open.
-        if worker_pid is not None and running(worker_pid):
-            os.kill(worker_pid, signal.SIGKILL)
+        for pid in worker_pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
         core.communicate(timeout=30)
 
 
