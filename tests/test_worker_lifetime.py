@@ -83,7 +83,8 @@ def test_workers_exit_when_their_core_is_killed(long_llama, state, tensor_parall
     worker_pids: list[int] = []
     try:
         line = core.stdout.readline().split()
-        assert line and all(p.isdigit() for p in line), core.stderr.read() if core.poll() else line
+        assert line and all(p.isdigit() for p in line), (
+            core.stderr.read() if core.poll() is not None else line)
         worker_pids = [int(p) for p in line]
         assert len(worker_pids) == tensor_parallel_size
         if state == "busy":
