@@ -184,3 +184,11 @@ def test_a_stopped_worker_is_unhealthy_and_routed_around_until_it_resumes(loop, 
                     os.kill(pid, signal.SIGCONT)
 
     run(loop, main(), timeout=240)
+
+
+def test_the_timeouts_must_be_positive_and_above_the_heartbeat():
+    with pytest.raises(ValueError, match="worker_parent_timeout_s"):
+        EngineConfig(worker_parent_timeout_s=0)
+    with pytest.raises(ValueError, match="worker_step_timeout_s"):
+        EngineConfig(worker_step_timeout_s=1.0)   # the heartbeat interval: it would flap
+    assert EngineConfig(worker_step_timeout_s=1.5).worker_step_timeout_s == 1.5
