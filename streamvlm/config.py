@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from streamvlm.protocol import HEARTBEAT_INTERVAL_S
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
@@ -84,6 +86,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A remote group silent this long is dead; a remote worker that hears nothing from the
     # engine core this long exits. Both sides send heartbeats every second.
     remote_worker_timeout_s: float = 5.0
+    # A local worker process whose engine core is gone exits within this long, busy or idle (on
+    # Linux the kernel ends it at once); it also bounds how long a worker waits, between checks
+    # of its core, to queue output the core is not reading.
+    worker_parent_timeout_s: float = 2.0
+    # A worker group whose step loop has sent nothing (not even its heartbeat, every second)
+    # for this long is unresponsive: health() reports it and new requests go to other groups
+    # (or fail fast); it is healthy again once it speaks. Above the longest single step
+    # (a first compiled step, a long prefill chunk).
+    worker_step_timeout_s: float = 60.0
     # Disaggregated prefill/decode: one spec per worker group (a role name is short for a spec
     # of that role), e.g. [{"role": "prefill", "devices": [0]}, {"role": "decode", "devices":
     # [1]}]. Prefill groups compute prompts and first tokens and hand the KV blocks to decode
@@ -229,6 +240,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def _check_remote_workers(self) -> None:
         if self.remote_worker_groups < 0:
             raise ValueError(f"remote_worker_groups must be >= 0, got {self.remote_worker_groups}")
+        if self.worker_parent_timeout_s <= 0:
+            raise ValueError(f"worker_parent_timeout_s must be > 0, got {self.worker_parent_timeout_s}")
+        if self.worker_step_timeout_s <= HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"worker_step_timeout_s must be > {HEARTBEAT_INTERVAL_S:g} (the heartbeat "
+                             f"interval), got {self.worker_step_timeout_s}")
         if self.remote_worker_timeout_s <= 0:
             raise ValueError(
                 f"remote_worker_timeout_s must be > 0, got {self.remote_worker_timeout_s}")

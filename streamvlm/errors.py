@@ -10,3 +10,8 @@ class EngineOverloadedError(RuntimeError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class EngineUnresponsiveError(EngineDeadError):
+    """No worker group that could take the request is making progress (each has been silent for
+    ``worker_step_timeout_s``); they may recover. HTTP answers 503, as for a dead engine."""

@@ -48,3 +48,4 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        self.socket.close()

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,19 +25,24 @@ TIMEOUT_S = 2.0
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remote_config(model: Path, port: int) -> EngineConfig:
+def remote_config(model: Path) -> EngineConfig:
     # The local group runs in a thread: fast to start, and its own requests still finish
-    # when the remote one dies.
+    # when the remote one dies. Port 0: the OS picks the listen port (no race for a free one).
     return EngineConfig(model=str(model), max_model_len=256, num_replicas=1,
                         worker_backend="thread", remote_worker_groups=1,
-                        worker_listen_address=f"tcp://127.0.0.1:{port}",
+                        worker_listen_address="tcp://127.0.0.1:0",
                         remote_worker_timeout_s=TIMEOUT_S)
+
+
+async def start_listening(engine: AsyncEngine) -> asyncio.Future:
+    """Start the engine and return once it listens for remote workers; the returned future
+    completes when they have joined and the engine has started."""
+    starting = asyncio.ensure_future(engine.start())
+    while engine.worker_listen_address is None:
+        if starting.done():
+            starting.result()   # start-up failed before it listened: raise why
+        await asyncio.sleep(0.01)
+    return starting
 
 
 @contextmanager
@@ -53,9 +58,21 @@ def spawned(*args: str) -> Iterator[subprocess.Popen]:
         proc.communicate(timeout=30)
 
 
-def remote_worker(port: int) -> AbstractContextManager[subprocess.Popen]:
-    return spawned("-m", "streamvlm.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
-                   "--join-timeout", "60")
+def remote_worker(address: str) -> AbstractContextManager[subprocess.Popen]:
+    return spawned("-m", "streamvlm.cli", "worker", "--connect", address, "--join-timeout", "60")
+
+
+@asynccontextmanager
+async def joined(config: EngineConfig) -> AsyncIterator[tuple[AsyncEngine, subprocess.Popen]]:
+    """A started engine whose remote group is a `streamvlm worker` process, and that process."""
+    engine = AsyncEngine(config)
+    starting = await start_listening(engine)
+    with remote_worker(engine.worker_listen_address) as worker:
+        try:
+            await starting
+            yield engine, worker
+        finally:
+            await engine.shutdown()
 
 
 def wait_exit(proc: subprocess.Popen, within: float) -> float:
@@ -70,18 +87,18 @@ def test_a_remote_group_shares_the_work_with_the_same_outputs(loop, llama_path):
     with local_llm(llama_path, max_model_len=256) as llm:
         expected = [o.token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in requests], GREEDY, use_tqdm=False)]
-    port = free_port()
 
-    async def serve() -> tuple[list[list[int]], object]:
-        async with AsyncEngine(remote_config(llama_path, port)) as engine:
+    async def serve() -> tuple[list[list[int]], object, subprocess.Popen]:
+        async with joined(remote_config(llama_path)) as (engine, worker):
             outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
                                           for p in requests))
-            return [o.token_ids for o in outs], await engine.health()
+            health = await engine.health()
+            # A clean shutdown tells the remote worker to leave at once.
+            await engine.shutdown()
+            wait_exit(worker, within=5)
+        return [o.token_ids for o in outs], health, worker
 
-    with remote_worker(port) as worker:
-        got, health = run(loop, serve(), timeout=120)
-        # A clean shutdown tells the remote worker to leave at once.
-        wait_exit(worker, within=5)
+    got, health, worker = run(loop, serve(), timeout=120)
     assert got == expected
     assert health.healthy
     assert [g.group_id for g in health.groups] == [0, 1]
@@ -89,17 +106,16 @@ def test_a_remote_group_shares_the_work_with_the_same_outputs(loop, llama_path):
     assert health.groups[1].pid == worker.pid
     routed = [g.num_routed for g in health.groups]
     assert all(n > 0 for n in routed) and sum(routed) == 32, routed
-    assert worker.returncode == 0, worker.stderr.read()
+    assert worker.returncode == 0
 
 
 # SIGKILL drops the connection; SIGSTOP keeps it open but silent (only the timeout tells).
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 def test_a_dead_remote_worker_fails_only_its_own_requests(loop, llama_path, how):
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    port = free_port()
 
-    async def serve(worker: subprocess.Popen) -> None:
-        async with AsyncEngine(remote_config(llama_path, port)) as engine:
+    async def serve() -> None:
+        async with joined(remote_config(llama_path)) as (engine, worker):
             tasks = [asyncio.ensure_future(engine.generate({"prompt_token_ids": p}, long))
                      for p in prompts(8)]
             while sum(g.load.num_requests for g in engine.groups) < 8:
@@ -136,8 +152,7 @@ def test_a_dead_remote_worker_fails_only_its_own_requests(loop, llama_path, how)
             assert all(len(o.token_ids) == 12 for o in outs)
             assert engine.groups[1].load.num_routed == victims
 
-    with remote_worker(port) as worker:
-        run(loop, serve(worker), timeout=120)
+    run(loop, serve(), timeout=120)
 
 
 CORE = textwrap.dedent("""
@@ -147,9 +162,15 @@ CORE = textwrap.dedent("""
 
     async def main():
         config = EngineConfig(model=sys.argv[1], max_model_len=256, worker_backend="thread",
-                              remote_worker_groups=1, worker_listen_address=sys.argv[2],
-                              remote_worker_timeout_s=float(sys.argv[3]))
-        async with AsyncEngine(config):
+                              remote_worker_groups=1, worker_listen_address="tcp://127.0.0.1:0",
+                              remote_worker_timeout_s=float(sys.argv[2]))
+        engine = AsyncEngine(config)
+        starting = asyncio.ensure_future(engine.start())
+        while engine.worker_listen_address is None:
+            await asyncio.sleep(0.01)
+        print(engine.worker_listen_address, flush=True)
+        async with engine:
+            await starting
             print("ready", flush=True)
             await asyncio.sleep(3600)
 
@@ -158,17 +179,17 @@ CORE = textwrap.dedent("""
 
 
 def test_a_remote_worker_leaves_when_its_core_dies(llama_path):
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    with remote_worker(port) as worker, \
-            spawned("-c", CORE, str(llama_path), address, str(TIMEOUT_S)) as core:
-        assert core.stdout.readline().strip() == "ready", core.stderr.read()
-        assert worker.poll() is None
-        core.kill()
-        core.wait()
-        # Within its timeout of silence, give or take a poll and the socket linger.
-        assert wait_exit(worker, within=TIMEOUT_S + 3) >= TIMEOUT_S - 1.5
-        assert "nothing from the engine core" in worker.stderr.read()
+    with spawned("-c", CORE, str(llama_path), str(TIMEOUT_S)) as core:
+        address = core.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), core.stderr.read()
+        with remote_worker(address) as worker:
+            assert core.stdout.readline().strip() == "ready", core.stderr.read()
+            assert worker.poll() is None
+            core.kill()
+            core.wait()
+            # Within its timeout of silence, give or take a poll and the socket linger.
+            assert wait_exit(worker, within=TIMEOUT_S + 3) >= TIMEOUT_S - 1.5
+            assert "nothing from the engine core" in worker.stderr.read()
 
 
 def test_late_workers_are_refused_and_bad_configs_name_the_field(loop, llama_path):
@@ -185,16 +206,14 @@ def test_late_workers_are_refused_and_bad_configs_name_the_field(loop, llama_pat
                      tensor_parallel_size=2)
 
     from workers.remote import join_engine
-    port = free_port()
 
     async def serve() -> None:
-        async with AsyncEngine(remote_config(llama_path, port)):
+        async with joined(remote_config(llama_path)) as (engine, _):
             # A second worker for the one remote group is turned away, not left waiting.
             with pytest.raises(RuntimeError, match="have joined"):
-                await asyncio.to_thread(join_engine, f"tcp://127.0.0.1:{port}", 10)
+                await asyncio.to_thread(join_engine, engine.worker_listen_address, 10)
 
-    with remote_worker(port):
-        run(loop, serve(), timeout=120)
+    run(loop, serve(), timeout=120)
 
 
 def test_the_worker_command_refuses_bad_arguments():
@@ -202,8 +221,11 @@ def test_the_worker_command_refuses_bad_arguments():
 
     assert main(["worker", "--connect", "localhost:7000"]) == 2
     assert main(["worker", "--connect", "tcp://127.0.0.1:1", "--devices", "0,1"]) == 2
-    assert main(["worker", "--connect", f"tcp://127.0.0.1:{free_port()}",
-                 "--join-timeout", "0.2"]) == 1
+    with socket.socket() as bound:
+        # Bound and never listening: nobody answers at this port while the command runs.
+        bound.bind(("127.0.0.1", 0))
+        silent = f"tcp://127.0.0.1:{bound.getsockname()[1]}"
+        assert main(["worker", "--connect", silent, "--join-timeout", "0.2"]) == 1
 
 
 def test_a_tensor_parallel_group_across_hosts(loop, checkpoints):
@@ -214,35 +236,48 @@ def test_a_tensor_parallel_group_across_hosts(loop, checkpoints):
     with local_llm(path, max_model_len=256) as llm:
         expected = [o.token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in requests], GREEDY, use_tqdm=False)]
-    port, rendezvous = free_port(), free_port()
-    while rendezvous + 1 == port:
-        rendezvous = free_port()
-    init = f"tcp://127.0.0.1:{rendezvous}"
 
-    async def serve(follower: subprocess.Popen) -> tuple:
-        async with AsyncEngine(remote_config(path, port)) as engine:
-            outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
-                                          for p in requests))
-            routed = [g.num_routed for g in (await engine.health()).groups]
-            follower.kill()
-            long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
-            results = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, long)
-                                             for p in prompts(8)), return_exceptions=True)
-            health = await engine.health()
-            return [o.token_ids for o in outs], routed, results, health
+    async def serve() -> tuple:
+        engine = AsyncEngine(remote_config(path))
+        starting = await start_listening(engine)
+        # Rendezvous port 0: rank 0 picks one and says which; rank 1 joins it there.
+        with spawned("-m", "streamvlm.cli", "worker", "--connect", engine.worker_listen_address,
+                     "--tensor-parallel-size", "2", "--dist-init-method", "tcp://127.0.0.1:0",
+                     "--join-timeout", "60") as rank0:
+            init = await asyncio.wait_for(asyncio.to_thread(announced_rendezvous, rank0), 120)
+            with spawned("-m", "streamvlm.cli", "worker", "--follow", init, "--rank", "1",
+                         "--tensor-parallel-size", "2", "--device", "cpu") as follower:
+                try:
+                    await starting
+                    outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
+                                                  for p in requests))
+                    routed = [g.num_routed for g in (await engine.health()).groups]
+                    follower.kill()
+                    long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+                    results = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, long)
+                                                     for p in prompts(8)), return_exceptions=True)
+                    health = await engine.health()
+                finally:
+                    await engine.shutdown()
+            wait_exit(rank0, within=30)
+        return [o.token_ids for o in outs], routed, results, health
 
-    with spawned("-m", "streamvlm.cli", "worker", "--follow", init, "--rank", "1",
-                 "--tensor-parallel-size", "2", "--device", "cpu") as follower, \
-            spawned("-m", "streamvlm.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
-                    "--tensor-parallel-size", "2", "--dist-init-method", init,
-                    "--join-timeout", "60") as rank0:
-        got, routed, results, health = run(loop, serve(follower), timeout=180)
-        wait_exit(rank0, within=30)
+    got, routed, results, health = run(loop, serve(), timeout=180)
     assert got == expected
     assert all(n > 0 for n in routed), routed
     failed = [r for r in results if isinstance(r, BaseException)]
     assert failed and all(isinstance(r, EngineDeadError) for r in failed), results
     assert not health.groups[1].alive and health.groups[0].alive
+
+
+def announced_rendezvous(rank0: subprocess.Popen) -> str:
+    """The rendezvous address rank 0 prints when it picks the port."""
+    seen = []
+    for line in rank0.stderr:
+        seen.append(line)
+        if "tensor-parallel rendezvous at " in line:
+            return line.split(" at ", 1)[1].strip()
+    raise AssertionError("rank 0 never announced its rendezvous:\n" + "".join(seen))
 
 
 def test_worker_follow_needs_a_rank():

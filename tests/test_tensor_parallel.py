@@ -33,6 +33,12 @@ def test_tensor_parallel_gives_the_same_greedy_tokens(checkpoints, arch, size):
     assert greedy(checkpoints[arch], tensor_parallel_size=size) == greedy(checkpoints[arch])
 
 
+def test_tensor_parallel_over_tcp(checkpoints):
+    # Rank 0 binds its plan publisher on a port the OS picks and tells the other ranks.
+    path = checkpoints["llama"]
+    assert greedy(path, tensor_parallel_size=2, worker_transport="tcp") == greedy(path)
+
+
 def test_a_killed_rank_ends_the_group(loop, llama_path):
     long = SamplingParams(temperature=0, max_tokens=220, ignore_eos=True)
 

@@ -3,10 +3,12 @@ the parallel layers use (torch.distributed: NCCL on CUDA, gloo on CPU)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass
@@ -15,8 +17,12 @@ class TPSetup:
 
     rank: int
     size: int
-    init_method: str        # tcp://host:port for torch.distributed's rendezvous
-    plan_address: str       # rank 0 publishes each step's plan here (ZeroMQ PUB)
+    # torch.distributed's rendezvous: file://PATH, or tcp://HOST:PORT (port 0 on rank 0: one the
+    # OS picks, announced on stderr for the other ranks to join).
+    init_method: str
+    # Rank 0 publishes each step's plan here (ZeroMQ PUB). A tcp address ending in ":*": rank 0
+    # binds a port the OS picks and tells the other ranks over torch.distributed once they joined.
+    plan_address: str
     # Ranks on other hosts: rank 0 hands its EngineConfig to the others over torch.distributed.
     share_config: bool = False
 
@@ -36,8 +42,19 @@ def tp_size() -> int:
 def init_tensor_parallel(setup: TPSetup, device: torch.device) -> None:
     global _rank, _size, _device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=setup.init_method, rank=setup.rank,
-                            world_size=setup.size)
+    if setup.init_method.startswith("tcp://"):
+        # The store by hand (on every rank alike), so that rank 0 can bind port 0: a port
+        # nobody else can take between being picked and being bound.
+        host, _, port = setup.init_method.removeprefix("tcp://").rpartition(":")
+        store = dist.TCPStore(host, int(port), setup.size, is_master=setup.rank == 0,
+                              timeout=default_pg_timeout, wait_for_workers=False)
+        if setup.rank == 0 and port == "0":
+            print(f"streamvlm worker: tensor-parallel rendezvous at tcp://{host}:{store.port}",
+                  file=sys.stderr, flush=True)
+        dist.init_process_group(backend, store=store, rank=setup.rank, world_size=setup.size)
+    else:
+        dist.init_process_group(backend, init_method=setup.init_method, rank=setup.rank,
+                                world_size=setup.size)
     _rank, _size, _device = setup.rank, setup.size, device
 
 

@@ -26,31 +26,67 @@ from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, K
                                 StepPlan, WorkerFailed, WorkerReady)
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
+from workers.parent import ParentWatch
 
 IDLE_POLL_MS = 200
 # A remote follower's model before rank 0's config arrives: "take rank 0's".
 RANK0_MODEL = "@rank0"
 
 
-class _CoreLink:
-    """A remote worker's view of the engine core: a Heartbeat out whenever the worker has been
-    quiet for about HEARTBEAT_INTERVAL_S, and whether the core was heard from in the timeout."""
+# Step outputs queued for the engine core before a send waits: a core that stops reading (or is
+# gone) must not make the worker buffer without bound.
+OUTPUT_HWM = 64
 
-    def __init__(self, inbox: zmq.Socket, outbox: zmq.Socket, timeout_s: float) -> None:
+
+class CoreGone(Exception):
+    """The engine core is gone (or no longer takes messages): the worker leaves."""
+
+
+class _CoreOutbox:
+    """The worker's messages to the engine core (its PUSH socket). A send waits for room in the
+    bounded queue only while ``core_present(seconds waited)`` says the core may still take it,
+    and raises CoreGone otherwise. A Heartbeat goes out whenever nothing else did for about
+    HEARTBEAT_INTERVAL_S: it comes from the step loop, so the core reads silence as a loop that
+    is stuck (a local group) or gone (a remote one)."""
+
+    def __init__(self, sock: zmq.Socket, core_present: Callable[[float], bool],
+                 check_every_s: float) -> None:
+        self.sock = sock
+        self.core_present = core_present
+        self.check_every_ms = max(1, int(check_every_s * 1000))
+        self.heartbeat = msgspec.msgpack.encode(Heartbeat())
+        self.last_sent = time.monotonic()
+
+    def send(self, frame: bytes) -> None:
+        start = time.monotonic()
+        while True:
+            if self.sock.poll(self.check_every_ms, zmq.POLLOUT):
+                try:
+                    self.sock.send(frame, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    pass   # the core's end went away between the poll and the send
+            if not self.core_present(time.monotonic() - start):
+                raise CoreGone
+        self.last_sent = time.monotonic()
+
+    def beat_if_quiet(self) -> None:
+        # The loop comes by at least every IDLE_POLL_MS: send that much early to stay within.
+        if time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S - IDLE_POLL_MS / 1000:
+            self.send(self.heartbeat)
+
+
+class _CoreLink:
+    """A remote worker's view of the engine core: whether it was heard from in the timeout."""
+
+    def __init__(self, inbox: zmq.Socket, timeout_s: float) -> None:
         self.inbox = inbox
-        self.outbox = outbox
         self.timeout_s = timeout_s
-        self.frame = msgspec.msgpack.encode(Heartbeat())
-        self.last_sent = self.last_heard = time.monotonic()
+        self.last_heard = time.monotonic()
 
     def core_alive(self) -> bool:
-        now = time.monotonic()
-        # The loop comes by at least every IDLE_POLL_MS: send that much early to stay within.
-        if now - self.last_sent >= HEARTBEAT_INTERVAL_S - IDLE_POLL_MS / 1000:
-            self.outbox.send(self.frame)
-            self.last_sent = now
         # After a step longer than the timeout, the core's heartbeats may be waiting unread.
-        return now - self.last_heard < self.timeout_s or bool(self.inbox.poll(0))
+        return time.monotonic() - self.last_heard < self.timeout_s or bool(self.inbox.poll(0))
 
 
 @contextmanager
@@ -90,6 +126,11 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     inbox at ``kv_address`` (prefill groups send prompts' KV blocks there); "prefill" gets the
     sockets to send them."""
     remote = parent_pid is None
+    in_own_process = not remote and os.getpid() != parent_pid   # not the thread backend
+    # First of all: from here the kernel ends this process with its parent.
+    parent = ParentWatch(parent_pid) if in_own_process else None
+    if parent is not None and not parent.parent_alive():
+        return
     if threading.current_thread() is threading.main_thread() and not remote:
         # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -98,13 +139,19 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     inbox = ctx.socket(zmq.PULL)
     inbox.setsockopt(zmq.RCVHWM, 0)   # requests queue here while a step runs; none is dropped
     inbox.connect(input_address)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.LINGER, 1000)
-    outbox.setsockopt(zmq.SNDHWM, 0)
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
+    sock.connect(output_address)
     if remote:
         # A send the core has not taken within the timeout means the core is gone.
-        outbox.setsockopt(zmq.SNDTIMEO, int(config.remote_worker_timeout_s * 1000))
-    outbox.connect(output_address)
+        outbox = _CoreOutbox(sock, lambda waited: waited < config.remote_worker_timeout_s,
+                             min(config.remote_worker_timeout_s, IDLE_POLL_MS / 1000))
+    elif parent is not None:
+        outbox = _CoreOutbox(sock, lambda waited: parent.parent_alive(),
+                             config.worker_parent_timeout_s)
+    else:   # the thread backend: the core is this process
+        outbox = _CoreOutbox(sock, lambda waited: True, config.worker_parent_timeout_s)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(CoreToWorker)
     publisher = None
@@ -112,17 +159,19 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         if tp is not None:
             publisher = ctx.socket(zmq.PUB)
             publisher.bind(tp.plan_address)
-        with _heartbeats_meanwhile(outbox if remote else None):
+        with _heartbeats_meanwhile(sock if remote else None):
             worker = _build_worker(config, tp, device_index)
         if publisher is not None:
+            if tp.plan_address.endswith(ANY_PORT):
+                _share_plan_port(publisher)
             _handshake_followers(publisher)
             plan_encoder = msgspec.msgpack.Encoder()
             worker.runner.publish_plan = lambda plan: publisher.send(plan_encoder.encode(plan))
     except BaseException as exc:  # noqa: BLE001 - reported to the core, then exit
-        outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
-                                                message=str(exc) or traceback.format_exc())))
+        _report_failure(outbox, WorkerFailed(error_type=type(exc).__name__,
+                                             message=str(exc) or traceback.format_exc()))
         inbox.close(linger=0)
-        outbox.close()
+        sock.close()
         ctx.destroy(linger=0)
         return
     kv_inbox = KVInbox(ctx, kv_address or "tcp://127.0.0.1:0") if kv_role == "decode" else None
@@ -139,22 +188,26 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         poller.register(kv_inbox.socket, zmq.POLLIN)
     if on_ready is not None:
         on_ready(worker)
-    outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
-                                           device=str(worker.runner.device),
-                                           kv_address=kv_inbox.address if kv_inbox else None,
-                                           kv_store_address=kv_store_address)))
     # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
     profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
     profiler = cProfile.Profile() if profile_prefix else None
-    if profiler is not None:
-        profiler.enable()
-    link = _CoreLink(inbox, outbox, config.remote_worker_timeout_s) if remote else None
+    link = _CoreLink(inbox, config.remote_worker_timeout_s) if remote else None
     try:
+        outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
+                                               device=str(worker.runner.device),
+                                               kv_address=kv_inbox.address if kv_inbox else None,
+                                               kv_store_address=kv_store_address)))
+        if profiler is not None:
+            profiler.enable()
         while True:
+            # Every step, not only when idle: a busy worker must not outlive its core either.
+            if parent is not None and not parent.parent_alive():
+                return
             if link is not None and not link.core_alive():
                 print("streamvlm worker: nothing from the engine core for "
                       f"{link.timeout_s:g} s; exiting", file=sys.stderr)
                 return
+            outbox.beat_if_quiet()
             timeout = 0 if worker.has_work() else IDLE_POLL_MS
             ready = dict(poller.poll(timeout))
             if kv_inbox is not None and kv_inbox.socket in ready:
@@ -175,8 +228,6 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                     if not isinstance(message, Heartbeat):
                         worker.handle(message)
             elif not worker.has_work():
-                if not remote and os.getpid() != parent_pid and os.getppid() != parent_pid:
-                    return  # orphaned: the engine core is gone (a worker process only)
                 if remote and publisher is not None:
                     publisher.send(_HELLO)   # ranks on other hosts hear rank 0 is alive
                 continue
@@ -184,21 +235,19 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                 out = worker.step()
                 if out.deltas or out.kv_events or out.stats.num_scheduled_tokens:
                     outbox.send(encoder.encode(out))
-                    if link is not None:
-                        link.last_sent = time.monotonic()
-    except zmq.Again:
-        # Only a remote worker's sends time out: the core has stopped taking its messages.
-        print("streamvlm worker: the engine core takes no messages; exiting", file=sys.stderr)
+    except CoreGone:
+        if remote:
+            print("streamvlm worker: the engine core takes no messages; exiting", file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001
-        outbox.send(encoder.encode(WorkerFailed(error_type=type(exc).__name__,
-                                                message=traceback.format_exc())))
+        _report_failure(outbox, WorkerFailed(error_type=type(exc).__name__,
+                                             message=traceback.format_exc()))
         raise
     finally:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
         inbox.close(linger=0)
-        outbox.close()
+        sock.close()
         if kv_inbox is not None:
             kv_inbox.close()
         if worker.kv_outbox is not None:
@@ -208,7 +257,32 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         ctx.term()
 
 
+def _report_failure(outbox: _CoreOutbox, failure: WorkerFailed) -> None:
+    try:
+        outbox.send(msgspec.msgpack.encode(failure))
+    except CoreGone:
+        pass   # nobody left to tell
+
+
 _HELLO = b"hello"
+ANY_PORT = ":*"
+
+
+def _share_plan_port(publisher: zmq.Socket) -> None:
+    """Rank 0: the port the OS gave the plan publisher, to every rank (see _plan_address)."""
+    from workers.distributed import broadcast_int
+
+    endpoint = publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    broadcast_int(int(endpoint.rpartition(":")[2]))
+
+
+def _plan_address(address: str) -> str:
+    """The other ranks: where rank 0 publishes, its port taken from rank 0 where not given."""
+    from workers.distributed import broadcast_int
+
+    if not address.endswith(ANY_PORT):
+        return address
+    return f"{address.removesuffix(ANY_PORT)}:{broadcast_int(0)}"
 
 
 def _handshake_followers(publisher: zmq.Socket) -> None:
@@ -231,6 +305,9 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
     ``parent_pid`` None: a rank on another host; it leaves when rank 0 has published nothing
     (rank 0 says hello when idle) for remote_worker_timeout_s."""
     remote = parent_pid is None
+    parent = None if remote else ParentWatch(parent_pid)
+    if parent is not None and not parent.parent_alive():
+        return
     if not remote:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch.distributed as dist
@@ -239,22 +316,23 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
     ctx = zmq.Context()
     plans = ctx.socket(zmq.SUB)
     plans.setsockopt(zmq.SUBSCRIBE, b"")
-    plans.connect(tp.plan_address)
     decoder = msgspec.msgpack.Decoder(StepPlan | KVShardPlan | Shutdown)
     try:
         runner = _build_follower_runner(config, tp, device_index)
+        # Rank 0 says hello until every rank has heard it: connecting late loses nothing.
+        plans.connect(_plan_address(tp.plan_address))
         timeout_s = runner.config.remote_worker_timeout_s
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
         last_heard = time.monotonic()
         while True:
+            if parent is not None and not parent.parent_alive():
+                return
             if not plans.poll(IDLE_POLL_MS):
                 if remote and time.monotonic() - last_heard > timeout_s:
                     print(f"streamvlm worker: nothing from rank 0 for {timeout_s:g} s; exiting",
                           file=sys.stderr)
-                    return
-                if not remote and os.getppid() != parent_pid:
                     return
                 continue
             last_heard = time.monotonic()

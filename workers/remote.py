@@ -2,7 +2,7 @@
 then run the usual worker loop on the sockets it hands out. A tensor-parallel group spans hosts
 too: rank 0 joins the core, the other ranks (``streamvlm worker --follow``) join rank 0 through
 torch.distributed's TCP rendezvous, take rank 0's config from it, and hear its step plans on
-the next port up (ZeroMQ PUB/SUB)."""
+a port rank 0 picks and tells them over torch.distributed (ZeroMQ PUB/SUB)."""
 
 from __future__ import annotations
 
@@ -38,21 +38,14 @@ def join_engine(connect: str, timeout_s: float) -> JoinAccepted:
     return reply
 
 
-def plan_addresses(dist_init_method: str) -> tuple[str, str]:
-    """Where rank 0 binds its plan publisher, and where the other ranks reach it: the port after
-    the rendezvous port, on rank 0's host."""
-    host, port = tcp_host_port(dist_init_method, "--dist-init-method")
-    return f"tcp://*:{port + 1}", f"tcp://{host}:{port + 1}"
-
-
 def run_remote_worker(connect: str, model: str | None = None, devices: list[int] | None = None,
                       join_timeout_s: float = 600.0, tensor_parallel_size: int = 1,
                       dist_init_method: str | None = None) -> None:
     """Join, then serve the group until the core says Shutdown or falls silent. With
     tensor_parallel_size > 1 this process is rank 0 and waits for the other ranks at
-    dist_init_method (tcp://THIS_HOST:PORT)."""
+    dist_init_method (tcp://THIS_HOST:PORT; port 0: one the OS picks, printed on stderr)."""
     from workers.distributed import TPSetup
-    from workers.main import run_worker
+    from workers.main import ANY_PORT, run_worker
 
     host, _ = tcp_host_port(connect, "--connect")
     if tensor_parallel_size < 1:
@@ -64,8 +57,8 @@ def run_remote_worker(connect: str, model: str | None = None, devices: list[int]
         raise ValueError(f"--devices: each worker process runs on one device, got {devices}")
     tp = None
     if tensor_parallel_size > 1:
-        bind, _ = plan_addresses(dist_init_method)
-        tp = TPSetup(0, tensor_parallel_size, dist_init_method, bind, share_config=True)
+        tcp_host_port(dist_init_method, "--dist-init-method")
+        tp = TPSetup(0, tensor_parallel_size, dist_init_method, f"tcp://*{ANY_PORT}", share_config=True)
     accepted = join_engine(connect, join_timeout_s)
     config = msgspec.msgpack.decode(accepted.config, type=EngineConfig)
     # The checkpoint may live elsewhere on this host; the core's device list is for its own
@@ -87,14 +80,15 @@ def run_remote_follower(dist_init_method: str, rank: int, tensor_parallel_size: 
     ``device`` must match rank 0's (it picks the collective backend before rank 0's config
     arrives); ``model`` is the checkpoint path on this host."""
     from workers.distributed import TPSetup
-    from workers.main import RANK0_MODEL, run_follower
+    from workers.main import ANY_PORT, RANK0_MODEL, run_follower
 
     if not 1 <= rank < tensor_parallel_size:
         raise ValueError(f"--rank must be in [1, {tensor_parallel_size}), got {rank}")
     if devices is not None and len(devices) != 1:
         raise ValueError(f"--devices: each worker process runs on one device, got {devices}")
-    _, connect = plan_addresses(dist_init_method)
-    tp = TPSetup(rank, tensor_parallel_size, dist_init_method, connect, share_config=True)
+    host, _ = tcp_host_port(dist_init_method, "--follow")
+    tp = TPSetup(rank, tensor_parallel_size, dist_init_method, f"tcp://{host}{ANY_PORT}",
+                 share_config=True)
     # Only the device and the model path are this host's; the rest comes from rank 0.
     placeholder = EngineConfig(model=model or RANK0_MODEL, device=device)  # type: ignore[arg-type]
     print(f"streamvlm worker: rank {rank} of {tensor_parallel_size}, joining {dist_init_method}",

@@ -26,7 +26,7 @@ from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
 from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.worker_client import WorkerGroupClient
-from streamvlm.errors import EngineDeadError, EngineOverloadedError
+from streamvlm.errors import EngineDeadError, EngineOverloadedError, EngineUnresponsiveError
 from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, Prompt
 from streamvlm.metrics import EngineMetrics
 from streamvlm.model_source import resolve_model
@@ -64,6 +64,8 @@ class GroupHealth(msgspec.Struct, kw_only=True):
     role: str = "mixed"
     pid: int | None
     alive: bool
+    # Heard from within worker_step_timeout_s; an alive group that is not gets no new requests.
+    responsive: bool = True
     host: str | None = None    # a remote group's host (its pid is one there)
     error: str | None = None
     num_requests: int = 0      # in flight now
@@ -236,6 +238,13 @@ class AsyncEngine:
             group.send(ConnectKVPeers(addresses=inboxes, stores=stores))
 
     @property
+    def worker_listen_address(self) -> str | None:
+        """Where remote worker groups join, as bound: with port 0 in the config's
+        worker_listen_address, the port the OS picked. None until start() has bound it (start()
+        then waits for the workers to join)."""
+        return self._listener.bound_address if self._listener is not None else None
+
+    @property
     def _prefill_groups(self) -> list[WorkerGroup]:
         return [g for g in self.groups if g.role == "prefill"]
 
@@ -322,11 +331,19 @@ class AsyncEngine:
         )
 
     async def health(self) -> HealthReport:
-        groups = [GroupHealth(group_id=g.group_id, role=g.role, pid=g.pid, alive=g.alive, host=g.host,
-                              error=g.dead_reason, num_requests=g.load.num_requests,
-                              num_routed=g.load.num_routed) for g in self.groups]
-        healthy = self._started and self._dead is None and all(g.alive for g in groups)
+        groups = [self._group_health(g) for g in self.groups]
+        healthy = self._started and self._dead is None and all(g.alive and g.responsive for g in groups)
         return HealthReport(healthy=healthy, groups=groups)
+
+    def _group_health(self, group: WorkerGroup) -> GroupHealth:
+        responsive = not group.alive or group.responsive
+        error = group.dead_reason
+        if not responsive:
+            error = (f"no progress for {group.silent_for:.0f} s "
+                     f"(worker_step_timeout_s={self.config.worker_step_timeout_s:g})")
+        return GroupHealth(group_id=group.group_id, role=group.role, pid=group.pid, alive=group.alive,
+                           responsive=responsive, host=group.host, error=error,
+                           num_requests=group.load.num_requests, num_routed=group.load.num_routed)
 
     async def tokenize(self, prompt: EnginePrompt) -> list[int]:
         """Prompt to token ids (image placeholders expanded), off the event loop where
@@ -429,6 +446,11 @@ class AsyncEngine:
         live = [g for g in self.groups if g.alive and g.role == role]
         if not live:
             raise self._dead or EngineDeadError(f"no live {role} worker group")
+        live = [g for g in live if g.responsive]
+        if not live:
+            raise EngineUnresponsiveError(
+                f"no {role} worker group is making progress: each has sent nothing for more than "
+                f"worker_step_timeout_s={self.config.worker_step_timeout_s:g} s")
         if len(live) == 1:
             return live[0]
         hashes = prompt_block_hashes(prompt_token_ids, self.config.block_size)

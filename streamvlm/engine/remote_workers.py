@@ -116,6 +116,15 @@ class RemoteWorkerGroup:
                     raise EngineDeadError(f"{self.name} never connected its input") from None
                 await asyncio.sleep(0.01)
 
+    @property
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    @property
+    def responsive(self) -> bool:
+        """As a local group's; silence past remote_worker_timeout_s makes the group dead anyway."""
+        return self.silent_for <= self.config.worker_step_timeout_s
+
     def failure(self) -> str | None:
         """Why the group counts as dead from here; None while it is heard from in time."""
         if self.connection_lost:
@@ -181,6 +190,7 @@ class WorkerListener:
     def __init__(self, address: str, ctx: zmq.asyncio.Context,
                  groups: list[RemoteWorkerGroup]) -> None:
         self.address = address
+        self.bound_address: str | None = None   # port 0 in address: the one the OS picked
         self.groups = groups
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -192,6 +202,7 @@ class WorkerListener:
             self._sock.close()
             raise ValueError(f"cannot listen at worker_listen_address {self.address!r}: "
                              f"{exc}") from exc
+        self.bound_address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def serve(self) -> None:
         """Answer joins for as long as the engine runs (late ones are refused, not left hanging)."""

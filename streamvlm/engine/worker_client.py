@@ -7,7 +7,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -64,10 +63,42 @@ def group_sockets(ctx: zmq.asyncio.Context) -> tuple[zmq.asyncio.Socket, zmq.asy
     return inbox, outbox
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+IPC_DIR_PREFIX = "streamvlm-"
+
+
+def make_ipc_dir() -> str:
+    """A fresh folder for one group's ipc sockets, named after this process: see
+    remove_stale_ipc_dirs."""
+    return tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_ipc_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the socket folders of engine cores that are gone (a killed core cannot clean up);
+    returns them. The owner is the pid in the name; a folder whose owner lives, or may live
+    (another user's), is kept."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        # "streamvlm-PID-RANDOM"; mkdtemp's RANDOM has no "-".
+        owner, dash, _ = name.removeprefix(IPC_DIR_PREFIX).partition("-")
+        if (not name.startswith(IPC_DIR_PREFIX) or not dash or not owner.isdigit()
+                or _pid_alive(int(owner))):
+            continue
+        path = os.path.join(tmp, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process
+    return True
 
 
 class WorkerGroupClient:
@@ -89,7 +120,7 @@ class WorkerGroupClient:
         self.stats = StepStats()
         self.load = GroupLoad()
         self.dead_reason: str | None = None
-        self.last_heard = 0.0   # of the latest message; only remote groups judge liveness by it
+        self.last_heard = 0.0   # time.monotonic() of the latest message (see responsive)
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
@@ -104,17 +135,35 @@ class WorkerGroupClient:
         return (self.dead_reason is None and self.process is not None
                 and all(p.is_alive() for p in self.processes))
 
+    @property
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    @property
+    def responsive(self) -> bool:
+        """Heard from within worker_step_timeout_s. The step loop itself sends a heartbeat when
+        it has sent nothing else for a second, so longer silence means it is stuck: stopped,
+        or hung in a step or a collective. The process is left alone: it may come back."""
+        return self.silent_for <= self.config.worker_step_timeout_s
+
     def _bind(self) -> tuple[str, str]:
         self.inbox, self.outbox = group_sockets(self._ctx)
         if self.config.worker_transport == "tcp":
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
             return f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
-        self._ipc_dir = tempfile.mkdtemp(prefix="streamvlm-")
-        addresses = (f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out")
+        folder = self._group_dir()
+        addresses = (f"ipc://{folder}/in", f"ipc://{folder}/out")
         self.inbox.bind(addresses[0])
         self.outbox.bind(addresses[1])
         return addresses
+
+    def _group_dir(self) -> str:
+        """The group's folder for ipc sockets and rendezvous files, made on first use."""
+        if self._ipc_dir is None:
+            remove_stale_ipc_dirs()
+            self._ipc_dir = make_ipc_dir()
+        return self._ipc_dir
 
     async def start(self) -> WorkerReady:
         from workers.main import run_worker
@@ -138,11 +187,13 @@ class WorkerGroupClient:
                                          args=(*args, None, None, device_ids[0]), kwargs=kv)
         else:
             from workers.distributed import TPSetup
-            from workers.main import run_follower
+            from workers.main import ANY_PORT, run_follower
             spawn = multiprocessing.get_context("spawn")
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
-            plan_address = (f"ipc://{self._ipc_dir}/plan" if self._ipc_dir
-                            else f"tcp://127.0.0.1:{_free_port()}")
+            # Nothing to race other processes for: a rendezvous file in the group's folder, and
+            # (tcp) a plan port rank 0 picks and tells the other ranks.
+            init_method = f"file://{self._group_dir()}/rendezvous"
+            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.worker_transport == "ipc"
+                            else f"tcp://127.0.0.1{ANY_PORT}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
             self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
                                          args=(*args, None, setups[0], device_ids[0]), kwargs=kv)
@@ -160,6 +211,7 @@ class WorkerGroupClient:
         message = await receive_ready(self.outbox, self.decoder, f"worker {self.group_id}",
                                       time.monotonic() + STARTUP_TIMEOUT_S, failure, self.kill)
         self.ready = message
+        self.last_heard = time.monotonic()
         self.stats = StepStats(num_free_blocks=message.num_kv_blocks, num_total_blocks=message.num_kv_blocks)
         return message
 
@@ -167,7 +219,9 @@ class WorkerGroupClient:
         """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
         if self.role != "decode":
             return None
-        return f"ipc://{self._ipc_dir}/kv" if self._ipc_dir else "tcp://127.0.0.1:0"
+        if self.config.worker_transport == "ipc":
+            return f"ipc://{self._group_dir()}/kv"
+        return "tcp://127.0.0.1:0"
 
     def _set_local_worker(self, worker: Any) -> None:
         self.local_worker = worker
