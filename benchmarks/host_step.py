@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
 
     import streamvlm  # noqa: F401  (the package first: workers import its protocol)
-    from streamvlm.sampling import SamplingParams
+    from streamvlm.contract.sampling import SamplingParams
     from workers.cuda_graphs import fill_staging
     from workers.kv_cache import BlockPool
     from workers.model_runner import build_step_plan

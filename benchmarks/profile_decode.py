@@ -49,9 +49,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from streamvlm.config import EngineConfig
-    from streamvlm.model_source import resolve_model
-    from streamvlm.protocol import StepPlan
+    from streamvlm.contract.config import EngineConfig
+    from streamvlm.contract.model_source import resolve_model
+    from workers.rank_messages import StepPlan
     from workers.model_runner import ModelRunner
 
     bs = 16

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 
 SAMPLING_FLAGS: dict[str, type] = {
     "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamvlm.protocol import FinishReason, TokenLogprobs
+from streamvlm.contract.protocol import FinishReason, TokenLogprobs
 
 
 @dataclass

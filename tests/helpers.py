@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from streamvlm import LLM
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.inputs.processor import resolve_max_model_len
-from streamvlm.model_source import resolve_model
+from streamvlm.contract.model_source import resolve_model
 
 
 def run(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 60.0) -> Any:

@@ -9,7 +9,7 @@ import torch
 
 from workers.layers.attention import AttentionMetadata, TorchAttentionBackend
 from workers.loader import load_model
-from streamvlm.model_source import resolve_model
+from streamvlm.contract.model_source import resolve_model
 
 
 def load_ours(path: str | Path, max_model_len: int = 512) -> torch.nn.Module:

@@ -23,7 +23,7 @@ import pytest
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.errors import EngineDeadError
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 from tests.conftest import VOCAB
 from tests.helpers import run, child_pids, local_llm, pid_exists
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from streamvlm.config import EngineConfig
-from streamvlm.protocol import AddRequest, StepOutput
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.protocol import AddRequest, StepOutput
+from streamvlm.contract.sampling import SamplingParams
 from tests.helpers import local_llm, make_worker
 from workers.sequence import PLACEHOLDER_TOKEN
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from streamvlm import SamplingParams
-from streamvlm.protocol import AddRequest, StepOutput
+from streamvlm.contract.protocol import AddRequest, StepOutput
 from tests.helpers import make_worker
 from workers.kv_transfer import KVHeader, unpack_shards
 

@@ -19,7 +19,7 @@ if _spec is None or not _spec.submodule_search_locations:
 
 from tests.helpers import local_llm, wait_idle
 from streamvlm.engine.llm import LLM  # noqa: E402
-from streamvlm.sampling import SamplingParams  # noqa: E402
+from streamvlm.contract.sampling import SamplingParams  # noqa: E402
 from workers.gguf_loader import read_gguf  # noqa: E402
 
 GGUF_DIR = _spec.submodule_search_locations[0]

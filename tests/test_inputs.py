@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.inputs import images as images_module
 from streamvlm.inputs.chat import ChatEncoder
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.inputs.processor import InputProcessor
-from streamvlm.model_source import resolve_model
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.model_source import resolve_model
+from streamvlm.contract.sampling import SamplingParams
 from tests.checkpoints_qwen2_5_vl import IMAGE_PLACEHOLDER, build_qwen2_5_vl_checkpoint
 
 MAX_MODEL_LEN = 512

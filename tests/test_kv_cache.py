@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 from workers.kv_cache import BlockPool, hash_block
 from workers.sequence import Sequence
 

@@ -20,8 +20,8 @@ from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
 from streamvlm.metrics import CONTENT_TYPE, ITL_BUCKETS, render_metrics
 from streamvlm.engine.router import GroupLoad
-from streamvlm.protocol import RequestDelta, StepOutput, StepStats
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.protocol import RequestDelta, StepOutput, StepStats
+from streamvlm.contract.sampling import SamplingParams
 
 BLOCK_SIZE = 16
 ENGINE_KW = dict(device="cpu", max_model_len=256, block_size=BLOCK_SIZE, worker_backend="thread")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import local_llm, wait_idle, worker_of
 from streamvlm.engine.llm import LLM
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 from tests.conftest import ARCHS, VOCAB, hf_model
 from workers.scheduler import ScheduledChunk
 from workers.sequence import Sequence

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from streamvlm.engine.request_state import RequestState
-from streamvlm.protocol import RequestDelta, TokenLogprobs
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.protocol import RequestDelta, TokenLogprobs
+from streamvlm.contract.sampling import SamplingParams
 
 EOS = 26
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import local_llm, wait_idle
 from streamvlm.engine.llm import LLM
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 from tests.conftest import hf_model
 from workers.sampler import Sampler
 from workers.sequence import Sequence

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import make_worker
-from streamvlm.protocol import AddRequest
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.protocol import AddRequest
+from streamvlm.contract.sampling import SamplingParams
 from workers.kv_cache import BlockPool
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import Sequence, SequenceStatus

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 from workers.cuda_graphs import fill_staging
 from workers.model_runner import build_step_plan
 from workers.scheduler import ScheduledChunk

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from streamvlm import SamplingParams
-from streamvlm.protocol import AddRequest
+from streamvlm.contract.protocol import AddRequest
 from tests.helpers import local_llm, worker_of
 from workers.scheduler import ScheduledChunk
 from workers.sequence import Sequence

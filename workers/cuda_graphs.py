@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamvlm.protocol import StepPlan
+from workers.rank_messages import StepPlan
 from workers.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from streamvlm.model_source import ModelSource
+from streamvlm.contract.model_source import ModelSource
 from workers.distributed import tp_size
 from workers.models.registry import model_class
 

@@ -21,9 +21,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from streamvlm.config import EngineConfig
-from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, KVShardPlan, Shutdown,
-                                StepPlan, WorkerFailed, WorkerReady)
+from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, Shutdown, WorkerFailed,
+                                         WorkerReady)
+from workers.rank_messages import KVShardPlan, StepPlan
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
 from workers.parent import ParentWatch
@@ -359,7 +360,7 @@ def _prepare_process(config: EngineConfig, tp: TPSetup | None,
     import torch
 
     from streamvlm.inputs.processor import resolve_max_model_len
-    from streamvlm.model_source import resolve_model
+    from streamvlm.contract.model_source import resolve_model
 
     if device_index is not None and config.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(device_index)

@@ -10,9 +10,9 @@ import random
 import numpy as np
 import torch
 
-from streamvlm.config import EngineConfig
-from streamvlm.model_source import ModelSource
-from streamvlm.protocol import KVShardPlan, StepPlan
+from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.model_source import ModelSource
+from workers.rank_messages import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
 from workers.distributed import (broadcast_int, broadcast_tensor, gather_to_rank0, scatter_from_rank0,
                                  tp_size)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamvlm.protocol import MultiModalItem, TensorData
+from streamvlm.contract.protocol import MultiModalItem, TensorData
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64, "uint8": torch.uint8, "int64": torch.int64}

@@ -13,8 +13,8 @@ import sys
 import msgspec
 import zmq
 
-from streamvlm.config import EngineConfig, tcp_host_port
-from streamvlm.protocol import JoinAccepted, JoinRefused, JoinReply, JoinRequest
+from streamvlm.contract.config import EngineConfig, tcp_host_port
+from streamvlm.contract.protocol import JoinAccepted, JoinRefused, JoinReply, JoinRequest
 
 
 def join_engine(connect: str, timeout_s: float) -> JoinAccepted:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamvlm.protocol import TokenLogprobs
+from streamvlm.contract.protocol import TokenLogprobs
 from workers.sequence import Sequence
 
 _SEED_MIX = 0x9E3779B97F4A7C15

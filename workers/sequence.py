@@ -8,8 +8,8 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from streamvlm.protocol import TokenLogprobs
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.protocol import TokenLogprobs
+from streamvlm.contract.sampling import SamplingParams
 
 if TYPE_CHECKING:
     import torch

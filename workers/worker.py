@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from streamvlm.config import EngineConfig
-from streamvlm.model_source import ModelSource
+from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.model_source import ModelSource
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from streamvlm.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent,
+from streamvlm.contract.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent,
                                 ReleaseKV, RequestDelta, SendKV, StepOutput, StepStats)
 from workers.kv_cache import BlockPool
 from workers.kv_transfer import KVHeader, KVOutbox, KVPeerLinks, pack_shards, unpack_shards

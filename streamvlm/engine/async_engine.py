@@ -20,7 +20,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
@@ -29,11 +29,11 @@ from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.errors import EngineDeadError, EngineOverloadedError, EngineUnresponsiveError
 from streamvlm.inputs.processor import InputProcessor, Message, PreparedPrompt, Prompt
 from streamvlm.metrics import EngineMetrics
-from streamvlm.model_source import resolve_model
+from streamvlm.contract.model_source import resolve_model
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
+from streamvlm.contract.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, KVEvent, ReleaseKV,
                                 RequestDelta, SendKV, StepOutput, WorkerFailed)
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 
 EnginePrompt = Prompt | list[Message] | PreparedPrompt
 WorkerGroup = WorkerGroupClient | RemoteWorkerGroup

@@ -12,12 +12,12 @@ import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from streamvlm.config import DEFAULT_MODEL, EngineConfig
+from streamvlm.contract.config import DEFAULT_MODEL, EngineConfig
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.loop import new_event_loop
 from streamvlm.inputs.processor import Message, PreparedPrompt, Prompt
 from streamvlm.outputs import RequestOutput
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 
 T = TypeVar("T")
 _PROGRESS_BAR_MIN_PROMPTS = 16

@@ -11,11 +11,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from streamvlm.config import EngineConfig, tcp_host_port
+from streamvlm.contract.config import EngineConfig, tcp_host_port
 from streamvlm.engine.router import GroupLoad
 from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S, group_sockets, receive_ready
 from streamvlm.errors import EngineDeadError
-from streamvlm.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, JoinAccepted,
+from streamvlm.contract.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, JoinAccepted,
                                 JoinRefused, JoinReply, JoinRequest, Shutdown, StepStats,
                                 WorkerReady, WorkerToCore)
 

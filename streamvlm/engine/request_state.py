@@ -9,8 +9,8 @@ import msgspec
 
 from streamvlm.engine.detokenizer import IncrementalDetokenizer
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import RequestDelta, TokenLogprobs
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.protocol import RequestDelta, TokenLogprobs
+from streamvlm.contract.sampling import SamplingParams
 
 
 @dataclass(slots=True)

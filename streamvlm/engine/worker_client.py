@@ -18,10 +18,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from streamvlm.config import EngineConfig, GroupSpec
+from streamvlm.contract.config import EngineConfig, GroupSpec
 from streamvlm.engine.router import GroupLoad
 from streamvlm.errors import EngineDeadError
-from streamvlm.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
+from streamvlm.contract.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
                                 WorkerToCore)
 
 STARTUP_TIMEOUT_S = 600.0

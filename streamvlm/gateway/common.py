@@ -9,7 +9,7 @@ import msgspec
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.gateway.openai_schemas import MessageRole
 from streamvlm.inputs.processor import PreparedPrompt
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 
 
 class RequestError(Exception):

@@ -25,7 +25,7 @@ from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.openai_schemas import ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.outputs import RequestOutput
-from streamvlm.protocol import TokenLogprobs
+from streamvlm.contract.protocol import TokenLogprobs
 
 _json = msgspec.json.Encoder()
 _T = TypeVar("_T")

@@ -69,7 +69,7 @@ from streamvlm.gateway.common import RequestError, check_messages, prepare, samp
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.inputs.pixel_budget import PixelBudget
-from streamvlm.model_source import ModelSource
-from streamvlm.protocol import MultiModalItem, TensorData
+from streamvlm.contract.model_source import ModelSource
+from streamvlm.contract.protocol import MultiModalItem, TensorData
 
 if TYPE_CHECKING:
     from streamvlm.inputs.images import PendingImage

