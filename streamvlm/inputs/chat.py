@@ -9,11 +9,58 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 Message = dict[str, Any]
+
+
+# The first prefix tokenized for the early refusal: this many characters per token of context (text
+# averages fewer tokens than that per character); each next prefix is PREFIX_GROWTH times longer.
+PREFIX_CHARS_PER_TOKEN = 4
+PREFIX_GROWTH = 4
+# A prefix is cut just before a whitespace run found this close below the wanted length, if any.
+PREFIX_CUT_WINDOW = 1024
+
+
+def encode_bounded(encode: Callable[[str], list[int]], text: str, max_model_len: int | None,
+                   used: int = 0) -> list[int]:
+    """``encode(text)``, refused early when ``used`` tokens plus those of ``text`` surely do not fit
+    ``max_model_len``: growing prefixes of the text are tokenized first (geometric growth, so the work
+    stays within a small constant of one full tokenization), and one that already holds more tokens
+    than the context, less a margin, ends it without tokenizing the rest. Prefix tokenizations only
+    refuse: the ids returned are always those of the whole text."""
+    if max_model_len is None:
+        return encode(text)
+    size = PREFIX_CHARS_PER_TOKEN * max(max_model_len - used, 1)
+    while size < len(text):
+        prefix = text[:_prefix_cut(text, size)]
+        # The margin: a cut changes only the tokens near it. With a pre-tokenizer (byte-level BPE:
+        # GPT-2, Llama 3, Qwen) the prefix is split into the same pieces as the whole text except the
+        # last, and a piece is tokenized on its own; cutting just before whitespace leaves even that
+        # piece whole, but for a trailing punctuation run that takes the newlines after it: a few
+        # tokens. Tokenizers without a pre-tokenizer (SentencePiece) and text without whitespace
+        # near the cut (CJK, base64) are cut inside a piece, where BPE merges still reach only a few
+        # tokens back from the cut; a cut inside special-token text adds at most its length in
+        # tokens. 128 tokens plus 1/64 of the context is far above all of these, so that a prompt
+        # that fits is never refused, and costs little: the prefix must still hold the context.
+        margin = 128 + max_model_len // 64
+        at_least = used + len(encode(prefix)) - margin
+        if at_least > max_model_len:
+            raise ValueError(f"prompt has more than {at_least - 1} tokens; max_model_len="
+                             f"{max_model_len} leaves no room to generate")
+        size *= PREFIX_GROWTH
+    return encode(text)
+
+
+def _prefix_cut(text: str, size: int) -> int:
+    """Where to cut ``text`` near ``size`` characters: just before a whitespace run (so the prefix
+    ends with a whole word), or at ``size`` if there is none close below it."""
+    for i in range(size - 1, max(size - PREFIX_CUT_WINDOW, 0), -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return size
 
 
 def check_role(message: Message, index: int) -> None:
@@ -55,11 +102,14 @@ class ChatEncoder:
                               if specials else None)
         self._encode_plain = _plain_encoder(tokenizer)
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
+    def encode(self, messages: Sequence[Message], max_model_len: int | None = None) -> list[int]:
+        """Token ids of the conversation; with ``max_model_len``, a conversation that surely has more
+        tokens is refused without tokenizing all of it (see encode_bounded)."""
         text = self._render(messages)
         if self.allow_special_tokens_in_content or not self._content_has_special_text(messages):
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self._encode_protected(messages, text)
+            return encode_bounded(lambda t: self.tokenizer.encode(t, add_special_tokens=False), text,
+                                  max_model_len)
+        return self._encode_protected(messages, text, max_model_len)
 
     def _render(self, messages: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -69,7 +119,8 @@ class ChatEncoder:
             return False
         return any(self._special_text.search(text) for message in messages for text in message_texts(message))
 
-    def _encode_protected(self, messages: Sequence[Message], text: str) -> list[int]:
+    def _encode_protected(self, messages: Sequence[Message], text: str,
+                          max_model_len: int | None = None) -> list[int]:
         marker = f"\u2063streamvlm-{uuid.uuid4().hex}-"
         contents: list[str] = []
 
@@ -96,9 +147,9 @@ class ChatEncoder:
                 items.extend((self._special_ids[match.group()], ""))
                 start = match.end()
             items[-1] += piece[start:]
-        return self._encode_items(items)
+        return self._encode_items(items, max_model_len)
 
-    def _encode_items(self, items: list[str | int]) -> list[int]:
+    def _encode_items(self, items: list[str | int], max_model_len: int | None = None) -> list[int]:
         """items alternate text, special id, text, ...; the tokenizer's whitespace stripping is applied."""
         specials = {v: k for k, v in self._special_ids.items()}
         texts = items[0::2]
@@ -112,7 +163,8 @@ class ChatEncoder:
         for n, text in enumerate(texts):
             if n:
                 ids.append(items[2 * n - 1])
-            ids.extend(self._encode_plain(text))
+            # The texts are tokenized apart, so the ids before one count exactly toward the bound.
+            ids.extend(encode_bounded(self._encode_plain, text, max_model_len, used=len(ids)))
         return ids
 
 

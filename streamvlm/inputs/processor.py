@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamvlm.contract.config import EngineConfig
-from streamvlm.inputs.chat import ChatEncoder, check_role, message_texts
+from streamvlm.inputs.chat import ChatEncoder, check_role, encode_bounded, message_texts
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import MultiModalItem
@@ -109,7 +109,7 @@ class InputProcessor:
                 raise ValueError("prompt is empty")
             self._need_tokenizer()
             self._check_prompt_bytes([prompt], "prompt")
-            return self.tokenizer.encode(prompt), []
+            return encode_bounded(self.tokenizer.encode, prompt, self.max_model_len), []
         if not isinstance(prompt, dict):
             raise ValueError("a prompt is a string, a list of chat messages, {'prompt': str} or "
                              "{'prompt_token_ids': [...]}, optionally with 'images'")
@@ -142,7 +142,7 @@ class InputProcessor:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         self._check_prompt_bytes([t for m in messages for t in message_texts(m)], "message text")
-        return self.chat.encode(messages), refs
+        return self.chat.encode(messages, self.max_model_len), refs
 
     @staticmethod
     def _template_message(message: Message, index: int, refs: list[ImageRef]) -> Message:
