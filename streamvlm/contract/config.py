@@ -276,6 +276,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return cls.from_kwargs(**data)
 
 
+def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
+    model_limit = hf_config.get("max_position_embeddings")
+    if config.max_model_len is None:
+        if model_limit is None:
+            raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+        return int(model_limit)
+    if model_limit is not None and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_limit}")
+    return config.max_model_len
+
+
 def tcp_host_port(address: str, name: str) -> tuple[str, int]:
     """Host and port of a "tcp://HOST:PORT" address; ValueError naming the setting ``name``."""
     host, _, port = address.removeprefix("tcp://").rpartition(":")
