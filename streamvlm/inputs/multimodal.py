@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, ImageLimits
 from streamvlm.contract.families import architecture_of, family_of, image_token_id
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.contract.model_source import ModelSource
@@ -122,8 +122,6 @@ class MultiModalPreparer:
     """Loads, checks and preprocesses a prompt's images, and expands its placeholders."""
 
     def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
-        from streamvlm.inputs.images import ImageLimits
-
         self.limits = ImageLimits.from_config(config)
         self.max_model_len = max_model_len
         self.pixel_budget = PixelBudget(config.max_pending_image_pixels)
