@@ -9,11 +9,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S
+from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S, GroupRole
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+AttentionBackendName = Literal["auto", "torch", "triton", "flash_attn"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -60,9 +61,6 @@ class ImageLimits:
         return cls(**values)
 
 
-GroupRole = Literal["mixed", "prefill", "decode"]
-
-
 class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One worker group of ``EngineConfig.groups``: what it does and where it runs."""
 
@@ -97,7 +95,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Triton kernel for decode; Hopper or newer GPUs, bfloat16 / float16. "triton": our Triton
     # kernels throughout. "auto": flash_attn where it can run, else triton on CUDA (where triton
     # is importable), else torch (CPU).
-    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
+    attention_backend: AttentionBackendName = "auto"
     # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
     enforce_eager: bool = False
     # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).
