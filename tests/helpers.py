@@ -10,7 +10,7 @@ from typing import Any
 
 from streamvlm import LLM
 from streamvlm.contract.config import EngineConfig
-from streamvlm.inputs.processor import resolve_max_model_len
+from streamvlm.contract.config import resolve_max_model_len
 from streamvlm.contract.model_source import resolve_model
 
 

@@ -23,9 +23,9 @@ import httpx
 import pytest
 from PIL import Image, ImageFile
 
+from streamvlm.contract.config import ImageLimits
 from streamvlm.inputs import images
 from streamvlm.inputs.images import (
-    ImageLimits,
     LoadedImage,
     blocked_address_reason,
     check_image_count,

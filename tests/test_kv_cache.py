@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from streamvlm.contract.sampling import SamplingParams
-from workers.kv_cache import BlockPool, hash_block
+from streamvlm.contract.block_hash import hash_block
+from workers.kv_cache import BlockPool
 from workers.sequence import Sequence
 
 BS = 4

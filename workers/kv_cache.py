@@ -7,23 +7,10 @@ Freed blocks keep their hash and stay reusable until the pool needs them again (
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-from collections.abc import Sequence as Seq
 
-import msgspec
-
+from streamvlm.contract.block_hash import hash_block
 from workers.sequence import Sequence
-
-
-def hash_block(parent: bytes | None, token_ids: Seq[int], extra_keys: tuple = ()) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"")
-    h.update(array("q", token_ids).tobytes())
-    if extra_keys:
-        h.update(msgspec.msgpack.encode(extra_keys))
-    return h.digest()
 
 
 class BlockPool:

@@ -13,6 +13,7 @@ from torch import nn
 
 from streamvlm.contract.model_source import ModelSource
 from workers.distributed import tp_size
+from workers.gguf_loader import GGUFCheckpoint
 from workers.models.registry import model_class
 
 
@@ -70,7 +71,7 @@ def load_model(source: ModelSource, load_format: str, max_model_len: int,
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif source.kind == "gguf":
-        model.load_weights(source.gguf.tensors())
+        model.load_weights(GGUFCheckpoint(source.gguf).tensors())
     else:
         model.load_weights(iter_safetensors(source.path))
     return model.eval()

@@ -359,7 +359,7 @@ def _prepare_process(config: EngineConfig, tp: TPSetup | None,
     builds its model runner from."""
     import torch
 
-    from streamvlm.inputs.processor import resolve_max_model_len
+    from streamvlm.contract.config import resolve_max_model_len
     from streamvlm.contract.model_source import resolve_model
 
     if device_index is not None and config.device != "cpu" and torch.cuda.is_available():

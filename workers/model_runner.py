@@ -18,7 +18,7 @@ from workers.distributed import (broadcast_int, broadcast_tensor, gather_to_rank
                                  tp_size)
 from workers.layers.attention import AttentionMetadata, get_attention_backend
 from workers.loader import load_model
-from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
+from workers.multimodal import TORCH_DTYPES, EncoderCache, MultiModalEmbeds, MultiModalInput
 from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
 from workers.sequence import PLACEHOLDER_TOKEN, Sequence
@@ -32,9 +32,6 @@ class PendingStep:
     output: SamplerOutput | None          # already known (no forward pass)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dtype:
     if name != "auto":
-        return DTYPES[name]
+        return TORCH_DTYPES[name]
     if device.type == "cpu":
         return torch.float32
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype")

@@ -26,6 +26,7 @@ import torch
 
 from streamvlm.contract.protocol import MultiModalItem, TensorData
 
+# Wire dtype names (TensorData, KV frames, the config's dtype) -> torch dtypes; the one such table.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64, "uint8": torch.uint8, "int64": torch.int64}
 

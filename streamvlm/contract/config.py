@@ -3,19 +3,62 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S
+from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S, GroupRole
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+AttentionBackendName = Literal["auto", "torch", "triton", "flash_attn"]
 
 DEFAULT_MODEL = "smollm2-135m"
-GroupRole = Literal["mixed", "prefill", "decode"]
+
+
+def normalize_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The image-input limits, declared once: EngineConfig's fields of the same names take
+    their defaults from here, and from_config builds the limits from them."""
+
+    max_images_per_request: int = 8
+    # Longest side in pixels; larger images shrink to it, keeping the aspect ratio.
+    max_image_size: int = 4096
+    # width * height from the header; larger images are refused before their pixels are decoded.
+    max_image_pixels: int = 40_000_000
+    # Encoded size: raw bytes, decoded base64, file size, downloaded body.
+    max_image_bytes: int = 20 * 2**20
+    allow_remote_images: bool = False
+    # Hosts, IPs or networks (CIDR) that may be fetched even on loopback/private/link-local addresses.
+    allowed_image_hosts: tuple[str, ...] = ()
+    allow_local_image_paths: bool = False
+    # Bounds a whole remote fetch: resolving, connecting, redirects and the body.
+    image_fetch_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_images_per_request", "max_image_size", "max_image_pixels", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.image_fetch_timeout > 0:
+            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
+        hosts = tuple(normalize_host(str(host)) for host in self.allowed_image_hosts)
+        object.__setattr__(self, "allowed_image_hosts", hosts)
+
+    @classmethod
+    def from_config(cls, config: object) -> ImageLimits:
+        """Read the limits by attribute from an EngineConfig (or any object); missing ones keep defaults."""
+        defaults = cls()
+        values = {f.name: getattr(config, f.name, getattr(defaults, f.name)) for f in fields(cls)}
+        values["allowed_image_hosts"] = tuple(values["allowed_image_hosts"] or ())
+        return cls(**values)
 
 
 class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -52,7 +95,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Triton kernel for decode; Hopper or newer GPUs, bfloat16 / float16. "triton": our Triton
     # kernels throughout. "auto": flash_attn where it can run, else triton on CUDA (where triton
     # is importable), else torch (CPU).
-    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
+    attention_backend: AttentionBackendName = "auto"
     # CUDA graphs for decode steps, captured per batch-size bucket at start-up; True: eager only.
     enforce_eager: bool = False
     # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).
@@ -115,16 +158,16 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_pending_requests: int = 1024
     # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
     # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
-    max_images_per_request: int = 8
-    max_image_size: int = 4096
-    max_image_pixels: int = 40_000_000
-    max_image_bytes: int = 20 * 2**20
+    max_images_per_request: int = ImageLimits.max_images_per_request
+    max_image_size: int = ImageLimits.max_image_size
+    max_image_pixels: int = ImageLimits.max_image_pixels
+    max_image_bytes: int = ImageLimits.max_image_bytes
     # http(s) image URLs: off unless enabled; loopback, private and link-local addresses stay
     # refused unless their host is listed in allowed_image_hosts.
-    allow_remote_images: bool = False
+    allow_remote_images: bool = ImageLimits.allow_remote_images
     allowed_image_hosts: list[str] = []
-    allow_local_image_paths: bool = False
-    image_fetch_timeout: float = 10.0
+    allow_local_image_paths: bool = ImageLimits.allow_local_image_paths
+    image_fetch_timeout: float = ImageLimits.image_fetch_timeout
     # Encoder outputs kept by image hash (least recently used out), in placeholder tokens.
     encoder_cache_tokens: int = 32768
     # Request input limits, checked before anything is queued. Stop strings: how many, and the
@@ -170,12 +213,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
                              f"tensor_parallel_size needs {needed}")
-        for name in ("max_images_per_request", "max_image_size", "max_image_pixels",
-                     "max_image_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_fetch_timeout <= 0:
-            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
+        ImageLimits.from_config(self)   # checks the image limits
         if self.encoder_cache_tokens < 0:
             raise ValueError(f"encoder_cache_tokens must be >= 0, got {self.encoder_cache_tokens}")
         if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:
@@ -274,6 +312,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             data = tomllib.load(f)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_kwargs(**data)
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
+    model_limit = hf_config.get("max_position_embeddings")
+    if config.max_model_len is None:
+        if model_limit is None:
+            raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+        return int(model_limit)
+    if model_limit is not None and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_limit}")
+    return config.max_model_len
 
 
 def tcp_host_port(address: str, name: str) -> tuple[str, int]:

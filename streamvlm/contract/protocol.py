@@ -16,6 +16,8 @@ import msgspec
 from streamvlm.contract.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# What a worker group does: prefill and decode both, or one side of a prefill/decode split.
+GroupRole = Literal["mixed", "prefill", "decode"]
 
 
 class TensorData(msgspec.Struct, array_like=True):
@@ -52,7 +54,7 @@ class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     mm_items: list[MultiModalItem] = []
     # Disaggregated prefill/decode: "prefill" computes the prompt and the first token, then
     # hands the KV to decode group ``kv_peer``; "decode" reserves blocks and waits for that KV.
-    kv_role: Literal["mixed", "prefill", "decode"] = "mixed"
+    kv_role: GroupRole = "mixed"
     kv_peer: int = -1
 
 

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.families import served_family
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.router import pick_group, prompt_block_hashes
@@ -175,8 +176,7 @@ class AsyncEngine:
             config = msgspec.structs.replace(config, **overrides)
         self.config = config
         self.source = resolve_model(config.model)
-        from workers.models.registry import model_class
-        model_class(self.source.hf_config)  # unsupported architectures fail here, not in a worker
+        served_family(self.source.hf_config)  # unsupported architectures fail here, not in a worker
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
         self.groups: list[WorkerGroup] = []

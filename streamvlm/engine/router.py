@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from workers.kv_cache import hash_block
+from streamvlm.contract.block_hash import hash_block
 
 # Loads within this many tokens of the least loaded group count as close.
 CLOSE_LOAD_TOKENS = 256

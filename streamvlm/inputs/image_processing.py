@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from streamvlm.contract.families import ImageProcessorKind, architecture_of, family_of
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -25,22 +27,6 @@ DEFAULT_RESCALE_FACTOR = 1 / 255
 NUM_CHANNELS = 3
 # Qwen-VL refuses images whose long side is more than this many times the short side.
 MAX_ASPECT_RATIO = 200
-
-QWEN_VL_ARCHITECTURES = frozenset({
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration",
-})
-LLAVA_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
-# For a config.json without "architectures".
-ARCHITECTURE_BY_MODEL_TYPE = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "llava": "LlavaForConditionalGeneration",
-}
 
 # The size-dict key sets transformers accepts (get_size_dict); anything else is refused.
 VALID_SIZE_KEY_SETS = (
@@ -522,17 +508,21 @@ def _llava_vision_tower(hf_config: Mapping[str, Any]) -> VisionTower:
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 
+IMAGE_PROCESSORS: dict[ImageProcessorKind, type[QwenVLImageProcessor] | type[LlavaImageProcessor]] = {
+    "qwen_vl": QwenVLImageProcessor,
+    "llava": LlavaImageProcessor,
+}
+
 
 def image_processor_for(hf_config: dict, preprocessor_config: dict) -> ImageProcessor:
     """The image processor for a checkpoint, from its config.json and preprocessor_config.json (or the
     processor_config.json that nests it under "image_processor")."""
-    architecture = _architecture(hf_config)
-    if architecture in QWEN_VL_ARCHITECTURES:
-        build = QwenVLImageProcessor.from_configs
-    elif architecture in LLAVA_ARCHITECTURES:
-        build = LlavaImageProcessor.from_configs
-    else:
+    architecture = architecture_of(hf_config)
+    family = family_of(hf_config)
+    kind = family.image_processor if family is not None else None
+    if kind is None:
         raise ValueError(f"{architecture} has no image support")
+    build = IMAGE_PROCESSORS[kind].from_configs
     if not isinstance(preprocessor_config, Mapping):
         raise ValueError(f"{architecture}: the preprocessor config must be a dict, got {type(preprocessor_config)}")
     nested = preprocessor_config.get("image_processor")
@@ -541,16 +531,6 @@ def image_processor_for(hf_config: dict, preprocessor_config: dict) -> ImageProc
         return build(hf_config, preprocessor)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{architecture}: unusable preprocessor config: {error}") from error
-
-
-def _architecture(hf_config: Mapping[str, Any]) -> str:
-    architectures = hf_config.get("architectures") or []
-    if architectures:
-        return str(architectures[0])
-    model_type = hf_config.get("model_type")
-    if model_type in ARCHITECTURE_BY_MODEL_TYPE:
-        return ARCHITECTURE_BY_MODEL_TYPE[model_type]
-    return f"model type {model_type!r}" if model_type else "a config without architectures or model_type"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

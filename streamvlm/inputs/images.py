@@ -20,11 +20,13 @@ import socket
 import stat
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from streamvlm.contract.config import ImageLimits, normalize_host
 
 # Only these Pillow plugins parse untrusted input.
 DECODER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -43,40 +45,6 @@ _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
 class ImageInputError(ValueError):
     """An image source that was refused or could not be read; the message names the cause."""
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_images_per_request: int = 8
-    # Longest side in pixels; larger images shrink to it, keeping the aspect ratio.
-    max_image_size: int = 4096
-    # width * height from the header; larger images are refused before their pixels are decoded.
-    max_image_pixels: int = 40_000_000
-    # Encoded size: raw bytes, decoded base64, file size, downloaded body.
-    max_image_bytes: int = 20 * 2**20
-    allow_remote_images: bool = False
-    # Hosts, IPs or networks (CIDR) that may be fetched even on loopback/private/link-local addresses.
-    allowed_image_hosts: tuple[str, ...] = ()
-    allow_local_image_paths: bool = False
-    # Bounds a whole remote fetch: resolving, connecting, redirects and the body.
-    image_fetch_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_images_per_request", "max_image_size", "max_image_pixels", "max_image_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.image_fetch_timeout > 0:
-            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
-        hosts = tuple(_normalize_host(str(host)) for host in self.allowed_image_hosts)
-        object.__setattr__(self, "allowed_image_hosts", hosts)
-
-    @classmethod
-    def from_config(cls, config: object) -> ImageLimits:
-        """Read the limits by attribute from an EngineConfig (or any object); missing ones keep defaults."""
-        defaults = cls()
-        values = {f.name: getattr(config, f.name, getattr(defaults, f.name)) for f in fields(cls)}
-        values["allowed_image_hosts"] = tuple(values["allowed_image_hosts"] or ())
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -509,13 +477,8 @@ def blocked_address_reason(address: IPAddress) -> str | None:
     return next((name for name, hit in checks if hit), None)
 
 
-def _normalize_host(host: str) -> str:
-    host = host.strip().lower().rstrip(".")
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
 def _host_in_allowlist(url: httpx.URL, allowed: tuple[str, ...]) -> bool:
-    names = {_normalize_host(url.host), _normalize_host(url.raw_host.decode("ascii"))}
+    names = {normalize_host(url.host), normalize_host(url.raw_host.decode("ascii"))}
     return any(name in allowed for name in names)
 
 

@@ -16,7 +16,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, ImageLimits
+from streamvlm.contract.families import architecture_of, family_of, image_token_id
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import MultiModalItem, TensorData
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 ItemSource = Literal["pixels", "embeds", "features"]
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 EMBEDS_PART_TYPES = {"image_embeds": "embeds", "image_features": "features"}
-QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                         "Qwen3VLForConditionalGeneration")
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -123,26 +122,23 @@ class MultiModalPreparer:
     """Loads, checks and preprocesses a prompt's images, and expands its placeholders."""
 
     def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
-        from streamvlm.inputs.images import ImageLimits
-
         self.limits = ImageLimits.from_config(config)
         self.max_model_len = max_model_len
         self.pixel_budget = PixelBudget(config.max_pending_image_pixels)
         hf_config = source.hf_config
-        self.architecture = (hf_config.get("architectures") or ["?"])[0]
-        token = hf_config.get("image_token_id", hf_config.get("image_token_index"))
+        self.architecture = architecture_of(hf_config)
+        token = image_token_id(hf_config)
         preprocessor = source.preprocessor_config
         self.image_token_id: int | None = None
         self.image_processor = None
         if token is not None and preprocessor is not None:
             from streamvlm.inputs.image_processing import image_processor_for
 
-            self.image_token_id = int(token)
+            self.image_token_id = token
             self.image_processor = image_processor_for(hf_config, preprocessor)
-        vision = hf_config.get("vision_config") or {}
-        self.merge_size = (int(vision.get("spatial_merge_size", 2))
-                           if self.architecture in QWEN_VL_ARCHITECTURES else 1)
-        self.needs_grid = self.architecture in QWEN_VL_ARCHITECTURES
+        family = family_of(hf_config)
+        self.merge_size = family.merge_size(hf_config) if family is not None else 1
+        self.needs_grid = family is not None and family.merges_patches
 
     @property
     def accepts_images(self) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, resolve_max_model_len
 from streamvlm.inputs.chat import ChatEncoder, check_role, encode_bounded, message_texts
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
@@ -44,18 +44,6 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
     except OSError:
         pass  # a read-only home only costs the next start a few seconds
     return tokenizer
-
-
-def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
-    model_limit = hf_config.get("max_position_embeddings")
-    if config.max_model_len is None:
-        if model_limit is None:
-            raise ValueError("the model config has no max_position_embeddings: set max_model_len")
-        return int(model_limit)
-    if model_limit is not None and config.max_model_len > model_limit:
-        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
-                         f"max_position_embeddings={model_limit}")
-    return config.max_model_len
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch import nn
 from workers.models.llama import DecoderArgs, LlamaForCausalLM
 from workers.models.qwen2 import Qwen2ForCausalLM
 from workers.models.qwen3 import Qwen3ForCausalLM
-from workers.models.vision_encoders import VisionArgs, VisionTransformer, activation
+from workers.models.vision_common import activation
+from workers.models.vision_encoders import VisionArgs, VisionTransformer
 from workers.multimodal import MultiModalInput
 
 TEXT_MODELS: dict[str, type[LlamaForCausalLM]] = {

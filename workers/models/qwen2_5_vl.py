@@ -9,9 +9,8 @@ both accepted; parameters here are named in the hub layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +21,13 @@ from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
 from workers.models.llama import DecoderArgs
 from workers.models.qwen2 import Qwen2ForCausalLM
-from workers.models.vision_common import SegmentPlan, apply_rotary_float32, segment_attention
+from workers.models.vision_common import (
+    ACTIVATIONS,
+    SegmentPlan,
+    activation,
+    apply_rotary_float32,
+    segment_attention,
+)
 from workers.multimodal import MultiModalInput
 
 VISION_PREFIX = "visual."
@@ -31,12 +36,6 @@ CHECKPOINT_PREFIXES = {"model.language_model.": "model.", "model.visual.": VISIO
 DEFAULT_TEXT_ROPE_THETA = 1_000_000.0
 DEFAULT_MROPE_SECTION = [16, 24, 24]
 VISION_NORM_EPS = 1e-6
-
-VISION_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-}
 
 
 def text_config_of(hf_config: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -84,8 +83,8 @@ class VisionArgs:
     def from_hf_config(cls, cfg: dict[str, Any]) -> VisionArgs:
         """Missing keys take transformers' Qwen2_5_VLVisionConfig defaults."""
         act = cfg.get("hidden_act", "silu")
-        if act not in VISION_ACTIVATIONS:
-            raise ValueError(f"unsupported vision hidden_act {act!r}; supported: {', '.join(VISION_ACTIVATIONS)}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported vision hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
         rope = cfg.get("rope_parameters") or {}
         args = cls(
             depth=cfg.get("depth", 32),
@@ -221,7 +220,7 @@ class VisionMLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=True)
-        self.act = VISION_ACTIVATIONS[args.hidden_act]
+        self.act = activation(args.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

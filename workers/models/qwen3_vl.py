@@ -11,7 +11,6 @@ layer i.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from workers.layers.attention import AttentionMetadata
 from workers.layers.linear import linear
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
-from workers.layers.rotary import _rotate_half
 from workers.models.llama import (
     Attention,
     DecoderArgs,
@@ -32,24 +30,12 @@ from workers.models.llama import (
     ShardPlan,
     VocabParallelEmbedding,
 )
+from workers.models.vision_common import ACTIVATIONS, apply_rotary_float32
 from workers.multimodal import MultiModalEmbeds, MultiModalInput
 
 VISION_PREFIX = "model.visual."
 EMBED_TOKENS = "model.language_model.embed_tokens.weight"
 DEFAULT_MROPE_SECTION = [24, 20, 20]
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-VISION_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "quick_gelu": _quick_gelu,
-    "silu": F.silu,
-}
 
 
 def text_settings(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +77,9 @@ class VisionSettings:
         self.num_position_embeddings: int = cfg.get("num_position_embeddings", 2304)
         self.deepstack_visual_indexes: list[int] = list(cfg.get("deepstack_visual_indexes", (8, 16, 24)))
         act = cfg.get("hidden_act", "gelu_pytorch_tanh")
-        if act not in VISION_ACTIVATIONS:
-            raise ValueError(f"unsupported vision hidden_act {act!r}; supported: {', '.join(VISION_ACTIVATIONS)}")
-        self.activation = VISION_ACTIVATIONS[act]
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported vision hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[act]
         rope = cfg.get("rope_parameters") or {}
         self.rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         self.pos_side = round(self.num_position_embeddings ** 0.5)
@@ -139,7 +125,7 @@ class VisionAttention(nn.Module):
                 segments: list[torch.Tensor]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = _rotate_vision(q, cos, sin), _rotate_vision(k, cos, sin)
+        q, k = apply_rotary_float32(q, cos, sin), apply_rotary_float32(k, cos, sin)
         if len(segments) == 1 and segments[0].shape[0] == 1:   # a single frame: no gathering
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
             return self.proj(out.transpose(0, 1).reshape(n, -1))
@@ -154,12 +140,6 @@ class VisionAttention(nn.Module):
                                                       v[flat].view(shape).transpose(1, 2))
             out[flat] = attended.transpose(1, 2).reshape(batch * length, self.num_heads, self.head_dim)
         return self.proj(out.view(n, -1))
-
-
-def _rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # In float32 whatever the model dtype, as the reference does.
-    xf = x.float()
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
 class VisionMLP(nn.Module):
@@ -260,7 +240,7 @@ class VisionTower(nn.Module):
 
     def rotary(self, grids: list[tuple[int, int, int]],
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [N, 1, head_dim] of each patch's (row, column) in merge-block order."""
+        """cos and sin [N, head_dim] of each patch's (row, column) in merge-block order."""
         m = self.settings.spatial_merge_size
         rows, cols = [], []
         for t, h, w in grids:
@@ -270,7 +250,7 @@ class VisionTower(nn.Module):
                 out.append(coords.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten().repeat(t))
         inv_freq = self.inv_freq.to(device)
         freqs = torch.cat([torch.cat(rows)[:, None] * inv_freq, torch.cat(cols)[:, None] * inv_freq], dim=-1)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos(), angles.sin()
 
     @staticmethod

@@ -12,28 +12,15 @@ and without the layers past the deepest state it serves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from workers.models.vision_common import activation
 
 # config.json model_type -> family, and each family's config defaults (transformers' config classes).
 FAMILIES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -44,12 +31,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                    num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
                    hidden_act="gelu_pytorch_tanh"),
 }
-
-
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]
 
 
 @dataclass(frozen=True)
