@@ -16,7 +16,8 @@ from workers.rank_messages import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
 from workers.distributed import (broadcast_int, broadcast_tensor, gather_to_rank0, scatter_from_rank0,
                                  tp_size)
-from workers.layers.attention import AttentionMetadata, get_attention_backend
+from workers.layers.attention import get_attention_backend
+from workers.layers.attention_base import AttentionMetadata
 from workers.loader import load_model
 from workers.multimodal import EncoderCache, MultiModalEmbeds, MultiModalInput
 from workers.sampler import PendingSample, Sampler, SamplerOutput
