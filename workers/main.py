@@ -344,7 +344,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
             if isinstance(plan, Shutdown):
                 return
             if isinstance(plan, KVShardPlan):
-                runner.run_kv_plan(plan)
+                runner.kv_memory.run_plan(plan)
             else:
                 runner.follow(plan)
     finally:

@@ -35,13 +35,13 @@ class Worker:
         self.config = config
         self.max_model_len = max_model_len
         self.runner = ModelRunner(config, source, max_model_len)
-        capacity = self.runner.num_blocks * config.block_size
+        capacity = self.runner.kv_memory.num_blocks * config.block_size
         if capacity < max_model_len:
             raise ValueError(
-                f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks of "
+                f"the KV cache holds {capacity} tokens ({self.runner.kv_memory.num_blocks} blocks of "
                 f"{config.block_size}), fewer than max_model_len={max_model_len}: raise "
                 f"num_kv_blocks or lower max_model_len")
-        self.pool = BlockPool(self.runner.num_blocks, config.block_size,
+        self.pool = BlockPool(self.runner.kv_memory.num_blocks, config.block_size,
                               config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -302,7 +302,7 @@ class Worker:
             in_flight = None
         plan = self.scheduler.schedule()
         if plan.chunks and self.runner.supports_images and not self.config.skip_model_forward:
-            failed = self.runner.encode_pending(plan.chunks)
+            failed = self.runner.encoder.encode_pending(plan.chunks)
             for seq, error in failed.items():
                 self.scheduler.remove(seq)
                 del self.sequences[seq.request_id]
@@ -343,8 +343,8 @@ class Worker:
             num_used_blocks=self.pool.num_used_blocks,
             num_total_blocks=self.pool.num_blocks,
             num_preempted=plan.num_preempted,
-            encoder_cache_hits=self.runner.encoder_cache.hits,
-            num_encoded_items=self.runner.num_encoded_items,
+            encoder_cache_hits=self.runner.encoder.cache.hits,
+            num_encoded_items=self.runner.encoder.num_encoded_items,
             kv_bytes_sent=self.kv_bytes_sent,
             kv_bytes_received=self.kv_bytes_received,
             kv_receive_seconds=self.kv_receive_seconds,
