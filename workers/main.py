@@ -177,12 +177,12 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         return
     kv_inbox = KVInbox(ctx, kv_address or "tcp://127.0.0.1:0") if kv_role == "decode" else None
     if kv_role == "prefill":
-        worker.kv_outbox = KVOutbox(ctx)
+        worker.kv_handoff.outbox = KVOutbox(ctx)
     kv_store_address = None
     if kv_role != "mixed" and config.kv_transport == "peer":
-        worker.kv_links = KVPeerLinks(kv_group_id, worker.runner.device, config.kv_transfer_timeout_s)
+        worker.kv_handoff.links = KVPeerLinks(kv_group_id, worker.runner.device, config.kv_transfer_timeout_s)
         if kv_role == "decode":
-            kv_store_address = worker.kv_links.host()
+            kv_store_address = worker.kv_handoff.links.host()
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     if kv_inbox is not None:
@@ -251,8 +251,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         sock.close()
         if kv_inbox is not None:
             kv_inbox.close()
-        if worker.kv_outbox is not None:
-            worker.kv_outbox.close()
+        if worker.kv_handoff.outbox is not None:
+            worker.kv_handoff.outbox.close()
         if publisher is not None:
             publisher.close(linger=1000)
         ctx.term()
