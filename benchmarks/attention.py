@@ -47,7 +47,8 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     """Microseconds per attend() call."""
     import torch
 
-    from workers.layers.attention import AttentionMetadata, get_attention_backend
+    from workers.layers.attention import get_attention_backend
+    from workers.layers.attention_base import AttentionMetadata
 
     device = torch.device("cuda")
     dtype = torch.bfloat16

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from workers.layers.attention import AttentionMetadata, TorchAttentionBackend
+from workers.layers.attention_base import AttentionMetadata
+from workers.layers.attention_torch import TorchAttentionBackend
 from workers.loader import load_model
 from streamvlm.contract.model_source import resolve_model
 

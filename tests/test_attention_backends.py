@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from workers.layers import attention
-from workers.layers.attention import (TorchAttentionBackend, flash_attn_available, get_attention_backend,
-                                      resolve_backend_name)
+from workers.layers.attention import flash_attn_available, get_attention_backend, resolve_backend_name
+from workers.layers.attention_torch import TorchAttentionBackend
 
 
 def test_auto_on_cpu_is_the_torch_backend():

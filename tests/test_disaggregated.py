@@ -345,7 +345,7 @@ def test_peer_link_abort_keeps_the_link_in_order(loop, checkpoints, mixed_tokens
             await eng.abort("gone")
             await stream.aclose()
             out = await eng.generate({"prompt_token_ids": PROMPTS[1]}, GREEDY)
-            return out.token_ids, await wait_released(eng), decode.kv_bytes_received
+            return out.token_ids, await wait_released(eng), decode.kv_handoff.bytes_received
     tokens, held, received = run(loop, scenario())
     assert tokens == mixed_tokens[1]
     assert held == [0, 0] and received > 0

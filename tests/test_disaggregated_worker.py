@@ -71,7 +71,7 @@ def mixed_tokens(path, prompt: list[int], params: SamplingParams = GREEDY) -> li
 def handoff(prefill: Any, decode: Any, request_id: str, prompt: list[int],
             params: SamplingParams = GREEDY) -> tuple[list[int], list[StepOutput], list[StepOutput]]:
     """The engine core's part, by hand: reserve on decode, prefill, send, receive, release."""
-    outbox = prefill.kv_outbox = CapturingOutbox()
+    outbox = prefill.kv_handoff.outbox = CapturingOutbox()
     add(decode, request_id, prompt, params, kv_role="decode")
     add(prefill, request_id, prompt, params, kv_role="prefill", kv_peer=1)
     [reserved] = events([decode.step()], "reserved")
@@ -112,7 +112,7 @@ def test_blocks_the_decode_side_caches_are_not_sent(path):
     shared = list(range(100, 124))   # three full blocks
     prefill, decode = make_worker(path, **OPTIONS), make_worker(path, **OPTIONS)
     first, _, _ = handoff(prefill, decode, "a", shared + [7, 8, 9])
-    outbox = prefill.kv_outbox
+    outbox = prefill.kv_handoff.outbox
     add(decode, "b", shared + [4, 5], kv_role="decode")
     add(prefill, "b", shared + [4, 5], kv_role="prefill", kv_peer=1)
     [reserved] = events([decode.step()], "reserved")
@@ -136,7 +136,7 @@ def test_blocks_stream_as_prefill_chunks_complete_them(path):
     tokens as from one batch."""
     prompt = list(range(10, 60))   # 50 tokens: prefilled in chunks of 32 and 18
     prefill, decode = make_worker(path, **OPTIONS), make_worker(path, **OPTIONS)
-    prefill.kv_outbox = outbox = CapturingOutbox()
+    prefill.kv_handoff.outbox = outbox = CapturingOutbox()
     add(decode, "r", prompt, kv_role="decode")
     add(prefill, "r", prompt, kv_role="prefill", kv_peer=3)
     [reserved] = events([decode.step()], "reserved")
@@ -159,7 +159,7 @@ def test_blocks_stream_as_prefill_chunks_complete_them(path):
 def test_aborts_free_blocks_on_both_sides_at_every_stage(path):
     prompt = list(range(40, 75))
     prefill, decode = make_worker(path, **OPTIONS), make_worker(path, **OPTIONS)
-    prefill.kv_outbox = outbox = CapturingOutbox()
+    prefill.kv_handoff.outbox = outbox = CapturingOutbox()
     # Reserved on decode, prefilled and waiting on prefill.
     add(decode, "x", prompt, kv_role="decode")
     add(prefill, "x", prompt, kv_role="prefill", kv_peer=1)
@@ -194,7 +194,7 @@ def test_decode_side_waits_for_blocks_to_reserve(path):
 
 def test_a_first_token_that_finishes_the_request_needs_no_handoff(path):
     prefill = make_worker(path, **OPTIONS)
-    prefill.kv_outbox = CapturingOutbox()
+    prefill.kv_handoff.outbox = CapturingOutbox()
     add(prefill, "one", list(range(10, 30)), SamplingParams(temperature=0, max_tokens=1),
         kv_role="prefill", kv_peer=1)
     outs = run_until_idle(prefill)

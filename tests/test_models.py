@@ -307,7 +307,7 @@ def test_half_precision(arch: str, dtype_name: str, checkpoints,
     dtype = getattr(torch, dtype_name)
     llm = make_llm(checkpoints[arch], dtype=dtype_name)
     runner = worker_of(llm).runner
-    assert runner.dtype == dtype and runner.kv_cache.dtype == dtype
+    assert runner.dtype == dtype and runner.kv_memory.kv_cache.dtype == dtype
     assert all(p.dtype == dtype for p in runner.model.parameters())
     prompts = random_prompts(1, LENGTHS)
     outputs = llm.generate(as_inputs(prompts), GREEDY)
@@ -352,7 +352,7 @@ def test_dummy_weights(arch: str, checkpoints, tmp_path: Path) -> None:
     if not cfg["tie_word_embeddings"]:
         assert model.lm_head.weight.shape == (cfg["vocab_size"], hidden)
     runner = worker_of(llm).runner
-    assert runner.kv_cache.shape == (cfg["num_hidden_layers"], 2, runner.num_blocks, BLOCK,
+    assert runner.kv_memory.kv_cache.shape == (cfg["num_hidden_layers"], 2, runner.kv_memory.num_blocks, BLOCK,
                                      kv_heads, head_dim)
     # Names the safetensors loader would ask for are the checkpoint's own.
     ckpt = load_file(checkpoints[arch] / "model.safetensors")

@@ -14,7 +14,8 @@ from PIL import Image
 import workers.distributed as distributed
 from tests.checkpoints_qwen3_vl import build_qwen3_vl_checkpoint
 from tests.model_harness import load_ours, prefill_logits
-from workers.layers.attention import AttentionMetadata, TorchAttentionBackend
+from workers.layers.attention_base import AttentionMetadata
+from workers.layers.attention_torch import TorchAttentionBackend
 from workers.loader import iter_safetensors
 from workers.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from workers.multimodal import MultiModalEmbeds, MultiModalInput

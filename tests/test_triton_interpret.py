@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.layers.attention import AttentionMetadata, TorchAttentionBackend
+from workers.layers.attention_base import AttentionMetadata
+from workers.layers.attention_torch import TorchAttentionBackend
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workers.rank_messages import StepPlan
-from workers.layers.attention import AttentionMetadata
+from workers.layers.attention_base import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -14,106 +14,22 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import zmq
 
 from streamvlm.contract.config import EngineConfig
-from streamvlm.contract.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, Shutdown, WorkerFailed,
-                                         WorkerReady)
-from workers.rank_messages import KVShardPlan, StepPlan
+from streamvlm.contract.protocol import CoreToWorker, Heartbeat, Shutdown, WorkerFailed, WorkerReady
+from workers.core_link import IDLE_POLL_MS, OUTPUT_HWM, CoreGone, CoreLink, CoreOutbox, heartbeats_meanwhile
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
 from workers.parent import ParentWatch
+from workers.rank_messages import KVShardPlan, StepPlan
 
-IDLE_POLL_MS = 200
 # A remote follower's model before rank 0's config arrives: "take rank 0's".
 RANK0_MODEL = "@rank0"
-
-
-# Step outputs queued for the engine core before a send waits: a core that stops reading (or is
-# gone) must not make the worker buffer without bound.
-OUTPUT_HWM = 64
-
-
-class CoreGone(Exception):
-    """The engine core is gone (or no longer takes messages): the worker leaves."""
-
-
-class _CoreOutbox:
-    """The worker's messages to the engine core (its PUSH socket). A send waits for room in the
-    bounded queue only while ``core_present(seconds waited)`` says the core may still take it,
-    and raises CoreGone otherwise. A Heartbeat goes out whenever nothing else did for about
-    HEARTBEAT_INTERVAL_S: it comes from the step loop, so the core reads silence as a loop that
-    is stuck (a local group) or gone (a remote one)."""
-
-    def __init__(self, sock: zmq.Socket, core_present: Callable[[float], bool],
-                 check_every_s: float) -> None:
-        self.sock = sock
-        self.core_present = core_present
-        self.check_every_ms = max(1, int(check_every_s * 1000))
-        self.heartbeat = msgspec.msgpack.encode(Heartbeat())
-        self.last_sent = time.monotonic()
-
-    def send(self, frame: bytes) -> None:
-        start = time.monotonic()
-        while True:
-            if self.sock.poll(self.check_every_ms, zmq.POLLOUT):
-                try:
-                    self.sock.send(frame, zmq.NOBLOCK)
-                    break
-                except zmq.Again:
-                    pass   # the core's end went away between the poll and the send
-            if not self.core_present(time.monotonic() - start):
-                raise CoreGone
-        self.last_sent = time.monotonic()
-
-    def beat_if_quiet(self) -> None:
-        # The loop comes by at least every IDLE_POLL_MS: send that much early to stay within.
-        if time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S - IDLE_POLL_MS / 1000:
-            self.send(self.heartbeat)
-
-
-class _CoreLink:
-    """A remote worker's view of the engine core: whether it was heard from in the timeout."""
-
-    def __init__(self, inbox: zmq.Socket, timeout_s: float) -> None:
-        self.inbox = inbox
-        self.timeout_s = timeout_s
-        self.last_heard = time.monotonic()
-
-    def core_alive(self) -> bool:
-        # After a step longer than the timeout, the core's heartbeats may be waiting unread.
-        return time.monotonic() - self.last_heard < self.timeout_s or bool(self.inbox.poll(0))
-
-
-@contextmanager
-def _heartbeats_meanwhile(outbox: zmq.Socket | None) -> Iterator[None]:
-    """Heartbeats from a thread while the main thread loads the model (minutes, for a large
-    one). The thread is joined before the main thread touches the socket again."""
-    if outbox is None:
-        yield
-        return
-    stop = threading.Event()
-    frame = msgspec.msgpack.encode(Heartbeat())
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL_S / 2):
-            try:
-                outbox.send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-
-    thread = threading.Thread(target=beat, name="streamvlm-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
@@ -136,79 +52,132 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
         # Ctrl-C reaches the whole process group; the engine core decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.setsockopt(zmq.RCVHWM, 0)   # requests queue here while a step runs; none is dropped
-    inbox.connect(input_address)
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
-    sock.connect(output_address)
-    if remote:
-        # A send the core has not taken within the timeout means the core is gone.
-        outbox = _CoreOutbox(sock, lambda waited: waited < config.remote_worker_timeout_s,
-                             min(config.remote_worker_timeout_s, IDLE_POLL_MS / 1000))
-    elif parent is not None:
-        outbox = _CoreOutbox(sock, lambda waited: parent.parent_alive(),
-                             config.worker_parent_timeout_s)
-    else:   # the thread backend: the core is this process
-        outbox = _CoreOutbox(sock, lambda waited: True, config.worker_parent_timeout_s)
-    encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder(CoreToWorker)
-    publisher = None
-    try:
-        if tp is not None:
-            publisher = ctx.socket(zmq.PUB)
-            publisher.bind(tp.plan_address)
-        with _heartbeats_meanwhile(sock if remote else None):
-            worker = _build_worker(config, tp, device_index)
-        if publisher is not None:
-            if tp.plan_address.endswith(ANY_PORT):
-                _share_plan_port(publisher)
-            _handshake_followers(publisher)
-            plan_encoder = msgspec.msgpack.Encoder()
-            worker.runner.publish_plan = lambda plan: publisher.send(plan_encoder.encode(plan))
-    except BaseException as exc:  # noqa: BLE001 - reported to the core, then exit
-        _report_failure(outbox, WorkerFailed(error_type=type(exc).__name__,
-                                             message=str(exc) or traceback.format_exc()))
-        inbox.close(linger=0)
-        sock.close()
-        ctx.destroy(linger=0)
+    process = WorkerProcess(config, parent, remote)
+    process.connect(input_address, output_address)
+    if not process.build(tp, device_index):
         return
-    kv_inbox = KVInbox(ctx, kv_address or "tcp://127.0.0.1:0") if kv_role == "decode" else None
-    if kv_role == "prefill":
-        worker.kv_outbox = KVOutbox(ctx)
-    kv_store_address = None
-    if kv_role != "mixed" and config.kv_transport == "peer":
-        worker.kv_links = KVPeerLinks(kv_group_id, worker.runner.device, config.kv_transfer_timeout_s)
-        if kv_role == "decode":
-            kv_store_address = worker.kv_links.host()
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
-    if kv_inbox is not None:
-        poller.register(kv_inbox.socket, zmq.POLLIN)
+    process.wire_kv_transport(kv_role, kv_address, kv_group_id)
     if on_ready is not None:
-        on_ready(worker)
-    # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
-    profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
-    profiler = cProfile.Profile() if profile_prefix else None
-    link = _CoreLink(inbox, config.remote_worker_timeout_s) if remote else None
-    try:
-        outbox.send(encoder.encode(WorkerReady(pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks,
-                                               device=str(worker.runner.device),
-                                               kv_address=kv_inbox.address if kv_inbox else None,
-                                               kv_store_address=kv_store_address)))
-        if profiler is not None:
-            profiler.enable()
+        on_ready(process.worker)
+    process.serve()
+
+
+class WorkerProcess:
+    """Rank 0 of a worker group as a process: its sockets to the engine core, its Worker (and the
+    plan publisher of a tensor-parallel group), the KV transport, and the loop serving them.
+    ``parent`` None and ``remote`` False: the thread backend, whose core is this process."""
+
+    def __init__(self, config: EngineConfig, parent: ParentWatch | None, remote: bool) -> None:
+        self.config = config
+        self.parent = parent
+        self.remote = remote
+        self.ctx = zmq.Context()
+        self.publisher: zmq.Socket | None = None
+        self.kv_inbox: KVInbox | None = None
+        self.kv_store_address: str | None = None
+
+    def connect(self, input_address: str, output_address: str) -> None:
+        config, parent = self.config, self.parent
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)   # requests queue here while a step runs; none is dropped
+        self.inbox.connect(input_address)
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
+        self.sock.connect(output_address)
+        if self.remote:
+            # A send the core has not taken within the timeout means the core is gone.
+            self.outbox = CoreOutbox(self.sock, lambda waited: waited < config.remote_worker_timeout_s,
+                                     min(config.remote_worker_timeout_s, IDLE_POLL_MS / 1000))
+        elif parent is not None:
+            self.outbox = CoreOutbox(self.sock, lambda waited: parent.parent_alive(),
+                                     config.worker_parent_timeout_s)
+        else:
+            self.outbox = CoreOutbox(self.sock, lambda waited: True, config.worker_parent_timeout_s)
+
+    def build(self, tp: TPSetup | None, device_index: int | None) -> bool:
+        """The Worker, and for a tensor-parallel group the publisher of its step plans. A failure
+        is reported to the core and the sockets closed: False."""
+        try:
+            if tp is not None:
+                self.publisher = self.ctx.socket(zmq.PUB)
+                self.publisher.bind(tp.plan_address)
+            with heartbeats_meanwhile(self.sock if self.remote else None):
+                self.worker = _build_worker(self.config, tp, device_index)
+            if self.publisher is not None:
+                publisher = self.publisher
+                if tp.plan_address.endswith(ANY_PORT):
+                    _share_plan_port(publisher)
+                _handshake_followers(publisher)
+                plan_encoder = msgspec.msgpack.Encoder()
+                self.worker.runner.publish_plan = lambda plan: publisher.send(plan_encoder.encode(plan))
+        except BaseException as exc:  # noqa: BLE001 - reported to the core, then exit
+            _report_failure(self.outbox, WorkerFailed(error_type=type(exc).__name__,
+                                                      message=str(exc) or traceback.format_exc()))
+            self.inbox.close(linger=0)
+            self.sock.close()
+            self.ctx.destroy(linger=0)
+            return False
+        return True
+
+    def wire_kv_transport(self, kv_role: str, kv_address: str | None, kv_group_id: int) -> None:
+        """Disaggregated prefill/decode: a decode group's KV inbox, a prefill group's outbox, and
+        with kv_transport "peer" the links the bytes take."""
+        handoff = self.worker.kv_handoff
+        if kv_role == "decode":
+            self.kv_inbox = KVInbox(self.ctx, kv_address or "tcp://127.0.0.1:0")
+        if kv_role == "prefill":
+            handoff.outbox = KVOutbox(self.ctx)
+        if kv_role != "mixed" and self.config.kv_transport == "peer":
+            handoff.links = KVPeerLinks(kv_group_id, self.worker.runner.device, self.config.kv_transfer_timeout_s)
+            if kv_role == "decode":
+                self.kv_store_address = handoff.links.host()
+
+    def serve(self) -> None:
+        """Tell the core the worker is ready, then step until told to stop or the core is gone."""
+        # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
+        profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
+        profiler = cProfile.Profile() if profile_prefix else None
+        worker = self.worker
+        encoder = msgspec.msgpack.Encoder()
+        link = CoreLink(self.inbox, self.config.remote_worker_timeout_s) if self.remote else None
+        try:
+            self.outbox.send(encoder.encode(WorkerReady(
+                pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks, device=str(worker.runner.device),
+                kv_address=self.kv_inbox.address if self.kv_inbox else None,
+                kv_store_address=self.kv_store_address)))
+            if profiler is not None:
+                profiler.enable()
+            self._step_loop(encoder, link)
+        except CoreGone:
+            if self.remote:
+                print("streamvlm worker: the engine core takes no messages; exiting", file=sys.stderr)
+        except BaseException as exc:  # noqa: BLE001
+            _report_failure(self.outbox, WorkerFailed(error_type=type(exc).__name__,
+                                                      message=traceback.format_exc()))
+            raise
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
+            self.close()
+
+    def _step_loop(self, encoder: msgspec.msgpack.Encoder, link: CoreLink | None) -> None:
+        worker, inbox, kv_inbox = self.worker, self.inbox, self.kv_inbox
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        if kv_inbox is not None:
+            poller.register(kv_inbox.socket, zmq.POLLIN)
+        decoder = msgspec.msgpack.Decoder(CoreToWorker)
         while True:
             # Every step, not only when idle: a busy worker must not outlive its core either.
-            if parent is not None and not parent.parent_alive():
+            if self.parent is not None and not self.parent.parent_alive():
                 return
             if link is not None and not link.core_alive():
                 print("streamvlm worker: nothing from the engine core for "
                       f"{link.timeout_s:g} s; exiting", file=sys.stderr)
                 return
-            outbox.beat_if_quiet()
+            self.outbox.beat_if_quiet()
             timeout = 0 if worker.has_work() else IDLE_POLL_MS
             ready = dict(poller.poll(timeout))
             if kv_inbox is not None and kv_inbox.socket in ready:
@@ -217,48 +186,44 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
             if inbox in ready:
                 if link is not None:
                     link.last_heard = time.monotonic()
-                while True:
-                    try:
-                        message = decoder.decode(inbox.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-                    if isinstance(message, Shutdown):
-                        if publisher is not None:
-                            publisher.send(msgspec.msgpack.encode(Shutdown()))
-                        return
-                    if not isinstance(message, Heartbeat):
-                        worker.handle(message)
+                if not self._handle_core_messages(decoder):
+                    return
             elif not worker.has_work():
-                if remote and publisher is not None:
-                    publisher.send(_HELLO)   # ranks on other hosts hear rank 0 is alive
+                if self.remote and self.publisher is not None:
+                    self.publisher.send(_HELLO)   # ranks on other hosts hear rank 0 is alive
                 continue
             if worker.has_work():
                 out = worker.step()
                 if out.deltas or out.kv_events or out.stats.num_scheduled_tokens:
-                    outbox.send(encoder.encode(out))
-    except CoreGone:
-        if remote:
-            print("streamvlm worker: the engine core takes no messages; exiting", file=sys.stderr)
-    except BaseException as exc:  # noqa: BLE001
-        _report_failure(outbox, WorkerFailed(error_type=type(exc).__name__,
-                                             message=traceback.format_exc()))
-        raise
-    finally:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
-        inbox.close(linger=0)
-        sock.close()
-        if kv_inbox is not None:
-            kv_inbox.close()
-        if worker.kv_outbox is not None:
-            worker.kv_outbox.close()
-        if publisher is not None:
-            publisher.close(linger=1000)
-        ctx.term()
+                    self.outbox.send(encoder.encode(out))
+
+    def _handle_core_messages(self, decoder: msgspec.msgpack.Decoder) -> bool:
+        """Every message waiting in the inbox, to the worker; False once told to shut down."""
+        while True:
+            try:
+                message = decoder.decode(self.inbox.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return True
+            if isinstance(message, Shutdown):
+                if self.publisher is not None:
+                    self.publisher.send(msgspec.msgpack.encode(Shutdown()))
+                return False
+            if not isinstance(message, Heartbeat):
+                self.worker.handle(message)
+
+    def close(self) -> None:
+        self.inbox.close(linger=0)
+        self.sock.close()
+        if self.kv_inbox is not None:
+            self.kv_inbox.close()
+        if self.worker.kv_handoff.outbox is not None:
+            self.worker.kv_handoff.outbox.close()
+        if self.publisher is not None:
+            self.publisher.close(linger=1000)
+        self.ctx.term()
 
 
-def _report_failure(outbox: _CoreOutbox, failure: WorkerFailed) -> None:
+def _report_failure(outbox: CoreOutbox, failure: WorkerFailed) -> None:
     try:
         outbox.send(msgspec.msgpack.encode(failure))
     except CoreGone:
@@ -344,7 +309,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
             if isinstance(plan, Shutdown):
                 return
             if isinstance(plan, KVShardPlan):
-                runner.run_kv_plan(plan)
+                runner.kv_memory.run_plan(plan)
             else:
                 runner.follow(plan)
     finally:

@@ -1,8 +1,8 @@
-"""Owns the model, its KV pool tensors and the sampler; runs one scheduled step."""
+"""Owns the model and the sampler, with its KV memory and encoder beside it; plans and runs one
+scheduled step (rank 0), or follows rank 0's plan (the other ranks of a tensor-parallel group)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 import random
@@ -14,16 +14,17 @@ from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.model_source import ModelSource
 from workers.rank_messages import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
-from workers.distributed import (broadcast_int, broadcast_tensor, gather_to_rank0, scatter_from_rank0,
-                                 tp_size)
-from workers.layers.attention import AttentionMetadata, get_attention_backend
+from workers.distributed import broadcast_tensor
+from workers.layers.attention import get_attention_backend
+from workers.layers.attention_base import AttentionMetadata
 from workers.loader import load_model
-from workers.multimodal import TORCH_DTYPES, EncoderCache, MultiModalEmbeds, MultiModalInput
+from workers.encoder_runner import EncoderRunner
+from workers.kv_memory import KVMemory
+from workers.multimodal import TORCH_DTYPES, MultiModalEmbeds
 from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
 from workers.sequence import PLACEHOLDER_TOKEN, Sequence
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class PendingStep:
@@ -60,19 +61,11 @@ class ModelRunner:
                                 self.dtype, config.seed)
         self.backend = get_attention_backend(config.attention_backend, self.device, max_model_len, self.dtype)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
-        if config.skip_model_forward:
-            # No forward pass reads the cache: enough block ids that no request is preempted.
-            blocks_per_seq = -(-max_model_len // self.block_size)
-            self.num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_per_seq
-        else:
-            # Every rank of a tensor-parallel group holds the same block ids: rank 0 decides.
-            self.num_blocks = broadcast_int(
-                config.num_kv_blocks or self._blocks_from_memory(max_model_len))
-            self._allocate_kv_cache()
+        self.kv_memory = KVMemory(config, self.model, self.backend, self.device, self.dtype, max_model_len,
+                                  self.uses_mrope)
         self.sampler = Sampler(self.device, config.seed)
         self.supports_images = hasattr(self.model, "encode")
-        self.encoder_cache = EncoderCache(config.encoder_cache_tokens)
-        self.num_encoded_items = 0
+        self.encoder = EncoderRunner(self.model, config.encoder_cache_tokens)
         # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.
         self.publish_plan: Callable[[StepPlan], None] | None = None
         # Async scheduling with tensor parallelism (set by the worker): rank 0 broadcasts each step's sampled
@@ -92,194 +85,24 @@ class ModelRunner:
                 and not self.config.skip_model_forward
                 and getattr(self.backend, "supports_cuda_graphs", False))
 
-    def _kv_bytes_per_block(self) -> int:
-        args = self.model.args
-        per_token = (2 * args.num_layers * self.model.shard.num_kv_heads * args.head_dim
-                     * self.dtype.itemsize)
-        return per_token * self.block_size
-
-    def _blocks_from_memory(self, max_model_len: int) -> int:
-        per_block = self._kv_bytes_per_block()
-        if self.device.type == "cuda":
-            activations = self._peak_activation_bytes(max_model_len)
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used - activations
-            num_blocks = int(budget // per_block)
-            logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak activations "
-                        "(warm-up of %d tokens), gpu_memory_utilization %.2f", total / 2**30, used / 2**30,
-                        activations / 2**30, self._warmup_tokens(max_model_len),
-                        self.config.gpu_memory_utilization)
-        else:
-            # On CPU, no more than the configured budget, nor more than the batch can ever use.
-            budget_blocks = int(self.config.cpu_kv_cache_gib * 2**30 // per_block)
-            blocks_per_seq = -(-max_model_len // self.block_size)
-            num_blocks = min(budget_blocks, self.config.max_num_seqs * blocks_per_seq)
-        if num_blocks < 1:
-            raise ValueError("not enough memory for a single KV-cache block")
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
-                    num_blocks * per_block / 2**20)
-        return num_blocks
-
-    def _warmup_tokens(self, max_model_len: int) -> int:
-        return max(1, min(self.config.max_num_batched_tokens, max_model_len))
-
-    @torch.inference_mode()
-    def _peak_activation_bytes(self, max_model_len: int) -> int:
-        """Peak memory of a forward pass over a full step's token budget (a scratch KV cache that is freed
-        again), beyond what is allocated now. It also compiles the prefill kernels before serving."""
-        n = self._warmup_tokens(max_model_len)
-        bs = self.block_size
-        # A long prompt and (n > 1) a one-token query beside it: both kinds of prefill tiles compile now.
-        query_lens = [n - 1, 1] if n > 1 else [n]
-        long_blocks = -(-query_lens[0] // bs)
-        blocks = long_blocks + (len(query_lens) - 1)
-        self.num_blocks = blocks
-        self._allocate_kv_cache()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        baseline = torch.cuda.memory_allocated(self.device)
-        tables = torch.zeros(len(query_lens), long_blocks, dtype=torch.int64)
-        tables[0] = torch.arange(long_blocks)
-        slots = torch.arange(query_lens[0])
-        if len(query_lens) > 1:
-            tables[1, 0] = long_blocks
-            slots = torch.cat([slots, torch.tensor([long_blocks * bs])])
-        meta = AttentionMetadata(query_lens=query_lens, seq_lens=list(query_lens),
-                                 slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
-                                 block_size=bs)
-        self.backend.prepare(meta)
-        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(q) for q in query_lens]).to(self.device)
-        if self.uses_mrope:
-            positions = positions.expand(3, n)
-        hidden = self.model(ids, positions, meta)
-        rows = min(n, self.config.max_num_seqs)
-        torch.log_softmax(self.model.compute_logits(hidden[:rows]), dim=-1)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - baseline
-        del self.kv_cache, hidden
-        for attn in self.model.attention_layers:
-            attn.k_cache = attn.v_cache = torch.empty(0)
-        torch.cuda.empty_cache()
-        return peak
-
-    def _allocate_kv_cache(self) -> None:
-        args = self.model.args
-        shape = (args.num_layers, 2, self.num_blocks, self.block_size,
-                 self.model.shard.num_kv_heads, args.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, attn in enumerate(self.model.attention_layers):
-            attn.backend = self.backend
-            attn.k_cache = self.kv_cache[i, 0]
-            attn.v_cache = self.kv_cache[i, 1]
-
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Rank 0: the blocks' keys and values of every rank of the group (one shard each)."""
+        plan = KVShardPlan(op="gather", block_ids=block_ids)
         if self.publish_plan is not None:
-            self.publish_plan(KVShardPlan(op="gather", block_ids=block_ids))
-        return self.run_kv_plan(KVShardPlan(op="gather", block_ids=block_ids))
+            self.publish_plan(plan)
+        return self.kv_memory.run_plan(plan)
 
     def scatter_kv(self, block_ids: list[int], shards: list[torch.Tensor]) -> None:
         """Rank 0: shard r (from rank r of the prefill group) into rank r's blocks."""
-        if len(shards) != tp_size():
-            raise ValueError(f"{len(shards)} KV shards for a group of tensor_parallel_size {tp_size()}: "
-                             f"prefill and decode groups need equal tensor-parallel sizes")
-        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
-        if any(tuple(shard.shape) != expected for shard in shards):
-            raise ValueError(f"KV shards of shape {tuple(shards[0].shape)} do not fit this pool: "
-                             f"expected {expected}")
+        self.kv_memory.check_shards(len(block_ids), shards)
+        plan = KVShardPlan(op="scatter", block_ids=block_ids)
         if self.publish_plan is not None:
-            self.publish_plan(KVShardPlan(op="scatter", block_ids=block_ids))
-        self.run_kv_plan(KVShardPlan(op="scatter", block_ids=block_ids), shards)
-
-    def run_kv_plan(self, plan: KVShardPlan, shards: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Every rank's part of a gather or scatter of KV blocks (followers call it for rank 0's plans)."""
-        index = torch.tensor(plan.block_ids, dtype=torch.int64).to(self.device)
-        if plan.op == "gather":
-            return gather_to_rank0(self.kv_cache.index_select(2, index))
-        mine = torch.empty((*self.kv_cache.shape[:2], len(plan.block_ids), *self.kv_cache.shape[3:]),
-                           dtype=self.dtype, device=self.device)
-        if shards is not None:
-            shards = [shard.to(self.device, self.dtype) for shard in shards]
-        self.kv_cache.index_copy_(2, index, scatter_from_rank0(shards, mine))
-        return []
+            self.publish_plan(plan)
+        self.kv_memory.run_plan(plan, shards)
 
     def plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         """What every rank needs to run this step's forward pass."""
         return build_step_plan(chunks, self.block_size, self.uses_mrope)
-
-    def encode_pending(self, chunks: list[ScheduledChunk]) -> dict[Sequence, str]:
-        """Encode the items this step's chunks reach that neither their sequence nor the
-        encoder cache holds, all in one call. A sequence keeps its items' outputs until their
-        placeholders are all computed, so chunked prefill slices one encoding.
-
-        Returns the sequences whose items could not be encoded, with the reason; the batch is
-        retried item by item first so one bad image fails only its own request."""
-        pending: dict[str, tuple[MultiModalInput, list[Sequence]]] = {}
-        for chunk in chunks:
-            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            for item in seq.mm_items:
-                if item.offset >= end or item.end <= start or item.hash in seq.encoder_outputs:
-                    continue
-                if item.hash in pending:
-                    pending[item.hash][1].append(seq)
-                    continue
-                cached = self.encoder_cache.get(item.hash)
-                if cached is not None:
-                    seq.encoder_outputs[item.hash] = cached
-                else:
-                    pending[item.hash] = (item, [seq])
-        if not pending:
-            return {}
-        entries = list(pending.values())
-        failed: dict[Sequence, str] = {}
-        try:
-            outputs: list[torch.Tensor | str] = list(self._encode([item for item, _ in entries]))
-        except Exception:  # noqa: BLE001 - retried item by item to find the bad one
-            outputs = []
-            for item, _ in entries:
-                try:
-                    outputs.extend(self._encode([item]))
-                except Exception as exc:  # noqa: BLE001 - fails only this item's requests
-                    outputs.append(f"cannot encode image: {exc}")
-        for (item, seqs), output in zip(entries, outputs):
-            if isinstance(output, str):
-                failed.update((seq, output) for seq in seqs)
-                continue
-            self.encoder_cache.put(item.hash, output)
-            for seq in seqs:
-                seq.encoder_outputs[item.hash] = output
-        return failed
-
-    @torch.inference_mode()
-    def _encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
-        outputs = self.model.encode(items)
-        self.num_encoded_items += len(items)
-        for item, output in zip(items, outputs):
-            if output.shape != (item.num_tokens, self.model.embed_width):
-                raise ValueError(f"the encoder gave shape {tuple(output.shape)} for an item of "
-                                 f"{item.num_tokens} placeholder tokens")
-        return outputs
-
-    @staticmethod
-    def encoder_embeds(chunks: list[ScheduledChunk]) -> torch.Tensor | None:
-        """Encoder output for every placeholder token the chunks compute, in step order (after
-        encode_pending)."""
-        parts: list[torch.Tensor] = []
-        for chunk in chunks:
-            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            for item in seq.mm_items:
-                lo, hi = max(start, item.offset), min(end, item.end)
-                if lo < hi:
-                    parts.append(seq.encoder_outputs[item.hash][lo - item.offset:hi - item.offset])
-        return torch.cat(parts) if parts else None
-
-    def _encoded_embeds(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
-        failed = self.encode_pending(chunks)
-        if failed:
-            raise ValueError(next(iter(failed.values())))
-        return self.encoder_embeds(chunks)
 
     def _prepare(self, plan: StepPlan, previous_tokens: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -339,7 +162,7 @@ class ModelRunner:
         Given chunks, this rank plans and encodes; given a plan (ranks other than 0), the
         encoder rows come from rank 0."""
         if not isinstance(chunks, StepPlan):
-            plan, embeds = self.plan(chunks), self._encoded_embeds(chunks)
+            plan, embeds = self.plan(chunks), self.encoder.encoded_embeds(chunks)
         else:
             plan = chunks
         hidden, logits_rows = self._forward(plan, embeds, previous_tokens)
@@ -351,7 +174,7 @@ class ModelRunner:
 
         The chunks' K/V go into the cache as in a normal step; the caller owns their blocks.
         """
-        hidden, _ = self._forward(self.plan(chunks), self._encoded_embeds(chunks))
+        hidden, _ = self._forward(self.plan(chunks), self.encoder.encoded_embeds(chunks))
         return self.model.compute_logits(hidden)
 
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
@@ -367,7 +190,7 @@ class ModelRunner:
             return PendingStep(samplers, None, self._random_tokens(chunks))
         plan = self.plan(chunks)
         plan.shares_sampled_tokens = self.shares_sampled_tokens and bool(plan.logits_rows)
-        embeds = self.encoder_embeds(chunks)
+        embeds = self.encoder.embeds(chunks)
         if self.publish_plan is not None:
             if plan.placeholder_rows and not self.shares_sampled_tokens:
                 raise RuntimeError("placeholder tokens in a tensor-parallel step whose ranks do not share "

@@ -1,5 +1,5 @@
-"""Multimodal inputs inside a worker: decoded items, the encoder cache, and the contract that a
-vision-language model fulfils for the model runner.
+"""Multimodal inputs inside a worker: decoded items, and the contract that a vision-language
+model fulfils for the model runner.
 
 A VLM model class (workers/models/) offers, besides the text model's interface:
 
@@ -19,7 +19,6 @@ A VLM model class (workers/models/) offers, besides the text model's interface:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -76,32 +75,3 @@ class MultiModalEmbeds:
 
     rows: torch.Tensor     # [n] int64, on the model's device
     embeds: torch.Tensor   # [n, embed_width], model dtype
-
-
-class EncoderCache:
-    """Encoder outputs by item hash, least recently used first out, bounded in rows."""
-
-    def __init__(self, capacity_tokens: int) -> None:
-        self.capacity_tokens = capacity_tokens
-        self.num_tokens = 0
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        if key in self.entries or value.shape[0] > self.capacity_tokens:
-            return
-        self.entries[key] = value
-        self.num_tokens += value.shape[0]
-        while self.num_tokens > self.capacity_tokens:
-            _, evicted = self.entries.popitem(last=False)
-            self.num_tokens -= evicted.shape[0]

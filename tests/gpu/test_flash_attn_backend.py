@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tests.test_triton_interpret import PagedBatch, make_paged_batch, max_abs_diff
-from workers.layers.attention import AttentionMetadata, TorchAttentionBackend, flash_attn_available
+from workers.layers.attention import flash_attn_available
+from workers.layers.attention_base import AttentionMetadata
+from workers.layers.attention_torch import TorchAttentionBackend
 
 DEVICE = torch.device("cuda")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not flash_attn_available(DEVICE),

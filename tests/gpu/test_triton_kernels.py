@@ -22,7 +22,7 @@ from tests.test_triton_interpret import (
     reference_attention,
     store_reference,
 )
-from workers.layers.attention import TorchAttentionBackend
+from workers.layers.attention_torch import TorchAttentionBackend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                                 reason="needs CUDA and triton")

@@ -1,106 +1,19 @@
-"""Attention over the paged KV cache, behind a backend interface.
-
-A step's tokens are one flat batch: sequence b contributes query_lens[b] tokens at positions
-[seq_lens[b] - query_lens[b], seq_lens[b]); its keys and values live in the blocks of
-block_tables[b]. Backends store the step's new K/V into the cache (slot_mapping) and attend
-(forward), or attend only (attend), where the caller's rotary kernel has stored K/V already. Every
-backend reads the same cache layout: [num_blocks, block_size, num_kv_heads, head_dim].
-"""
+"""Which attention backend a config gets: the names, what "auto" resolves to, and the backend
+built for a device. The torch backend is imported here; the Triton and FlashAttention backends
+only once chosen, since they import optional packages (triton, flash_attn) at load."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import get_args
 
 import torch
-import torch.nn.functional as F
+
+from streamvlm.contract.config import AttentionBackendName
+from workers.layers.attention_base import AttentionBackend
+from workers.layers.attention_torch import TorchAttentionBackend
 
 
-@dataclass
-class AttentionMetadata:
-    query_lens: list[int]
-    seq_lens: list[int]
-    slot_mapping: torch.Tensor        # [num_tokens] int64: where each new token's K/V goes
-    block_tables: torch.Tensor        # [num_seqs, max_blocks] int64, padded with 0
-    block_size: int
-    # Filled by the backend's prepare(); shared by every layer of the step.
-    prepared: object = None
-
-
-class AttentionBackend(Protocol):
-    name: str
-
-    def prepare(self, meta: AttentionMetadata) -> None: ...
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
-
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
-
-
-@dataclass
-class _PaddedBatch:
-    query_index: torch.Tensor   # [B, max_q]: flat token index of each padded query row
-    key_slots: torch.Tensor     # [B, max_k]: cache slot of each padded key column
-    mask: torch.Tensor          # [B, 1, max_q, max_k] bool: may attend
-    valid_rows: torch.Tensor    # [num_tokens]: rows of the flattened [B * max_q] output to keep
-
-
-class TorchAttentionBackend:
-    """Portable backend (CPU and CUDA): gathers each sequence's keys into a padded batch and
-    calls scaled_dot_product_attention with an explicit causal mask."""
-
-    name = "torch"
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        device = meta.slot_mapping.device
-        num_seqs = len(meta.query_lens)
-        max_q, max_k = max(meta.query_lens), max(meta.seq_lens)
-        query_lens = torch.tensor(meta.query_lens, device=device)
-        seq_lens = torch.tensor(meta.seq_lens, device=device)
-        starts = torch.cumsum(query_lens, 0) - query_lens
-        q_offsets = torch.arange(max_q, device=device)
-        k_positions = torch.arange(max_k, device=device)
-        row_valid = q_offsets[None, :] < query_lens[:, None]                  # [B, max_q]
-        query_index = torch.where(row_valid, starts[:, None] + q_offsets[None, :], 0)
-        q_positions = (seq_lens - query_lens)[:, None] + q_offsets[None, :]   # [B, max_q]
-        mask = k_positions[None, None, :] <= q_positions[:, :, None]
-        # Padded query rows attend to key 0 so that softmax stays finite; they are dropped.
-        mask = torch.where(row_valid[:, :, None], mask, k_positions[None, None, :] == 0)
-        blocks = meta.block_tables[:, k_positions // meta.block_size]         # [B, max_k]
-        key_slots = blocks * meta.block_size + k_positions[None, :] % meta.block_size
-        valid_rows = (torch.arange(num_seqs, device=device)[:, None] * max_q + q_offsets[None, :])
-        meta.prepared = _PaddedBatch(query_index, key_slots, mask[:, None], valid_rows[row_valid])
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[-2:]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-        return self.attend(q, k_cache, v_cache, meta, scale)
-
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[-2:]
-        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-        batch: _PaddedBatch = meta.prepared
-        qp = q[batch.query_index].transpose(1, 2)             # [B, H, max_q, D]
-        kp = flat_k[batch.key_slots].transpose(1, 2)          # [B, Hkv, max_k, D]
-        vp = flat_v[batch.key_slots].transpose(1, 2)
-        num_heads = q.shape[1]
-        if num_heads != num_kv_heads:
-            kp = kp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            vp = vp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.mask, scale=scale)
-        out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)
-        return out[batch.valid_rows]
-
-
-BACKENDS = ("auto", "torch", "triton", "flash_attn")
+BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 
 
 def _triton_available() -> bool:

@@ -22,7 +22,7 @@ import torch
 from flash_attn.cute import flash_attn_varlen_func
 
 from workers.kernels.index_arrays import varlen_index_arrays
-from workers.layers.attention import AttentionMetadata
+from workers.layers.attention_base import AttentionMetadata
 from workers.layers.attention_triton import StoresKVWithTriton, TritonAttentionBackend
 
 

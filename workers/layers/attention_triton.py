@@ -23,7 +23,7 @@ from workers.kernels.paged_attention import (
     plan_decode_partitions,
     plan_prefill,
 )
-from workers.layers.attention import AttentionMetadata
+from workers.layers.attention_base import AttentionMetadata
 
 # (num_heads, num_kv_heads, head_dim) of a layer: what the launch plans depend on beyond the step itself.
 HeadShape = tuple[int, int, int]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from workers.layers.attention import AttentionBackend, AttentionMetadata
+from workers.layers.attention_base import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
 from workers.layers.linear import Linear, linear, silu_and_mul_linear
 from workers.layers.norm import RMSNorm

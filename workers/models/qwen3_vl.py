@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import all_gather_last_dim, tp_rank, tp_size
-from workers.layers.attention import AttentionMetadata
+from workers.layers.attention_base import AttentionMetadata
 from workers.layers.linear import linear
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
