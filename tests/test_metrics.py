@@ -19,7 +19,7 @@ from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
 from streamvlm.metrics import CONTENT_TYPE, ITL_BUCKETS, render_metrics
-from streamvlm.engine.router import GroupLoad
+from streamvlm.engine.router import Route
 from streamvlm.contract.protocol import RequestDelta, StepOutput, StepStats
 from streamvlm.contract.sampling import SamplingParams
 
@@ -274,11 +274,9 @@ def test_engines_keep_separate_registries_and_shutdown_counts_as_error(loop, eng
 # ---- inter-token latency of multi-token deltas --------------------------------------------
 
 class _FakeGroup:
+    group_id = 0
     alive = True
     stats = StepStats()
-
-    def __init__(self) -> None:
-        self.load = GroupLoad()
 
     def send(self, message) -> None:
         pass
@@ -299,7 +297,8 @@ def test_a_delta_of_n_tokens_counts_as_n_equal_gaps(loop, engine, monkeypatch):
     monkeypatch.setattr(async_engine_module, "time", clock)
     group = _FakeGroup()
     state = RequestState("r", [1, 2, 3], SamplingParams(max_tokens=100), None)
-    probe._requests["r"] = _Tracked(state, DeltaCollector(), group, arrival=clock.now)
+    probe.router.add_group(group.group_id)
+    probe._requests["r"] = _Tracked(state, DeltaCollector(), Route(group), arrival=clock.now)
     probe.metrics.request_received(3)
 
     def step(*token_ids, finish=None, dt: float, preempted: int = 0) -> None:
