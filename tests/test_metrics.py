@@ -14,7 +14,8 @@ from tests.helpers import run
 from prometheus_client.parser import text_string_to_metric_families
 
 import streamvlm.engine.async_engine as async_engine_module
-from streamvlm.engine.async_engine import AsyncEngine, _Tracked
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.requests import TrackedRequest
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
@@ -298,7 +299,7 @@ def test_a_delta_of_n_tokens_counts_as_n_equal_gaps(loop, engine, monkeypatch):
     group = _FakeGroup()
     state = RequestState("r", [1, 2, 3], SamplingParams(max_tokens=100), None)
     probe.router.add_group(group.group_id)
-    probe._requests["r"] = _Tracked(state, DeltaCollector(), Route(group), arrival=clock.now)
+    probe._requests.add("r", TrackedRequest(state, DeltaCollector(), Route(group), arrival=clock.now))
     probe.metrics.request_received(3)
 
     def step(*token_ids, finish=None, dt: float, preempted: int = 0) -> None:

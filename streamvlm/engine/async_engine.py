@@ -13,7 +13,6 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -22,14 +21,14 @@ import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.model_source import resolve_model
-from streamvlm.contract.protocol import (AbortRequest, AddRequest, RequestDelta, StepOutput,
-                                         WorkerFailed)
+from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.contract.sampling import SamplingParams
 from streamvlm.engine.collector import DeltaCollector
-from streamvlm.engine.disaggregation import KVHandoffs, connect_kv_peers, send_split
+from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
 from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.request_state import OutputDelta, RequestState
+from streamvlm.engine.requests import RequestTable, TrackedRequest
 from streamvlm.engine.router import Route, Router
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.engine.worker_group import WorkerGroup
@@ -42,15 +41,6 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 DRAIN_BUDGET_S = 0.002
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
-
-
-@dataclass(slots=True)
-class _Tracked:
-    state: RequestState
-    collector: DeltaCollector
-    route: Route
-    arrival: float              # time.monotonic() on entry to _submit
-    last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
 
 
 def _kill_groups(groups: list[WorkerGroup]) -> None:
@@ -100,7 +90,6 @@ class AsyncEngine:
         self.tokenizer = self.processor.tokenizer
         self.groups: list[WorkerGroup] = []
         self._listener: WorkerListener | None = None
-        self._requests: dict[str, _Tracked] = {}
         self._num_preparing = 0   # requests in _submit not yet in _requests
         self._tasks: list[asyncio.Task] = []
         self._ctx: zmq.asyncio.Context | None = None
@@ -111,9 +100,8 @@ class AsyncEngine:
         self._disaggregated = False   # prefill and decode groups instead of mixed ones
         self.metrics = EngineMetrics()   # Prometheus text via streamvlm.metrics.render_metrics
         self.router = Router(config.block_size, config.worker_step_timeout_s)
+        self._requests = RequestTable(self.router, self.metrics, config.kv_transfer_timeout_s)
         self._watch = GroupWatch(config.worker_step_timeout_s, self._on_group_death)
-        self._handoffs = KVHandoffs(config.kv_transfer_timeout_s, self.router, self.metrics,
-                                    lambda request_id, error: self._end(request_id, "error", error=error))
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> AsyncEngine:
@@ -172,9 +160,7 @@ class AsyncEngine:
         for group in self.groups:
             group.unwatch()
             await group.shutdown()
-        error = EngineDeadError("the engine was shut down")
-        for request_id in list(self._requests):
-            self._end(request_id, "error", error=error, release=[])
+        self._requests.fail_all(EngineDeadError("the engine was shut down"))
         if self._dead is None:
             self._dead = EngineDeadError("the engine was shut down")
         if self._finalizer is not None:
@@ -204,7 +190,7 @@ class AsyncEngine:
                 yield delta
         finally:
             if not finished:
-                self._end(request_id, "abort")
+                self._requests.end(request_id, "abort")
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestOutput:
@@ -215,12 +201,12 @@ class AsyncEngine:
                 finished = (await tracked.collector.get()).finish_reason is not None
         finally:
             if not finished:
-                self._end(request_id, "abort")
+                self._requests.end(request_id, "abort")
         return tracked.state.output
 
     async def abort(self, request_id: str) -> None:
         """End a request now: its stream gets a last delta with finish_reason "abort"."""
-        tracked = self._end(request_id, "abort")
+        tracked = self._requests.end(request_id, "abort")
         if tracked is not None:
             out = tracked.state.apply(RequestDelta(request_id, [], finish_reason="abort"))
             if out is not None:
@@ -263,7 +249,7 @@ class AsyncEngine:
         return PreparedPrompt(ids, items)
 
     async def _submit(self, prompt: EnginePrompt, params: SamplingParams | None,
-                      request_id: str | None) -> tuple[str, _Tracked]:
+                      request_id: str | None) -> tuple[str, TrackedRequest]:
         arrival = time.monotonic()
         self._check_alive()
         self._admit()
@@ -291,12 +277,11 @@ class AsyncEngine:
                 route = Route(self.router.pick(self.groups, prompt_token_ids, "mixed"))
         finally:
             self._num_preparing -= 1
-        tracked = _Tracked(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
+        tracked = TrackedRequest(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
                            DeltaCollector(), route, arrival)
-        self._requests[request_id] = tracked
-        self.router.routed(route, len(prompt_token_ids))
+        self._requests.add(request_id, tracked)
         self.metrics.request_received(len(prompt_token_ids))
-        # From here on the request is tracked: whatever fails leaves through _withdraw.
+        # From here on the request is tracked: whatever fails withdraws it.
         try:
             request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                  params=params, eos_token_ids=self.processor.eos_token_ids,
@@ -306,7 +291,7 @@ class AsyncEngine:
             else:
                 send_split(request, route)
         except Exception as exc:
-            self._withdraw(request_id)
+            self._requests.withdraw(request_id)
             raise RuntimeError(f"request {request_id!r} could not be handed to the workers: "
                                f"{exc!r}") from exc
         return request_id, tracked
@@ -320,50 +305,12 @@ class AsyncEngine:
                 f"the engine holds {pending} requests, its limit (max_pending_requests="
                 f"{limit}): try again later", retry_after=OVERLOADED_RETRY_AFTER_S)
 
-    def _withdraw(self, request_id: str) -> None:
-        """Undo a request that _submit registered but could not hand to its groups: it ends, it
-        does not count as routed, and a group that got it already frees it."""
-        tracked = self._end(request_id, "error")
-        if tracked is not None:
-            self.router.unrouted(tracked.route)
-
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise self._dead
         if not self._started:
             raise RuntimeError("the engine is not started: use `async with engine` or "
                                "`await engine.start()`")
-
-    def _end(self, request_id: str, reason: str, *, error: str | BaseException | None = None,
-             release: list[WorkerGroup] | None = None, now: float | None = None) -> _Tracked | None:
-        """The one way a request leaves ``_requests`` (None if it already has): it is counted as
-        finished, the live groups in ``release`` (default: every group holding it) free its
-        blocks, and its consumer gets ``error``: a message ends its stream with an "error" delta,
-        an exception is raised to it. The caller delivers any other last delta."""
-        tracked = self._requests.pop(request_id, None)
-        if tracked is None:
-            return None
-        route = tracked.route
-        holders = route.holders() if release is None else release
-        prompt_len = len(tracked.state.output.prompt_token_ids)
-        self.router.finished(route, prompt_len, prefilled=bool(tracked.last_token))
-        self._handoffs.forget(request_id)
-        now = time.monotonic() if now is None else now
-        self.metrics.request_finished(reason, now - tracked.arrival,
-                                      tracked.state.output.num_cached_tokens)
-        for group in holders:
-            if group.alive:
-                try:
-                    group.send(AbortRequest(request_ids=[request_id]))
-                except Exception:  # noqa: BLE001 - a group that cannot take it is failing anyway
-                    pass
-        if isinstance(error, BaseException):
-            tracked.collector.fail(error)
-        elif error is not None:
-            out = tracked.state.apply(RequestDelta(request_id, [], finish_reason=reason, error=error))
-            if out is not None:
-                tracked.collector.put(out)
-        return tracked
 
     # ---- output path -----------------------------------------------------------------------
 
@@ -375,51 +322,12 @@ class AsyncEngine:
             return
         stats = group.stats = message.stats
         self._num_steps += 1
-        metrics = self.metrics
         if stats.num_preempted:
-            metrics.num_preemptions += stats.num_preempted
+            self.metrics.num_preemptions += stats.num_preempted
         # One clock read per step output: every delta in it reaches its consumer now.
-        now = time.monotonic()
-        requests = self._requests
-        for d in message.deltas:
-            tracked = requests.get(d.request_id)
-            if tracked is None:
-                continue   # aborted or already finished here (e.g. by a stop string)
-            try:
-                out = tracked.state.apply(d)
-            except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
-                self._end(d.request_id, "error", release=[group], now=now,
-                          error=RuntimeError(f"output processing failed: {exc!r}"))
-                continue
-            if out is None:
-                continue
-            if out.token_ids:
-                metrics.tokens_arrived(len(out.token_ids), tracked.arrival,
-                                       tracked.last_token, now)
-                if not tracked.last_token:
-                    self.router.prefilled(tracked.route, len(tracked.state.output.prompt_token_ids))
-                tracked.last_token = now
-            if out.finish_reason is not None:
-                # The group that ended it has freed its blocks, unless a stop string ended it
-                # here; any other holder (a decode group still waiting for the KV) has not.
-                self._end(d.request_id, out.finish_reason, now=now,
-                          release=[g for g in tracked.route.holders()
-                                   if g is not group or d.finish_reason is None])
-            tracked.collector.put(out)
-        for event in message.kv_events:
-            tracked = requests.get(event.request_id)
-            if tracked is not None and tracked.route.prefill is not None:
-                self._handoffs.on_event(event, tracked.route, now)
-            # else: ended meanwhile, and both sides were told to free it
+        self._requests.apply(group, message, time.monotonic())
 
     def _on_group_death(self, group: WorkerGroup, error: EngineDeadError) -> None:
-        # Requests it held fail; the other group of a prefill/decode pair frees their blocks. So
-        # do those whose first token it had not delivered yet: the decode group's tokens wait
-        # for it (the core streams tokens in order).
-        lost = [(request_id, t.route.holders()) for request_id, t in self._requests.items()
-                if group in t.route.holders() or (t.route.prefill is group and not t.last_token)]
-        for request_id, holders in lost:
-            self._end(request_id, "error", error=error,
-                      release=[g for g in holders if g is not group])
+        self._requests.fail_held_by(group, error)
         if not any(g.alive for g in self.groups):
             self._dead = error
