@@ -278,7 +278,7 @@ class AsyncEngine:
         finally:
             self._num_preparing -= 1
         tracked = TrackedRequest(RequestState(request_id, prompt_token_ids, params, self.tokenizer),
-                           DeltaCollector(), route, arrival)
+                                 DeltaCollector(), route, arrival)
         self._requests.add(request_id, tracked)
         self.metrics.request_received(len(prompt_token_ids))
         # From here on the request is tracked: whatever fails withdraws it.
