@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import streamvlm.engine.async_engine as async_engine_module
 from streamvlm.engine.async_engine import AsyncEngine
-from streamvlm.engine.requests import TrackedRequest
+from streamvlm.engine.request_table import TrackedRequest
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError

@@ -28,7 +28,7 @@ from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
 from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.request_state import OutputDelta, RequestState
-from streamvlm.engine.requests import RequestTable, TrackedRequest
+from streamvlm.engine.request_table import RequestTable, TrackedRequest
 from streamvlm.engine.router import Route, Router
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.engine.worker_group import WorkerGroup
