@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
     "AsyncEngine": "streamvlm.engine.async_engine",
-    "EngineStats": "streamvlm.engine.async_engine",
-    "HealthReport": "streamvlm.engine.async_engine",
+    "EngineStats": "streamvlm.metrics",
+    "HealthReport": "streamvlm.engine.group_health",
     "LLM": "streamvlm.engine.llm",
     "OutputDelta": "streamvlm.engine.request_state",
     "Usage": "streamvlm.engine.request_state",
@@ -31,9 +31,11 @@ if TYPE_CHECKING:
     from streamvlm.contract.config import EngineConfig
     from streamvlm.contract.protocol import TokenLogprobs
     from streamvlm.contract.sampling import SamplingParams
-    from streamvlm.engine.async_engine import AsyncEngine, EngineStats, HealthReport
+    from streamvlm.engine.async_engine import AsyncEngine
+    from streamvlm.engine.group_health import HealthReport
     from streamvlm.engine.llm import LLM
     from streamvlm.engine.request_state import OutputDelta, Usage
+    from streamvlm.metrics import EngineStats
     from streamvlm.errors import EngineDeadError, EngineOverloadedError, EngineUnresponsiveError
     from streamvlm.outputs import RequestOutput
 

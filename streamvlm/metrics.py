@@ -59,10 +59,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from streamvlm.engine.async_engine import AsyncEngine, EngineStats
+import msgspec
 
 PREFIX = "streamvlm:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -77,6 +76,22 @@ KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
                        5.0, 10.0, 30.0, 60.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    num_requests: int      # requests the engine core is tracking
+    num_steps: int         # step outputs received from workers
+    encoder_cache_hits: int = 0    # images whose encoder output was reused, since start
+    num_encoded_items: int = 0     # images (or embeddings) run through encoders, since start
+    # Disaggregated prefill/decode, since start: handoffs completed, the bytes they moved, and
+    # their time from the prefill group's first token to the decode group holding the KV.
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 _ZERO_STATS = SimpleNamespace(num_running=0, num_waiting=0, kv_blocks_total=0, kv_blocks_used=0,
@@ -255,6 +270,13 @@ class EngineMetrics:
         yield gauge("kv_cache_blocks_total", "KV-cache blocks in the workers' pools.", total)
 
 
-async def render_metrics(engine: AsyncEngine) -> tuple[bytes, str]:
+class MetricsSource(Protocol):
+    """What a metrics page is rendered from (an AsyncEngine)."""
+    metrics: EngineMetrics
+
+    async def stats(self) -> EngineStats: ...
+
+
+async def render_metrics(engine: MetricsSource) -> tuple[bytes, str]:
     """The engine's metrics page and its content type, for an HTTP ``/metrics`` route."""
     return engine.metrics.render(await engine.stats()), CONTENT_TYPE

@@ -630,7 +630,8 @@ def test_a_burst_of_requests_during_a_long_step_loses_none(loop, llama_path):
 # ---- submission: a request that cannot be sent, admission control -------------------------
 
 def load_counters(eng: AsyncEngine) -> list[tuple[int, int, int]]:
-    return [(g.load.num_requests, g.load.num_routed, g.load.queued_prompt_tokens) for g in eng.groups]
+    loads = [eng.router.load(g.group_id) for g in eng.groups]
+    return [(load.num_requests, load.num_routed, load.queued_prompt_tokens) for load in loads]
 
 
 @pytest.mark.parametrize("groups", [None, ["prefill", "decode"]], ids=["mixed", "prefill-decode"])

@@ -71,7 +71,7 @@ def test_prefill_decode_gives_the_tokens_of_one_mixed_group(loop, checkpoints, m
             stats = await eng.stats()
             health = await eng.health()
             page = eng.metrics.render(stats).decode()
-            return (got, stats, health, await wait_released(eng), [g.load.num_routed for g in eng.groups],
+            return (got, stats, health, await wait_released(eng), [eng.router.load(g.group_id).num_routed for g in eng.groups],
                     page)
     got, stats, health, held, routed, page = run(loop, scenario())
     assert f"streamvlm:kv_transfers_total {float(len(PROMPTS))}" in page

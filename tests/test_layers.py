@@ -24,13 +24,6 @@ WORKER_ENTRY_POINTS = frozenset({
     ("streamvlm.cli", "workers.remote"),
 })
 
-# Circles being removed on other branches of the same change. This set must become empty.
-KNOWN_CIRCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"streamvlm.engine.async_engine", "streamvlm.metrics"}),
-    frozenset({"workers.layers.attention", "workers.layers.attention_triton",
-               "workers.layers.attention_flash"}),
-})
-
 
 @dataclass(frozen=True)
 class Import:
@@ -182,7 +175,7 @@ def _circles(graph: dict[str, set[str]]) -> list[tuple[frozenset[str], list[str]
 
 
 def test_no_import_circles() -> None:
-    circles = [path for group, path in _circles(_import_graph()) if group not in KNOWN_CIRCLES]
+    circles = [path for _, path in _circles(_import_graph())]
     assert not circles, "import circles:\n" + "\n".join("  " + " -> ".join(c) for c in circles)
 
 

@@ -14,12 +14,13 @@ from tests.helpers import run
 from prometheus_client.parser import text_string_to_metric_families
 
 import streamvlm.engine.async_engine as async_engine_module
-from streamvlm.engine.async_engine import AsyncEngine, _Tracked
+from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.request_table import TrackedRequest
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.request_state import RequestState
 from streamvlm.errors import EngineDeadError
 from streamvlm.metrics import CONTENT_TYPE, ITL_BUCKETS, render_metrics
-from streamvlm.engine.router import GroupLoad
+from streamvlm.engine.router import Route
 from streamvlm.contract.protocol import RequestDelta, StepOutput, StepStats
 from streamvlm.contract.sampling import SamplingParams
 
@@ -274,11 +275,9 @@ def test_engines_keep_separate_registries_and_shutdown_counts_as_error(loop, eng
 # ---- inter-token latency of multi-token deltas --------------------------------------------
 
 class _FakeGroup:
+    group_id = 0
     alive = True
     stats = StepStats()
-
-    def __init__(self) -> None:
-        self.load = GroupLoad()
 
     def send(self, message) -> None:
         pass
@@ -299,7 +298,8 @@ def test_a_delta_of_n_tokens_counts_as_n_equal_gaps(loop, engine, monkeypatch):
     monkeypatch.setattr(async_engine_module, "time", clock)
     group = _FakeGroup()
     state = RequestState("r", [1, 2, 3], SamplingParams(max_tokens=100), None)
-    probe._requests["r"] = _Tracked(state, DeltaCollector(), group, arrival=clock.now)
+    probe.router.add_group(group.group_id)
+    probe._requests.add("r", TrackedRequest(state, DeltaCollector(), Route(group), arrival=clock.now))
     probe.metrics.request_received(3)
 
     def step(*token_ids, finish=None, dt: float, preempted: int = 0) -> None:

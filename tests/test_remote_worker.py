@@ -118,10 +118,10 @@ def test_a_dead_remote_worker_fails_only_its_own_requests(loop, llama_path, how)
         async with joined(remote_config(llama_path)) as (engine, worker):
             tasks = [asyncio.ensure_future(engine.generate({"prompt_token_ids": p}, long))
                      for p in prompts(8)]
-            while sum(g.load.num_requests for g in engine.groups) < 8:
+            while sum(engine.router.load(g.group_id).num_requests for g in engine.groups) < 8:
                 await asyncio.sleep(0.01)
             remote = engine.groups[1]
-            victims = remote.load.num_requests
+            victims = engine.router.load(remote.group_id).num_requests
             assert 0 < victims < 8
             os.kill(worker.pid, how)
             killed = time.monotonic()
@@ -150,7 +150,7 @@ def test_a_dead_remote_worker_fails_only_its_own_requests(loop, llama_path, how)
             outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
                                           for p in prompts(4)))
             assert all(len(o.token_ids) == 12 for o in outs)
-            assert engine.groups[1].load.num_routed == victims
+            assert engine.router.load(engine.groups[1].group_id).num_routed == victims
 
     run(loop, serve(), timeout=120)
 

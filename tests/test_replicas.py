@@ -63,10 +63,10 @@ def test_a_dead_replica_fails_only_its_own_requests(loop, llama_path):
         try:
             tasks = [asyncio.ensure_future(engine.generate({"prompt_token_ids": p}, long))
                      for p in prompts(8)]
-            while sum(g.load.num_requests for g in engine.groups) < 8:
+            while sum(engine.router.load(g.group_id).num_requests for g in engine.groups) < 8:
                 await asyncio.sleep(0.01)
             victim = engine.groups[0]
-            victim_requests = victim.load.num_requests
+            victim_requests = engine.router.load(victim.group_id).num_requests
             assert 0 < victim_requests < 8
             os.kill(victim.process.pid, signal.SIGKILL)
             results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -155,9 +155,9 @@ def test_a_stopped_worker_is_unhealthy_and_routed_around_until_it_resumes(loop, 
         health = await wait_for(engine, lambda h: not h.groups[0].responsive)
         assert not health.healthy and health.groups[0].alive and health.groups[1].responsive
         assert "no progress for" in health.groups[0].error
-        routed = engine.groups[0].load.num_routed
+        routed = engine.router.load(engine.groups[0].group_id).num_routed
         assert await generate(engine, 4) == [8] * 4
-        assert engine.groups[0].load.num_routed == routed   # all went to the other group
+        assert engine.router.load(engine.groups[0].group_id).num_routed == routed   # all went to the other group
 
         os.kill(second, signal.SIGSTOP)
         stopped.append(second)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig, tcp_host_port
-from streamvlm.engine.router import GroupLoad
 from streamvlm.engine.worker_client import STARTUP_TIMEOUT_S, group_sockets, receive_ready
 from streamvlm.errors import EngineDeadError
 from streamvlm.contract.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Heartbeat, JoinAccepted,
@@ -21,6 +21,7 @@ from streamvlm.contract.protocol import (HEARTBEAT_INTERVAL_S, CoreToWorker, Hea
 
 # Lets a Shutdown reach the worker after its socket is closed.
 SHUTDOWN_LINGER_MS = 1000
+REMOTE_CHECK_S = 0.1   # how often a remote group's liveness is checked
 
 
 class RemoteWorkerGroup:
@@ -36,7 +37,6 @@ class RemoteWorkerGroup:
         self.joined = asyncio.Event()
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
-        self.load = GroupLoad()
         self.dead_reason: str | None = None
         self.last_heard = 0.0          # time.monotonic() of the latest message from the worker
         self.connection_lost = False
@@ -46,6 +46,7 @@ class RemoteWorkerGroup:
         # in a future nobody awaits; this one raises it here.
         self._sender: zmq.Socket | None = None
         self._heartbeats: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     @property
     def processes(self) -> list:
@@ -134,6 +135,20 @@ class RemoteWorkerGroup:
             return f"{self.name} sent nothing for {silent:.1f} s"
         return None
 
+    def watch(self, loop: asyncio.AbstractEventLoop, on_dead: Callable[[str], None]) -> None:
+        """No process here to watch: liveness is heard (see failure)."""
+        self._watcher = loop.create_task(self._watch(on_dead))
+
+    async def _watch(self, on_dead: Callable[[str], None]) -> None:
+        while self.dead_reason is None:
+            await asyncio.sleep(REMOTE_CHECK_S)
+            reason = self.failure()
+            if reason is not None:
+                on_dead(reason)
+
+    def unwatch(self) -> None:
+        _cancel(self._watcher)
+
     async def _send_heartbeats(self) -> None:
         while True:
             self._send_frame(self._heartbeat)
@@ -171,17 +186,22 @@ class RemoteWorkerGroup:
 
     def kill(self) -> None:
         """Close the sockets (safe to call twice); the worker then leaves within its timeout."""
+        self.unwatch()
         self._stop_heartbeats()
         for sock in (self.inbox, self.outbox):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
 
     def _stop_heartbeats(self) -> None:
-        if self._heartbeats is not None and not self._heartbeats.done():
-            try:
-                self._heartbeats.cancel()
-            except RuntimeError:   # from a finalizer, after the event loop closed
-                pass
+        _cancel(self._heartbeats)
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None and not task.done():
+        try:
+            task.cancel()
+        except RuntimeError:   # from a finalizer, after the event loop closed
+            pass
 
 
 class WorkerListener:

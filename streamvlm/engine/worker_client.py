@@ -19,12 +19,12 @@ import zmq
 import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig, GroupSpec
-from streamvlm.engine.router import GroupLoad
 from streamvlm.errors import EngineDeadError
 from streamvlm.contract.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
                                 WorkerToCore)
 
 STARTUP_TIMEOUT_S = 600.0
+THREAD_POLL_S = 0.2   # how often a thread-backend group's liveness is checked
 
 
 async def receive_ready(outbox: zmq.asyncio.Socket, decoder: msgspec.msgpack.Decoder, name: str,
@@ -118,12 +118,12 @@ class WorkerGroupClient:
         self.followers: list[BaseProcess] = []   # tensor-parallel ranks 1..T-1
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
-        self.load = GroupLoad()
         self.dead_reason: str | None = None
         self.last_heard = 0.0   # time.monotonic() of the latest message (see responsive)
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
+        self._poller: asyncio.Task | None = None   # the thread backend's liveness poll
 
     @property
     def processes(self) -> list[Any]:
@@ -247,6 +247,42 @@ class WorkerGroupClient:
                 f" with code {code}" if code is not None else "")
         return f"worker {self.group_id} (pid {self.pid}) exited"
 
+    def watch(self, loop: asyncio.AbstractEventLoop, on_dead: Callable[[str], None]) -> None:
+        if isinstance(self.process, threading.Thread):   # no sentinel to wait on
+            self._poller = loop.create_task(self._poll(on_dead))
+            return
+        for process in self.processes:
+            # Readable the moment the process ends, however it ends.
+            loop.add_reader(process.sentinel, self._exited, on_dead)
+
+    async def _poll(self, on_dead: Callable[[str], None]) -> None:
+        while self.process.is_alive():
+            await asyncio.sleep(THREAD_POLL_S)
+        on_dead(self.exit_description())
+
+    def _exited(self, on_dead: Callable[[str], None]) -> None:
+        self.unwatch()
+        reason = self.exit_description()
+        self.kill_processes()
+        on_dead(reason)
+
+    def unwatch(self) -> None:
+        if self._poller is not None and not self._poller.done():
+            try:
+                self._poller.cancel()
+            except RuntimeError:   # from a finalizer, after the event loop closed
+                pass
+        for process in self.processes:
+            try:
+                sentinel = getattr(process, "sentinel", None)
+            except ValueError:   # the process never started
+                continue
+            if sentinel is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(sentinel)
+                except (RuntimeError, ValueError, OSError):
+                    pass
+
     def kill_processes(self) -> None:
         """End every rank still running (a group with a dead rank cannot step)."""
         for process in self.processes:
@@ -278,6 +314,7 @@ class WorkerGroupClient:
 
     def kill(self) -> None:
         """Make sure the process is gone and the sockets closed (safe to call twice)."""
+        self.unwatch()
         for process in self.processes:
             if isinstance(process, BaseProcess) and process.is_alive():
                 process.kill()

@@ -1,0 +1,129 @@
+"""The requests the engine core tracks, from registration to their end: step outputs applied to
+them, their KV handoffs, and the one way they end (``RequestTable.end``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from streamvlm.contract.protocol import AbortRequest, RequestDelta, StepOutput
+from streamvlm.engine.collector import DeltaCollector
+from streamvlm.engine.disaggregation import KVHandoffs
+from streamvlm.engine.request_state import RequestState
+from streamvlm.engine.router import Route, Router
+from streamvlm.engine.worker_group import WorkerGroup
+from streamvlm.metrics import EngineMetrics
+
+
+@dataclass(slots=True)
+class TrackedRequest:
+    state: RequestState
+    collector: DeltaCollector
+    route: Route
+    arrival: float              # time.monotonic() on entry to the engine
+    last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
+
+
+class RequestTable:
+    def __init__(self, router: Router, metrics: EngineMetrics, kv_transfer_timeout_s: float) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._requests: dict[str, TrackedRequest] = {}
+        self._handoffs = KVHandoffs(kv_transfer_timeout_s, router, metrics,
+                                    lambda request_id, error: self.end(request_id, "error", error=error))
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def add(self, request_id: str, tracked: TrackedRequest) -> None:
+        self._requests[request_id] = tracked
+        self._router.routed(tracked.route, len(tracked.state.output.prompt_token_ids))
+
+    def end(self, request_id: str, reason: str, *, error: str | BaseException | None = None,
+            release: list[WorkerGroup] | None = None, now: float | None = None) -> TrackedRequest | None:
+        """The one way a request leaves the table (None if it already has): it is counted as
+        finished, the live groups in ``release`` (default: every group holding it) free its
+        blocks, and its consumer gets ``error``: a message ends its stream with an "error" delta,
+        an exception is raised to it. The caller delivers any other last delta."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return None
+        route = tracked.route
+        holders = route.holders() if release is None else release
+        self._router.finished(route, len(tracked.state.output.prompt_token_ids),
+                              prefilled=bool(tracked.last_token))
+        self._handoffs.forget(request_id)
+        now = time.monotonic() if now is None else now
+        self._metrics.request_finished(reason, now - tracked.arrival,
+                                       tracked.state.output.num_cached_tokens)
+        for group in holders:
+            if group.alive:
+                try:
+                    group.send(AbortRequest(request_ids=[request_id]))
+                except Exception:  # noqa: BLE001 - a group that cannot take it is failing anyway
+                    pass
+        if isinstance(error, BaseException):
+            tracked.collector.fail(error)
+        elif error is not None:
+            out = tracked.state.apply(RequestDelta(request_id, [], finish_reason=reason, error=error))
+            if out is not None:
+                tracked.collector.put(out)
+        return tracked
+
+    def withdraw(self, request_id: str) -> None:
+        """Undo a request that was added but could not be handed to its groups: it ends, it does
+        not count as routed, and a group that got it already frees it."""
+        tracked = self.end(request_id, "error")
+        if tracked is not None:
+            self._router.unrouted(tracked.route)
+
+    def apply(self, group: WorkerGroup, message: StepOutput, now: float) -> None:
+        """A step output from ``group``, received at ``now``: deltas to their consumers."""
+        metrics = self._metrics
+        requests = self._requests
+        for d in message.deltas:
+            tracked = requests.get(d.request_id)
+            if tracked is None:
+                continue   # aborted or already finished here (e.g. by a stop string)
+            try:
+                out = tracked.state.apply(d)
+            except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
+                self.end(d.request_id, "error", release=[group], now=now,
+                         error=RuntimeError(f"output processing failed: {exc!r}"))
+                continue
+            if out is None:
+                continue
+            if out.token_ids:
+                metrics.tokens_arrived(len(out.token_ids), tracked.arrival, tracked.last_token, now)
+                if not tracked.last_token:
+                    self._router.prefilled(tracked.route, len(tracked.state.output.prompt_token_ids))
+                tracked.last_token = now
+            if out.finish_reason is not None:
+                # The group that ended it has freed its blocks, unless a stop string ended it
+                # here; any other holder (a decode group still waiting for the KV) has not.
+                self.end(d.request_id, out.finish_reason, now=now,
+                         release=[g for g in tracked.route.holders()
+                                  if g is not group or d.finish_reason is None])
+            tracked.collector.put(out)
+        for event in message.kv_events:
+            tracked = requests.get(event.request_id)
+            if tracked is not None and tracked.route.prefill is not None:
+                self._handoffs.on_event(event, tracked.route, now)
+            # else: ended meanwhile, and both sides were told to free it
+
+    def fail_all(self, error: BaseException) -> None:
+        """Every request fails; no group is told (they are gone)."""
+        for request_id in list(self._requests):
+            self.end(request_id, "error", error=error, release=[])
+
+    def fail_held_by(self, group: WorkerGroup, error: BaseException) -> None:
+        """``group`` died: the requests it held fail, and the other group of a prefill/decode
+        pair frees their blocks. So do those whose first token it had not delivered yet: the
+        decode group's tokens wait for it (the core streams tokens in order)."""
+        lost = [(request_id, t.route.holders()) for request_id, t in self._requests.items()
+                if group in t.route.holders() or (t.route.prefill is group and not t.last_token)]
+        for request_id, holders in lost:
+            self.end(request_id, "error", error=error, release=[g for g in holders if g is not group])
