@@ -1,22 +1,46 @@
-"""Engine configuration: one typed record, built from keyword arguments or a TOML file."""
+"""Engine configuration: typed sections (model, cache, scheduler, parallel, image input, request
+limits) in one EngineConfig, built from flat keyword arguments or a TOML file, and ``resolve()``,
+the one step that turns the core's "auto"/None settings into concrete values.
+
+Where each setting is resolved:
+
+- ``resolve(config, source)`` (here, called once by the engine core before any worker starts)
+  fills in whatever the core can know without a device: max_model_len (from the model's
+  config), kv_transport, max_cuda_graph_batch_size, max_prompt_bytes. Workers receive the
+  resolved config.
+- device, dtype, attention_backend and async_scheduling depend on the device a worker group
+  runs on. The engine core cannot know them without initializing CUDA in its own process, and a
+  remote group runs on a host the core cannot see, so each worker group resolves them once, in
+  ``workers.device_settings.resolve_for_device``, and reports the concrete values back in
+  ``WorkerReady``. num_kv_blocks None is sized by the worker from the memory left once the
+  model is loaded, and reported the same way.
+"""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S, GroupRole
 
+if TYPE_CHECKING:
+    from streamvlm.contract.model_source import ModelSource
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton", "flash_attn"]
+KVTransport = Literal["auto", "zmq", "peer"]
 
 DEFAULT_MODEL = "smollm2-135m"
+# The default max_prompt_bytes per token of context: far above what text averages, so that only a
+# prompt that could never fit is refused before it is tokenized.
+PROMPT_BYTES_PER_TOKEN = 16
+# The largest default max_cuda_graph_batch_size.
+MAX_CUDA_GRAPH_BATCH = 512
 
 
 def normalize_host(host: str) -> str:
@@ -24,72 +48,26 @@ def normalize_host(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """The image-input limits, declared once: EngineConfig's fields of the same names take
-    their defaults from here, and from_config builds the limits from them."""
-
-    max_images_per_request: int = 8
-    # Longest side in pixels; larger images shrink to it, keeping the aspect ratio.
-    max_image_size: int = 4096
-    # width * height from the header; larger images are refused before their pixels are decoded.
-    max_image_pixels: int = 40_000_000
-    # Encoded size: raw bytes, decoded base64, file size, downloaded body.
-    max_image_bytes: int = 20 * 2**20
-    allow_remote_images: bool = False
-    # Hosts, IPs or networks (CIDR) that may be fetched even on loopback/private/link-local addresses.
-    allowed_image_hosts: tuple[str, ...] = ()
-    allow_local_image_paths: bool = False
-    # Bounds a whole remote fetch: resolving, connecting, redirects and the body.
-    image_fetch_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_images_per_request", "max_image_size", "max_image_pixels", "max_image_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.image_fetch_timeout > 0:
-            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
-        hosts = tuple(normalize_host(str(host)) for host in self.allowed_image_hosts)
-        object.__setattr__(self, "allowed_image_hosts", hosts)
-
-    @classmethod
-    def from_config(cls, config: object) -> ImageLimits:
-        """Read the limits by attribute from an EngineConfig (or any object); missing ones keep defaults."""
-        defaults = cls()
-        values = {f.name: getattr(config, f.name, getattr(defaults, f.name)) for f in fields(cls)}
-        values["allowed_image_hosts"] = tuple(values["allowed_image_hosts"] or ())
-        return cls(**values)
+def _check_at_least(section: msgspec.Struct, names: tuple[str, ...], minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One worker group of ``EngineConfig.groups``: what it does and where it runs."""
-
-    role: GroupRole = "mixed"
-    tensor_parallel_size: int = 1
-    devices: list[int] | None = None     # CUDA devices of its ranks; None: the next free ones
-
-
-class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Everything that shapes an engine: the model, the devices, the memory and batch limits.
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The checkpoint and how it runs.
 
     ``model`` is a checkpoint folder, a ``.gguf`` file, or ``"smollm2-135m"`` (the embedded
-    default). ``max_model_len`` None takes the model's ``max_position_embeddings``;
-    ``num_kv_blocks`` None sizes the KV pool from free memory.
+    default). ``max_model_len`` None takes the model's ``max_position_embeddings``.
     """
 
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None
+    load_format: LoadFormat = "auto"
     dtype: Dtype = "auto"
     device: Device = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    load_format: LoadFormat = "auto"
     seed: int = 0
     # "flash_attn": FlashAttention 4 (flash_attn.cute, pip install flash-attn-4) for prefill, our
     # Triton kernel for decode; Hopper or newer GPUs, bfloat16 / float16. "triton": our Triton
@@ -100,15 +78,71 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enforce_eager: bool = False
     # The largest decode batch that runs as a CUDA graph (None: max_num_seqs, at most 512).
     max_cuda_graph_batch_size: int | None = None
-    # Schedule and queue step N+1 while step N still runs on the device, its sampled tokens feeding
-    # N+1 on the device. Steps with penalty sampling wait for the tokens instead. With tensor
-    # parallelism rank 0 broadcasts the sampled tokens to the other ranks each step. None: on for CUDA
-    # worker groups of one rank.
-    async_scheduling: bool | None = None
     # No tokenizer: prompts must be token ids and outputs carry no text (benchmarks).
     skip_tokenizer_init: bool = False
     # Benchmarks only: sample random tokens without a forward pass, to measure the engine core.
     skip_model_forward: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty string")
+        _check_at_least(self, ("max_model_len", "max_cuda_graph_batch_size"))
+
+
+class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The paged KV cache and the encoder cache. ``num_kv_blocks`` None sizes the KV pool from
+    free memory (in the worker, once the model is loaded)."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    # Encoder outputs kept by image hash (least recently used out), in placeholder tokens.
+    encoder_cache_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        _check_at_least(self, ("num_kv_blocks",))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        _check_at_least(self, ("encoder_cache_tokens",), 0)
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Continuous batching: how many sequences and tokens one step takes."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # Schedule and queue step N+1 while step N still runs on the device, its sampled tokens feeding
+    # N+1 on the device. Steps with penalty sampling wait for the tokens instead. With tensor
+    # parallelism rank 0 broadcasts the sampled tokens to the other ranks each step. None: on for CUDA
+    # worker groups of one rank (resolved by each worker group for its device).
+    async_scheduling: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, ("max_num_seqs", "max_num_batched_tokens"))
+
+
+class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One worker group of ``ParallelConfig.groups``: what it does and where it runs."""
+
+    role: GroupRole = "mixed"
+    tensor_parallel_size: int = 1
+    devices: list[int] | None = None     # CUDA devices of its ranks; None: the next free ones
+
+
+class ParallelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Worker groups: replicas, tensor parallelism, prefill/decode disaggregation, how the worker
+    processes run and how the engine core reaches them."""
+
+    # "process": each worker group in its own spawned process. "thread": the same worker loop
+    # and messages in a thread of this process (fast start, for tests and debugging).
+    worker_backend: Literal["process", "thread"] = "process"
     # How the engine core reaches its workers: "ipc" (one host) or "tcp".
     worker_transport: Literal["ipc", "tcp"] = "ipc"
     # Data-parallel replicas: worker groups with their own scheduler and KV pool.
@@ -118,9 +152,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # CUDA device indices, num_replicas * tensor_parallel_size of them: group g, rank r uses
     # devices[g * tensor_parallel_size + r]. None: 0, 1, 2, ... in that order.
     devices: list[int] | None = None
-    # "process": each worker group in its own spawned process. "thread": the same worker loop
-    # and messages in a thread of this process (fast start, for tests and debugging).
-    worker_backend: Literal["process", "thread"] = "process"
     # Worker groups started on other hosts (`streamvlm worker --connect ADDRESS`), beside the
     # num_replicas local ones; the engine core waits for them to join at worker_listen_address
     # ("tcp://HOST:PORT"). They run this config, tensor_parallel_size 1 only.
@@ -148,59 +179,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_transfer_timeout_s: float = 30.0
     # How KV bytes travel between groups: "zmq" (ZeroMQ frames through host memory) or "peer"
     # (torch.distributed point-to-point between the groups' rank 0: gloo on CPU, NCCL on CUDA,
-    # GPU to GPU). "auto" is "zmq" for now.
-    kv_transport: Literal["auto", "zmq", "peer"] = "auto"
-    # Admission control: requests the engine core holds at once, from the moment they are
-    # submitted (prompts still being prepared count, so a flood of images is bounded too) to
-    # their final event; past it a request fails at once with EngineOverloadedError (HTTP 429).
-    # 1024 is 16 full batches of the default max_num_seqs: enough queue to keep one GPU server
-    # busy, small enough that queued prompts and images cannot exhaust host memory.
-    max_pending_requests: int = 1024
-    # Image input (VLMs). Images beyond max_image_size (longest side, pixels) shrink keeping
-    # their aspect ratio; more than max_image_pixels is refused before it is decoded in full.
-    max_images_per_request: int = ImageLimits.max_images_per_request
-    max_image_size: int = ImageLimits.max_image_size
-    max_image_pixels: int = ImageLimits.max_image_pixels
-    max_image_bytes: int = ImageLimits.max_image_bytes
-    # http(s) image URLs: off unless enabled; loopback, private and link-local addresses stay
-    # refused unless their host is listed in allowed_image_hosts.
-    allow_remote_images: bool = ImageLimits.allow_remote_images
-    allowed_image_hosts: list[str] = []
-    allow_local_image_paths: bool = ImageLimits.allow_local_image_paths
-    image_fetch_timeout: float = ImageLimits.image_fetch_timeout
-    # Encoder outputs kept by image hash (least recently used out), in placeholder tokens.
-    encoder_cache_tokens: int = 32768
-    # Request input limits, checked before anything is queued. Stop strings: how many, and the
-    # characters of each. A text prompt's (or a chat's message texts') UTF-8 bytes before it is
-    # tokenized; None: 16 bytes per token of max_model_len. Decoded image pixels (width * height)
-    # in flight across requests: an image waits until its pixels fit (one larger than the whole
-    # budget waits until it is alone). Special-token text (such as "<|im_end|>") in chat message
-    # content is tokenized as plain text unless allow_special_tokens_in_content is on.
-    max_stop_strings: int = 16
-    max_stop_length: int = 1024
-    max_prompt_bytes: int | None = None
-    max_pending_image_pixels: int = 160_000_000
-    allow_special_tokens_in_content: bool = False
+    # GPU to GPU). "auto" resolves to "zmq" for now.
+    kv_transport: KVTransport = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a non-empty string")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if not isinstance(self.max_pending_requests, int) or self.max_pending_requests < 1:
-            raise ValueError(f"max_pending_requests must be an integer >= 1, got {self.max_pending_requests!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.worker_backend == "thread":
@@ -213,21 +195,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.devices is not None and len(self.devices) < needed:
             raise ValueError(f"devices lists {len(self.devices)} devices; num_replicas * "
                              f"tensor_parallel_size needs {needed}")
-        ImageLimits.from_config(self)   # checks the image limits
-        if self.encoder_cache_tokens < 0:
-            raise ValueError(f"encoder_cache_tokens must be >= 0, got {self.encoder_cache_tokens}")
-        if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:
-            raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
-        if self.cpu_kv_cache_gib <= 0:
-            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
-        self._check_input_limits()
-
-    def _check_input_limits(self) -> None:
-        for name in ("max_stop_strings", "max_stop_length", "max_prompt_bytes",
-                     "max_pending_image_pixels"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
 
     def _check_groups(self) -> None:
         if self.kv_transfer_timeout_s <= 0:
@@ -268,13 +235,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.remote_worker_groups:
             raise ValueError("groups and remote_worker_groups cannot be combined yet")
 
-    @property
-    def group_specs(self) -> list[GroupSpec]:
-        """The local worker groups: ``groups``, or num_replicas mixed groups."""
-        if self.groups is not None:
-            return list(self.groups)   # GroupSpecs after __post_init__
-        return [GroupSpec(tensor_parallel_size=self.tensor_parallel_size) for _ in range(self.num_replicas)]
-
     def _check_remote_workers(self) -> None:
         if self.remote_worker_groups < 0:
             raise ValueError(f"remote_worker_groups must be >= 0, got {self.remote_worker_groups}")
@@ -297,33 +257,183 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("remote_worker_groups needs tensor_parallel_size 1: a tensor-"
                              "parallel group across hosts is not supported")
 
+    @property
+    def group_specs(self) -> list[GroupSpec]:
+        """The local worker groups: ``groups``, or num_replicas mixed groups."""
+        if self.groups is not None:
+            return list(self.groups)   # GroupSpecs after __post_init__
+        return [GroupSpec(tensor_parallel_size=self.tensor_parallel_size) for _ in range(self.num_replicas)]
+
+
+class ImageInputConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The image-input limits (VLMs), declared once: the input pipeline reads them from here."""
+
+    max_images_per_request: int = 8
+    # Longest side in pixels; larger images shrink to it, keeping the aspect ratio.
+    max_image_size: int = 4096
+    # width * height from the header; larger images are refused before their pixels are decoded.
+    max_image_pixels: int = 40_000_000
+    # Encoded size: raw bytes, decoded base64, file size, downloaded body.
+    max_image_bytes: int = 20 * 2**20
+    # http(s) image URLs: off unless enabled; loopback, private and link-local addresses stay
+    # refused unless their host is listed in allowed_image_hosts.
+    allow_remote_images: bool = False
+    # Hosts, IPs or networks (CIDR) that may be fetched even on loopback/private/link-local addresses.
+    allowed_image_hosts: tuple[str, ...] = ()
+    allow_local_image_paths: bool = False
+    # Bounds a whole remote fetch: resolving, connecting, redirects and the body.
+    image_fetch_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, ("max_images_per_request", "max_image_size", "max_image_pixels",
+                               "max_image_bytes"))
+        if not self.image_fetch_timeout > 0:
+            raise ValueError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
+        self.allowed_image_hosts = tuple(normalize_host(str(host))
+                                         for host in self.allowed_image_hosts or ())
+
+
+class RequestLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Admission control and request input limits, checked before anything is queued."""
+
+    # Requests the engine core holds at once, from the moment they are submitted (prompts still
+    # being prepared count, so a flood of images is bounded too) to their final event; past it a
+    # request fails at once with EngineOverloadedError (HTTP 429). 1024 is 16 full batches of the
+    # default max_num_seqs: enough queue to keep one GPU server busy, small enough that queued
+    # prompts and images cannot exhaust host memory.
+    max_pending_requests: int = 1024
+    # Stop strings: how many, and the characters of each.
+    max_stop_strings: int = 16
+    max_stop_length: int = 1024
+    # A text prompt's (or a chat's message texts') UTF-8 bytes before it is tokenized; None: 16
+    # bytes per token of max_model_len.
+    max_prompt_bytes: int | None = None
+    # Decoded image pixels (width * height) in flight across requests: an image waits until its
+    # pixels fit (one larger than the whole budget waits until it is alone).
+    max_pending_image_pixels: int = 160_000_000
+    # Special-token text (such as "<|im_end|>") in chat message content is tokenized as plain
+    # text unless this is on.
+    allow_special_tokens_in_content: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_pending_requests, int) or self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests must be an integer >= 1, got {self.max_pending_requests!r}")
+        _check_at_least(self, ("max_stop_strings", "max_stop_length", "max_prompt_bytes",
+                               "max_pending_image_pixels"))
+
+
+# EngineConfig's sections: the attribute name and the section type.
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig, "image": ImageInputConfig, "limits": RequestLimits,
+}
+# Every setting's flat name -> the section holding it (names are unique across sections).
+SECTION_OF: dict[str, str] = {field.name: section for section, cls in SECTIONS.items()
+                              for field in msgspec.structs.fields(cls)}
+assert len(SECTION_OF) == sum(len(msgspec.structs.fields(cls)) for cls in SECTIONS.values())
+
+
+def split_flat(settings: dict[str, Any], *, unknown: type[Exception] = ValueError
+               ) -> dict[str, dict[str, Any]]:
+    """Flat setting names -> {section: {name: value}}. A section name with a table (a dict, as
+    a TOML ``[cache]`` table) merges that table in; a section instance is taken whole."""
+    nested: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name in SECTIONS and (isinstance(value, dict) or isinstance(value, SECTIONS[name])):
+            if isinstance(value, SECTIONS[name]):
+                nested[name] = value
+            else:
+                nested.setdefault(name, {}).update(value)
+        elif name in SECTION_OF:
+            nested.setdefault(SECTION_OF[name], {})[name] = value
+        else:
+            raise unknown(f"Unexpected keyword argument '{name}'" if unknown is TypeError
+                          else f"invalid engine config: unknown field `{name}`")
+    return nested
+
+
+class _FlatKeywords(msgspec.StructMeta):
+    """``EngineConfig(block_size=32, max_num_seqs=8)``: flat setting names, each routed to its
+    section (msgspec Structs cannot define ``__init__``). Section instances pass as they are:
+    ``EngineConfig(cache=CacheConfig(...))``. Decoding and msgspec.convert skip this."""
+
+    def __call__(cls, **settings: Any) -> Any:
+        nested = split_flat(settings, unknown=TypeError)
+        sections = {name: value if isinstance(value, msgspec.Struct) else SECTIONS[name](**value)
+                    for name, value in nested.items()}
+        return super().__call__(**sections)
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, metaclass=_FlatKeywords):
+    """Everything that shapes an engine, in sections: ``config.model.max_model_len``,
+    ``config.cache.block_size``, ``config.scheduler.max_num_seqs``,
+    ``config.parallel.tensor_parallel_size``, ``config.image.max_image_size``,
+    ``config.limits.max_pending_requests``. Built from flat names (``EngineConfig(block_size=32)``,
+    ``from_kwargs``, ``from_toml``, CLI flags), each routed to its section."""
+
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    image: ImageInputConfig = msgspec.field(default_factory=ImageInputConfig)
+    limits: RequestLimits = msgspec.field(default_factory=RequestLimits)
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Build from keyword arguments, turning type mistakes into ValueError."""
+        """Build from flat keyword arguments (or section tables), turning type mistakes into
+        ValueError."""
         try:
-            return msgspec.convert(kwargs, cls, strict=False)
+            return msgspec.convert(split_flat(kwargs), cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ValueError(f"invalid engine config: {exc}") from exc
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> EngineConfig:
-        """Load a ``configs/*.toml`` file; keyword overrides (e.g. CLI flags) win."""
+        """Load a ``configs/*.toml`` file of flat keys (or ``[cache]``-style section tables);
+        keyword overrides (e.g. CLI flags) win."""
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_kwargs(**data)
+        nested = split_flat(data)
+        for name, value in split_flat({k: v for k, v in overrides.items() if v is not None}).items():
+            nested.setdefault(name, {}).update(value)
+        return cls.from_kwargs(**nested)
+
+    def replace(self, **settings: Any) -> EngineConfig:
+        """A copy with these flat settings changed (checked again)."""
+        sections = {name: msgspec.structs.replace(getattr(self, name), **values)
+                    for name, values in split_flat(settings).items()}
+        return msgspec.structs.replace(self, **sections)
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> int:
     model_limit = hf_config.get("max_position_embeddings")
-    if config.max_model_len is None:
+    max_model_len = config.model.max_model_len
+    if max_model_len is None:
         if model_limit is None:
             raise ValueError("the model config has no max_position_embeddings: set max_model_len")
         return int(model_limit)
-    if model_limit is not None and config.max_model_len > model_limit:
-        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+    if model_limit is not None and max_model_len > model_limit:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings={model_limit}")
-    return config.max_model_len
+    return max_model_len
+
+
+def resolve(config: EngineConfig, source: ModelSource) -> EngineConfig:
+    """The config with every "auto"/None the engine core can know made concrete: called once,
+    before any worker starts; workers receive what it returns. Device-dependent settings are
+    left to each worker group (see the module docstring)."""
+    max_model_len = resolve_max_model_len(config, source.text_config)
+    model = msgspec.structs.replace(
+        config.model, max_model_len=max_model_len,
+        max_cuda_graph_batch_size=(config.model.max_cuda_graph_batch_size
+                                   or min(config.scheduler.max_num_seqs, MAX_CUDA_GRAPH_BATCH)))
+    parallel = config.parallel
+    if parallel.kv_transport == "auto":
+        parallel = msgspec.structs.replace(parallel, kv_transport="zmq")
+    limits = msgspec.structs.replace(
+        config.limits,
+        max_prompt_bytes=config.limits.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * max_model_len)
+    return msgspec.structs.replace(config, model=model, parallel=parallel, limits=limits)
 
 
 def tcp_host_port(address: str, name: str) -> tuple[str, int]:
