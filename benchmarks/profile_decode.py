@@ -49,8 +49,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from streamvlm.contract.config import EngineConfig
+    from streamvlm.contract.config import EngineConfig, resolve
     from streamvlm.contract.model_source import resolve_model
+    from workers.device_settings import resolve_for_device
     from workers.rank_messages import StepPlan
     from workers.model_runner import ModelRunner
 
@@ -59,7 +60,9 @@ def main() -> None:
     config = EngineConfig(model=shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
                           device="cuda", dtype="bfloat16", max_model_len=4096, block_size=bs,
                           num_kv_blocks=args.batch * blocks_per_seq + 1, max_num_seqs=args.batch)
-    runner = ModelRunner(config, resolve_model(config.model), 4096)
+    source = resolve_model(config.model.model)
+    config = resolve(config, source)
+    runner = ModelRunner(config, source, resolve_for_device(config, source.hf_config, tp_size=1))
     tables = [[1 + s * blocks_per_seq + i for i in range(blocks_per_seq)] for s in range(args.batch)]
     pos = args.context
     slots = np.array([t[pos // bs] * bs + pos % bs for t in tables], dtype=np.int64)

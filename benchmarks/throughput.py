@@ -134,7 +134,7 @@ def main() -> None:
     output_tokens = sum(len(o.token_ids) for o in outputs)
     result = {"model": args.model or args.shape, "tensor_parallel_size": args.tensor_parallel_size,
               "num_replicas": args.num_replicas, "async_scheduling": args.async_scheduling, "device": llm.engine.groups[0].ready.device,
-              "dtype": llm.config.dtype, "requests": len(requests),
+              "dtype": llm.config.model.dtype, "requests": len(requests),
               "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
               "seconds": round(elapsed, 3),
               "output_tokens_per_s": round(output_tokens / elapsed, 1)}

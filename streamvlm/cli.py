@@ -2,8 +2,8 @@
 ``streamvlm generate PROMPT`` streams a completion to the terminal; ``streamvlm worker
 --connect tcp://HOST:PORT`` runs a worker group for an engine core on another host.
 
-Every EngineConfig field is a flag (``--max-num-seqs`` for ``max_num_seqs``...), and
-``--config F`` loads a TOML file of them first; flags win.
+Every EngineConfig setting (a field of one of its sections) is a flag (``--max-num-seqs`` for
+``max_num_seqs``...), and ``--config F`` loads a TOML file of them first; flags win.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import SECTIONS, EngineConfig
 
 SAMPLING_FLAGS: dict[str, type] = {
     "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
@@ -27,12 +27,12 @@ SAMPLING_FLAGS: dict[str, type] = {
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (EngineConfig fields)")
     group.add_argument("--config", help="a TOML file of EngineConfig fields")
-    for field in msgspec.structs.fields(EngineConfig):
+    for field in (f for section in SECTIONS.values() for f in msgspec.structs.fields(section)):
         flag = "--" + field.name.replace("_", "-")
         if field.type in (bool, bool | None):
             group.add_argument(flag, dest=f"engine.{field.name}",
                                action=argparse.BooleanOptionalAction, default=None)
-        elif str(field.type).startswith("list"):
+        elif str(field.type).startswith(("list", "tuple")):
             group.add_argument(flag, dest=f"engine.{field.name}", default=None,
                                type=lambda text: [v for v in text.split(",") if v],
                                metavar="A,B,...", help=f"comma-separated; default: {field.default!r}")

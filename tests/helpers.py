@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from streamvlm import LLM
-from streamvlm.contract.config import EngineConfig
-from streamvlm.contract.config import resolve_max_model_len
+from streamvlm.contract.config import EngineConfig, resolve
 from streamvlm.contract.model_source import resolve_model
 
 
@@ -44,11 +43,13 @@ def wait_idle(llm: LLM, timeout: float = 10.0) -> Any:
 
 def make_worker(model: str | Path, **kwargs: Any) -> Any:
     """A Worker driven directly by the test (no engine core, no thread)."""
+    from workers.device_settings import resolve_for_device
     from workers.worker import Worker
 
     config = EngineConfig.from_kwargs(model=str(model), **kwargs)
-    source = resolve_model(config.model)
-    return Worker(config, source, resolve_max_model_len(config, source.text_config))
+    source = resolve_model(config.model.model)
+    config = resolve(config, source)
+    return Worker(config, source, resolve_for_device(config, source.hf_config, tp_size=1))
 
 
 def child_pids() -> set[int]:

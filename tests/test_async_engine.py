@@ -475,7 +475,7 @@ def test_async_with_starts_serves_and_stops(loop, engine, llama_path, transport)
     async def scenario():
         async with AsyncEngine(model=str(llama_path), worker_transport=transport,
                                **ENGINE_KW) as scoped:
-            assert scoped.config.worker_transport == transport
+            assert scoped.config.parallel.worker_transport == transport
             pid = scoped.groups[0].process.pid
             assert pid in child_pids() and (await scoped.health()).healthy
             deltas = await collect(scoped.stream("Hello world", params))
@@ -567,11 +567,11 @@ def test_from_config_reads_toml_and_overrides_win(tmp_path, llama_path):
     engine = AsyncEngine.from_config(str(path), max_model_len=MAX_MODEL_LEN, seed=7,
                                      max_num_seqs=None)
     config = engine.config
-    assert config.model == str(llama_path) and config.device == "cpu"
-    assert config.max_model_len == MAX_MODEL_LEN and engine.processor.max_model_len == 256
-    assert config.max_num_seqs == 8 and config.seed == 7
-    assert config.enable_prefix_caching is False
-    assert config.worker_backend == "process" and config.worker_transport == "ipc"
+    assert config.model.model == str(llama_path) and config.model.device == "cpu"
+    assert config.model.max_model_len == MAX_MODEL_LEN and engine.processor.max_model_len == 256
+    assert config.scheduler.max_num_seqs == 8 and config.model.seed == 7
+    assert config.cache.enable_prefix_caching is False
+    assert config.parallel.worker_backend == "process" and config.parallel.worker_transport == "ipc"
 
 
 @pytest.mark.parametrize("line, field", [

@@ -64,8 +64,8 @@ def test_input_limit_flags_reach_the_engine_config():
     config = engine_config_from_args(parser.parse_args(
         ["--allow-special-tokens-in-content", "--max-stop-strings", "4", "--max-stop-length", "64",
          "--max-prompt-bytes", "1000", "--max-pending-image-pixels", "5000000"]))
-    assert config.allow_special_tokens_in_content is True
-    assert (config.max_stop_strings, config.max_stop_length, config.max_prompt_bytes,
-            config.max_pending_image_pixels) == (4, 64, 1000, 5_000_000)
+    assert config.limits.allow_special_tokens_in_content is True
+    assert (config.limits.max_stop_strings, config.limits.max_stop_length, config.limits.max_prompt_bytes,
+            config.limits.max_pending_image_pixels) == (4, 64, 1000, 5_000_000)
     default = engine_config_from_args(parser.parse_args([]))
     assert default.allow_special_tokens_in_content is False and default.max_prompt_bytes is None

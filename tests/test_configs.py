@@ -14,9 +14,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads(path):
     config = EngineConfig.from_toml(path)
-    assert config.model
+    assert config.model.model
 
 
 def test_prefill_decode_config_has_its_groups():
     config = EngineConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "1p1d.toml")
-    assert [(g.role, g.devices) for g in config.groups] == [("prefill", [0]), ("decode", [1])]
+    assert [(g.role, g.devices) for g in config.parallel.groups] == [("prefill", [0]), ("decode", [1])]

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image, ImageFile
 
-from streamvlm.contract.config import ImageLimits
+from streamvlm.contract.config import EngineConfig, ImageInputConfig
 from streamvlm.inputs import images
 from streamvlm.inputs.images import (
     LoadedImage,
@@ -33,7 +33,7 @@ from streamvlm.inputs.images import (
     load_image_sync,
 )
 
-LOCAL = ImageLimits(allow_local_image_paths=True)
+LOCAL = ImageInputConfig(allow_local_image_paths=True)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -75,7 +75,7 @@ def no_full_decode(monkeypatch):
 
 def test_pil_image_is_copied_not_modified():
     source = gradient()
-    loaded = load_image_sync(source, ImageLimits())
+    loaded = load_image_sync(source, ImageInputConfig())
     assert loaded.image.mode == "RGB" and loaded.image.size == (40, 30)
     assert loaded.image is not source
     assert loaded.image.tobytes() == source.tobytes()
@@ -83,19 +83,19 @@ def test_pil_image_is_copied_not_modified():
 
 @pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview])
 def test_bytes_like(wrap):
-    loaded = load_image_sync(wrap(encode(gradient())), ImageLimits())
+    loaded = load_image_sync(wrap(encode(gradient())), ImageInputConfig())
     assert loaded.image.tobytes() == gradient().tobytes()
 
 
 def test_data_url():
-    loaded = load_image_sync(data_url(encode(gradient())), ImageLimits())
-    assert loaded.hash == load_image_sync(gradient(), ImageLimits()).hash
+    loaded = load_image_sync(data_url(encode(gradient())), ImageInputConfig())
+    assert loaded.hash == load_image_sync(gradient(), ImageInputConfig()).hash
 
 
 def test_data_url_with_whitespace_and_no_padding():
     payload = base64.b64encode(encode(gradient(7, 5))).decode().rstrip("=")
     wrapped = "\n".join(payload[i:i + 60] for i in range(0, len(payload), 60))
-    loaded = load_image_sync(f"data:image/png;base64,{wrapped}", ImageLimits())
+    loaded = load_image_sync(f"data:image/png;base64,{wrapped}", ImageInputConfig())
     assert loaded.image.size == (7, 5)
 
 
@@ -104,7 +104,7 @@ def test_local_path_needs_permission(tmp_path: Path):
     path.write_bytes(encode(gradient()))
     for source in (str(path), path, path.as_uri()):
         with pytest.raises(ValueError, match="local image paths are disabled"):
-            load_image_sync(source, ImageLimits())
+            load_image_sync(source, ImageInputConfig())
         assert load_image_sync(source, LOCAL).image.size == (40, 30)
 
 
@@ -130,22 +130,18 @@ def test_async_load_runs_in_a_thread(tmp_path: Path, monkeypatch):
     assert decode_threads and main_thread not in decode_threads
 
 
-def test_from_config_reads_attributes():
-    class Config:
-        max_image_size = 512
-        allowed_image_hosts = ["Example.COM", "[::1]"]
-        allow_remote_images = True
-
-    limits = ImageLimits.from_config(Config())
+def test_image_section_reads_the_engine_settings():
+    limits = EngineConfig(max_image_size=512, allowed_image_hosts=["Example.COM", "[::1]"],
+                          allow_remote_images=True).image
     assert limits.max_image_size == 512 and limits.allow_remote_images
     assert limits.allowed_image_hosts == ("example.com", "::1")
-    assert limits.max_image_bytes == ImageLimits().max_image_bytes
+    assert limits.max_image_bytes == ImageInputConfig().max_image_bytes
 
 
 def test_image_count():
-    check_image_count(8, ImageLimits())
+    check_image_count(8, ImageInputConfig())
     with pytest.raises(ValueError, match="max_images_per_request"):
-        check_image_count(9, ImageLimits())
+        check_image_count(9, ImageInputConfig())
 
 
 # --- refusals -------------------------------------------------------------------------------------------------
@@ -154,7 +150,7 @@ def test_image_count():
 @pytest.mark.parametrize("source", [42, None, {"url": "x"}, ["a"]])
 def test_unsupported_source_type_lists_accepted_forms(source):
     with pytest.raises(ValueError, match="unsupported image source.*data:image"):
-        load_image_sync(source, ImageLimits())
+        load_image_sync(source, ImageInputConfig())
 
 
 def test_unknown_url_scheme():
@@ -165,24 +161,24 @@ def test_unknown_url_scheme():
 @pytest.mark.parametrize("data", [b"definitely not an image", b"", b"P", b"\x89PNG\r\n\x1a\n"])
 def test_undecodable_data(data):
     with pytest.raises(ValueError, match="cannot decode image"):
-        load_image_sync(data, ImageLimits())
+        load_image_sync(data, ImageInputConfig())
 
 
 def test_truncated_image():
     data = encode(gradient(200, 200))
     with pytest.raises(ValueError, match="cannot decode image"):
-        load_image_sync(data[:len(data) // 2], ImageLimits())
+        load_image_sync(data[:len(data) // 2], ImageInputConfig())
 
 
 @pytest.mark.parametrize("fmt", ["PPM", "PCX", "ICO", "QOI"])
 def test_unsupported_format(fmt):
     with pytest.raises(ValueError, match=f"unsupported image format: {fmt}"):
-        load_image_sync(encode(gradient(16, 16), fmt), ImageLimits())
+        load_image_sync(encode(gradient(16, 16), fmt), ImageInputConfig())
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_allowed_formats(fmt):
-    assert load_image_sync(encode(gradient(), fmt), ImageLimits()).image.size == (40, 30)
+    assert load_image_sync(encode(gradient(), fmt), ImageInputConfig()).image.size == (40, 30)
 
 
 SMALL_PNG = encode(gradient(40, 30))
@@ -190,36 +186,36 @@ SMALL_PNG = encode(gradient(40, 30))
 
 def test_pixel_limit_checked_before_decoding(no_full_decode):
     with pytest.raises(ValueError, match="too many pixels: 10000x5000"):
-        load_image_sync(png_header_only(10_000, 5_000), ImageLimits())
+        load_image_sync(png_header_only(10_000, 5_000), ImageInputConfig())
     with pytest.raises(ValueError, match="too many pixels: 40x30"):
-        load_image_sync(SMALL_PNG, ImageLimits(max_image_pixels=1000))
+        load_image_sync(SMALL_PNG, ImageInputConfig(max_image_pixels=1000))
 
 
 def test_decompression_bomb_refused_without_decoding(no_full_decode):
     with pytest.raises(ValueError, match="too many pixels"):
-        load_image_sync(png_header_only(100_000, 100_000), ImageLimits(max_image_pixels=2**62))
+        load_image_sync(png_header_only(100_000, 100_000), ImageInputConfig(max_image_pixels=2**62))
 
 
 def test_pil_image_over_pixel_limit():
     with pytest.raises(ValueError, match="too many pixels"):
-        load_image_sync(gradient(40, 30), ImageLimits(max_image_pixels=1000))
+        load_image_sync(gradient(40, 30), ImageInputConfig(max_image_pixels=1000))
 
 
 def test_byte_limit():
     data = encode(gradient())
-    limits = ImageLimits(max_image_bytes=len(data) - 1, allow_local_image_paths=True)
+    limits = ImageInputConfig(max_image_bytes=len(data) - 1, allow_local_image_paths=True)
     with pytest.raises(ValueError, match="image data is .* over the max_image_bytes limit"):
         load_image_sync(data, limits)
     with pytest.raises(ValueError, match="decoded base64 image data is .* over the max_image_bytes limit"):
         load_image_sync(data_url(data), limits)
-    assert load_image_sync(data, ImageLimits(max_image_bytes=len(data))).image.size == (40, 30)
+    assert load_image_sync(data, ImageInputConfig(max_image_bytes=len(data))).image.size == (40, 30)
 
 
 def test_file_byte_limit(tmp_path: Path):
     path = tmp_path / "a.png"
     path.write_bytes(encode(gradient()))
     with pytest.raises(ValueError, match="over the max_image_bytes limit"):
-        load_image_sync(path, ImageLimits(allow_local_image_paths=True, max_image_bytes=100))
+        load_image_sync(path, ImageInputConfig(allow_local_image_paths=True, max_image_bytes=100))
 
 
 @pytest.mark.parametrize("url, cause", [
@@ -231,7 +227,7 @@ def test_file_byte_limit(tmp_path: Path):
 ])
 def test_bad_data_urls(url, cause):
     with pytest.raises(ValueError, match=cause):
-        load_image_sync(url, ImageLimits())
+        load_image_sync(url, ImageInputConfig())
 
 
 def test_file_not_found(tmp_path: Path):
@@ -252,11 +248,11 @@ def test_file_url_with_remote_host():
 
 def test_remote_disabled():
     with pytest.raises(ValueError, match="remote image URLs are disabled"):
-        load_image_sync("https://example.com/a.png", ImageLimits())
+        load_image_sync("https://example.com/a.png", ImageInputConfig())
     with pytest.raises(ValueError, match="remote image URLs are disabled"):
-        asyncio.run(load_image("https://example.com/a.png", ImageLimits()))
+        asyncio.run(load_image("https://example.com/a.png", ImageInputConfig()))
     with pytest.raises(ValueError, match="use the async load_image"):
-        load_image_sync("https://example.com/a.png", ImageLimits(allow_remote_images=True))
+        load_image_sync("https://example.com/a.png", ImageInputConfig(allow_remote_images=True))
 
 
 # --- conversion, orientation, shrinking, hashing ---------------------------------------------------------------
@@ -276,18 +272,18 @@ def test_modes_become_rgb_like_transformers():
     sources = {"RGBA": rgba, "P": palette, "LA": la, "L": Image.new("L", (4, 2), 77),
                "CMYK": Image.new("CMYK", (4, 2), (0, 255, 0, 0)), "1": Image.new("1", (4, 2), 1)}
     for mode, image in sources.items():
-        loaded = load_image_sync(image, ImageLimits()).image
+        loaded = load_image_sync(image, ImageInputConfig()).image
         expected = image_transforms.convert_to_rgb(image, return_numpy=True)
         assert loaded.mode == "RGB", mode
         assert loaded.tobytes() == expected.tobytes(), mode
-    assert load_image_sync(rgba, ImageLimits()).image.getpixel((0, 0)) == (255, 255, 255)
-    assert load_image_sync(palette, ImageLimits()).image.getpixel((0, 0)) == (255, 255, 255)
-    assert load_image_sync(palette, ImageLimits()).image.getpixel((1, 0)) == (10, 200, 30)
+    assert load_image_sync(rgba, ImageInputConfig()).image.getpixel((0, 0)) == (255, 255, 255)
+    assert load_image_sync(palette, ImageInputConfig()).image.getpixel((0, 0)) == (255, 255, 255)
+    assert load_image_sync(palette, ImageInputConfig()).image.getpixel((1, 0)) == (10, 200, 30)
 
 
 def test_png_with_transparency_decodes_to_white_background():
     image = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
-    assert load_image_sync(encode(image), ImageLimits()).image.getpixel((1, 1)) == (255, 255, 255)
+    assert load_image_sync(encode(image), ImageInputConfig()).image.getpixel((1, 1)) == (255, 255, 255)
 
 
 def test_exif_orientation_applied():
@@ -295,7 +291,7 @@ def test_exif_orientation_applied():
     image.putpixel((0, 0), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored unrotated; display rotated 90 degrees clockwise
-    loaded = load_image_sync(encode(image, "PNG", exif=exif.tobytes()), ImageLimits()).image
+    loaded = load_image_sync(encode(image, "PNG", exif=exif.tobytes()), ImageInputConfig()).image
     assert loaded.size == (10, 20)
     assert loaded.getpixel((9, 0)) == (255, 0, 0)
 
@@ -303,22 +299,22 @@ def test_exif_orientation_applied():
 @pytest.mark.parametrize("size, expected", [((5000, 1000), (1000, 200)), ((999, 3000), (333, 1000)),
                                             ((100_000, 2), (1000, 1)), ((1000, 1000), (1000, 1000))])
 def test_shrink_keeps_aspect(size, expected):
-    limits = ImageLimits(max_image_size=1000, max_image_pixels=10**9)
+    limits = ImageInputConfig(max_image_size=1000, max_image_pixels=10**9)
     assert load_image_sync(Image.new("L", size), limits).image.size == expected
 
 
 def test_hash_depends_on_pixels_not_encoding():
     image = gradient()
-    png = load_image_sync(encode(image, "PNG"), ImageLimits())
-    bmp = load_image_sync(encode(image, "BMP"), ImageLimits())
-    pil = load_image_sync(image, ImageLimits())
+    png = load_image_sync(encode(image, "PNG"), ImageInputConfig())
+    bmp = load_image_sync(encode(image, "BMP"), ImageInputConfig())
+    pil = load_image_sync(image, ImageInputConfig())
     assert png.hash == bmp.hash == pil.hash and len(png.hash) == 32
     assert png == bmp and hash(png) == hash(bmp)
     changed = image.copy()
     changed.putpixel((3, 3), (1, 2, 3))
-    assert load_image_sync(changed, ImageLimits()).hash != png.hash
-    transposed = load_image_sync(Image.new("RGB", (2, 3)), ImageLimits())
-    assert transposed.hash != load_image_sync(Image.new("RGB", (3, 2)), ImageLimits()).hash
+    assert load_image_sync(changed, ImageInputConfig()).hash != png.hash
+    transposed = load_image_sync(Image.new("RGB", (2, 3)), ImageInputConfig())
+    assert transposed.hash != load_image_sync(Image.new("RGB", (3, 2)), ImageInputConfig()).hash
 
 
 # --- address policy -------------------------------------------------------------------------------------------
@@ -442,35 +438,35 @@ def url(server: ImageServer, path: str, host: str = "127.0.0.1", scheme: str = "
     return f"{scheme}://{host}:{server.server_address[1]}{path}"
 
 
-REMOTE = ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",), image_fetch_timeout=5.0)
+REMOTE = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",), image_fetch_timeout=5.0)
 
 
-def fetch(source: str, limits: ImageLimits = REMOTE) -> LoadedImage:
+def fetch(source: str, limits: ImageInputConfig = REMOTE) -> LoadedImage:
     return asyncio.run(load_image(source, limits))
 
 
 def test_remote_disabled_refuses_before_connecting(server):
     seen = len(server.host_headers)
     with pytest.raises(ValueError, match="remote image URLs are disabled"):
-        fetch(url(server, "/image.png"), ImageLimits())
+        fetch(url(server, "/image.png"), ImageInputConfig())
     assert len(server.host_headers) == seen
 
 
 def test_loopback_refused_unless_allowed(server):
     seen = len(server.host_headers)
     with pytest.raises(ValueError, match="127.0.0.1 is a loopback address"):
-        fetch(url(server, "/image.png"), ImageLimits(allow_remote_images=True))
+        fetch(url(server, "/image.png"), ImageInputConfig(allow_remote_images=True))
     with pytest.raises(ValueError, match=r"localhost \(127.0.0.1\): 127.0.0.1 is a loopback address"):
-        fetch(url(server, "/image.png", host="localhost"), ImageLimits(allow_remote_images=True))
+        fetch(url(server, "/image.png", host="localhost"), ImageInputConfig(allow_remote_images=True))
     assert len(server.host_headers) == seen
 
 
 def test_allowed_host_is_fetched(server):
     loaded = fetch(url(server, "/image.png"))
-    assert loaded.hash == load_image_sync(PNG, ImageLimits()).hash
-    by_name = ImageLimits(allow_remote_images=True, allowed_image_hosts=("localhost",))
+    assert loaded.hash == load_image_sync(PNG, ImageInputConfig()).hash
+    by_name = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("localhost",))
     assert fetch(url(server, "/image.png", host="localhost"), by_name).hash == loaded.hash
-    by_network = ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.0/8",))
+    by_network = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.0/8",))
     assert fetch(url(server, "/image.png"), by_network).hash == loaded.hash
 
 
@@ -501,7 +497,7 @@ def test_redirects(server):
         fetch(url(server, "/redirect-metadata"))
     with pytest.raises(ValueError, match="127.0.0.2 is a loopback address"):
         fetch(url(server, "/redirect-loopback"))
-    by_network = ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.0/8",))
+    by_network = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.0/8",))
     assert fetch(url(server, "/redirect"), by_network).image.size == (40, 30)
     with pytest.raises(ValueError, match="unsupported image URL scheme 'ftp'"):
         fetch(url(server, "/redirect-ftp"))
@@ -512,20 +508,20 @@ def test_redirects(server):
 def test_timeout_bounds_the_whole_fetch(server):
     start = time.monotonic()
     with pytest.raises(ValueError, match="timed out after 0.5s"):
-        fetch(url(server, "/slow"), ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",),
+        fetch(url(server, "/slow"), ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",),
                                                 image_fetch_timeout=0.5))
     assert time.monotonic() - start < 2.0
 
 
 def test_byte_limit_while_downloading(server):
-    limits = ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",), max_image_bytes=100_000)
+    limits = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",), max_image_bytes=100_000)
     with pytest.raises(ValueError, match=r"Content-Length\) is 1000000000 bytes, over the max_image_bytes"):
         fetch(url(server, "/declared-big"), limits)
     # Endless body without Content-Length: reading stops at the limit (a timeout would fail the match).
     with pytest.raises(ValueError, match=r"image download .* over the max_image_bytes limit"):
         fetch(url(server, "/endless"), limits)
     with pytest.raises(ValueError, match="image at .* over the max_image_bytes limit"):
-        fetch(url(server, "/image.png"), ImageLimits(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",),
+        fetch(url(server, "/image.png"), ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("127.0.0.1",),
                                                      max_image_bytes=len(PNG) - 1))
 
 
@@ -587,7 +583,7 @@ def test_https_verifies_the_hostname_while_pinned(tmp_path: Path, monkeypatch, c
     monkeypatch.setattr(images, "_http_client", trusting_client)
     server = start_server(server_tls)
     try:
-        limits = ImageLimits(allow_remote_images=True, allowed_image_hosts=("images.test",),
+        limits = ImageInputConfig(allow_remote_images=True, allowed_image_hosts=("images.test",),
                              image_fetch_timeout=5.0)
         source = url(server, "/image.png", host="images.test", scheme="https")
         if ok:

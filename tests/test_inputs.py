@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, resolve
 from streamvlm.inputs import images as images_module
 from streamvlm.inputs.chat import ChatEncoder, encode_bounded
 from streamvlm.inputs.pixel_budget import PixelBudget
@@ -33,8 +33,9 @@ def qwen_path(tmp_path_factory) -> Path:
 
 
 def processor(path: Path, **options: Any) -> InputProcessor:
-    return InputProcessor(EngineConfig(model=str(path), max_model_len=MAX_MODEL_LEN, **options),
-                          resolve_model(str(path)))
+    source = resolve_model(str(path))
+    config = EngineConfig(model=str(path), max_model_len=MAX_MODEL_LEN, **options)
+    return InputProcessor(resolve(config, source), source)
 
 
 @pytest.fixture(scope="module")

@@ -293,7 +293,7 @@ class _Clock:
 
 def test_a_delta_of_n_tokens_counts_as_n_equal_gaps(loop, engine, monkeypatch):
     """Fed straight into _handle (not started, no worker) at chosen times."""
-    probe = AsyncEngine(model=engine.config.model, **ENGINE_KW)
+    probe = AsyncEngine(model=engine.config.model.model, **ENGINE_KW)
     clock = _Clock()
     monkeypatch.setattr(async_engine_module, "time", clock)
     group = _FakeGroup()

@@ -26,15 +26,15 @@ class KVMemory:
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self.block_size = config.block_size
+        self.block_size = config.cache.block_size
         self.uses_mrope = uses_mrope
-        if config.skip_model_forward:
+        if config.model.skip_model_forward:
             # No forward pass reads the cache: enough block ids that no request is preempted.
             blocks_per_seq = -(-max_model_len // self.block_size)
-            self.num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_per_seq
+            self.num_blocks = config.cache.num_kv_blocks or config.scheduler.max_num_seqs * blocks_per_seq
         else:
             # Every rank of a tensor-parallel group holds the same block ids: rank 0 decides.
-            self.num_blocks = broadcast_int(config.num_kv_blocks or self._blocks_from_memory(max_model_len))
+            self.num_blocks = broadcast_int(config.cache.num_kv_blocks or self._blocks_from_memory(max_model_len))
             self._allocate()
 
     def _kv_bytes_per_block(self) -> int:
@@ -49,17 +49,17 @@ class KVMemory:
             activations = self._peak_activation_bytes(max_model_len)
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            budget = total * self.config.gpu_memory_utilization - used - activations
+            budget = total * self.config.cache.gpu_memory_utilization - used - activations
             num_blocks = int(budget // per_block)
             logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak activations "
                         "(warm-up of %d tokens), gpu_memory_utilization %.2f", total / 2**30, used / 2**30,
                         activations / 2**30, self._warmup_tokens(max_model_len),
-                        self.config.gpu_memory_utilization)
+                        self.config.cache.gpu_memory_utilization)
         else:
             # On CPU, no more than the configured budget, nor more than the batch can ever use.
-            budget_blocks = int(self.config.cpu_kv_cache_gib * 2**30 // per_block)
+            budget_blocks = int(self.config.cache.cpu_kv_cache_gib * 2**30 // per_block)
             blocks_per_seq = -(-max_model_len // self.block_size)
-            num_blocks = min(budget_blocks, self.config.max_num_seqs * blocks_per_seq)
+            num_blocks = min(budget_blocks, self.config.scheduler.max_num_seqs * blocks_per_seq)
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV-cache block")
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
@@ -67,7 +67,7 @@ class KVMemory:
         return num_blocks
 
     def _warmup_tokens(self, max_model_len: int) -> int:
-        return max(1, min(self.config.max_num_batched_tokens, max_model_len))
+        return max(1, min(self.config.scheduler.max_num_batched_tokens, max_model_len))
 
     @torch.inference_mode()
     def _peak_activation_bytes(self, max_model_len: int) -> int:
@@ -99,7 +99,7 @@ class KVMemory:
         if self.uses_mrope:
             positions = positions.expand(3, n)
         hidden = self.model(ids, positions, meta)
-        rows = min(n, self.config.max_num_seqs)
+        rows = min(n, self.config.scheduler.max_num_seqs)
         torch.log_softmax(self.model.compute_logits(hidden[:rows]), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline

@@ -22,6 +22,7 @@ import zmq
 
 from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.protocol import CoreToWorker, Heartbeat, Shutdown, WorkerFailed, WorkerReady
+from workers.device_settings import DeviceSettings
 from workers.core_link import IDLE_POLL_MS, OUTPUT_HWM, CoreGone, CoreLink, CoreOutbox, heartbeats_meanwhile
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
@@ -87,13 +88,13 @@ class WorkerProcess:
         self.sock.connect(output_address)
         if self.remote:
             # A send the core has not taken within the timeout means the core is gone.
-            self.outbox = CoreOutbox(self.sock, lambda waited: waited < config.remote_worker_timeout_s,
-                                     min(config.remote_worker_timeout_s, IDLE_POLL_MS / 1000))
+            self.outbox = CoreOutbox(self.sock, lambda waited: waited < config.parallel.remote_worker_timeout_s,
+                                     min(config.parallel.remote_worker_timeout_s, IDLE_POLL_MS / 1000))
         elif parent is not None:
             self.outbox = CoreOutbox(self.sock, lambda waited: parent.parent_alive(),
-                                     config.worker_parent_timeout_s)
+                                     config.parallel.worker_parent_timeout_s)
         else:
-            self.outbox = CoreOutbox(self.sock, lambda waited: True, config.worker_parent_timeout_s)
+            self.outbox = CoreOutbox(self.sock, lambda waited: True, config.parallel.worker_parent_timeout_s)
 
     def build(self, tp: TPSetup | None, device_index: int | None) -> bool:
         """The Worker, and for a tensor-parallel group the publisher of its step plans. A failure
@@ -128,8 +129,8 @@ class WorkerProcess:
             self.kv_inbox = KVInbox(self.ctx, kv_address or "tcp://127.0.0.1:0")
         if kv_role == "prefill":
             handoff.outbox = KVOutbox(self.ctx)
-        if kv_role != "mixed" and self.config.kv_transport == "peer":
-            handoff.links = KVPeerLinks(kv_group_id, self.worker.runner.device, self.config.kv_transfer_timeout_s)
+        if kv_role != "mixed" and self.config.parallel.kv_transport == "peer":
+            handoff.links = KVPeerLinks(kv_group_id, self.worker.runner.device, self.config.parallel.kv_transfer_timeout_s)
             if kv_role == "decode":
                 self.kv_store_address = handoff.links.host()
 
@@ -140,10 +141,13 @@ class WorkerProcess:
         profiler = cProfile.Profile() if profile_prefix else None
         worker = self.worker
         encoder = msgspec.msgpack.Encoder()
-        link = CoreLink(self.inbox, self.config.remote_worker_timeout_s) if self.remote else None
+        link = CoreLink(self.inbox, self.config.parallel.remote_worker_timeout_s) if self.remote else None
         try:
             self.outbox.send(encoder.encode(WorkerReady(
-                pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks, device=str(worker.runner.device),
+                pid=os.getpid(), num_kv_blocks=worker.pool.num_blocks, device=str(worker.settings.device),
+                dtype=str(worker.settings.dtype).removeprefix("torch."),
+                attention_backend=worker.settings.attention_backend,
+                async_scheduling=worker.settings.async_scheduling,
                 kv_address=self.kv_inbox.address if self.kv_inbox else None,
                 kv_store_address=self.kv_store_address)))
             if profiler is not None:
@@ -287,7 +291,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
         runner = _build_follower_runner(config, tp, device_index)
         # Rank 0 says hello until every rank has heard it: connecting late loses nothing.
         plans.connect(_plan_address(tp.plan_address))
-        timeout_s = runner.config.remote_worker_timeout_s
+        timeout_s = runner.config.parallel.remote_worker_timeout_s
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
@@ -318,25 +322,25 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
 
 
 def _prepare_process(config: EngineConfig, tp: TPSetup | None,
-                     device_index: int | None) -> tuple[EngineConfig, Any, int]:
+                     device_index: int | None) -> tuple[EngineConfig, Any, DeviceSettings]:
     """Pin the device, size the thread pool, join the tensor-parallel group; returns the config
-    (rank 0's, where the ranks share it), the model source and max_model_len that every rank
-    builds its model runner from."""
+    (resolved by the engine core; rank 0's, where the ranks share it), the model source and the
+    device settings that every rank builds its model runner from."""
     import torch
 
-    from streamvlm.contract.config import resolve_max_model_len
+    from streamvlm.contract.config import check_resolved
     from streamvlm.contract.model_source import resolve_model
+    from workers.device_settings import resolve_device, resolve_for_device
 
-    if device_index is not None and config.device != "cpu" and torch.cuda.is_available():
+    if device_index is not None and config.model.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(device_index)
     in_process = threading.current_thread() is not threading.main_thread()
-    if not in_process and (config.device == "cpu" or not torch.cuda.is_available()):
+    if not in_process and (config.model.device == "cpu" or not torch.cuda.is_available()):
         # Leave a core to the engine core's event loop where there are few.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
     if tp is not None:
         from workers.distributed import init_tensor_parallel
-        from workers.model_runner import resolve_device
-        device = resolve_device(config.device)
+        device = resolve_device(config.model.device)   # the collective backend needs it first
         if device.type == "cpu":
             torch.set_num_threads(1)   # ranks share the host's cores
         init_tensor_parallel(tp, device)
@@ -346,10 +350,11 @@ def _prepare_process(config: EngineConfig, tp: TPSetup | None,
             mine = msgspec.msgpack.encode(config) if tp.rank == 0 else None
             shared = msgspec.msgpack.decode(broadcast_config_bytes(mine), type=EngineConfig)
             # A host may name its own checkpoint path.
-            model = shared.model if config.model == RANK0_MODEL else config.model
-            config = msgspec.structs.replace(shared, model=model, devices=None)
-    source = resolve_model(config.model)
-    return config, source, resolve_max_model_len(config, source.text_config)
+            model = shared.model.model if config.model.model == RANK0_MODEL else config.model.model
+            config = shared.replace(model=model, devices=None)
+    check_resolved(config)
+    source = resolve_model(config.model.model)
+    return config, source, resolve_for_device(config, source.hf_config, tp.size if tp else 1)
 
 
 def _build_worker(config: EngineConfig, tp: TPSetup | None = None,

@@ -10,17 +10,18 @@ import random
 import numpy as np
 import torch
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.contract.model_source import ModelSource
 from workers.rank_messages import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
+from workers.device_settings import DeviceSettings
 from workers.distributed import broadcast_tensor
 from workers.layers.attention import get_attention_backend
 from workers.layers.attention_base import AttentionMetadata
 from workers.loader import load_model
 from workers.encoder_runner import EncoderRunner
 from workers.kv_memory import KVMemory
-from workers.multimodal import TORCH_DTYPES, MultiModalEmbeds
+from workers.multimodal import MultiModalEmbeds
 from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
 from workers.sequence import PLACEHOLDER_TOKEN, Sequence
@@ -33,56 +34,43 @@ class PendingStep:
     output: SamplerOutput | None          # already known (no forward pass)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return TORCH_DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    declared = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return torch.float16 if declared == "float16" else torch.bfloat16
-
-
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, settings: DeviceSettings) -> None:
+        """``config`` resolved by the engine core, ``settings`` by this worker group."""
+        check_resolved(config)
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, source.hf_config, self.device)
-        self.block_size = config.block_size
-        torch.manual_seed(config.seed)
-        self.model = load_model(source, config.load_format, max_model_len, self.device,
-                                self.dtype, config.seed)
-        self.backend = get_attention_backend(config.attention_backend, self.device, max_model_len, self.dtype)
+        self.settings = settings
+        max_model_len: int = config.model.max_model_len
+        self.device = settings.device
+        self.dtype = settings.dtype
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.model.seed)
+        self.model = load_model(source, config.model.load_format, max_model_len, self.device,
+                                self.dtype, config.model.seed)
+        self.backend = get_attention_backend(settings.attention_backend, self.device, max_model_len, self.dtype)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
         self.kv_memory = KVMemory(config, self.model, self.backend, self.device, self.dtype, max_model_len,
                                   self.uses_mrope)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.model.seed)
         self.supports_images = hasattr(self.model, "encode")
-        self.encoder = EncoderRunner(self.model, config.encoder_cache_tokens)
+        self.encoder = EncoderRunner(self.model, config.cache.encoder_cache_tokens)
         # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.
         self.publish_plan: Callable[[StepPlan], None] | None = None
         # Async scheduling with tensor parallelism (set by the worker): rank 0 broadcasts each step's sampled
         # tokens; the other ranks keep the last ones they received.
         self.shares_sampled_tokens = False
         self._shared_tokens: torch.Tensor | None = None
-        self._rng = random.Random(config.seed)
+        self._rng = random.Random(config.model.seed)
         self.decode_graphs: DecodeGraphs | None = None
         if self._use_cuda_graphs():
-            max_batch = config.max_cuda_graph_batch_size or min(config.max_num_seqs, 512)
-            self.decode_graphs = DecodeGraphs(self.model, self.backend, self.device, max_batch, max_model_len,
+            self.decode_graphs = DecodeGraphs(self.model, self.backend, self.device,
+                                              config.model.max_cuda_graph_batch_size, max_model_len,
                                               self.block_size, self.uses_mrope)
             self.decode_graphs.capture()
 
     def _use_cuda_graphs(self) -> bool:
-        return (self.device.type == "cuda" and not self.config.enforce_eager
-                and not self.config.skip_model_forward
+        return (self.device.type == "cuda" and not self.config.model.enforce_eager
+                and not self.config.model.skip_model_forward
                 and getattr(self.backend, "supports_cuda_graphs", False))
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
@@ -186,7 +174,7 @@ class ModelRunner:
         it, so that the caller's bookkeeping overlaps with the device's work. Placeholder tokens in
         the chunks (async scheduling) are the sampled tokens of ``previous``, still in flight."""
         samplers = [c.seq for c in chunks if c.samples]
-        if self.config.skip_model_forward:
+        if self.config.model.skip_model_forward:
             return PendingStep(samplers, None, self._random_tokens(chunks))
         plan = self.plan(chunks)
         plan.shares_sampled_tokens = self.shares_sampled_tokens and bool(plan.logits_rows)

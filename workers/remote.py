@@ -63,7 +63,7 @@ def run_remote_worker(connect: str, model: str | None = None, devices: list[int]
     config = msgspec.msgpack.decode(accepted.config, type=EngineConfig)
     # The checkpoint may live elsewhere on this host; the core's device list is for its own
     # local groups.
-    config = msgspec.structs.replace(config, model=model or config.model, devices=None)
+    config = config.replace(model=model or config.model.model, devices=None)
     print(f"streamvlm worker: joined {connect} as worker group {accepted.group_id}",
           file=sys.stderr, flush=True)
     # The group's sockets are bound on the core's listen interface: reach them through the

@@ -8,6 +8,7 @@ from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, ReleaseKV,
                                          RequestDelta, SendKV, StepOutput, StepStats)
+from workers.device_settings import DeviceSettings
 from workers.distributed import tp_size
 from workers.kv_cache import BlockPool
 from workers.kv_handoff import KVHandoff
@@ -28,26 +29,25 @@ class LaunchedStep:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, settings: DeviceSettings) -> None:
+        """``config`` resolved by the engine core, ``settings`` by this worker group."""
         self.config = config
-        self.max_model_len = max_model_len
-        self.runner = ModelRunner(config, source, max_model_len)
-        capacity = self.runner.kv_memory.num_blocks * config.block_size
+        self.settings = settings
+        self.max_model_len = max_model_len = config.model.max_model_len
+        self.runner = ModelRunner(config, source, settings)
+        capacity = self.runner.kv_memory.num_blocks * config.cache.block_size
         if capacity < max_model_len:
             raise ValueError(
                 f"the KV cache holds {capacity} tokens ({self.runner.kv_memory.num_blocks} blocks of "
-                f"{config.block_size}), fewer than max_model_len={max_model_len}: raise "
+                f"{config.cache.block_size}), fewer than max_model_len={max_model_len}: raise "
                 f"num_kv_blocks or lower max_model_len")
-        self.pool = BlockPool(self.runner.kv_memory.num_blocks, config.block_size,
-                              config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.pool = BlockPool(self.runner.kv_memory.num_blocks, config.cache.block_size,
+                              config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
         self._arrivals = 0
-        self.async_scheduling = config.async_scheduling
-        if self.async_scheduling is None:
-            self.async_scheduling = (self.runner.device.type == "cuda" and tp_size() == 1
-                                     and not config.skip_model_forward)
+        self.async_scheduling = settings.async_scheduling
         # The other ranks of a tensor-parallel group fill their placeholders from rank 0's broadcast.
         self.runner.shares_sampled_tokens = self.async_scheduling and tp_size() > 1
         self._in_flight: LaunchedStep | None = None
@@ -172,7 +172,7 @@ class Worker:
             self._complete(in_flight, deltas)
             in_flight = None
         plan = self.scheduler.schedule()
-        if plan.chunks and self.runner.supports_images and not self.config.skip_model_forward:
+        if plan.chunks and self.runner.supports_images and not self.config.model.skip_model_forward:
             failed = self.runner.encoder.encode_pending(plan.chunks)
             for seq, error in failed.items():
                 self.scheduler.remove(seq)

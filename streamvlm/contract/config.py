@@ -436,6 +436,15 @@ def resolve(config: EngineConfig, source: ModelSource) -> EngineConfig:
     return msgspec.structs.replace(config, model=model, parallel=parallel, limits=limits)
 
 
+def check_resolved(config: EngineConfig) -> None:
+    """ValueError unless ``config`` came out of resolve() (what the input pipeline and the
+    workers are built from)."""
+    if (config.model.max_model_len is None or config.model.max_cuda_graph_batch_size is None
+            or config.limits.max_prompt_bytes is None or config.parallel.kv_transport == "auto"):
+        raise ValueError("this needs a resolved EngineConfig: pass it through "
+                         "streamvlm.contract.config.resolve() first")
+
+
 def tcp_host_port(address: str, name: str) -> tuple[str, int]:
     """Host and port of a "tcp://HOST:PORT" address; ValueError naming the setting ``name``."""
     host, _, port = address.removeprefix("tcp://").rpartition(":")

@@ -134,7 +134,11 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
 
     pid: int
     num_kv_blocks: int
+    # The settings the group resolved for its device (workers.device_settings): never "auto".
     device: str
+    dtype: str = ""
+    attention_backend: str = ""
+    async_scheduling: bool = False
     kv_address: str | None = None   # a decode group's KV inbox
     kv_store_address: str | None = None   # its torch.distributed rendezvous (kv_transport "peer")
 

@@ -15,11 +15,10 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import zmq
 import zmq.asyncio
 
-from streamvlm.contract.config import EngineConfig
+from streamvlm.contract.config import EngineConfig, resolve
 from streamvlm.contract.families import served_family
 from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
@@ -82,10 +81,12 @@ class AsyncEngine:
         if config is None:
             config = EngineConfig.from_kwargs(**overrides)
         elif overrides:
-            config = msgspec.structs.replace(config, **overrides)
-        self.config = config
-        self.source = resolve_model(config.model)
+            config = config.replace(**overrides)
+        self.source = resolve_model(config.model.model)
         served_family(self.source.hf_config)  # unsupported architectures fail here, not in a worker
+        # Every "auto"/None the core can know, made concrete once: the input pipeline and every
+        # worker group are built from this config (device settings resolve in each group).
+        self.config = config = resolve(config, self.source)
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
         self.groups: list[WorkerGroup] = []
@@ -99,9 +100,9 @@ class AsyncEngine:
         self._num_steps = 0
         self._disaggregated = False   # prefill and decode groups instead of mixed ones
         self.metrics = EngineMetrics()   # Prometheus text via streamvlm.metrics.render_metrics
-        self.router = Router(config.block_size, config.worker_step_timeout_s)
-        self._requests = RequestTable(self.router, self.metrics, config.kv_transfer_timeout_s)
-        self._watch = GroupWatch(config.worker_step_timeout_s, self._on_group_death)
+        self.router = Router(config.cache.block_size, config.parallel.worker_step_timeout_s)
+        self._requests = RequestTable(self.router, self.metrics, config.parallel.kv_transfer_timeout_s)
+        self._watch = GroupWatch(config.parallel.worker_step_timeout_s, self._on_group_death)
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> AsyncEngine:
@@ -114,9 +115,9 @@ class AsyncEngine:
             return
         self._started = True
         self._ctx = zmq.asyncio.Context()
-        specs = self.config.group_specs
+        specs = self.config.parallel.group_specs
         remote = [RemoteWorkerGroup(len(specs) + i, self.config, self._ctx)
-                  for i in range(self.config.remote_worker_groups)]
+                  for i in range(self.config.parallel.remote_worker_groups)]
         self.groups = [*(WorkerGroupClient(i, self.config, self._ctx, spec)
                          for i, spec in enumerate(specs)), *remote]
         for group in self.groups:
@@ -125,7 +126,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         try:
             if remote:
-                self._listener = WorkerListener(self.config.worker_listen_address or "",
+                self._listener = WorkerListener(self.config.parallel.worker_listen_address or "",
                                                 self._ctx, remote)
                 self._listener.bind()
                 self._tasks.append(loop.create_task(self._listener.serve()))
@@ -299,7 +300,7 @@ class AsyncEngine:
     def _admit(self) -> None:
         """Refuse a request beyond max_pending_requests (tracked ones and those in preparation)."""
         pending = len(self._requests) + self._num_preparing
-        limit = self.config.max_pending_requests
+        limit = self.config.limits.max_pending_requests
         if pending >= limit:
             raise EngineOverloadedError(
                 f"the engine holds {pending} requests, its limit (max_pending_requests="

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from streamvlm.contract.protocol import WorkerReady
 from streamvlm.engine.router import Router
 from streamvlm.engine.worker_group import WorkerGroup
 from streamvlm.errors import EngineDeadError
@@ -26,6 +27,12 @@ class GroupHealth(msgspec.Struct, kw_only=True):
     error: str | None = None
     num_requests: int = 0      # in flight now
     num_routed: int = 0        # ever routed to this group
+    # What the group resolved for its device, as it reported once ready (None before).
+    device: str | None = None
+    dtype: str | None = None
+    attention_backend: str | None = None
+    async_scheduling: bool | None = None
+    num_kv_blocks: int | None = None
 
 
 class HealthReport(msgspec.Struct, kw_only=True):
@@ -73,4 +80,12 @@ class GroupWatch:
         load = router.load(group.group_id)
         return GroupHealth(group_id=group.group_id, role=group.role, pid=group.pid, alive=group.alive,
                            responsive=responsive, host=group.host, error=error,
-                           num_requests=load.num_requests, num_routed=load.num_routed)
+                           num_requests=load.num_requests, num_routed=load.num_routed,
+                           **_device_settings(group.ready))
+
+
+def _device_settings(ready: WorkerReady | None) -> dict[str, object]:
+    if ready is None:
+        return {}
+    return {"device": ready.device, "dtype": ready.dtype, "attention_backend": ready.attention_backend,
+            "async_scheduling": ready.async_scheduling, "num_kv_blocks": ready.num_kv_blocks}

@@ -27,8 +27,8 @@ class LLM:
     """``LLM(model=None, **engine_config_fields)``: with no model, the embedded SmolLM2."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.config = EngineConfig.from_kwargs(model=model or DEFAULT_MODEL, **kwargs)
-        self.engine = AsyncEngine(self.config)
+        self.engine = AsyncEngine(EngineConfig.from_kwargs(model=model or DEFAULT_MODEL, **kwargs))
+        self.config = self.engine.config   # resolved
         self.processor = self.engine.processor
         self.tokenizer = self.engine.tokenizer
         self._loop = new_event_loop()
@@ -91,7 +91,7 @@ class LLM:
             progress = tqdm(total=len(prompts), desc="Generating", unit="req")
 
         # At most max_pending_requests in the engine at once: the rest wait here, not refused.
-        slots = asyncio.Semaphore(self.config.max_pending_requests)
+        slots = asyncio.Semaphore(self.config.limits.max_pending_requests)
 
         async def one(prompt: PreparedPrompt, p: SamplingParams) -> RequestOutput:
             async with slots:

@@ -71,7 +71,7 @@ class RemoteWorkerGroup:
 
     def accept(self, join: JoinRequest) -> JoinAccepted:
         """Take this worker: bind the group's sockets on the listen interface."""
-        host, _ = tcp_host_port(self.config.worker_listen_address or "", "worker_listen_address")
+        host, _ = tcp_host_port(self.config.parallel.worker_listen_address or "", "worker_listen_address")
         self.inbox, self.outbox = group_sockets(self._ctx)
         # The queue is unbounded, so a send that would block only means the worker is not connected.
         self._sender = zmq.Socket.shadow(self.inbox.underlying)
@@ -93,7 +93,7 @@ class RemoteWorkerGroup:
         except TimeoutError:
             raise EngineDeadError(
                 f"no remote worker joined as group {self.group_id} at "
-                f"{self.config.worker_listen_address} in {STARTUP_TIMEOUT_S:.0f} s") from None
+                f"{self.config.parallel.worker_listen_address} in {STARTUP_TIMEOUT_S:.0f} s") from None
 
         def heard() -> None:
             self.last_heard = time.monotonic()
@@ -124,14 +124,14 @@ class RemoteWorkerGroup:
     @property
     def responsive(self) -> bool:
         """As a local group's; silence past remote_worker_timeout_s makes the group dead anyway."""
-        return self.silent_for <= self.config.worker_step_timeout_s
+        return self.silent_for <= self.config.parallel.worker_step_timeout_s
 
     def failure(self) -> str | None:
         """Why the group counts as dead from here; None while it is heard from in time."""
         if self.connection_lost:
             return f"{self.name} lost its connection to the engine core"
         silent = time.monotonic() - self.last_heard
-        if silent > self.config.remote_worker_timeout_s:
+        if silent > self.config.parallel.remote_worker_timeout_s:
             return f"{self.name} sent nothing for {silent:.1f} s"
         return None
 

@@ -108,7 +108,7 @@ class WorkerGroupClient:
                  spec: GroupSpec | None = None) -> None:
         self.group_id = group_id
         self.config = config
-        self.spec = spec or GroupSpec(tensor_parallel_size=config.tensor_parallel_size)
+        self.spec = spec or GroupSpec(tensor_parallel_size=config.parallel.tensor_parallel_size)
         self.role = self.spec.role
         self._ctx = ctx
         self._encoder = msgspec.msgpack.Encoder()
@@ -144,11 +144,11 @@ class WorkerGroupClient:
         """Heard from within worker_step_timeout_s. The step loop itself sends a heartbeat when
         it has sent nothing else for a second, so longer silence means it is stuck: stopped,
         or hung in a step or a collective. The process is left alone: it may come back."""
-        return self.silent_for <= self.config.worker_step_timeout_s
+        return self.silent_for <= self.config.parallel.worker_step_timeout_s
 
     def _bind(self) -> tuple[str, str]:
         self.inbox, self.outbox = group_sockets(self._ctx)
-        if self.config.worker_transport == "tcp":
+        if self.config.parallel.worker_transport == "tcp":
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
             return f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
@@ -175,10 +175,10 @@ class WorkerGroupClient:
         size = self.spec.tensor_parallel_size
         first = self.group_id * size
         device_ids = (self.spec.devices or
-                      (self.config.devices[first:first + size] if self.config.devices
+                      (self.config.parallel.devices[first:first + size] if self.config.parallel.devices
                        else list(range(first, first + size))))
         kv = {"kv_role": self.role, "kv_address": self._kv_address(), "kv_group_id": self.group_id}
-        if self.config.worker_backend == "thread":
+        if self.config.parallel.worker_backend == "thread":
             self.process = threading.Thread(target=run_worker, name=name, daemon=True,
                                             args=(*args, self._set_local_worker), kwargs=kv)
         elif size == 1:
@@ -192,7 +192,7 @@ class WorkerGroupClient:
             # Nothing to race other processes for: a rendezvous file in the group's folder, and
             # (tcp) a plan port rank 0 picks and tells the other ranks.
             init_method = f"file://{self._group_dir()}/rendezvous"
-            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.worker_transport == "ipc"
+            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.parallel.worker_transport == "ipc"
                             else f"tcp://127.0.0.1{ANY_PORT}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
             self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
@@ -219,7 +219,7 @@ class WorkerGroupClient:
         """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
         if self.role != "decode":
             return None
-        if self.config.worker_transport == "ipc":
+        if self.config.parallel.worker_transport == "ipc":
             return f"ipc://{self._group_dir()}/kv"
         return "tcp://127.0.0.1:0"
 

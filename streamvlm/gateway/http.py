@@ -57,7 +57,7 @@ def _settings(request: Request) -> GatewaySettings:
 
 
 def served_model_name(request: Request) -> str:
-    return _settings(request).served_model_name or _engine(request).config.model
+    return _settings(request).served_model_name or _engine(request).config.model.model
 
 
 class BearerAuth:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from streamvlm.contract.config import ImageLimits, normalize_host
+from streamvlm.contract.config import ImageInputConfig, normalize_host
 
 # Only these Pillow plugins parse untrusted input.
 DECODER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -54,7 +54,7 @@ class LoadedImage:
     hash: str
 
 
-def check_image_count(count: int, limits: ImageLimits) -> None:
+def check_image_count(count: int, limits: ImageInputConfig) -> None:
     if count > limits.max_images_per_request:
         raise ImageInputError(f"request has {count} images; max_images_per_request is "
                               f"{limits.max_images_per_request}")
@@ -74,14 +74,14 @@ class PendingImage:
         return self.size[0] * self.size[1]
 
 
-async def load_image(source: object, limits: ImageLimits) -> LoadedImage:
+async def load_image(source: object, limits: ImageInputConfig) -> LoadedImage:
     """Load any accepted form without blocking the event loop: http(s) is fetched asynchronously,
     file reading, decoding, resizing and hashing run in a worker thread."""
     pending = await read_image(source, limits)
     return await asyncio.to_thread(decode_pending_image, pending, limits)
 
 
-async def read_image(source: object, limits: ImageLimits) -> PendingImage:
+async def read_image(source: object, limits: ImageInputConfig) -> PendingImage:
     """Fetch or read an image's bytes and check its header, without decoding its pixels; http(s) is
     fetched asynchronously, the rest runs in a worker thread."""
     if isinstance(source, str) and _url_scheme(source) in ("http", "https"):
@@ -92,12 +92,12 @@ async def read_image(source: object, limits: ImageLimits) -> PendingImage:
     return await asyncio.to_thread(read_image_sync, source, limits)
 
 
-def load_image_sync(source: object, limits: ImageLimits) -> LoadedImage:
+def load_image_sync(source: object, limits: ImageInputConfig) -> LoadedImage:
     """Load every accepted form except http(s) URLs (those need ``load_image``)."""
     return decode_pending_image(read_image_sync(source, limits), limits)
 
 
-def read_image_sync(source: object, limits: ImageLimits) -> PendingImage:
+def read_image_sync(source: object, limits: ImageInputConfig) -> PendingImage:
     """``read_image`` for every accepted form except http(s) URLs."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
@@ -115,18 +115,18 @@ def read_image_sync(source: object, limits: ImageLimits) -> PendingImage:
     raise ImageInputError(f"unsupported image source of type {type(source).__name__}; accepted: {ACCEPTED_FORMS}")
 
 
-def decode_pending_image(pending: PendingImage, limits: ImageLimits) -> LoadedImage:
+def decode_pending_image(pending: PendingImage, limits: ImageInputConfig) -> LoadedImage:
     if pending.image is not None:
         return _finish(pending.image, limits, owned=False)
     assert pending.data is not None
     return decode_image_bytes(pending.data, limits)
 
 
-def _pending_from_bytes(data: bytes, limits: ImageLimits) -> PendingImage:
+def _pending_from_bytes(data: bytes, limits: ImageInputConfig) -> PendingImage:
     return PendingImage(size=probe_image_bytes(data, limits), data=data)
 
 
-def _string_bytes(source: str, limits: ImageLimits) -> bytes:
+def _string_bytes(source: str, limits: ImageInputConfig) -> bytes:
     if not source:
         raise ImageInputError(f"image source is an empty string; accepted: {ACCEPTED_FORMS}")
     if source[:5].lower() == "data:":
@@ -153,12 +153,12 @@ def _remote_disabled() -> ImageInputError:
                            "as a data:image/...;base64 URL instead")
 
 
-def _check_byte_count(size: int, limits: ImageLimits, what: str) -> None:
+def _check_byte_count(size: int, limits: ImageInputConfig, what: str) -> None:
     if size > limits.max_image_bytes:
         raise ImageInputError(f"{what} is {size} bytes, over the max_image_bytes limit of {limits.max_image_bytes}")
 
 
-def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
+def _check_pixels(size: tuple[int, int], limits: ImageInputConfig) -> None:
     width, height = size
     if width * height > limits.max_image_pixels:
         raise ImageInputError(f"image has too many pixels: {width}x{height} = {width * height}, over the "
@@ -168,7 +168,7 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
 # --- data URLs and local files -------------------------------------------------------------------------------
 
 
-def decode_data_url(url: str, limits: ImageLimits) -> bytes:
+def decode_data_url(url: str, limits: ImageInputConfig) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma:
         raise ImageInputError("malformed data URL: no ',' after the media type")
@@ -195,7 +195,7 @@ def _file_url_path(url: str) -> str:
     return urllib.request.url2pathname(parsed.path)
 
 
-def _read_local_file(path: str, limits: ImageLimits) -> bytes:
+def _read_local_file(path: str, limits: ImageInputConfig) -> bytes:
     if not limits.allow_local_image_paths:
         raise ImageInputError("local image paths are disabled (allow_local_image_paths is off); send the image "
                               "as a data:image/...;base64 URL instead")
@@ -223,14 +223,14 @@ def _read_local_file(path: str, limits: ImageLimits) -> bytes:
 # --- decoding --------------------------------------------------------------------------------------------------
 
 
-def probe_image_bytes(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+def probe_image_bytes(data: bytes, limits: ImageInputConfig) -> tuple[int, int]:
     """(width, height) from the header of encoded image bytes, format and pixel count checked;
     the pixels are not decoded."""
     with _open_checked(data, limits) as image:
         return image.size
 
 
-def decode_image_bytes(data: bytes, limits: ImageLimits) -> LoadedImage:
+def decode_image_bytes(data: bytes, limits: ImageInputConfig) -> LoadedImage:
     """Decode encoded image bytes (format and pixel count checked from the header first)."""
     with _open_checked(data, limits) as image:
         try:
@@ -242,7 +242,7 @@ def decode_image_bytes(data: bytes, limits: ImageLimits) -> LoadedImage:
         return _finish(image, limits, owned=True)
 
 
-def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+def _open_checked(data: bytes, limits: ImageInputConfig) -> Image.Image:
     """The image opened lazily (header only), its format and pixel count checked."""
     _check_byte_count(len(data), limits, "image data")
     try:
@@ -283,7 +283,7 @@ def _accepts(accept: Any, prefix: bytes) -> bool:
         return False
 
 
-def _finish(image: Image.Image, limits: ImageLimits, owned: bool) -> LoadedImage:
+def _finish(image: Image.Image, limits: ImageInputConfig, owned: bool) -> LoadedImage:
     try:
         # Apply the EXIF orientation tag, as cameras store pixels unrotated; a caller's image is not modified.
         if owned:
@@ -337,7 +337,7 @@ def image_content_hash(image: Image.Image) -> str:
 # --- remote fetching ------------------------------------------------------------------------------------------
 
 
-async def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
+async def fetch_image_bytes(url: str, limits: ImageInputConfig) -> bytes:
     """GET an http(s) image URL within the byte limit and the fetch timeout, refusing hosts on
     loopback/private/link-local/reserved/multicast addresses unless allowed_image_hosts names them."""
     if not limits.allow_remote_images:
@@ -348,7 +348,7 @@ async def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
         raise ImageInputError(f"fetching image from {url} timed out after {limits.image_fetch_timeout}s") from exc
 
 
-async def _fetch(url: str, limits: ImageLimits) -> bytes:
+async def _fetch(url: str, limits: ImageInputConfig) -> bytes:
     current = _parse_http_url(url)
     async with _http_client(limits) as client:
         for _ in range(MAX_REDIRECTS + 1):
@@ -370,7 +370,7 @@ async def _fetch(url: str, limits: ImageLimits) -> bytes:
     raise ImageInputError(f"fetching image from {url}: more than {MAX_REDIRECTS} redirects")
 
 
-def _http_client(limits: ImageLimits) -> httpx.AsyncClient:
+def _http_client(limits: ImageInputConfig) -> httpx.AsyncClient:
     # No environment proxies or netrc credentials for user-chosen URLs; redirects are followed by hand
     # so that every hop's host is checked.
     return httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=limits.image_fetch_timeout,
@@ -391,7 +391,7 @@ def _parse_http_url(url: str) -> httpx.URL:
     return parsed
 
 
-async def _resolve_checked(url: httpx.URL, limits: ImageLimits) -> list[str]:
+async def _resolve_checked(url: httpx.URL, limits: ImageInputConfig) -> list[str]:
     """The URL host's addresses, each checked against the private-network policy."""
     host = url.raw_host.decode("ascii")
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -438,7 +438,7 @@ async def _connect_pinned(client: httpx.AsyncClient, url: httpx.URL, addresses: 
     raise ImageInputError(f"cannot connect to image host {url.host}: {error}")
 
 
-async def _read_body(response: httpx.Response, url: httpx.URL, limits: ImageLimits) -> bytes:
+async def _read_body(response: httpx.Response, url: httpx.URL, limits: ImageInputConfig) -> bytes:
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         # Decompressing would let a small body inflate past the byte limit inside a single chunk.

@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamvlm.contract.config import EngineConfig, ImageLimits
+from streamvlm.contract.config import EngineConfig, ImageInputConfig
 from streamvlm.contract.families import architecture_of, family_of, image_token_id
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.contract.model_source import ModelSource
@@ -122,9 +122,9 @@ class MultiModalPreparer:
     """Loads, checks and preprocesses a prompt's images, and expands its placeholders."""
 
     def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int) -> None:
-        self.limits = ImageLimits.from_config(config)
+        self.limits = config.image
         self.max_model_len = max_model_len
-        self.pixel_budget = PixelBudget(config.max_pending_image_pixels)
+        self.pixel_budget = PixelBudget(config.limits.max_pending_image_pixels)
         hf_config = source.hf_config
         self.architecture = architecture_of(hf_config)
         token = image_token_id(hf_config)

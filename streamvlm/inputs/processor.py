@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamvlm.contract.config import EngineConfig, resolve_max_model_len
+from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.inputs.chat import ChatEncoder, check_role, encode_bounded, message_texts
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
@@ -19,9 +19,6 @@ TOKENIZER_CACHE = os.path.join(
 
 Prompt = str | dict[str, Any]
 Message = dict[str, Any]
-# The default max_prompt_bytes per token of context: far above what text averages, so that only a
-# prompt that cannot fit is refused before it is tokenized.
-PROMPT_BYTES_PER_TOKEN = 16
 
 
 def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Any:
@@ -63,18 +60,18 @@ def _as_id_list(value: Any) -> list[int]:
 
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.tokenizer = (None if config.skip_tokenizer_init
-                          else load_tokenizer(source, config.tokenizer))
+        self.tokenizer = (None if config.model.skip_tokenizer_init
+                          else load_tokenizer(source, config.model.tokenizer))
         hf_config = source.text_config
         self.vocab_size = int(hf_config["vocab_size"])
-        self.max_model_len = resolve_max_model_len(config, hf_config)
+        check_resolved(config)
+        self.max_model_len: int = config.model.max_model_len
         self.multimodal = MultiModalPreparer(config, source, self.max_model_len)
         self.chat = (None if self.tokenizer is None
-                     else ChatEncoder(self.tokenizer, config.allow_special_tokens_in_content))
-        self.max_prompt_bytes = (config.max_prompt_bytes
-                                 or PROMPT_BYTES_PER_TOKEN * self.max_model_len)
-        self.max_stop_strings = config.max_stop_strings
-        self.max_stop_length = config.max_stop_length
+                     else ChatEncoder(self.tokenizer, config.limits.allow_special_tokens_in_content))
+        self.max_prompt_bytes: int = config.limits.max_prompt_bytes
+        self.max_stop_strings = config.limits.max_stop_strings
+        self.max_stop_length = config.limits.max_stop_length
         eos: list[int] = []
         for value in (source.generation_config().get("eos_token_id"),
                       hf_config.get("eos_token_id"),
