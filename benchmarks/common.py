@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# --async-scheduling, as EngineConfig.async_scheduling.
+# --async-scheduling, as EngineConfig.scheduler.async_scheduling.
 ASYNC_SCHEDULING = {"auto": None, "on": True, "off": False}
 
 

@@ -178,6 +178,6 @@ def test_the_command_line_sets_it_either_way():
 
     parser = argparse.ArgumentParser()
     add_engine_flags(parser)
-    assert engine_config_from_args(parser.parse_args([])).async_scheduling is None
-    assert engine_config_from_args(parser.parse_args(["--async-scheduling"])).async_scheduling is True
-    assert engine_config_from_args(parser.parse_args(["--no-async-scheduling"])).async_scheduling is False
+    assert engine_config_from_args(parser.parse_args([])).scheduler.async_scheduling is None
+    assert engine_config_from_args(parser.parse_args(["--async-scheduling"])).scheduler.async_scheduling is True
+    assert engine_config_from_args(parser.parse_args(["--no-async-scheduling"])).scheduler.async_scheduling is False

@@ -68,4 +68,4 @@ def test_input_limit_flags_reach_the_engine_config():
     assert (config.limits.max_stop_strings, config.limits.max_stop_length, config.limits.max_prompt_bytes,
             config.limits.max_pending_image_pixels) == (4, 64, 1000, 5_000_000)
     default = engine_config_from_args(parser.parse_args([]))
-    assert default.allow_special_tokens_in_content is False and default.max_prompt_bytes is None
+    assert default.limits.allow_special_tokens_in_content is False and default.limits.max_prompt_bytes is None

@@ -312,7 +312,7 @@ def test_group_config_errors():
         EngineConfig(groups=[{"role": "prefil"}, "decode"])
     with pytest.raises(ValueError, match="kv_transfer_timeout_s"):
         EngineConfig(kv_transfer_timeout_s=0)
-    spec = EngineConfig.from_kwargs(groups=[{"role": "prefill", "devices": [0]}, "decode"]).groups
+    spec = EngineConfig.from_kwargs(groups=[{"role": "prefill", "devices": [0]}, "decode"]).parallel.groups
     assert [g.role for g in spec] == ["prefill", "decode"] and spec[0].devices == [0]
 
 

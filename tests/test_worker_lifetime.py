@@ -191,4 +191,4 @@ def test_the_timeouts_must_be_positive_and_above_the_heartbeat():
         EngineConfig(worker_parent_timeout_s=0)
     with pytest.raises(ValueError, match="worker_step_timeout_s"):
         EngineConfig(worker_step_timeout_s=1.0)   # the heartbeat interval: it would flap
-    assert EngineConfig(worker_step_timeout_s=1.5).worker_step_timeout_s == 1.5
+    assert EngineConfig(worker_step_timeout_s=1.5).parallel.worker_step_timeout_s == 1.5
