@@ -61,7 +61,7 @@ def main() -> None:
                           device="cuda", dtype="bfloat16", max_model_len=4096, block_size=bs,
                           num_kv_blocks=args.batch * blocks_per_seq + 1, max_num_seqs=args.batch)
     source = resolve_model(config.model.model)
-    config = resolve(config, source)
+    config = resolve(config, source.text_config)
     runner = ModelRunner(config, source, resolve_for_device(config, source.hf_config, tp_size=1))
     tables = [[1 + s * blocks_per_seq + i for i in range(blocks_per_seq)] for s in range(args.batch)]
     pos = args.context

@@ -48,7 +48,7 @@ def make_worker(model: str | Path, **kwargs: Any) -> Any:
 
     config = EngineConfig.from_kwargs(model=str(model), **kwargs)
     source = resolve_model(config.model.model)
-    config = resolve(config, source)
+    config = resolve(config, source.text_config)
     return Worker(config, source, resolve_for_device(config, source.hf_config, tp_size=1))
 
 

@@ -35,7 +35,7 @@ def qwen_path(tmp_path_factory) -> Path:
 def processor(path: Path, **options: Any) -> InputProcessor:
     source = resolve_model(str(path))
     config = EngineConfig(model=str(path), max_model_len=MAX_MODEL_LEN, **options)
-    return InputProcessor(resolve(config, source), source)
+    return InputProcessor(resolve(config, source.text_config), source)
 
 
 @pytest.fixture(scope="module")

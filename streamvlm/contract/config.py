@@ -4,7 +4,7 @@ the one step that turns the core's "auto"/None settings into concrete values.
 
 Where each setting is resolved:
 
-- ``resolve(config, source)`` (here, called once by the engine core before any worker starts)
+- ``resolve(config, text_config)`` (here, called once by the engine core before any worker starts)
   fills in whatever the core can know without a device: max_model_len (from the model's
   config), kv_transport, max_cuda_graph_batch_size, max_prompt_bytes. Workers receive the
   resolved config.
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
 from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S, GroupRole
-
-if TYPE_CHECKING:
-    from streamvlm.contract.model_source import ModelSource
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -418,11 +415,12 @@ def resolve_max_model_len(config: EngineConfig, hf_config: dict[str, Any]) -> in
     return max_model_len
 
 
-def resolve(config: EngineConfig, source: ModelSource) -> EngineConfig:
+def resolve(config: EngineConfig, text_config: dict[str, Any]) -> EngineConfig:
     """The config with every "auto"/None the engine core can know made concrete: called once,
-    before any worker starts; workers receive what it returns. Device-dependent settings are
-    left to each worker group (see the module docstring)."""
-    max_model_len = resolve_max_model_len(config, source.text_config)
+    before any worker starts; workers receive what it returns. ``text_config``: the model's
+    (language model's) Hugging Face config, ``ModelSource.text_config``. Device-dependent
+    settings are left to each worker group (see the module docstring)."""
+    max_model_len = resolve_max_model_len(config, text_config)
     model = msgspec.structs.replace(
         config.model, max_model_len=max_model_len,
         max_cuda_graph_batch_size=(config.model.max_cuda_graph_batch_size

@@ -86,7 +86,7 @@ class AsyncEngine:
         served_family(self.source.hf_config)  # unsupported architectures fail here, not in a worker
         # Every "auto"/None the core can know, made concrete once: the input pipeline and every
         # worker group are built from this config (device settings resolve in each group).
-        self.config = config = resolve(config, self.source)
+        self.config = config = resolve(config, self.source.text_config)
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
         self.groups: list[WorkerGroup] = []
