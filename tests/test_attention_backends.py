@@ -52,3 +52,14 @@ def test_auto_on_cuda_prefers_flash_attn_then_triton(monkeypatch, has_triton, ha
     monkeypatch.setattr(attention, "flash_attn_available", lambda device: has_flash)
     assert resolve_backend_name("auto", torch.device("cuda"), dtype) == expected
     assert resolve_backend_name("triton", torch.device("cuda"), dtype) == "triton"
+
+
+def test_device_settings_resolve_once_for_the_device():
+    from streamvlm.contract.config import EngineConfig
+    from workers.device_settings import resolve_for_device
+
+    settings = resolve_for_device(EngineConfig(device="cpu"), {}, tp_size=1)
+    assert (settings.device, settings.dtype, settings.attention_backend, settings.async_scheduling) == \
+        (torch.device("cpu"), torch.float32, "torch", False)
+    forced = resolve_for_device(EngineConfig(device="cpu", dtype="bfloat16", async_scheduling=True), {}, 1)
+    assert forced.dtype == torch.bfloat16 and forced.async_scheduling is True
