@@ -413,6 +413,9 @@ def test_killed_worker_fails_open_streams_fast_and_shutdown_reaps(loop, llama_pa
         pid = engine.groups[0].process.pid
         health = await engine.health()
         assert health.healthy and health.groups[0].pid == pid and health.groups[0].alive
+        group = health.groups[0]   # the settings the group resolved for its device
+        assert (group.device, group.dtype, group.attention_backend, group.async_scheduling) == \
+            ("cpu", "float32", "torch", False)
         assert pid in child_pids()
 
         started = [asyncio.Event() for _ in range(4)]
