@@ -16,15 +16,12 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from streamvlm import AsyncEngine, EngineConfig
 from streamvlm.errors import EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization
-from streamvlm.gateway.app import build_app
 from streamvlm.gateway.json_depth import json_too_deep
-from streamvlm.gateway.settings import GatewaySettings
 from tests.live_server import LiveServer
 from tests import test_ws
-from tests.test_ws import Chats, create, recv, run, send, slow_worker, wait_engine_idle
+from tests.test_ws import Chats, create, recv, run, send, slow_worker, start_server, wait_engine_idle
 
 KEY = "sk-limits"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -32,15 +29,9 @@ PROMPT = "The quick brown fox"
 DEEP = 50_000
 
 
-def _server(llama_path, **settings: Any) -> LiveServer:
-    engine = AsyncEngine(EngineConfig(model=str(llama_path), max_model_len=256,
-                                      worker_backend="thread"))
-    return LiveServer(build_app(engine, GatewaySettings(**settings))).start()
-
-
 @pytest.fixture(scope="module")
 def server(llama_path):
-    live = _server(llama_path, api_key=KEY, max_chats_per_connection=2,
+    live = start_server(llama_path, api_key=KEY, max_chats_per_connection=2,
                    max_kept_chats_per_connection=3)
     yield live
     live.stop()
@@ -50,7 +41,7 @@ def server(llama_path):
 def guarded(llama_path):
     """Small connection limits: 3 connections, request heads within half a second, WebSocket
     connections idle for a second closed."""
-    live = _server(llama_path, max_connections=3, header_timeout_s=0.5, ws_idle_timeout_s=1.0)
+    live = start_server(llama_path, max_connections=3, header_timeout_s=0.5, ws_idle_timeout_s=1.0)
     yield live
     live.stop()
 
@@ -314,7 +305,7 @@ def test_chats_per_connection_are_bounded(server):
 def test_detached_chats_are_bounded_server_wide(llama_path):
     """With max_detached_chats=1, a second dropped connection's chat pushes out the first's:
     it is cancelled (its blocks freed) and cannot be resumed; the newer one still can."""
-    live = _server(llama_path, max_detached_chats=1)
+    live = start_server(llama_path, max_detached_chats=1)
 
     async def drop_a_running_chat(name: str) -> str:
         ws = await open_ws(live, None)

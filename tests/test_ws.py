@@ -25,7 +25,8 @@ PROMPT = "The quick brown fox"
 MAX_MESSAGE = 16 * 1024
 
 
-def _server(llama_path, **settings: Any) -> LiveServer:
+def start_server(llama_path, **settings: Any) -> LiveServer:
+    """A live gateway on the tiny llama (thread worker) with these GatewaySettings."""
     engine = AsyncEngine(EngineConfig(model=str(llama_path), max_model_len=256,
                                       worker_backend="thread"))
     return LiveServer(build_app(engine, GatewaySettings(**settings))).start()
@@ -33,7 +34,7 @@ def _server(llama_path, **settings: Any) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def server(llama_path):
-    live = _server(llama_path, api_key=KEY, ws_max_message_bytes=MAX_MESSAGE,
+    live = start_server(llama_path, api_key=KEY, ws_max_message_bytes=MAX_MESSAGE,
                    ws_auth_timeout_s=0.5, resume_window_s=30.0, resume_buffer_bytes=8192)
     yield live
     live.stop()
@@ -42,7 +43,7 @@ def server(llama_path):
 @pytest.fixture(scope="module")
 def short_server(llama_path):
     """Detached chats are cancelled half a second after their connection drops."""
-    live = _server(llama_path, resume_window_s=0.5)
+    live = start_server(llama_path, resume_window_s=0.5)
     yield live
     live.stop()
 
