@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamvlm.contract.config import EngineConfig, ImageInputConfig
+from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.families import architecture_of, family_of, image_token_id
 from streamvlm.inputs.pixel_budget import PixelBudget
 from streamvlm.contract.model_source import ModelSource
