@@ -56,6 +56,8 @@ class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     # hands the KV to decode group ``kv_peer``; "decode" reserves blocks and waits for that KV.
     kv_role: GroupRole = "mixed"
     kv_peer: int = -1
+    # The worker reports where the request's time went until its first token (WorkerTimings).
+    collect_timings: bool = False
 
 
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -68,6 +70,21 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     logprob: float
     top_token_ids: list[int] = []
     top_logprobs: list[float] = []
+
+
+class WorkerTimings(msgspec.Struct, array_like=True):
+    """Where an AddRequest(collect_timings=True) spent its time in the worker until its first
+    token. ``received`` is the worker's time.monotonic() when it took the request from its inbox
+    (the core's clock too only when both run on one host); the other moments are seconds after
+    ``received``, so that a core on another host can still place them on its own clock."""
+
+    received: float
+    attached: float          # its images turned into tensors, checked, M-RoPE positions made
+    scheduled: float         # first put in a step
+    encode_start: float      # the first encoder call that ran one of its images was launched
+    encode_seconds: float    # those encoder calls' duration, measured on the device
+    first_token: float       # its first token sampled and on the host
+    num_prefill_steps: int   # steps that computed part of its prompt
 
 
 class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -83,6 +100,8 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     # prefill/decode request, so its deltas may reach the core out of order: the core puts them
     # back in order by it. -1: not positioned (applied as it comes; the core's own final events).
     output_index: int = -1
+    # On the first token's delta of a request that asked for them; absent otherwise.
+    timings: WorkerTimings | None = None
 
 
 class StepStats(msgspec.Struct, kw_only=True):
