@@ -385,3 +385,28 @@ def test_request_timings_are_collected_only_when_asked(llms) -> None:
     assert first.timings is None and last.timings is None
     [output] = llm.chat(messages, params)
     assert output.timings is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_worker_makes_the_pixel_values_of_the_core_to_the_bit(name: str, llms) -> None:
+    """An image crosses to the worker resized but still uint8; the worker's rescale, normalization
+    and layout give exactly the pixel values of the core's numpy preprocessing, and the item keeps
+    the hash of the image's content."""
+    from workers.image_pixels import as_pixels
+    from workers.multimodal import MultiModalInput
+
+    llm = llms(name)
+    preparer = llm.engine.processor.multimodal
+    image = random_image(31, (90, 61))
+    prepared = llm._call(llm.engine.prepare_prompt(conversation([image])))
+    [item] = prepared.mm_items
+    assert item.source == "image_uint8" and item.data.dtype == "uint8"
+    expected = preparer.image_processor.preprocess(image)
+    assert len(item.data.data) * 4 <= expected.pixel_values.nbytes
+    pixels = as_pixels(MultiModalInput.from_item(item), torch.device("cpu"))
+    assert pixels.source == "pixels" and pixels.hash == item.hash
+    assert pixels.data.dtype == torch.float32
+    assert torch.equal(pixels.data, torch.from_numpy(expected.pixel_values))
+    assert pixels.num_tokens == expected.num_tokens
+    if expected.grid_thw is not None:
+        assert tuple(item.grid_thw) == expected.grid_thw

@@ -162,6 +162,7 @@ class AsyncEngine:
             group.unwatch()
             await group.shutdown()
         self._requests.fail_all(EngineDeadError("the engine was shut down"))
+        self.processor.multimodal.close()
         if self._dead is None:
             self._dead = EngineDeadError("the engine was shut down")
         if self._finalizer is not None:
