@@ -240,9 +240,10 @@ class Worker:
     def _timed_prefills(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
         """The chunks that compute part of the prompt of a request that collects timings."""
         timed = [c for c in chunks if c.seq.timeline is not None and c.start < c.seq.num_prompt_tokens]
-        now = time.monotonic()
-        for chunk in timed:
-            chunk.seq.timeline.in_step(now)
+        if timed:
+            now = time.monotonic()
+            for chunk in timed:
+                chunk.seq.timeline.in_step(now)
         return timed
 
     def _may_schedule_ahead(self) -> bool:
