@@ -1,10 +1,17 @@
 """VLM serving latency: Qwen2.5-VL-3B shapes (random weights, bfloat16), each request one
 640x640 image (a different one each: no encoder-cache hits) and 100 text tokens, 128 output
 tokens, 200 requests at concurrency 16 through engine.stream. Time to first token and time per
-output token (after the first), p50 and p99.
+output token (after the first), p50 and p99, and where each request's time to first token went
+(engine.stream(collect_timings=True)): p50 and p99 of each interval, in order.
+
+--concurrency and --image-size take comma-separated lists: every pair is run, on one engine.
 
 On the GPU machine:
     python benchmarks/vlm_serving.py --json results/vlm_serving.json
+    python benchmarks/vlm_serving.py --concurrency 1,4,16,64 --image-size 336,640,1280 --json results/vlm_sweep.json
+The host side alone, on any machine (no model forward, no vision encoder):
+    python benchmarks/vlm_serving.py --device cpu --dtype float32 --skip-model-forward --output-len 4 \\
+        --num-requests 64 --concurrency 1,16,64 --image-size 336,640,1280
 A quick CPU check (tiny numbers):
     python benchmarks/vlm_serving.py --num-requests 2 --concurrency 2 --output-len 4 --device cpu --dtype float32
 """
@@ -24,9 +31,19 @@ from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 
+# Where the time to first token went: the engine's intervals (RequestTimings), then the hop from
+# the engine core to the consumer of the stream.
+BREAKDOWN = ("preprocess", "core_wait", "to_worker", "worker_prepare", "step_wait", "encode", "prefill",
+             "way_back", "to_consumer")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def random_image(seed: int, size: int):
@@ -37,72 +54,111 @@ def random_image(seed: int, size: int):
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-async def run(args: argparse.Namespace) -> dict:
-    from streamvlm import AsyncEngine, EngineConfig, SamplingParams
+def ms(seconds: float) -> float:
+    return round(1000 * seconds, 2)
+
+
+async def run_one(engine, args: argparse.Namespace, concurrency: int, image_size: int, seed: int) -> dict:
+    from streamvlm import SamplingParams
 
     cfg = SHAPES[args.shape]
-    config = EngineConfig(model=shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
-                          device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=64,
-                          enable_prefix_caching=False)
     vision_start, image_token, vision_end = (cfg["vision_start_token_id"], cfg["image_token_id"],
                                              cfg["vision_end_token_id"])
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
-    gate = asyncio.Semaphore(args.concurrency)
+    gate = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     tpots: list[float] = []
+    breakdown: dict[str, list[float]] = {name: [] for name in BREAKDOWN}
 
-    async def one(engine: AsyncEngine, i: int) -> None:
+    async def one(i: int) -> None:
         text = [1000 + (i * 7 + j) % 5000 for j in range(args.text_tokens)]
         prompt = {"prompt_token_ids": [vision_start, image_token, vision_end, *text],
-                  "images": [random_image(i, args.image_size)]}
+                  "images": [random_image(i, image_size)]}
         async with gate:
-            start = time.perf_counter()
+            start = time.monotonic()
             first = None
+            timings = None
             count = 0
-            async for delta in engine.stream(prompt, params):
+            async for delta in engine.stream(prompt, params, collect_timings=True):
                 if delta.token_ids and first is None:
-                    first = time.perf_counter()
+                    first = time.monotonic()
+                timings = timings or delta.timings
                 count += len(delta.token_ids)
-            end = time.perf_counter()
+            end = time.monotonic()
         ttfts.append(first - start)
         if count > 1:
             tpots.append((end - first) / (count - 1))
+        if timings is not None:
+            for name, seconds in timings.intervals().items():
+                breakdown[name].append(seconds)
+            breakdown["to_consumer"].append(first - timings.delivered)
 
-    async with AsyncEngine(config) as engine:
-        await asyncio.gather(*(one(engine, 10**6 + i) for i in range(min(4, args.concurrency))))   # warm-up
-        ttfts.clear()
-        tpots.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(one(engine, i) for i in range(args.num_requests)))
-        elapsed = time.perf_counter() - start
-        stats = await engine.stats()
-        device = engine.groups[0].ready.device
-    return {"shape": args.shape, "device": device, "requests": args.num_requests, "concurrency": args.concurrency,
-            "image_size": args.image_size, "text_tokens": args.text_tokens, "output_len": args.output_len,
-            "seconds": round(elapsed, 2), "encoded_images": stats.num_encoded_items,
+    await asyncio.gather(*(one(seed + 10**6 + i) for i in range(min(4, concurrency))))   # warm-up
+    ttfts.clear()
+    tpots.clear()
+    for values in breakdown.values():
+        values.clear()
+    before = await engine.stats()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(seed + i) for i in range(args.num_requests)))
+    elapsed = time.perf_counter() - start
+    after = await engine.stats()
+    return {"shape": args.shape, "device": engine.groups[0].ready.device, "requests": args.num_requests,
+            "concurrency": concurrency, "image_size": image_size, "text_tokens": args.text_tokens,
+            "output_len": args.output_len, "skip_model_forward": args.skip_model_forward, "seconds": round(elapsed, 2),
+            "encoded_images": after.num_encoded_items - before.num_encoded_items,
             "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
             "ttft_ms_p99": round(1000 * percentile(ttfts, 99), 1),
-            "tpot_ms_p50": round(1000 * statistics.median(tpots), 2),
-            "tpot_ms_p99": round(1000 * percentile(tpots, 99), 2)}
+            "tpot_ms_p50": round(1000 * statistics.median(tpots), 2) if tpots else None,
+            "tpot_ms_p99": round(1000 * percentile(tpots, 99), 2) if tpots else None,
+            "ttft_breakdown_ms": {name: {"p50": ms(statistics.median(values)), "p99": ms(percentile(values, 99))}
+                                  for name, values in breakdown.items() if values}}
+
+
+async def run(args: argparse.Namespace) -> list[dict]:
+    from streamvlm import AsyncEngine, EngineConfig
+
+    config = EngineConfig(model=shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
+                          device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=64,
+                          enable_prefix_caching=False, skip_model_forward=args.skip_model_forward)
+    results = []
+    async with AsyncEngine(config) as engine:
+        for image_size in args.image_size:
+            for concurrency in args.concurrency:
+                # Fresh images for every run: no encoder-cache hits across runs either.
+                seed = 10**7 * len(results)
+                results.append(await run_one(engine, args, concurrency, image_size, seed))
+                print_run(results[-1])
+    return results
+
+
+def print_run(result: dict) -> None:
+    print(f"\n{'requests':>8} {'conc':>5} {'image':>6} {'seconds':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9} {'TPOT p99':>9}")
+    print(f"{result['requests']:>8} {result['concurrency']:>5} {result['image_size']:>6} {result['seconds']:>8} "
+          f"{result['ttft_ms_p50']:>7} ms {result['ttft_ms_p99']:>6} ms {result['tpot_ms_p50']!s:>6} ms "
+          f"{result['tpot_ms_p99']!s:>6} ms")
+    print(f"  {'TTFT breakdown':<16} {'p50 ms':>9} {'p99 ms':>9}")
+    for name, values in result["ttft_breakdown_ms"].items():
+        print(f"  {name:<16} {values['p50']:>9} {values['p99']:>9}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen2.5-vl-3b")
     parser.add_argument("--num-requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=640)
+    parser.add_argument("--concurrency", type=int_list, default=[16], help="one or more, e.g. 1,4,16,64")
+    parser.add_argument("--image-size", type=int_list, default=[640], help="one or more, e.g. 336,640,1280")
     parser.add_argument("--text-tokens", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--skip-model-forward", action="store_true",
+                        help="the worker samples random tokens without running the model or its vision "
+                             "encoder: the host side's share of the time alone")
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    print(f"{'requests':>8} {'conc':>5} {'seconds':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}")
-    print(f"{result['requests']:>8} {result['concurrency']:>5} {result['seconds']:>8} {result['ttft_ms_p50']:>7} ms "
-          f"{result['ttft_ms_p99']:>6} ms {result['tpot_ms_p50']:>6} ms {result['tpot_ms_p99']:>6} ms")
-    write_json(args.json, result)
+    write_json(args.json, {"runs": asyncio.run(run(args))})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from streamvlm.contract.protocol import FinishReason, TokenLogprobs
+from streamvlm.engine.request_timing import RequestTimings
 
 
 @dataclass
@@ -17,6 +18,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
+    timings: RequestTimings | None = None   # requests made with collect_timings=True
 
     @property
     def finished(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from streamvlm.engine.request_state import RequestState
 from streamvlm.contract.protocol import RequestDelta, TokenLogprobs
 from streamvlm.contract.sampling import SamplingParams
@@ -136,3 +138,25 @@ def test_an_error_without_tokens_ends_a_request_that_waits_for_earlier_tokens():
     assert out.finish_reason == "error" and state.finished
     assert state.apply(RequestDelta("r", ids("a"), output_index=0)) is None
     assert state.output.token_ids == []
+
+
+def test_timings_of_a_worker_on_another_host_split_the_round_trip() -> None:
+    """A remote worker's clock is not the core's: its intervals are placed from the moment the
+    request was sent, with the round trip they leave unexplained split evenly both ways."""
+    from streamvlm.contract.protocol import WorkerTimings
+    from streamvlm.engine.request_timing import CoreStamps, RequestTimings
+
+    core = CoreStamps(arrival=100.0, prepared=100.25, sent=100.5)
+    worker = WorkerTimings(received=7.0, attached=0.125, scheduled=0.25, encode_start=0.25,
+                           encode_seconds=0.5, first_token=1.0, num_prefill_steps=2)
+    remote = RequestTimings.place(core, worker, delivered=102.0, clock_shared=False)
+    assert remote.intervals() == {"preprocess": 0.25, "core_wait": 0.25, "to_worker": 0.25,
+                                  "worker_prepare": 0.125, "step_wait": 0.125, "encode": 0.5,
+                                  "prefill": 0.25, "way_back": 0.25}
+    assert sum(remote.intervals().values()) == remote.ttft == 2.0
+    local = RequestTimings.place(core, msgspec.structs.replace(worker, received=100.75),
+                                 delivered=102.0, clock_shared=True)
+    assert (local.to_worker, local.way_back) == (0.25, 0.25)
+    local = RequestTimings.place(core, msgspec.structs.replace(worker, received=100.625),
+                                 delivered=102.0, clock_shared=True)
+    assert (local.to_worker, local.way_back) == (0.125, 0.375)

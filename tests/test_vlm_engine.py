@@ -347,3 +347,66 @@ def test_bad_item_fails_only_its_request(name: str, llms, references) -> None:
     assert [first.token_ids, second.token_ids] == expected
     assert llm.stats().kv_blocks_used == 0
     assert llm._call(engine.stats()).num_requests == 0
+
+
+def test_request_timings_are_collected_only_when_asked(llms) -> None:
+    """A request streamed with collect_timings=True gets, on its first token's delta, intervals that
+    are non-negative and add up to the time from its arrival to that delta reaching the engine core,
+    with a vision encoder call among them; without it, nothing is collected."""
+    import time
+
+    from streamvlm.engine.request_timing import INTERVALS
+
+    llm = llms("qwen2_5_vl")
+    engine = llm.engine
+    messages = conversation([random_image(21, (64, 56))], "What is in the image?")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def first_delta(collect: bool) -> tuple[Any, Any, float, float]:
+        start = time.monotonic()
+        first, received = None, 0.0
+        async for delta in engine.stream(messages, params, collect_timings=collect):
+            if first is None:
+                first, received = delta, time.monotonic()
+        return first, delta, start, received
+
+    first, last, start, received = llm._call(first_delta(True))
+    timings = first.timings
+    assert timings is not None and last.timings is None
+    intervals = timings.intervals()
+    assert list(intervals) == list(INTERVALS)
+    assert all(value >= 0 for value in intervals.values()), intervals
+    assert timings.clock_shared
+    assert start <= timings.arrival <= timings.delivered <= received
+    assert sum(intervals.values()) == pytest.approx(timings.ttft, abs=1e-6)
+    assert timings.encode > 0 and timings.num_prefill_steps >= 1
+
+    first, last, _, _ = llm._call(first_delta(False))
+    assert first.timings is None and last.timings is None
+    [output] = llm.chat(messages, params)
+    assert output.timings is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_worker_makes_the_pixel_values_of_the_core_to_the_bit(name: str, llms) -> None:
+    """An image crosses to the worker resized but still uint8; the worker's rescale, normalization
+    and layout give exactly the pixel values of the core's numpy preprocessing, and the item keeps
+    the hash of the image's content."""
+    from workers.image_pixels import as_pixels
+    from workers.multimodal import MultiModalInput
+
+    llm = llms(name)
+    preparer = llm.engine.processor.multimodal
+    image = random_image(31, (90, 61))
+    prepared = llm._call(llm.engine.prepare_prompt(conversation([image])))
+    [item] = prepared.mm_items
+    assert item.source == "image_uint8" and item.data.dtype == "uint8"
+    expected = preparer.image_processor.preprocess(image)
+    assert len(item.data.data) * 4 <= expected.pixel_values.nbytes
+    pixels = as_pixels(MultiModalInput.from_item(item), torch.device("cpu"))
+    assert pixels.source == "pixels" and pixels.hash == item.hash
+    assert pixels.data.dtype == torch.float32
+    assert torch.equal(pixels.data, torch.from_numpy(expected.pixel_values))
+    assert pixels.num_tokens == expected.num_tokens
+    if expected.grid_thw is not None:
+        assert tuple(item.grid_thw) == expected.grid_thw

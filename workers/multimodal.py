@@ -7,7 +7,8 @@ A VLM model class (workers/models/) offers, besides the text model's interface:
 - ``embed_width: int``: columns of one encoder-output row (hidden_size, or hidden_size times
   1 + the number of DeepStack levels for Qwen3-VL);
 - ``encode(items) -> list[Tensor]``: one [item.num_tokens, embed_width] tensor per item, in the
-  model's dtype on its device. Pixel items of several requests run through the vision tower
+  model's dtype on its device. "image_uint8" items become pixel items on the device first
+  (workers.image_pixels.as_pixels); pixel items of several requests run through the vision tower
   together; "embeds" items pass through; "features" items go through the projector for their
   modality;
 - ``forward(input_ids, positions, meta, mm=None)``: ``mm`` holds the rows of the step's tokens
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamvlm.contract.protocol import MultiModalItem, TensorData
+from streamvlm.contract.protocol import MultiModalItem, PixelSteps, TensorData
 
 # Wire dtype names (TensorData, KV frames, the config's dtype) -> torch dtypes; the one such table.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -56,6 +57,7 @@ class MultiModalInput:
     modality: str
     data: torch.Tensor
     grid_thw: tuple[int, int, int] | None = None
+    pixel_steps: PixelSteps | None = None   # source "image_uint8" (workers.image_pixels)
 
     @property
     def end(self) -> int:
@@ -65,7 +67,7 @@ class MultiModalInput:
     def from_item(cls, item: MultiModalItem) -> MultiModalInput:
         grid = tuple(item.grid_thw) if item.grid_thw is not None else None
         return cls(item.hash, item.offset, item.num_tokens, item.source, item.modality,
-                   tensor_from_data(item.data), grid)
+                   tensor_from_data(item.data), grid, item.pixel_steps)
 
 
 @dataclass

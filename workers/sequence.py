@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from workers.multimodal import MultiModalInput
+    from workers.request_timing import WorkerTimeline
 
 
 # Async scheduling: the token a step in flight is still sampling; the next step reads it on the device.
@@ -72,6 +73,8 @@ class Sequence:
         # tokens of the step that computes it.
         self.placeholder_position = -1
         self.placeholder_source = -1
+        # Requests that collect timings: their moments until the first token.
+        self.timeline: WorkerTimeline | None = None
         # block_table as an int32 array, for step plans; remade when the table grows or is replaced.
         self._table_array: tuple[list[int], int, np.ndarray] | None = None
 

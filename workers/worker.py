@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from streamvlm.contract.config import EngineConfig
@@ -15,7 +16,8 @@ from workers.kv_handoff import KVHandoff
 from workers.kv_transfer import KVHeader
 from workers.model_runner import ModelRunner, PendingStep
 from workers.multimodal import MultiModalInput
-from workers.scheduler import Scheduler
+from workers.request_timing import DeviceSpan, WorkerTimeline
+from workers.scheduler import ScheduledChunk, Scheduler
 from workers.sequence import Sequence, SequenceStatus
 from workers.stop_rules import ends_by_length, finish_reason
 
@@ -71,6 +73,7 @@ class Worker:
             raise TypeError(f"unexpected message {type(message).__name__}")
 
     def add_request(self, req: AddRequest) -> None:
+        timeline = WorkerTimeline(time.monotonic()) if req.collect_timings else None
         error = self._check(req)
         if error:
             self._pending_deltas.append(RequestDelta(req.request_id, [], finish_reason="error",
@@ -85,6 +88,9 @@ class Worker:
                 self._pending_deltas.append(RequestDelta(req.request_id, [],
                                                          finish_reason="error", error=str(exc)))
                 return
+        if timeline is not None:
+            timeline.attached = time.monotonic()
+            seq.timeline = timeline
         self._arrivals += 1
         self.sequences[req.request_id] = seq
         seq.kv_role, seq.kv_peer = req.kv_role, req.kv_peer
@@ -172,8 +178,16 @@ class Worker:
             self._complete(in_flight, deltas)
             in_flight = None
         plan = self.scheduler.schedule()
+        timed = self._timed_prefills(plan.chunks)
         if plan.chunks and self.runner.supports_images and not self.config.model.skip_model_forward:
+            encoding = [c.seq.timeline for c in timed if _reaches_unencoded_item(c)]
+            launched_at = time.monotonic()
+            span = DeviceSpan(self.runner.device) if encoding else None
             failed = self.runner.encoder.encode_pending(plan.chunks)
+            if span is not None:
+                span.stop()
+                for timeline in encoding:
+                    timeline.encoding(span, launched_at)
             for seq, error in failed.items():
                 self.scheduler.remove(seq)
                 del self.sequences[seq.request_id]
@@ -222,6 +236,16 @@ class Worker:
             num_handoffs_held=handoff.num_held,
         ))
 
+    @staticmethod
+    def _timed_prefills(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        """The chunks that compute part of the prompt of a request that collects timings."""
+        timed = [c for c in chunks if c.seq.timeline is not None and c.start < c.seq.num_prompt_tokens]
+        if timed:
+            now = time.monotonic()
+            for chunk in timed:
+                chunk.seq.timeline.in_step(now)
+        return timed
+
     def _may_schedule_ahead(self) -> bool:
         """Penalties read the tokens generated so far on the host: those steps wait for them."""
         return not any(seq.params.reads_history for seq in self.scheduler.running)
@@ -254,6 +278,16 @@ class Worker:
                 self.kv_handoff.hold(seq)
             token_ids, token_logprobs = seq.take_pending()
             output_index = num_tokens - seq.num_prompt_tokens - len(token_ids)
+            timings = None
+            if seq.timeline is not None and not seq.timeline.first_token:
+                timings = seq.timeline.report(time.monotonic())
             deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
                                        reason, seq.num_cached_tokens,
-                                       output_index=output_index))
+                                       output_index=output_index, timings=timings))
+
+
+def _reaches_unencoded_item(chunk: ScheduledChunk) -> bool:
+    """The chunk computes placeholders of an image its sequence holds no encoder output for."""
+    seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+    return any(item.offset < end and item.end > start and item.hash not in seq.encoder_outputs
+               for item in seq.mm_items)

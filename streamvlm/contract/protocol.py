@@ -28,10 +28,27 @@ class TensorData(msgspec.Struct, array_like=True):
     data: bytes
 
 
+class PixelSteps(msgspec.Struct, array_like=True):
+    """How a worker makes an "image_uint8" item's pixel values, on its device: each value v of
+    channel c of the resized [H, W, 3] uint8 image becomes ``value_table[v, c]`` (float32 [256, 3]:
+    the family's rescale and normalization, tabulated by the engine core with the same numpy code
+    it would otherwise apply, so the results are the same to the bit); the values are then laid
+    out as the family's encoder takes them: "qwen_patches" ([grid_h * grid_w, 3 * temporal *
+    patch * patch], merge window by merge window) or "channels_first" ([3, H, W])."""
+
+    value_table: TensorData
+    layout: Literal["qwen_patches", "channels_first"]
+    patch_size: int = 0
+    merge_size: int = 0
+    temporal_patch_size: int = 0
+
+
 class MultiModalItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One image (or precomputed embedding) of a request and the placeholder tokens it fills.
 
-    source "pixels": ``data`` is the family's preprocessed pixel values (the layout of the
+    source "image_uint8": ``data`` is the image resized (and cropped) for the family's encoder,
+    uint8 [H, W, 3], and ``pixel_steps`` says how the worker turns it into the pixel values;
+    "pixels": ``data`` is the family's preprocessed pixel values (the layout of the
     transformers image processor for one image) and the worker runs the vision encoder;
     "embeds": ``data`` is already the encoder output, [num_tokens, embed width];
     "features": ``data`` goes through the checkpoint's projector for ``modality`` first.
@@ -41,9 +58,10 @@ class MultiModalItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     offset: int                       # index of the first placeholder token in the prompt
     num_tokens: int                   # placeholder tokens the item fills, from offset on
     data: TensorData
-    source: Literal["pixels", "embeds", "features"] = "pixels"
+    source: Literal["image_uint8", "pixels", "embeds", "features"] = "pixels"
     modality: str = "image"
     grid_thw: list[int] | None = None  # Qwen-VL families: (t, h, w) in vision patches
+    pixel_steps: PixelSteps | None = None   # source "image_uint8"
 
 
 class AddRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -56,6 +74,8 @@ class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     # hands the KV to decode group ``kv_peer``; "decode" reserves blocks and waits for that KV.
     kv_role: GroupRole = "mixed"
     kv_peer: int = -1
+    # The worker reports where the request's time went until its first token (WorkerTimings).
+    collect_timings: bool = False
 
 
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -68,6 +88,21 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     logprob: float
     top_token_ids: list[int] = []
     top_logprobs: list[float] = []
+
+
+class WorkerTimings(msgspec.Struct, array_like=True):
+    """Where an AddRequest(collect_timings=True) spent its time in the worker until its first
+    token. ``received`` is the worker's time.monotonic() when it took the request from its inbox
+    (the core's clock too only when both run on one host); the other moments are seconds after
+    ``received``, so that a core on another host can still place them on its own clock."""
+
+    received: float
+    attached: float          # its images turned into tensors, checked, M-RoPE positions made
+    scheduled: float         # first put in a step
+    encode_start: float      # the first encoder call that ran one of its images was launched
+    encode_seconds: float    # those encoder calls' duration, measured on the device
+    first_token: float       # its first token sampled and on the host
+    num_prefill_steps: int   # steps that computed part of its prompt
 
 
 class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -83,6 +118,8 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     # prefill/decode request, so its deltas may reach the core out of order: the core puts them
     # back in order by it. -1: not positioned (applied as it comes; the core's own final events).
     output_index: int = -1
+    # On the first token's delta of a request that asked for them; absent otherwise.
+    timings: WorkerTimings | None = None
 
 
 class StepStats(msgspec.Struct, kw_only=True):

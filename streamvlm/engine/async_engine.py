@@ -29,6 +29,7 @@ from streamvlm.engine.group_health import GroupWatch, HealthReport
 from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.request_table import RequestTable, TrackedRequest
+from streamvlm.engine.request_timing import CoreStamps
 from streamvlm.engine.router import Route, Router
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.engine.worker_group import WorkerGroup
@@ -162,6 +163,7 @@ class AsyncEngine:
             group.unwatch()
             await group.shutdown()
         self._requests.fail_all(EngineDeadError("the engine was shut down"))
+        self.processor.multimodal.close()
         if self._dead is None:
             self._dead = EngineDeadError("the engine was shut down")
         if self._finalizer is not None:
@@ -180,9 +182,12 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[OutputDelta]:
-        """Deltas of one request as they are produced; leaving early aborts the request."""
-        request_id, tracked = await self._submit(prompt, params, request_id)
+                     request_id: str | None = None, *, collect_timings: bool = False
+                     ) -> AsyncIterator[OutputDelta]:
+        """Deltas of one request as they are produced; leaving early aborts the request. With
+        ``collect_timings`` the first token's delta carries ``timings`` (RequestTimings): where
+        its time to first token went."""
+        request_id, tracked = await self._submit(prompt, params, request_id, collect_timings)
         finished = False
         try:
             while not finished:
@@ -194,8 +199,9 @@ class AsyncEngine:
                 self._requests.end(request_id, "abort")
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> RequestOutput:
-        request_id, tracked = await self._submit(prompt, params, request_id)
+                       request_id: str | None = None, *, collect_timings: bool = False
+                       ) -> RequestOutput:
+        request_id, tracked = await self._submit(prompt, params, request_id, collect_timings)
         finished = False
         try:
             while not finished:
@@ -250,7 +256,8 @@ class AsyncEngine:
         return PreparedPrompt(ids, items)
 
     async def _submit(self, prompt: EnginePrompt, params: SamplingParams | None,
-                      request_id: str | None) -> tuple[str, TrackedRequest]:
+                      request_id: str | None, collect_timings: bool = False
+                      ) -> tuple[str, TrackedRequest]:
         arrival = time.monotonic()
         self._check_alive()
         self._admit()
@@ -262,6 +269,7 @@ class AsyncEngine:
             # The prompt-free checks first: a request with bad parameters costs no image decoding.
             self.processor.validate_params(params)
             prepared = await self.prepare_prompt(prompt)
+            prepared_at = time.monotonic()
             prompt_token_ids = prepared.prompt_token_ids
             self.processor.validate(prompt_token_ids, params)
             self._check_alive()
@@ -286,11 +294,13 @@ class AsyncEngine:
         try:
             request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                  params=params, eos_token_ids=self.processor.eos_token_ids,
-                                 mm_items=prepared.mm_items)
+                                 mm_items=prepared.mm_items, collect_timings=collect_timings)
             if route.prefill is None:
                 route.group.send(request)
             else:
                 send_split(request, route)
+            if collect_timings:
+                tracked.stamps = CoreStamps(arrival, prepared_at, time.monotonic())
         except Exception as exc:
             self._requests.withdraw(request_id)
             raise RuntimeError(f"request {request_id!r} could not be handed to the workers: "

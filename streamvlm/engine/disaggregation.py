@@ -39,8 +39,8 @@ def send_split(request: AddRequest, route: Route) -> None:
     """Hand a request to both groups of its route."""
     assert route.prefill is not None
     # The decode group reserves blocks (and reports its cached prefix) while the prefill group
-    # computes the prompt.
-    route.group.send(msgspec.structs.replace(request, kv_role="decode"))
+    # computes the prompt. The prefill group's first token is the one timings describe.
+    route.group.send(msgspec.structs.replace(request, kv_role="decode", collect_timings=False))
     route.prefill.send(msgspec.structs.replace(request, kv_role="prefill",
                                                kv_peer=route.group.group_id))
 

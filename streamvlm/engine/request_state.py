@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from streamvlm.engine.detokenizer import IncrementalDetokenizer
+from streamvlm.engine.request_timing import RequestTimings
 from streamvlm.outputs import RequestOutput
 from streamvlm.contract.protocol import RequestDelta, TokenLogprobs
 from streamvlm.contract.sampling import SamplingParams
@@ -36,6 +37,8 @@ class OutputDelta:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    # On the first token's delta of a request made with collect_timings=True.
+    timings: RequestTimings | None = None
 
     def merge(self, later: OutputDelta) -> None:
         """Absorb a later delta of the same request (for a consumer that fell behind)."""
@@ -48,6 +51,7 @@ class OutputDelta:
         self.finish_reason = later.finish_reason
         self.error = later.error
         self.usage = later.usage
+        self.timings = self.timings or later.timings
 
 
 class RequestState:

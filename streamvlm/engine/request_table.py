@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from streamvlm.contract.protocol import AbortRequest, RequestDelta, StepOutput
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import KVHandoffs
+from streamvlm.engine.request_timing import CoreStamps, RequestTimings
 from streamvlm.engine.request_state import RequestState
 from streamvlm.engine.router import Route, Router
 from streamvlm.engine.worker_group import WorkerGroup
@@ -22,6 +23,7 @@ class TrackedRequest:
     route: Route
     arrival: float              # time.monotonic() on entry to the engine
     last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
+    stamps: CoreStamps | None = None   # collect_timings requests
 
 
 class RequestTable:
@@ -96,6 +98,9 @@ class RequestTable:
                 continue
             if out is None:
                 continue
+            if d.timings is not None and tracked.stamps is not None and tracked.state.output.timings is None:
+                out.timings = tracked.state.output.timings = RequestTimings.place(
+                    tracked.stamps, d.timings, now, clock_shared=group.host is None)
             if out.token_ids:
                 metrics.tokens_arrived(len(out.token_ids), tracked.arrival, tracked.last_token, now)
                 if not tracked.last_token:

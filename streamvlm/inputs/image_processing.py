@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from streamvlm.contract.families import ImageProcessorKind, architecture_of, family_of
+from streamvlm.contract.protocol import PixelSteps, TensorData
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,8 +53,25 @@ class ProcessedImage:
     grid_thw: tuple[int, int, int] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class ResizedImage:
+    """An image resized (and cropped) for the vision tower, before rescale and normalization: what crosses to the
+    worker, which finishes it with the processor's ``pixel_steps``."""
+
+    pixels: np.ndarray   # uint8 [H, W, 3]
+    num_tokens: int
+    grid_thw: tuple[int, int, int] | None = None
+
+
 class ImageProcessor(Protocol):
     def preprocess(self, image: Image.Image) -> ProcessedImage: ...
+
+    def resized(self, image: Image.Image) -> ResizedImage:
+        """The part of ``preprocess`` that needs Pillow: ``pixel_steps`` applied to its pixels give ``preprocess``."""
+        ...
+
+    @property
+    def pixel_steps(self) -> PixelSteps: ...
 
     def num_tokens_for_size(self, width: int, height: int) -> int:
         """Placeholder tokens ``preprocess`` gives an image of this size, known before it is decoded."""
@@ -88,6 +107,13 @@ class PixelScaling:
         if self.do_normalize:
             values = (values - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
         return values
+
+    def value_table(self) -> TensorData:
+        """``apply`` of every uint8 level in every channel, float32 [256, 3]: each output value depends only on its
+        input value and channel, so looking values up in it gives ``apply``'s results exactly."""
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], NUM_CHANNELS, axis=1)
+        table = np.ascontiguousarray(self.apply(levels), dtype=np.float32)
+        return TensorData("float32", list(table.shape), table.tobytes())
 
 
 def to_rgb(image: Image.Image, convert: bool) -> Image.Image:
@@ -185,6 +211,11 @@ class QwenVLImageProcessor:
         return self.patch_size * self.merge_size
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
+        resized = self.resized(image)
+        patches, _, _ = self._patchify(self.scaling.apply(resized.pixels))
+        return ProcessedImage(pixel_values=patches, num_tokens=resized.num_tokens, grid_thw=resized.grid_thw)
+
+    def resized(self, image: Image.Image) -> ResizedImage:
         image = to_rgb(image, self.do_convert_rgb)
         if self.do_resize:
             height, width = smart_resize(image.height, image.width, self.factor, self.min_pixels, self.max_pixels)
@@ -194,10 +225,13 @@ class QwenVLImageProcessor:
                 f"image of {image.width}x{image.height} pixels is not a multiple of {self.factor} on both sides, "
                 "and the preprocessor config disables do_resize"
             )
-        pixels = self.scaling.apply(np.asarray(image))
-        patches, grid_h, grid_w = self._patchify(pixels)
-        grid_thw = (1, grid_h, grid_w)
-        return ProcessedImage(pixel_values=patches, num_tokens=self._tokens(grid_thw), grid_thw=grid_thw)
+        grid_thw = (1, image.height // self.patch_size, image.width // self.patch_size)
+        return ResizedImage(pixels=np.asarray(image), num_tokens=self._tokens(grid_thw), grid_thw=grid_thw)
+
+    @cached_property
+    def pixel_steps(self) -> PixelSteps:
+        return PixelSteps(self.scaling.value_table(), "qwen_patches", self.patch_size, self.merge_size,
+                          self.temporal_patch_size)
 
     def num_tokens_for_size(self, width: int, height: int) -> int:
         if self.do_resize:
@@ -395,6 +429,11 @@ class LlavaImageProcessor:
         return self.resize_rule.fixed_size if self.resize_rule is not None else None
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
+        resized = self.resized(image)
+        pixel_values = np.ascontiguousarray(self.scaling.apply(resized.pixels).transpose(2, 0, 1), dtype=np.float32)
+        return ProcessedImage(pixel_values=pixel_values, num_tokens=resized.num_tokens)
+
+    def resized(self, image: Image.Image) -> ResizedImage:
         image = to_rgb(image, self.do_convert_rgb)
         if self.square_background is not None:
             image = pad_to_square(image, self.square_background)
@@ -408,8 +447,11 @@ class LlavaImageProcessor:
                 f"processed image is {pixels.shape[1]}x{pixels.shape[0]} but the vision tower takes "
                 f"{self.tower.image_size[1]}x{self.tower.image_size[0]}"
             )
-        pixel_values = np.ascontiguousarray(self.scaling.apply(pixels).transpose(2, 0, 1), dtype=np.float32)
-        return ProcessedImage(pixel_values=pixel_values, num_tokens=self.num_tokens)
+        return ResizedImage(pixels=np.ascontiguousarray(pixels), num_tokens=self.num_tokens)
+
+    @cached_property
+    def pixel_steps(self) -> PixelSteps:
+        return PixelSteps(self.scaling.value_table(), "channels_first")
 
     def num_tokens_for_size(self, width: int, height: int) -> int:
         return self.num_tokens

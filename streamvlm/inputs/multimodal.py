@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +31,9 @@ ItemSource = Literal["pixels", "embeds", "features"]
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 EMBEDS_PART_TYPES = {"image_embeds": "embeds", "image_features": "features"}
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Threads decoding and resizing images: Pillow and numpy release the GIL in that work, so several run at
+# once; more than the cores cannot help, and the pixel budget bounds what they hold in memory.
+MAX_IMAGE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,13 @@ class MultiModalPreparer:
         family = family_of(hf_config)
         self.merge_size = family.merge_size(hf_config) if family is not None else 1
         self.needs_grid = family is not None and family.merges_patches
+        # Image work has threads of its own, so that it never queues behind tokenization in the loop's
+        # default executor (nor tokenization behind it). Threads start with the first image.
+        self._executor = ThreadPoolExecutor(max_workers=min(MAX_IMAGE_THREADS, os.cpu_count() or 1),
+                                            thread_name_prefix="streamvlm-image")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def accepts_images(self) -> bool:
@@ -193,19 +205,24 @@ class MultiModalPreparer:
     async def _pixels_item(self, pending: PendingImage) -> MultiModalItem:
         """Decodes and preprocesses one image in a worker thread, once its pixels fit the budget."""
         granted = await self.pixel_budget.acquire(pending.num_pixels)
-        work = asyncio.get_running_loop().run_in_executor(None, self._decode_and_preprocess, pending)
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._decode_and_preprocess, pending)
         # Released when the thread is done, even if the request is cancelled while it runs.
         work.add_done_callback(lambda _: self.pixel_budget.release(granted))
         return await asyncio.shield(work)
 
     def _decode_and_preprocess(self, pending: PendingImage) -> MultiModalItem:
+        """Decoded and resized here; the worker rescales, normalizes and lays out the uint8 pixels on its
+        device (a quarter of the bytes of float32 pixel values to send, and no float work here)."""
         from streamvlm.inputs.images import decode_pending_image
 
         loaded = decode_pending_image(pending, self.limits)
-        processed = self.image_processor.preprocess(loaded.image)
-        grid = list(processed.grid_thw) if processed.grid_thw is not None else None
-        return MultiModalItem(hash=loaded.hash, offset=-1, num_tokens=processed.num_tokens,
-                              data=tensor_data(processed.pixel_values), grid_thw=grid)
+        resized = self.image_processor.resized(loaded.image)
+        grid = list(resized.grid_thw) if resized.grid_thw is not None else None
+        pixels = resized.pixels
+        return MultiModalItem(hash=loaded.hash, offset=-1, num_tokens=resized.num_tokens,
+                              data=TensorData("uint8", list(pixels.shape), pixels.tobytes()),
+                              source="image_uint8", grid_thw=grid,
+                              pixel_steps=self.image_processor.pixel_steps)
 
     def _embeds_item(self, ref: ImageRef) -> MultiModalItem:
         data = tensor_data(ref.value)

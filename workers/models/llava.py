@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.image_pixels import as_pixels
 from workers.models.llama import DecoderArgs, LlamaForCausalLM
 from workers.models.qwen2 import Qwen2ForCausalLM
 from workers.models.qwen3 import Qwen3ForCausalLM
@@ -147,6 +148,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         token dropped as the select strategy says), before the projector."""
         weight = self.multi_modal_projector.linear_1.weight
         device, dtype = weight.device, weight.dtype
+        items = [as_pixels(item, device) for item in items]
         outputs: list[torch.Tensor | None] = [None] * len(items)
         pixel_indexes: list[int] = []
         for index, item in enumerate(items):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.image_pixels import as_pixels
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.norm import RMSNorm
 from workers.models.llama import DecoderArgs
@@ -322,6 +323,7 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     def encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
         weight = self.model.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
+        items = [as_pixels(item, device) for item in items]
         outputs: list[torch.Tensor | None] = [None] * len(items)
         pixel_indexes: list[int] = []
         for index, item in enumerate(items):

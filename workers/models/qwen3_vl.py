@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.image_pixels import as_pixels
 from workers.distributed import all_gather_last_dim, tp_rank, tp_size
 from workers.layers.attention_base import AttentionMetadata
 from workers.layers.linear import linear
@@ -363,6 +364,7 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
         tower in one call."""
         reference = self.model.language_model.embed_tokens.weight
         device, dtype = reference.device, reference.dtype
+        items = [as_pixels(item, device) for item in items]
         outputs: list[torch.Tensor | None] = [None] * len(items)
         pixel_items: list[int] = []
         for i, item in enumerate(items):
