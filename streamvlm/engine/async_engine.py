@@ -295,12 +295,14 @@ class AsyncEngine:
             request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                  params=params, eos_token_ids=self.processor.eos_token_ids,
                                  mm_items=prepared.mm_items, collect_timings=collect_timings)
+            if collect_timings:
+                # Stamped before the send: a worker thread may take the request before send()
+                # returns, and encoding the message is part of the way to the worker.
+                tracked.stamps = CoreStamps(arrival, prepared_at, time.monotonic())
             if route.prefill is None:
                 route.group.send(request)
             else:
                 send_split(request, route)
-            if collect_timings:
-                tracked.stamps = CoreStamps(arrival, prepared_at, time.monotonic())
         except Exception as exc:
             self._requests.withdraw(request_id)
             raise RuntimeError(f"request {request_id!r} could not be handed to the workers: "

@@ -14,7 +14,7 @@ class CoreStamps:
 
     arrival: float    # entered stream() / generate()
     prepared: float   # prompt templated and tokenized, its images decoded and preprocessed
-    sent: float       # AddRequest handed to the worker group's socket
+    sent: float       # about to hand the AddRequest to the worker group's socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +24,9 @@ class RequestTimings:
 
     preprocess: float      # arrival -> prompt prepared: tokenizing, image decode and preprocessing,
                            # and the waits for their executors and the pixel budget
-    core_wait: float       # -> handed to the worker group: validation, routing, the message
-    to_worker: float       # -> the worker took it from its inbox (waits while a step runs there)
+    core_wait: float       # -> about to hand it to the worker group: validation, routing
+    to_worker: float       # -> the worker took it from its inbox: encoding and sending the
+                           # message, and the waits while a step runs there
     worker_prepare: float  # -> its images are tensors, checked, M-RoPE positions made
     step_wait: float       # -> first put in a step (queueing in the worker's scheduler)
     encode: float          # vision encoder calls that ran its images (device time)
