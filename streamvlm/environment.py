@@ -54,15 +54,22 @@ def is_bool(kind: Any) -> bool:
     return bool in _members(kind)
 
 
+def _origins(kind: Any) -> set[Any]:
+    return {typing.get_origin(member) or member for member in _members(kind)}
+
+
+def is_list(kind: Any) -> bool:
+    return bool(_origins(kind) & {list, tuple})
+
+
 def parse_value(text: str, kind: Any) -> Any:
     """``text`` as a value of type ``kind``: bools by word, lists comma-separated, objects as JSON,
     the rest converted from the text (numbers, strings, Literal choices); ValueError says why."""
-    origins = {typing.get_origin(member) or member for member in _members(kind)}
     if is_bool(kind):
         return parse_bool(text)
-    if origins & {list, tuple}:
+    if is_list(kind):
         raw: Any = split_list(text)
-    elif dict in origins:
+    elif dict in _origins(kind):
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
