@@ -9,60 +9,128 @@ Every EngineConfig setting (a field of one of its sections) is a flag (``--max-n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from streamvlm.contract.config import SECTIONS, EngineConfig
+from streamvlm.contract.config import FIELD_HELP, SECTIONS, EngineConfig
+from streamvlm.environment import (environment_values, is_bool, is_list, parse_value,
+                                   variable_name, warn_typos)
 
-SAMPLING_FLAGS: dict[str, type] = {
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-    "seed": int, "min_tokens": int,
+# generate's flags for SamplingParams fields (the same names), with a line of help each.
+SAMPLING_FLAGS: dict[str, tuple[type, str]] = {
+    "max_tokens": (int, "tokens to generate at most"),
+    "temperature": (float, "0: greedy"),
+    "top_p": (float, "nucleus sampling: the smallest set of tokens with this probability"),
+    "top_k": (int, "sample among the k most likely tokens; 0: all"),
+    "min_p": (float, "drop tokens less likely than min_p times the most likely one"),
+    "repetition_penalty": (float, "> 1 discourages tokens already in the prompt or output"),
+    "presence_penalty": (float, "subtracted from the logits of tokens already generated"),
+    "frequency_penalty": (float, "subtracted per occurrence of a token already generated"),
+    "seed": (int, "seed of this request's sampling"),
+    "min_tokens": (int, "tokens to generate before EOS or a stop may end the output"),
 }
+# Options of serve that are not EngineConfig / GatewaySettings fields and can also come from the
+# environment (STREAMVLM_HOST ...): dest -> type.
+SERVER_OPTIONS: dict[str, Any] = {"host": str, "port": int, "log_level": str, "config": str,
+                                  "api_key_file": str}
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def _choices(kind: Any) -> tuple[Any, ...] | None:
+    """A Literal type's values (argparse choices), else None."""
+    return typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _value_parser(kind: Any) -> Any:
+    """An argparse type: text to a ``kind`` value, parsed as the environment's values are."""
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(text, kind)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def _add_setting(group: argparse._ArgumentGroup, dest: str, field: msgspec.structs.FieldInfo,
+                 help_line: str) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    help_text = f"{help_line} (default: {_shown(field.default)})"
+    if is_bool(field.type):
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+        return
+    metavar = "A,B,..." if is_list(field.type) else None
+    choices = _choices(field.type)
+    group.add_argument(flag, dest=dest, default=None, type=_value_parser(field.type),
+                       choices=choices, help=help_text,
+                       metavar=metavar or (None if choices else field.name.upper()))
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A flag for each EngineConfig setting (and --config); returns dest -> type of each."""
     group = parser.add_argument_group("engine (EngineConfig fields)")
-    group.add_argument("--config", help="a TOML file of EngineConfig fields")
+    group.add_argument("--config", metavar="FILE",
+                       help="a TOML file of EngineConfig fields (flags and the environment win)")
+    kinds: dict[str, Any] = {}
     for field in (f for section in SECTIONS.values() for f in msgspec.structs.fields(section)):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, bool | None):
-            group.add_argument(flag, dest=f"engine.{field.name}",
-                               action=argparse.BooleanOptionalAction, default=None)
-        elif str(field.type).startswith(("list", "tuple")):
-            group.add_argument(flag, dest=f"engine.{field.name}", default=None,
-                               type=lambda text: [v for v in text.split(",") if v],
-                               metavar="A,B,...", help=f"comma-separated; default: {field.default!r}")
-        else:
-            group.add_argument(flag, dest=f"engine.{field.name}", default=None,
-                               metavar=field.name.upper(), help=f"default: {field.default!r}")
+        _add_setting(group, f"engine.{field.name}", field, FIELD_HELP[field.name])
+        kinds[f"engine.{field.name}"] = field.type
+    return kinds
 
 
-_GATEWAY_FLAGS_ELSEWHERE = ("api_key", "served_model_name")
+def add_gateway_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A flag for each GatewaySettings field (and --api-key-file); returns dest -> type of each."""
+    from streamvlm.gateway.settings import GATEWAY_FIELD_HELP, GatewaySettings
 
-
-def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
-    from streamvlm.gateway.settings import GatewaySettings
-
-    group = parser.add_argument_group("server limits (GatewaySettings fields)")
+    group = parser.add_argument_group("server (GatewaySettings fields)")
+    kinds: dict[str, Any] = {}
     for field in msgspec.structs.fields(GatewaySettings):
-        if field.name in _GATEWAY_FLAGS_ELSEWHERE:
-            continue
-        group.add_argument("--" + field.name.replace("_", "-"), dest=f"gateway.{field.name}",
-                           type=field.type, default=None, metavar=field.name.upper(),
-                           help=f"default: {field.default!r}")
+        _add_setting(group, f"gateway.{field.name}", field, GATEWAY_FIELD_HELP[field.name])
+        kinds[f"gateway.{field.name}"] = field.type
+    group.add_argument("--api-key-file", metavar="PATH",
+                       help="read the API key from this file (instead of --api-key)")
+    return kinds
+
+
+def read_api_key(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file {path!r}: {exc.strerror}") from exc
+    if not key:
+        raise ValueError(f"the API key file {path!r} is empty")
+    return key
 
 
 def gateway_settings_from_args(args: argparse.Namespace) -> Any:
     from streamvlm.gateway.settings import GatewaySettings
 
-    overrides = {name.removeprefix("gateway."): value for name, value in vars(args).items()
-                 if name.startswith("gateway.") and value is not None}
-    return GatewaySettings(api_key=args.api_key, served_model_name=args.served_model_name,
-                           **overrides)
+    settings = {name.removeprefix("gateway."): value for name, value in vars(args).items()
+                if name.startswith("gateway.") and value is not None}
+    if args.api_key_file is not None:
+        if "api_key" in settings:
+            raise ValueError("set the API key one way: --api-key / STREAMVLM_API_KEY or "
+                             "--api-key-file / STREAMVLM_API_KEY_FILE")
+        settings["api_key"] = read_api_key(args.api_key_file)
+    try:
+        return GatewaySettings(**settings)
+    except (TypeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"invalid server settings: {exc}") from exc
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -73,19 +141,30 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(**overrides)
 
 
-def _sampling_params(args: argparse.Namespace) -> Any:
+def apply_environment(parser: argparse.ArgumentParser, kinds: Mapping[str, Any],
+                      environ: Mapping[str, str]) -> None:
+    """STREAMVLM_<NAME> values become the defaults of the options ``kinds`` (dest -> type)
+    names, so that a flag given wins; ValueError names a variable with a bad value."""
+    names = {dest: dest.rpartition(".")[2] for dest in kinds}
+    values = environment_values({names[dest]: kind for dest, kind in kinds.items()}, environ)
+    parser.set_defaults(**{dest: values[name] for dest, name in names.items() if name in values})
+
+
+def _sampling_params(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Any:
+    """The flags given, over ``defaults`` (the engine's, from the generation config)."""
     from streamvlm import SamplingParams
 
     fields = {name: getattr(args, f"sampling_{name}") for name in SAMPLING_FLAGS
               if getattr(args, f"sampling_{name}") is not None}
-    return SamplingParams(stop=args.stop or [], ignore_eos=args.ignore_eos, **fields)
+    return SamplingParams(**{**defaults, **fields}, stop=args.stop or [],
+                          stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos,
+                          skip_special_tokens=args.skip_special_tokens)
 
 
 async def _stream_generate(args: argparse.Namespace) -> int:
     from streamvlm import AsyncEngine
 
     config = engine_config_from_args(args)
-    params = _sampling_params(args)
     prompt: Any = args.prompt
     if args.image:
         parts = [{"type": "image", "image": _image_argument(value)} for value in args.image]
@@ -93,6 +172,7 @@ async def _stream_generate(args: argparse.Namespace) -> int:
     elif args.chat:
         prompt = [{"role": "user", "content": args.prompt}]
     async with AsyncEngine(config) as engine:
+        params = _sampling_params(args, engine.default_sampling_fields)
         async for delta in engine.stream(prompt, params):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
@@ -169,10 +249,14 @@ def _device_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[argparse.ArgumentParser, dict[str, Any]]]:
+    """The parser, and for each subcommand the options (dest -> type) the environment may set."""
+    from streamvlm.contract.sampling import SamplingParams
+
     parser = argparse.ArgumentParser(prog="streamvlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    from_environment: dict[argparse.ArgumentParser, dict[str, Any]] = {}
 
     gen = commands.add_parser("generate", help="stream the completion of one prompt")
     gen.add_argument("prompt")
@@ -180,25 +264,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="send the prompt as a user message through the chat template")
     gen.add_argument("--image", action="append", metavar="PATH_OR_URL",
                      help="an image for the prompt (repeatable; implies --chat)")
-    sampling = gen.add_argument_group("sampling (SamplingParams fields)")
-    for name, kind in SAMPLING_FLAGS.items():
-        # --seed is the engine's; the per-request seed is --sampling-seed.
+    sampling = gen.add_argument_group(
+        "sampling (SamplingParams fields; unset: the checkpoint's generation config, else "
+        "SamplingParams' defaults)")
+    for name, (kind, help_line) in SAMPLING_FLAGS.items():
+        # --seed is the engine's (EngineConfig.seed); the request's seed is --sampling-seed.
         flag = "--sampling-seed" if name == "seed" else "--" + name.replace("_", "-")
-        sampling.add_argument(flag, dest=f"sampling_{name}", type=kind)
+        default = SamplingParams.__struct_defaults__[SamplingParams.__struct_fields__.index(name)]
+        sampling.add_argument(flag, dest=f"sampling_{name}", type=kind, metavar=name.upper(),
+                              help=f"{help_line} (default: the generation config's, else "
+                                   f"{_shown(default)})")
     sampling.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    sampling.add_argument("--ignore-eos", action="store_true")
-    add_engine_flags(gen)
+    sampling.add_argument("--stop-token-ids", type=_value_parser(list[int]), metavar="A,B,...",
+                          help="token ids that end the output")
+    sampling.add_argument("--ignore-eos", action="store_true", help="generate past EOS")
+    sampling.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction,
+                          default=True, help="leave special tokens out of the text")
+    gen_kinds = add_engine_flags(gen)
+    from_environment[gen] = {**gen_kinds, "config": str}
     gen.set_defaults(handler=_generate)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the "
                                               "WebSocket chat stream on one port")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
-    serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
-    serve.add_argument("--log-level", default="info")
-    add_gateway_flags(serve)
-    add_engine_flags(serve)
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"the address to listen on (default: {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"the port to listen on; 0: any free port (printed) "
+                            f"(default: {DEFAULT_PORT})")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="server log level (default: info)")
+    gateway_kinds = add_gateway_flags(serve)
+    engine_kinds = add_engine_flags(serve)
+    from_environment[serve] = {**gateway_kinds, **engine_kinds, **SERVER_OPTIONS}
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser("worker", help="run a worker group for an engine core on "
@@ -222,9 +320,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
                         help="give up when no engine core answers in S seconds (default: 600)")
     worker.set_defaults(handler=_worker)
+    return parser, from_environment
 
-    args = parser.parse_args(argv)
+
+def environment_variables() -> set[str]:
+    """Every STREAMVLM_* variable the CLI reads."""
+    _, from_environment = build_parser()
+    return {variable_name(dest.rpartition(".")[2])
+            for kinds in from_environment.values() for dest in kinds}
+
+
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Flags over STREAMVLM_* variables (over --config, applied later, over defaults).
+    ValueError names a variable with a bad value; likely typos are logged."""
+    parser, from_environment = build_parser()
+    for subparser, kinds in from_environment.items():
+        apply_environment(subparser, kinds, environ)
+    warn_typos({variable_name(dest.rpartition(".")[2])
+                for kinds in from_environment.values() for dest in kinds}, environ)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     try:
+        args = parse_args(argv, os.environ if environ is None else environ)
         return args.handler(args)
     except ValueError as exc:
         print(f"streamvlm: error: {exc}", file=sys.stderr)

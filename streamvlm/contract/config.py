@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from streamvlm.contract.generation_defaults import check_override
 from streamvlm.contract.protocol import HEARTBEAT_INTERVAL_S, GroupRole
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -79,10 +80,24 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     skip_tokenizer_init: bool = False
     # Benchmarks only: sample random tokens without a forward pass, to measure the engine core.
     skip_model_forward: bool = False
+    # A Jinja chat template in place of the tokenizer's: a file (read when the engine starts) or
+    # the template text itself.
+    chat_template: str | None = None
+    # "auto": the checkpoint's generation_config.json (temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_new_tokens) gives the defaults of request fields left unset;
+    # "none": SamplingParams' own defaults.
+    generation_config: Literal["auto", "none"] = "auto"
+    # Generation-config keys (e.g. {"temperature": 0.6}) over the checkpoint's (or alone, with
+    # generation_config "none").
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty string")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise ValueError("chat_template must be a file or a template, got an empty string")
+        if self.override_generation_config is not None:
+            check_override(self.override_generation_config)
         _check_at_least(self, ("max_model_len", "max_cuda_graph_batch_size"))
 
 
@@ -328,6 +343,70 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
 SECTION_OF: dict[str, str] = {field.name: section for section, cls in SECTIONS.items()
                               for field in msgspec.structs.fields(cls)}
 assert len(SECTION_OF) == sum(len(msgspec.structs.fields(cls)) for cls in SECTIONS.values())
+
+# One line per setting: the CLI's --help and the README's settings table. The comments on the
+# fields above say more.
+FIELD_HELP: dict[str, str] = {
+    "model": "a checkpoint folder, a .gguf file, or smollm2-135m (the embedded default)",
+    "tokenizer": "a tokenizer folder in place of the checkpoint's",
+    "load_format": "how the weights are read",
+    "dtype": "weight and activation dtype; auto: bfloat16 on CUDA where supported, else float32",
+    "device": "where workers run; auto: cuda if available, else cpu",
+    "max_model_len": "context length in tokens; None: the model's max_position_embeddings",
+    "seed": "seed of the workers' random state (weights of dummy models, sampling without a seed)",
+    "attention_backend": "attention kernels; auto: flash_attn where it runs, else triton on "
+                         "CUDA, else torch",
+    "enforce_eager": "no CUDA graphs for decode steps",
+    "max_cuda_graph_batch_size": "largest decode batch run as a CUDA graph; None: max_num_seqs, "
+                                 "at most 512",
+    "skip_tokenizer_init": "no tokenizer: prompts are token ids, outputs carry no text",
+    "skip_model_forward": "benchmarks: sample random tokens without a forward pass",
+    "chat_template": "a Jinja chat template file (or the template text) replacing the "
+                     "tokenizer's",
+    "generation_config": "auto: the checkpoint's generation_config.json gives default sampling "
+                         "parameters; none: ignore it",
+    "override_generation_config": "JSON object of generation-config keys over the checkpoint's, "
+                                  "e.g. '{\"temperature\": 0.6}'",
+    "block_size": "tokens per KV-cache block (a power of two)",
+    "num_kv_blocks": "KV-cache blocks per worker group; None: sized from free memory",
+    "gpu_memory_utilization": "fraction of GPU memory the worker may use (weights and KV cache)",
+    "cpu_kv_cache_gib": "KV-cache memory in GiB when the worker runs on the CPU",
+    "enable_prefix_caching": "reuse KV blocks of prompts that share a prefix",
+    "encoder_cache_tokens": "vision-encoder outputs kept by image hash, in placeholder tokens",
+    "max_num_seqs": "sequences in one step at most",
+    "max_num_batched_tokens": "tokens in one step at most (the prefill chunk budget)",
+    "async_scheduling": "schedule step N+1 while step N runs; None: on for one-rank CUDA groups",
+    "worker_backend": "process: a spawned process per worker group; thread: a thread here",
+    "worker_transport": "how the engine core reaches its workers: ipc (one host) or tcp",
+    "num_replicas": "data-parallel worker groups, each with its own scheduler and KV pool",
+    "tensor_parallel_size": "devices holding the shards of one worker group",
+    "devices": "CUDA device indices, num_replicas * tensor_parallel_size of them; None: 0, 1, ...",
+    "remote_worker_groups": "worker groups started on other hosts with `streamvlm worker "
+                            "--connect`",
+    "worker_listen_address": "where remote worker groups join, tcp://HOST:PORT",
+    "remote_worker_timeout_s": "seconds of silence after which a remote worker group is dead",
+    "worker_parent_timeout_s": "seconds within which a worker whose engine core is gone exits",
+    "worker_step_timeout_s": "seconds without a word after which a worker group is unresponsive",
+    "groups": "prefill/decode worker groups by role, e.g. prefill,decode (TOML: full specs)",
+    "kv_transfer_timeout_s": "seconds a prefill-to-decode KV handoff may take",
+    "kv_transport": "how KV blocks travel between groups; auto: zmq",
+    "max_images_per_request": "images in one request at most",
+    "max_image_size": "longest image side in pixels; larger images shrink to it",
+    "max_image_pixels": "width * height at most; larger images are refused before decoding",
+    "max_image_bytes": "encoded image bytes at most",
+    "allow_remote_images": "fetch http(s) image URLs",
+    "allowed_image_hosts": "hosts, IPs or CIDR networks fetched even on private addresses",
+    "allow_local_image_paths": "read images from local file paths named in requests",
+    "image_fetch_timeout": "seconds a whole remote image fetch may take",
+    "max_pending_requests": "requests held at once; past it new ones fail with 429",
+    "max_stop_strings": "stop strings per request at most",
+    "max_stop_length": "characters per stop string at most",
+    "max_prompt_bytes": "UTF-8 bytes of a prompt at most; None: 16 per token of max_model_len",
+    "max_pending_image_pixels": "decoded image pixels in flight across requests at most",
+    "allow_special_tokens_in_content": "tokenize special-token text in chat content as special "
+                                       "tokens",
+}
+assert FIELD_HELP.keys() == SECTION_OF.keys(), sorted(FIELD_HELP.keys() ^ SECTION_OF.keys())
 
 
 def split_flat(settings: dict[str, Any], *, unknown: type[Exception] = ValueError

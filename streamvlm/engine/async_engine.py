@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig, resolve
 from streamvlm.contract.families import served_family
+from streamvlm.contract.generation_defaults import sampling_defaults
 from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.contract.sampling import SamplingParams
@@ -90,6 +91,11 @@ class AsyncEngine:
         self.config = config = resolve(config, self.source.text_config)
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
+        # SamplingParams fields a request that leaves them unset gets (the gateway merges its
+        # requests' fields over them; params=None takes them all).
+        self.default_sampling_fields: dict[str, Any] = sampling_defaults(
+            self.source.generation_config() if config.model.generation_config == "auto" else {},
+            config.model.override_generation_config)
         self.groups: list[WorkerGroup] = []
         self._listener: WorkerListener | None = None
         self._num_preparing = 0   # requests in _submit not yet in _requests
@@ -265,7 +271,7 @@ class AsyncEngine:
         # tracked request below with no await in between.
         self._num_preparing += 1
         try:
-            params = SamplingParams() if params is None else params
+            params = SamplingParams(**self.default_sampling_fields) if params is None else params
             # The prompt-free checks first: a request with bad parameters costs no image decoding.
             self.processor.validate_params(params)
             prepared = await self.prepare_prompt(prompt)

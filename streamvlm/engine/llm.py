@@ -75,7 +75,7 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         if params is None:
-            params = SamplingParams()
+            params = SamplingParams(**self.engine.default_sampling_fields)
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -35,10 +36,13 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
         raise RequestError(f"invalid messages: {exc}", param="messages") from exc
 
 
-def sampling_params(fields: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from a dict of its fields; unknown fields and bad values are 400s."""
+def sampling_params(fields: dict[str, Any], defaults: Mapping[str, Any] | None = None
+                    ) -> SamplingParams:
+    """SamplingParams from the fields a request set, over ``defaults`` (the engine's
+    ``default_sampling_fields``, from the checkpoint's generation config) for those it did not;
+    unknown fields and bad values are 400s."""
     try:
-        return msgspec.convert(fields, SamplingParams)
+        return msgspec.convert({**(defaults or {}), **fields}, SamplingParams)
     except (msgspec.ValidationError, ValueError) as exc:
         raise RequestError(f"invalid sampling parameters: {exc}") from exc
 
@@ -47,7 +51,8 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
                   max_tokens_given: bool) -> tuple[PreparedPrompt, SamplingParams]:
     """Tokenize (off the event loop) and fit max_tokens to the context.
 
-    Without an explicit max_tokens a request may use the whole context; an explicit one that
+    Without an explicit max_tokens a request may use the whole context, or the default
+    max_tokens (the generation config's max_new_tokens) where that is less; an explicit one that
     does not fit is refused, as the OpenAI API does.
     """
     try:
@@ -60,8 +65,9 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
     max_model_len = engine.processor.max_model_len
     room = max_model_len - len(prompt_ids)
     if not max_tokens_given:
-        params = msgspec.structs.replace(params, max_tokens=room,
-                                         min_tokens=min(params.min_tokens, room))
+        limit = min(room, engine.default_sampling_fields.get("max_tokens", room))
+        params = msgspec.structs.replace(params, max_tokens=limit,
+                                         min_tokens=min(params.min_tokens, limit))
     elif params.max_tokens > room:
         raise RequestError(
             f"this model's maximum context length is {max_model_len} tokens; the prompt has "

@@ -282,7 +282,7 @@ async def chat_completions(request: Request) -> Response:
         fields["logprobs"] = True
         fields["top_logprobs"] = body.top_logprobs or 0
     engine = _engine(request)
-    prompt, params = await prepare(engine, body.messages, sampling_params(fields),
+    prompt, params = await prepare(engine, body.messages, sampling_params(fields, engine.default_sampling_fields),
                                    max_tokens is not None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -322,7 +322,7 @@ async def completions(request: Request) -> Response:
         fields["logprobs"] = True
         fields["top_logprobs"] = body.logprobs
     engine = _engine(request)
-    prompt, params = await prepare(engine, prompt, sampling_params(fields), True)
+    prompt, params = await prepare(engine, prompt, sampling_params(fields, engine.default_sampling_fields), True)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:

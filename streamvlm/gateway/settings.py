@@ -41,3 +41,26 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
                self.max_detached_chats) < 1:
             raise ValueError("max_chats_per_connection, max_connections, max_json_depth and "
                              "max_detached_chats must be positive")
+
+
+# One line per setting: the CLI's --help and the README's settings table.
+GATEWAY_FIELD_HELP: dict[str, str] = {
+    "api_key": "require Authorization: Bearer KEY (prefer STREAMVLM_API_KEY or --api-key-file: "
+               "a key on the command line shows in ps)",
+    "served_model_name": "the model name clients use and /v1/models reports; None: --model",
+    "max_body_bytes": "HTTP request body bytes at most",
+    "max_json_depth": "arrays/objects open at once in a body or WebSocket message",
+    "ws_max_message_bytes": "WebSocket message bytes at most",
+    "ws_auth_timeout_s": "seconds a WebSocket client has to authenticate",
+    "resume_window_s": "seconds a dropped chat keeps running for chat.resume",
+    "resume_buffer_bytes": "bytes of a dropped chat's deltas kept for chat.resume",
+    "max_detached_chats": "dropped chats kept server-wide (the oldest goes first)",
+    "max_chats_per_connection": "chats running at once on one WebSocket",
+    "max_kept_chats_per_connection": "chats running or finished kept per WebSocket for resume",
+    "ws_idle_timeout_s": "seconds a WebSocket without a running chat or message stays open",
+    "max_connections": "open connections at most; beyond it a 503",
+    "header_timeout_s": "seconds a request head may take to arrive",
+    "keep_alive_timeout_s": "seconds an idle keep-alive connection stays open",
+    "shutdown_timeout_s": "seconds running requests get on SIGTERM/SIGINT before they are aborted",
+}
+assert GATEWAY_FIELD_HELP.keys() == set(GatewaySettings.__struct_fields__)

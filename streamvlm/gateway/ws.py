@@ -609,7 +609,7 @@ class Connection:
                             f"unknown sampling parameters: {sorted(unknown)}")
             return
         try:
-            params = sampling_params(message.params)
+            params = sampling_params(message.params, self.engine.default_sampling_fields)
         except RequestError as exc:
             self.send_error(chat_id, "invalid_params", exc.message)
             return

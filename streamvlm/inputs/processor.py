@@ -9,6 +9,7 @@ from typing import Any
 
 from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.inputs.chat import ChatEncoder, check_role, encode_bounded, message_texts
+from streamvlm.inputs.chat_template import load_chat_template
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import MultiModalItem
@@ -62,6 +63,11 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.tokenizer = (None if config.model.skip_tokenizer_init
                           else load_tokenizer(source, config.model.tokenizer))
+        if config.model.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("chat_template needs a tokenizer (skip_tokenizer_init is set)")
+            # Everything that renders chats reads the tokenizer's template, so it is replaced there.
+            self.tokenizer.chat_template = load_chat_template(config.model.chat_template)
         hf_config = source.text_config
         self.vocab_size = int(hf_config["vocab_size"])
         check_resolved(config)
