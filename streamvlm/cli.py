@@ -45,15 +45,15 @@ _GATEWAY_FLAGS_ELSEWHERE = ("api_key", "served_model_name")
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
-    from streamvlm.gateway.settings import GatewaySettings
+    from streamvlm.gateway.settings import GatewaySettings, flag_arguments
 
     group = parser.add_argument_group("server limits (GatewaySettings fields)")
     for field in msgspec.structs.fields(GatewaySettings):
         if field.name in _GATEWAY_FLAGS_ELSEWHERE:
             continue
         group.add_argument("--" + field.name.replace("_", "-"), dest=f"gateway.{field.name}",
-                           type=field.type, default=None, metavar=field.name.upper(),
-                           help=f"default: {field.default!r}")
+                           default=None, help=f"default: {field.default!r}",
+                           **{"metavar": field.name.upper(), **flag_arguments(field.type)})
 
 
 def gateway_settings_from_args(args: argparse.Namespace) -> Any:

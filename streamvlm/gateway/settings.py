@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import argparse
+from typing import Any, Literal, get_args, get_origin
+
 import msgspec
 
 
@@ -32,6 +35,13 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     # On SIGTERM/SIGINT: refuse new work at once, give running requests this long, then abort
     # them and exit. A second signal exits at once.
     shutdown_timeout_s: float = 30.0
+    # "none": /metrics is open even with an API key (Prometheus scrapers carry none), as vLLM;
+    # "key": it needs the key like every other route.
+    metrics_auth: Literal["none", "key"] = "none"
+    # Origins a browser may call the API from (CORS); "*" for any. Empty: no CORS headers.
+    allowed_origins: list[str] = []
+    # A request field the server does not implement is a 400 naming it; this ignores it instead.
+    ignore_unknown_fields: bool = False
 
     def __post_init__(self) -> None:
         if self.max_kept_chats_per_connection < self.max_chats_per_connection:
@@ -41,3 +51,15 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
                self.max_detached_chats) < 1:
             raise ValueError("max_chats_per_connection, max_connections, max_json_depth and "
                              "max_detached_chats must be positive")
+
+
+def flag_arguments(field_type: Any) -> dict[str, Any]:
+    """argparse keyword arguments that parse a GatewaySettings field of this type from the
+    command line: a bool as --flag / --no-flag, a list comma-separated, a Literal as choices."""
+    if field_type is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(field_type) is list:
+        return {"type": lambda text: [v for v in text.split(",") if v], "metavar": "A,B,..."}
+    if get_origin(field_type) is Literal:
+        return {"choices": list(get_args(field_type))}
+    return {"type": field_type}
