@@ -325,3 +325,26 @@ def test_stream_options_extensions_pass(server):
                       "stream_options": {"include_usage": True, "continuous": True}})
     # stream_options keeps OpenAI's extensions open: only top-level fields are checked.
     assert resp.status_code == 200
+
+
+# ---- flags ------------------------------------------------------------------------------------
+
+def test_serve_flags_set_the_new_settings():
+    import argparse
+
+    from streamvlm.cli import add_gateway_flags, gateway_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--api-key")
+    parser.add_argument("--served-model-name")
+    add_gateway_flags(parser)
+    settings = gateway_settings_from_args(parser.parse_args(
+        ["--metrics-auth", "key", "--allowed-origins", f"{ORIGIN},http://localhost:3000",
+         "--ignore-unknown-fields"]))
+    assert settings.metrics_auth == "key" and settings.ignore_unknown_fields
+    assert settings.allowed_origins == [ORIGIN, "http://localhost:3000"]
+    default = gateway_settings_from_args(parser.parse_args([]))
+    assert (default.metrics_auth, default.allowed_origins, default.ignore_unknown_fields) == \
+        ("none", [], False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--metrics-auth", "open"])
