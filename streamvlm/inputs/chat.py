@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 Message = dict[str, Any]
 
@@ -201,8 +203,6 @@ class ChatEncoder:
             if any(self._special_text.search(text) for text in outside):
                 raise ValueError("special-token text is allowed in message content only, not in tool calls, "
                                  "names or chat_template_kwargs")
-        from jinja2 import TemplateError
-
         try:
             return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                       add_generation_prompt=True, **template_kwargs)
