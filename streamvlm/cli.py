@@ -68,7 +68,8 @@ def _value_parser(kind: Any) -> Any:
 def _add_setting(group: argparse._ArgumentGroup, dest: str, field: msgspec.structs.FieldInfo,
                  help_line: str) -> None:
     flag = "--" + field.name.replace("_", "-")
-    help_text = f"{help_line} (default: {_shown(field.default)})"
+    default = field.default_factory() if field.default is msgspec.NODEFAULT else field.default
+    help_text = f"{help_line} (default: {_shown(default)})"
     if is_bool(field.type):
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=help_text)

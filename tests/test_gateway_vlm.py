@@ -135,6 +135,24 @@ def test_chat_with_image_matches_offline(server, client, reference):
     assert body["usage"]["completion_tokens"] == MAX_TOKENS
 
 
+def test_apply_template_expands_image_placeholders(server, reference):
+    expected = offline(reference, offline_messages(CAT, DOG), max_tokens=1)
+    resp = http(server, "POST", "/v1/apply_template",
+                json={"model": MODEL, "messages": openai_messages(data_url(CAT), data_url(DOG))})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    # The ids the model would be given, each image's placeholder expanded to its token count;
+    # the text shows the template's placeholder once per image.
+    assert body["token_ids"] == expected.prompt_token_ids and body["count"] == len(body["token_ids"])
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert body["prompt"].count(placeholder) == 2 and TEXT in body["prompt"]
+    tokens = http(server, "POST", "/tokenize",
+                  json={"messages": openai_messages(data_url(CAT), data_url(DOG))}).json()
+    assert tokens["tokens"] == body["token_ids"]
+    bad = http(server, "POST", "/v1/apply_template", json={"messages": openai_messages(UNDECODABLE)})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_streaming_chat_with_image(server, client, reference):
     expected = offline(reference, offline_messages(DOG))
     kwargs = dict(model=MODEL, messages=openai_messages(data_url(DOG)), temperature=0,

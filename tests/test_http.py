@@ -65,7 +65,9 @@ def test_metrics_page(server, client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
     assert "streamvlm:time_to_first_token_seconds_bucket" in page.text
     assert "streamvlm:kv_cache_usage" in page.text
-    assert httpx.get(server.base_url + "/metrics").status_code == 401   # behind the key
+    # Open to scrapers by default (metrics_auth="none") while the API needs the key.
+    assert httpx.get(server.base_url + "/metrics").status_code == 200
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
 
 
 def test_models_and_health(server, client):

@@ -243,7 +243,7 @@ def assert_protected_path_is_exact(encoder: ChatEncoder, tokenizer: Any) -> None
         expected = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=True)["input_ids"])
         assert encoder.encode(messages) == expected
-        assert encoder._encode_protected(messages, encoder._render(messages)) == expected, text
+        assert encoder._encode_protected(messages, encoder.render(messages), None, {}) == expected, text
 
 
 def test_protected_tokenization_is_exact_for_normal_text(proc):

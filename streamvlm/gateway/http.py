@@ -1,17 +1,20 @@
 """The OpenAI-compatible HTTP API: chat completions, completions (both with SSE streaming),
-models, health and Prometheus metrics. Errors use OpenAI's error JSON shape."""
+models, health, version and Prometheus metrics. Errors use OpenAI's error JSON shape, unknown
+routes and methods included."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,7 +25,7 @@ from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization
 from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
-from streamvlm.gateway.openai_schemas import ChatCompletionRequest, CompletionRequest
+from streamvlm.gateway.openai_schemas import LENIENT, ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.outputs import RequestOutput
 from streamvlm.contract.protocol import TokenLogprobs
@@ -61,16 +64,17 @@ def served_model_name(request: Request) -> str:
 
 
 class BearerAuth:
-    """Every HTTP route but /health needs ``Authorization: Bearer <key>`` when a key is set.
-    (WebSocket connections authenticate in the WebSocket endpoint.)"""
+    """Every HTTP route but ``open_paths`` needs ``Authorization: Bearer <key>`` when a key is
+    set. (WebSocket connections authenticate in the WebSocket endpoint.)"""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: frozenset[str]) -> None:
         self.app = app
         self.api_key = api_key or None
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.api_key is not None and scope["type"] == "http"
-                and scope["path"] != "/health"
+                and scope["path"] not in self.open_paths
                 and not check_authorization(scope["headers"], self.api_key)):
             response = error_response("missing or invalid API key", 401, "authentication_error")
             await response(scope, receive, send)
@@ -78,7 +82,20 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def _read_json(request: Request, schema: type) -> Any:
+def open_paths(settings: GatewaySettings) -> frozenset[str]:
+    """Routes answered without the API key: /health for probes, /metrics for scrapers unless
+    metrics_auth is "key"."""
+    return frozenset({"/health"} | ({"/metrics"} if settings.metrics_auth == "none" else set()))
+
+
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?")
+
+
+async def read_json(request: Request, schema: type) -> Any:
+    """The body decoded as ``schema`` (its lenient variant with ignore_unknown_fields), bounded
+    in size and depth; a field the schema does not know is a 400 naming it."""
+    if _settings(request).ignore_unknown_fields:
+        schema = LENIENT.get(schema, schema)
     limit = _settings(request).max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -96,6 +113,12 @@ async def _read_json(request: Request, schema: type) -> Any:
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
+        unknown = _UNKNOWN_FIELD.match(str(exc))
+        if unknown is not None:
+            name = ".".join(filter(None, (unknown[2], unknown[1])))
+            raise RequestError(f"unsupported field {name!r}: this server does not implement it "
+                               f"(a server started with --ignore-unknown-fields ignores fields "
+                               f"it does not know)", param=name) from exc
         raise RequestError(f"invalid request: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from exc
@@ -105,7 +128,7 @@ class _ClientGone(Exception):
     """The client disconnected before its response began: its request was aborted."""
 
 
-def _handles_errors(handler: Callable[[Request], Awaitable[Response]]
+def handles_errors(handler: Callable[[Request], Awaitable[Response]]
                     ) -> Callable[[Request], Awaitable[Response]]:
     async def wrapped(request: Request) -> Response:
         try:
@@ -124,7 +147,7 @@ def _handles_errors(handler: Callable[[Request], Awaitable[Response]]
     return wrapped
 
 
-def _check_model(request: Request, model: str | None) -> str:
+def check_model(request: Request, model: str | None) -> str:
     name = served_model_name(request)
     if model is not None and model != name:
         raise RequestError(f"model {model!r} does not exist; this server serves {name!r}", 404,
@@ -259,17 +282,42 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+def _model_card(request: Request) -> dict[str, Any]:
+    return {"id": served_model_name(request), "object": "model", "created": int(time.time()),
+            "owned_by": "streamvlm", "max_model_len": _engine(request).processor.max_model_len}
+
+
 async def models(request: Request) -> Response:
-    engine = _engine(request)
-    return json_response({"object": "list", "data": [{
-        "id": served_model_name(request), "object": "model", "created": int(time.time()),
-        "owned_by": "streamvlm", "max_model_len": engine.processor.max_model_len}]})
+    return json_response({"object": "list", "data": [_model_card(request)]})
 
 
-@_handles_errors
+@handles_errors
+async def model(request: Request) -> Response:
+    check_model(request, request.path_params["model_id"])
+    return json_response(_model_card(request))
+
+
+async def version(request: Request) -> Response:
+    from streamvlm import __version__
+
+    return json_response({"version": __version__})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, a method the route does not take) in OpenAI's
+    shape instead of plain text."""
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"no route {request.url.path!r}",
+                405: f"method {request.method} is not allowed on {request.url.path!r}"}
+    return error_response(messages.get(exc.status_code, exc.detail), exc.status_code,
+                          "not_found" if exc.status_code == 404 else "invalid_request_error",
+                          headers=exc.headers)
+
+
+@handles_errors
 async def chat_completions(request: Request) -> Response:
-    body: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
-    model = _check_model(request, body.model)
+    body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+    model = check_model(request, body.model)
     check_messages(body.messages)
     if body.n != 1:
         raise RequestError("only n=1 is supported", param="n")
@@ -283,7 +331,7 @@ async def chat_completions(request: Request) -> Response:
         fields["top_logprobs"] = body.top_logprobs or 0
     engine = _engine(request)
     prompt, params = await prepare(engine, body.messages, sampling_params(fields, engine.default_sampling_fields),
-                                   max_tokens is not None)
+                                   max_tokens is not None, body.chat_template_kwargs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
@@ -299,10 +347,10 @@ async def chat_completions(request: Request) -> Response:
         "usage": _output_usage(out)})
 
 
-@_handles_errors
+@handles_errors
 async def completions(request: Request) -> Response:
-    body: CompletionRequest = await _read_json(request, CompletionRequest)
-    model = _check_model(request, body.model)
+    body: CompletionRequest = await read_json(request, CompletionRequest)
+    model = check_model(request, body.model)
     if body.n != 1:
         raise RequestError("only n=1 is supported", param="n")
     if body.echo:

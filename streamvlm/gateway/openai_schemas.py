@@ -1,7 +1,12 @@
 """OpenAI request bodies as msgspec Structs: decoding validates types and required fields.
 
-Unknown fields are ignored, as OpenAI-compatible servers commonly do; fields we accept beyond
-OpenAI's (top_k, min_p, repetition_penalty, ignore_eos, min_tokens) follow vLLM.
+A field the server does not know is refused (400 naming it in ``param``), so that a request
+for something not implemented (``tools``, ``response_format``, ``logit_bias``, ``best_of``, ...)
+is not answered as if it had been honoured. The few fields below typed ``Any`` are metadata
+that changes nothing about the answer (``user``, ``metadata``, ``store``...): accepted and
+ignored. ``GatewaySettings.ignore_unknown_fields`` decodes with the ``Lenient*`` variants, which
+ignore every unknown field. Fields accepted beyond OpenAI's (top_k, min_p, repetition_penalty,
+ignore_eos, min_tokens, stop_token_ids, chat_template_kwargs) follow vLLM.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+
+from streamvlm.inputs.chat import TemplateValue
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -24,7 +31,7 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class _SamplingFields(msgspec.Struct, kw_only=True):
+class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -42,6 +49,11 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # Accepted and ignored: they describe the request and change nothing about the answer.
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
 
     def sampling_fields(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
@@ -58,9 +70,60 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: str | list[Any]    # a string, token ids, or a one-element list of either
     logprobs: int | None = None
     echo: bool = False
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /tokenize: a prompt, or chat messages (templated, images expanded)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None    # default: True for a prompt, False for messages
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+class ApplyTemplateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
+
+
+class LenientChatCompletionRequest(ChatCompletionRequest, forbid_unknown_fields=False):
+    pass
+
+
+class LenientCompletionRequest(CompletionRequest, forbid_unknown_fields=False):
+    pass
+
+
+class LenientTokenizeRequest(TokenizeRequest, forbid_unknown_fields=False):
+    pass
+
+
+class LenientDetokenizeRequest(DetokenizeRequest, forbid_unknown_fields=False):
+    pass
+
+
+class LenientApplyTemplateRequest(ApplyTemplateRequest, forbid_unknown_fields=False):
+    pass
+
+
+LENIENT: dict[type, type] = {
+    ChatCompletionRequest: LenientChatCompletionRequest,
+    CompletionRequest: LenientCompletionRequest,
+    TokenizeRequest: LenientTokenizeRequest,
+    DetokenizeRequest: LenientDetokenizeRequest,
+    ApplyTemplateRequest: LenientApplyTemplateRequest,
+}

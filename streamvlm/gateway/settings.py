@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -32,6 +34,13 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     # On SIGTERM/SIGINT: refuse new work at once, give running requests this long, then abort
     # them and exit. A second signal exits at once.
     shutdown_timeout_s: float = 30.0
+    # "none": /metrics is open even with an API key (Prometheus scrapers carry none), as vLLM;
+    # "key": it needs the key like every other route.
+    metrics_auth: Literal["none", "key"] = "none"
+    # Origins a browser may call the API from (CORS); "*" for any. Empty: no CORS headers.
+    allowed_origins: list[str] = []
+    # A request field the server does not implement is a 400 naming it; this ignores it instead.
+    ignore_unknown_fields: bool = False
 
     def __post_init__(self) -> None:
         if self.max_kept_chats_per_connection < self.max_chats_per_connection:
@@ -62,5 +71,8 @@ GATEWAY_FIELD_HELP: dict[str, str] = {
     "header_timeout_s": "seconds a request head may take to arrive",
     "keep_alive_timeout_s": "seconds an idle keep-alive connection stays open",
     "shutdown_timeout_s": "seconds running requests get on SIGTERM/SIGINT before they are aborted",
+    "metrics_auth": "none: /metrics open (Prometheus scrapers carry no key); key: it needs the API key",
+    "allowed_origins": "browser origins allowed by CORS (none: no CORS headers)",
+    "ignore_unknown_fields": "accept and ignore request fields the server does not implement",
 }
 assert GATEWAY_FIELD_HELP.keys() == set(GatewaySettings.__struct_fields__)

@@ -4,7 +4,8 @@ frame.
 
 Client to server::
 
-    {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...}}
+    {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...},
+     "chat_template_kwargs": {...}}                         # optional, with messages only
     {"type": "chat.cancel", "id": "c1"}
     {"type": "chat.resume", "id": "c1", "after_seq": 7, "token": "..."}  # chat.created's token
     {"type": "ping"}
@@ -70,6 +71,7 @@ from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
 from streamvlm.contract.sampling import SamplingParams
+from streamvlm.inputs.chat import TemplateValue
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ChatCreate(msgspec.Struct, tag="chat.create", tag_field="type", kw_only=Tr
     messages: list[dict[str, Any]] | None = None
     prompt: str | list[int] | None = None
     params: dict[str, Any] = {}
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
 
 
 class ChatCancel(msgspec.Struct, tag="chat.cancel", tag_field="type", kw_only=True):
@@ -221,13 +224,15 @@ class ChatRegistry:
 
 class Chat:
     __slots__ = ("registry", "engine", "id", "resume_token", "request_id", "prompt", "params",
+                 "template_kwargs",
                  "max_tokens_given", "conn", "gen", "inflight", "space", "history",
                  "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
                  "task", "prompt_tokens", "completion_tokens")
 
     def __init__(self, registry: ChatRegistry, engine: AsyncEngine, chat_id: str, prompt: Any,
-                 params: SamplingParams, max_tokens_given: bool) -> None:
+                 params: SamplingParams, max_tokens_given: bool,
+                 template_kwargs: dict[str, Any] | None = None) -> None:
         self.registry = registry
         self.engine = engine
         self.id = chat_id
@@ -235,6 +240,7 @@ class Chat:
         self.request_id = f"ws-{uuid.uuid4().hex}"
         self.prompt = prompt
         self.params = params
+        self.template_kwargs = template_kwargs
         self.max_tokens_given = max_tokens_given
         self.conn: Connection | None = None
         self.gen = 0                  # bumped on every attach/detach: stale queue entries
@@ -376,7 +382,7 @@ class Chat:
         try:
             try:
                 prompt, params = await prepare(engine, self.prompt, self.params,
-                                               self.max_tokens_given)
+                                               self.max_tokens_given, self.template_kwargs)
             except RequestError as exc:
                 self._fail("invalid_request", exc.message)
                 return
@@ -628,7 +634,7 @@ class Connection:
             existing.forget()   # a finished chat's id may be used again
         self._make_room()
         chat = Chat(self.registry, self.engine, chat_id, prompt, params,
-                    "max_tokens" in message.params)
+                    "max_tokens" in message.params, message.chat_template_kwargs)
         self.registry.by_token[chat.resume_token] = chat
         chat.attach(self)
         chat.task = asyncio.get_running_loop().create_task(chat.run())

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 Message = dict[str, Any]
 
@@ -63,6 +65,49 @@ def _prefix_cut(text: str, size: int) -> int:
     return size
 
 
+# chat_template_kwargs: variables for the template beyond the messages, such as
+# {"enable_thinking": false}. Bounded, since the template renders them into the prompt.
+TemplateValue = str | int | float | bool | None | list[str | int | float | bool | None]
+MAX_TEMPLATE_KWARGS = 32
+MAX_TEMPLATE_KWARG_LIST = 64
+MAX_TEMPLATE_KWARGS_CHARS = 8192
+# Variables the renderer sets itself (apply_chat_template's parameters and what it passes the
+# template): a kwarg of the same name would replace or clash with them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "continue_final_message", "tools",
+    "documents", "chat_template", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+# Tool calls an assistant message may carry.
+MAX_TOOL_CALLS = 128
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, TemplateValue]:
+    """``chat_template_kwargs`` as the template may take them: a dict of JSON scalars and
+    lists of scalars, bounded in count and size, with no name the renderer uses itself."""
+    if not isinstance(kwargs, dict):
+        raise ValueError("chat_template_kwargs must be an object")
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"chat_template_kwargs has {len(kwargs)} entries; at most "
+                         f"{MAX_TEMPLATE_KWARGS} are allowed")
+    size = 0
+    for name, value in kwargs.items():
+        if not isinstance(name, str):
+            raise ValueError("chat_template_kwargs names must be strings")
+        if name in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs may not set {name!r}: the server sets it")
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_TEMPLATE_KWARG_LIST:
+            raise ValueError(f"chat_template_kwargs[{name!r}] has {len(value)} items; at most "
+                             f"{MAX_TEMPLATE_KWARG_LIST} are allowed")
+        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            raise ValueError(f"chat_template_kwargs[{name!r}] must be a string, number, boolean, "
+                             f"null or a list of those")
+        size += len(name) + sum(len(v) if isinstance(v, str) else 8 for v in values)
+    if size > MAX_TEMPLATE_KWARGS_CHARS:
+        raise ValueError(f"chat_template_kwargs hold over {MAX_TEMPLATE_KWARGS_CHARS} characters")
+    return kwargs
+
+
 def check_role(message: Message, index: int) -> None:
     role = message.get("role")
     if not isinstance(role, str) or role not in ROLES:
@@ -70,12 +115,47 @@ def check_role(message: Message, index: int) -> None:
         raise ValueError(f"messages[{index}].role must be one of {', '.join(map(repr, ROLES))}; got {shown}")
 
 
+def check_tool_fields(message: Message, index: int) -> None:
+    """Content may be null only in an assistant message that carries tool calls (a replayed
+    agent turn); tool_calls, where present, is a bounded list of objects."""
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None:
+        if message.get("role") != "assistant":
+            raise ValueError(f"messages[{index}].tool_calls is allowed in assistant messages only")
+        if not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls):
+            raise ValueError(f"messages[{index}].tool_calls must be a list of objects")
+        if len(tool_calls) > MAX_TOOL_CALLS:
+            raise ValueError(f"messages[{index}].tool_calls has {len(tool_calls)} calls; at most "
+                             f"{MAX_TOOL_CALLS} are allowed")
+    if message.get("content") is None and not tool_calls:
+        raise ValueError(f"messages[{index}].content may be null only in an assistant message "
+                         f"with tool_calls")
+
+
 def message_texts(message: Message) -> list[str]:
     """The text of a message as the template takes it (see InputProcessor._template_message)."""
     content = message["content"]
+    if content is None:
+        return []
     if isinstance(content, str):
         return [content]
     return [part["text"] for part in content if part.get("type") == "text"]
+
+
+def field_texts(value: Any) -> list[str]:
+    """Every string in a message's other fields (tool calls, tool_call_id, name) or in
+    chat_template_kwargs: text the template may render besides the content."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in field_texts(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in field_texts(v)]
+    return []
+
+
+def other_texts(message: Message) -> list[str]:
+    return field_texts({k: v for k, v in message.items() if k not in ("role", "content")})
 
 
 class ChatEncoder:
@@ -102,25 +182,40 @@ class ChatEncoder:
                               if specials else None)
         self._encode_plain = _plain_encoder(tokenizer)
 
-    def encode(self, messages: Sequence[Message], max_model_len: int | None = None) -> list[int]:
+    def encode(self, messages: Sequence[Message], max_model_len: int | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of the conversation; with ``max_model_len``, a conversation that surely has more
         tokens is refused without tokenizing all of it (see encode_bounded)."""
-        text = self._render(messages)
+        template_kwargs = template_kwargs or {}
+        text = self.render(messages, template_kwargs)
         if self.allow_special_tokens_in_content or not self._content_has_special_text(messages):
             return encode_bounded(lambda t: self.tokenizer.encode(t, add_special_tokens=False), text,
                                   max_model_len)
-        return self._encode_protected(messages, text, max_model_len)
+        return self._encode_protected(messages, text, max_model_len, template_kwargs)
 
-    def _render(self, messages: Sequence[Message]) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def render(self, messages: Sequence[Message], template_kwargs: dict[str, Any] | None = None) -> str:
+        """The conversation as the chat template writes it, ready for the assistant's turn. Special-token
+        text outside message content (tool calls, names, template kwargs) is refused unless allowed: the
+        sentinels below keep only content as plain text."""
+        template_kwargs = template_kwargs or {}
+        if not self.allow_special_tokens_in_content and self._special_text is not None:
+            outside = [*field_texts(template_kwargs), *(t for m in messages for t in other_texts(m))]
+            if any(self._special_text.search(text) for text in outside):
+                raise ValueError("special-token text is allowed in message content only, not in tool calls, "
+                                 "names or chat_template_kwargs")
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                      add_generation_prompt=True, **template_kwargs)
+        except (TemplateError, TypeError) as exc:   # a template that cannot take these messages
+            raise ValueError(f"the chat template failed on these messages: {exc}") from exc
 
     def _content_has_special_text(self, messages: Sequence[Message]) -> bool:
         if self._special_text is None:
             return False
         return any(self._special_text.search(text) for message in messages for text in message_texts(message))
 
-    def _encode_protected(self, messages: Sequence[Message], text: str,
-                          max_model_len: int | None = None) -> list[int]:
+    def _encode_protected(self, messages: Sequence[Message], text: str, max_model_len: int | None,
+                          template_kwargs: dict[str, Any]) -> list[int]:
         marker = f"\u2063streamvlm-{uuid.uuid4().hex}-"
         contents: list[str] = []
 
@@ -128,7 +223,7 @@ class ChatEncoder:
             contents.append(content)
             return f"{marker}{len(contents) - 1}\u2063"
 
-        template = self._render([_with_sentinels(message, sentinel) for message in messages])
+        template = self.render([_with_sentinels(message, sentinel) for message in messages], template_kwargs)
         pieces = re.split(re.escape(marker) + r"(\d+)\u2063", template)
         # pieces: template text, content index, template text, ..., template text.
         if "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces)) != text:
@@ -170,6 +265,8 @@ class ChatEncoder:
 
 def _with_sentinels(message: Message, sentinel: Any) -> Message:
     content = message["content"]
+    if content is None:
+        return message
     if isinstance(content, str):
         return {**message, "content": sentinel(content)}
     return {**message, "content": [{**part, "text": sentinel(part["text"])} if part.get("type") == "text" else part

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamvlm.contract.config import EngineConfig, check_resolved
-from streamvlm.inputs.chat import ChatEncoder, check_role, encode_bounded, message_texts
+from streamvlm.inputs.chat import (ChatEncoder, check_role, check_template_kwargs, check_tool_fields,
+                                   encode_bounded, message_texts, other_texts)
 from streamvlm.inputs.chat_template import load_chat_template
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
@@ -91,10 +92,14 @@ class InputProcessor:
             raise ValueError("this prompt has images: use the engine's prepare_prompt")
         return ids
 
-    def split_prompt(self, prompt: Prompt | Sequence[Message]) -> tuple[list[int], list[ImageRef]]:
+    def split_prompt(self, prompt: Prompt | Sequence[Message],
+                     chat_template_kwargs: dict[str, Any] | None = None
+                     ) -> tuple[list[int], list[ImageRef]]:
         """Token ids (placeholders not yet expanded) and the images, in prompt order."""
         if isinstance(prompt, (list, tuple)):
-            return self.render_chat(prompt)
+            return self.render_chat(prompt, chat_template_kwargs)
+        if chat_template_kwargs:
+            raise ValueError("chat_template_kwargs apply to chat messages only")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -123,28 +128,49 @@ class InputProcessor:
         raise ValueError("a prompt is a string, a list of chat messages, {'prompt': str} or "
                          "{'prompt_token_ids': [...]}, optionally with 'images'")
 
-    def render_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[ImageRef]]:
+    def render_chat(self, messages: Sequence[Message],
+                    chat_template_kwargs: dict[str, Any] | None = None
+                    ) -> tuple[list[int], list[ImageRef]]:
+        messages, refs, kwargs = self._chat_input(messages, chat_template_kwargs)
+        return self.chat.encode(messages, self.max_model_len, kwargs), refs
+
+    def chat_text(self, messages: Sequence[Message],
+                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """The conversation as the chat template writes it (images as their placeholder text)."""
+        messages, _, kwargs = self._chat_input(messages, chat_template_kwargs)
+        return self.chat.render(messages, kwargs)
+
+    def _chat_input(self, messages: Sequence[Message], chat_template_kwargs: dict[str, Any] | None
+                    ) -> tuple[list[Message], list[ImageRef], dict[str, Any]]:
+        """The messages as the template takes them, their images, and the checked kwargs."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("a conversation is a non-empty list of messages")
+        kwargs = check_template_kwargs(chat_template_kwargs) if chat_template_kwargs else {}
         refs: list[ImageRef] = []
         messages = [self._template_message(m, i, refs) for i, m in enumerate(messages)]
         self.multimodal.check_count(refs)
         self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        self._check_prompt_bytes([t for m in messages for t in message_texts(m)], "message text")
-        return self.chat.encode(messages, self.max_model_len), refs
+        self._check_prompt_bytes([t for m in messages for t in (*message_texts(m), *other_texts(m))],
+                                 "message text")
+        return messages, refs, kwargs
 
     @staticmethod
     def _template_message(message: Message, index: int, refs: list[ImageRef]) -> Message:
         """The message as the chat template takes it: text parts joined into one string, or,
         with images, Hugging Face parts ({"type": "text"} / {"type": "image"}); the images go
-        to refs in order."""
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        to refs in order. Other fields (tool_calls, tool_call_id, name) pass through."""
+        if not isinstance(message, dict) or "role" not in message:
             raise ValueError("each message needs a 'role' and 'content'")
+        if "content" not in message:
+            if "tool_calls" not in message:
+                raise ValueError("each message needs a 'role' and 'content'")
+            message = {**message, "content": None}
         check_role(message, index)
+        check_tool_fields(message, index)
         content = message["content"]
-        if isinstance(content, str):
+        if content is None or isinstance(content, str):
             return message
         if not isinstance(content, list):
             raise ValueError(f"messages[{index}].content must be a string or a list of content "
