@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig, GroupSpec
-from streamvlm.engine.worker_process import WorkerProcess
+from streamvlm.engine.worker_process import LocalWorkerProcess
 from streamvlm.errors import EngineDeadError
 from streamvlm.contract.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
                                 WorkerToCore)
@@ -111,9 +111,9 @@ class WorkerGroupClient:
         self._ctx = ctx
         self._encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
-        self.process: WorkerProcess | threading.Thread | None = None
+        self.process: LocalWorkerProcess | threading.Thread | None = None
         self.local_worker: Any = None   # the Worker itself, with the thread backend
-        self.followers: list[WorkerProcess] = []   # tensor-parallel ranks 1..T-1
+        self.followers: list[LocalWorkerProcess] = []   # tensor-parallel ranks 1..T-1
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
         self.dead_reason: str | None = None
@@ -208,10 +208,10 @@ class WorkerGroupClient:
             plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.parallel.worker_transport == "ipc"
                             else f"tcp://127.0.0.1{ANY_PORT}")
             setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
-        self.followers = [WorkerProcess(WorkerLaunch("follower", config_bytes, os.getpid(), device_ids[rank],
+        self.followers = [LocalWorkerProcess(WorkerLaunch("follower", config_bytes, os.getpid(), device_ids[rank],
                                                      setups[rank]), f"{name}-rank{rank}")
                           for rank in range(1, size)]
-        self.process = WorkerProcess(
+        self.process = LocalWorkerProcess(
             WorkerLaunch("worker", config_bytes, os.getpid(), device_ids[0], setups[0], input_address,
                          output_address, **kv),
             f"{name}-rank0" if size > 1 else name)
@@ -234,7 +234,7 @@ class WorkerGroupClient:
     def exit_description(self) -> str:
         """Which process of the group ended, and how."""
         for rank, process in enumerate(self.processes):
-            if isinstance(process, WorkerProcess):
+            if isinstance(process, LocalWorkerProcess):
                 if not process.has_ended():
                     continue
                 process.join(1.0)   # reaped: its exit code known
@@ -292,7 +292,7 @@ class WorkerGroupClient:
     def kill_processes(self) -> None:
         """End every rank still running (a group with a dead rank cannot step)."""
         for process in self.processes:
-            if isinstance(process, WorkerProcess):
+            if isinstance(process, LocalWorkerProcess):
                 process.kill()
 
     def send(self, message: CoreToWorker) -> None:
@@ -322,7 +322,7 @@ class WorkerGroupClient:
         """Make sure the process is gone and the sockets closed (safe to call twice)."""
         self.unwatch()
         for process in self.processes:
-            if isinstance(process, WorkerProcess):
+            if isinstance(process, LocalWorkerProcess):
                 process.kill()
                 process.join(5)
                 process.close()

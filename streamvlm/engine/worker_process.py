@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from workers.launch import WorkerLaunch
 
 
-class WorkerProcess:
+class LocalWorkerProcess:
     """A started worker process, with what the engine core's group watch needs: a sentinel
     file descriptor that becomes readable the moment the process ends (a pidfd), its liveness
     and exit code (negative: the signal that ended it, as multiprocessing reports it)."""
