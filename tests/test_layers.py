@@ -21,6 +21,8 @@ CONTRACT = "streamvlm.contract"
 WORKER_ENTRY_POINTS = frozenset({
     ("streamvlm.engine.worker_client", "workers.main"),
     ("streamvlm.engine.worker_client", "workers.distributed"),
+    ("streamvlm.engine.worker_client", "workers.launch"),
+    ("streamvlm.engine.worker_process", "workers.launch"),
     ("streamvlm.cli", "workers.remote"),
 })
 

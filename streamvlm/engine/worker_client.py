@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import multiprocessing.connection
 import os
 import shutil
 import tempfile
 import threading
 import time
-from multiprocessing.process import BaseProcess
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from streamvlm.contract.config import EngineConfig, GroupSpec
+from streamvlm.engine.worker_process import LocalWorkerProcess
 from streamvlm.errors import EngineDeadError
 from streamvlm.contract.protocol import (CoreToWorker, Shutdown, StepStats, WorkerFailed, WorkerReady,
                                 WorkerToCore)
@@ -113,9 +111,9 @@ class WorkerGroupClient:
         self._ctx = ctx
         self._encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
-        self.process: BaseProcess | threading.Thread | None = None
+        self.process: LocalWorkerProcess | threading.Thread | None = None
         self.local_worker: Any = None   # the Worker itself, with the thread backend
-        self.followers: list[BaseProcess] = []   # tensor-parallel ranks 1..T-1
+        self.followers: list[LocalWorkerProcess] = []   # tensor-parallel ranks 1..T-1
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
         self.dead_reason: str | None = None
@@ -166,11 +164,8 @@ class WorkerGroupClient:
         return self._ipc_dir
 
     async def start(self) -> WorkerReady:
-        from workers.main import run_worker
-
         input_address, output_address = self._bind()
         config_bytes = msgspec.msgpack.encode(self.config)
-        args = (config_bytes, input_address, output_address, os.getpid())
         name = f"streamvlm-worker-{self.group_id}"
         size = self.spec.tensor_parallel_size
         first = self.group_id * size
@@ -179,31 +174,13 @@ class WorkerGroupClient:
                        else list(range(first, first + size))))
         kv = {"kv_role": self.role, "kv_address": self._kv_address(), "kv_group_id": self.group_id}
         if self.config.parallel.worker_backend == "thread":
-            self.process = threading.Thread(target=run_worker, name=name, daemon=True,
-                                            args=(*args, self._set_local_worker), kwargs=kv)
-        elif size == 1:
-            spawn = multiprocessing.get_context("spawn")
-            self.process = spawn.Process(target=run_worker, name=name, daemon=True,
-                                         args=(*args, None, None, device_ids[0]), kwargs=kv)
+            from workers.main import run_worker
+            self.process = threading.Thread(
+                target=run_worker, name=name, daemon=True, kwargs=kv,
+                args=(config_bytes, input_address, output_address, os.getpid(), self._set_local_worker))
+            self.process.start()
         else:
-            from workers.distributed import TPSetup
-            from workers.main import ANY_PORT, run_follower
-            spawn = multiprocessing.get_context("spawn")
-            # Nothing to race other processes for: a rendezvous file in the group's folder, and
-            # (tcp) a plan port rank 0 picks and tells the other ranks.
-            init_method = f"file://{self._group_dir()}/rendezvous"
-            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.parallel.worker_transport == "ipc"
-                            else f"tcp://127.0.0.1{ANY_PORT}")
-            setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
-            self.process = spawn.Process(target=run_worker, name=f"{name}-rank0", daemon=True,
-                                         args=(*args, None, setups[0], device_ids[0]), kwargs=kv)
-            self.followers = [spawn.Process(target=run_follower, name=f"{name}-rank{r}",
-                                            daemon=True, args=(config_bytes, setups[r],
-                                                               os.getpid(), device_ids[r]))
-                              for r in range(1, size)]
-            for follower in self.followers:
-                follower.start()
-        self.process.start()
+            self._launch_processes(name, config_bytes, input_address, output_address, device_ids, kv)
 
         def failure() -> str | None:
             return None if all(p.is_alive() for p in self.processes) else self.exit_description()
@@ -214,6 +191,30 @@ class WorkerGroupClient:
         self.last_heard = time.monotonic()
         self.stats = StepStats(num_free_blocks=message.num_kv_blocks, num_total_blocks=message.num_kv_blocks)
         return message
+
+    def _launch_processes(self, name: str, config_bytes: bytes, input_address: str, output_address: str,
+                          device_ids: list[int], kv: dict[str, Any]) -> None:
+        """Rank 0 and the tensor-parallel followers, each a fresh interpreter (see worker_process)."""
+        from workers.launch import WorkerLaunch
+
+        size = self.spec.tensor_parallel_size
+        setups: list[Any] = [None]
+        if size > 1:
+            from workers.distributed import TPSetup
+            from workers.main import ANY_PORT
+            # Nothing to race other processes for: a rendezvous file in the group's folder, and
+            # (tcp) a plan port rank 0 picks and tells the other ranks.
+            init_method = f"file://{self._group_dir()}/rendezvous"
+            plan_address = (f"ipc://{self._ipc_dir}/plan" if self.config.parallel.worker_transport == "ipc"
+                            else f"tcp://127.0.0.1{ANY_PORT}")
+            setups = [TPSetup(rank, size, init_method, plan_address) for rank in range(size)]
+        self.followers = [LocalWorkerProcess(WorkerLaunch("follower", config_bytes, os.getpid(), device_ids[rank],
+                                                     setups[rank]), f"{name}-rank{rank}")
+                          for rank in range(1, size)]
+        self.process = LocalWorkerProcess(
+            WorkerLaunch("worker", config_bytes, os.getpid(), device_ids[0], setups[0], input_address,
+                         output_address, **kv),
+            f"{name}-rank0" if size > 1 else name)
 
     def _kv_address(self) -> str | None:
         """Where a decode group's KV inbox binds (tcp: a random port, reported when ready)."""
@@ -233,11 +234,10 @@ class WorkerGroupClient:
     def exit_description(self) -> str:
         """Which process of the group ended, and how."""
         for rank, process in enumerate(self.processes):
-            if isinstance(process, BaseProcess):
-                if not multiprocessing.connection.wait([process.sentinel], timeout=0):
+            if isinstance(process, LocalWorkerProcess):
+                if not process.has_ended():
                     continue
-                # The sentinel closes as the process exits, a moment before it can be reaped.
-                process.join(1.0)
+                process.join(1.0)   # reaped: its exit code known
             elif process.is_alive():
                 continue
             code = getattr(process, "exitcode", None)
@@ -251,6 +251,9 @@ class WorkerGroupClient:
         if isinstance(self.process, threading.Thread):   # no sentinel to wait on
             self._poller = loop.create_task(self._poll(on_dead))
             return
+        if any(process.sentinel is None for process in self.processes):   # a kernel without pidfds
+            self._poller = loop.create_task(self._poll_processes(on_dead))
+            return
         for process in self.processes:
             # Readable the moment the process ends, however it ends.
             loop.add_reader(process.sentinel, self._exited, on_dead)
@@ -259,6 +262,12 @@ class WorkerGroupClient:
         while self.process.is_alive():
             await asyncio.sleep(THREAD_POLL_S)
         on_dead(self.exit_description())
+
+    async def _poll_processes(self, on_dead: Callable[[str], None]) -> None:
+        while all(process.is_alive() for process in self.processes):
+            await asyncio.sleep(THREAD_POLL_S)
+        self._poller = None   # ending by itself: nothing for unwatch to cancel
+        self._exited(on_dead)
 
     def _exited(self, on_dead: Callable[[str], None]) -> None:
         self.unwatch()
@@ -273,10 +282,7 @@ class WorkerGroupClient:
             except RuntimeError:   # from a finalizer, after the event loop closed
                 pass
         for process in self.processes:
-            try:
-                sentinel = getattr(process, "sentinel", None)
-            except ValueError:   # the process never started
-                continue
+            sentinel = getattr(process, "sentinel", None)
             if sentinel is not None:
                 try:
                     asyncio.get_running_loop().remove_reader(sentinel)
@@ -286,7 +292,7 @@ class WorkerGroupClient:
     def kill_processes(self) -> None:
         """End every rank still running (a group with a dead rank cannot step)."""
         for process in self.processes:
-            if isinstance(process, BaseProcess) and process.is_alive():
+            if isinstance(process, LocalWorkerProcess):
                 process.kill()
 
     def send(self, message: CoreToWorker) -> None:
@@ -316,9 +322,10 @@ class WorkerGroupClient:
         """Make sure the process is gone and the sockets closed (safe to call twice)."""
         self.unwatch()
         for process in self.processes:
-            if isinstance(process, BaseProcess) and process.is_alive():
+            if isinstance(process, LocalWorkerProcess):
                 process.kill()
                 process.join(5)
+                process.close()
         for sock in (self.inbox, self.outbox):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
