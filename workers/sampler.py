@@ -14,6 +14,7 @@ import torch
 
 from streamvlm.contract.protocol import TokenLogprobs
 from workers.sequence import Sequence
+from workers.structured_output import grammar_mask
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -53,6 +54,7 @@ class Sampler:
                         if any(p.logprobs for p in params) else None)
         logits = self._apply_penalties(logits, seqs)
         logits = self._ban_stop_tokens_before_min(logits, seqs)
+        logits = self._apply_grammars(logits, seqs)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows and len(sampled_rows) == len(seqs):   # no greedy row: no gather, no argmax
             token_ids = self._draw(logits, seqs)
@@ -111,10 +113,25 @@ class Sampler:
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         return logits
 
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Structured output: the rows with a grammar keep only the tokens it allows next (rows
+        without one are not touched, and a step with none computes nothing)."""
+        masked = grammar_mask(seqs, logits.shape[-1])
+        if masked is None:
+            return logits
+        rows, allowed = masked
+        index = self._tensor(rows, torch.int64)
+        allowed = torch.from_numpy(allowed)
+        if self.device.type == "cuda":
+            allowed = allowed.pin_memory().to(self.device, non_blocking=True)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
     def _ban_stop_tokens_before_min(self, logits: torch.Tensor,
                                     seqs: list[Sequence]) -> torch.Tensor:
         for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
+            # A grammar's mask decides when the output may end (it may allow nothing else).
+            if seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None:
                 banned = set(seq.stop_token_ids)
                 if not seq.params.ignore_eos:
                     banned |= seq.eos_token_ids

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from workers.multimodal import MultiModalInput
     from workers.request_timing import WorkerTimeline
+    from workers.structured_output import RequestGrammar
 
 
 # Async scheduling: the token a step in flight is still sampling; the next step reads it on the device.
@@ -75,6 +76,8 @@ class Sequence:
         self.placeholder_source = -1
         # Requests that collect timings: their moments until the first token.
         self.timeline: WorkerTimeline | None = None
+        # Structured output: the matcher that masks this request's logits (None: unconstrained).
+        self.grammar: RequestGrammar | None = None
         # block_table as an int32 array, for step plans; remade when the table grows or is replaced.
         self._table_array: tuple[list[int], int, np.ndarray] | None = None
 

@@ -20,6 +20,7 @@ from workers.request_timing import DeviceSpan, WorkerTimeline
 from workers.scheduler import ScheduledChunk, Scheduler
 from workers.sequence import Sequence, SequenceStatus
 from workers.stop_rules import ends_by_length, finish_reason
+from workers.structured_output import GrammarMatchers
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Worker:
         self._in_flight: LaunchedStep | None = None
         self._pending_deltas: list[RequestDelta] = []
         self.kv_handoff = KVHandoff(self.pool, self.scheduler, self.runner)
+        self.grammars = GrammarMatchers(source, config.model.tokenizer, self.runner.model.args.vocab_size)
 
     def handle(self, message) -> None:
         if isinstance(message, AddRequest):
@@ -81,9 +83,12 @@ class Worker:
             return
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.eos_token_ids,
                        self._arrivals)
-        if req.mm_items:
+        if req.mm_items or req.grammar:
             try:
-                self._attach_multimodal(seq, req)
+                if req.mm_items:
+                    self._attach_multimodal(seq, req)
+                if req.grammar:
+                    seq.grammar = self.grammars.build(req.grammar)
             except ValueError as exc:
                 self._pending_deltas.append(RequestDelta(req.request_id, [],
                                                          finish_reason="error", error=str(exc)))

@@ -76,6 +76,9 @@ class AddRequest(msgspec.Struct, tag=True, kw_only=True):
     kv_peer: int = -1
     # The worker reports where the request's time went until its first token (WorkerTimings).
     collect_timings: bool = False
+    # params.structured_outputs compiled by the engine core (an llguidance grammar, JSON text): the
+    # worker masks the request's logits with it. Empty: unconstrained.
+    grammar: str = ""
 
 
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):

@@ -2,14 +2,77 @@
 
 from __future__ import annotations
 
+import json as _json
+from typing import Any
+
 import msgspec
 
 MAX_TOP_LOGPROBS = 20
+# Structured output: a schema, regex or grammar longer than this (in characters, a JSON schema
+# as compact JSON) is refused; so is a choice among more than MAX_CHOICES strings.
+MAX_GRAMMAR_CHARS = 64 * 1024
+MAX_CHOICES = 1024
 # Integers cross to the workers as msgpack, which carries at most 64 bits; token ids are int32
 # (vocabularies are far smaller). Larger values are refused here, before a request is queued.
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 UINT64_MAX = 2**64 - 1
 TOKEN_ID_MAX = 2**31 - 1
+
+
+class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Output constrained to one of: a JSON schema (``json``: a dict or its JSON text), any JSON
+    object (``json_object``), a regular expression (``regex``), one of a list of strings
+    (``choice``), or a Lark/EBNF grammar (``grammar``, llguidance's Lark dialect). Exactly one is set.
+
+    The engine core compiles it into a grammar (and refuses one that does not compile); the worker
+    masks the logits of the request's rows with it, so every output is in the language."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, name) not in (None, False)]
+        _check(len(kinds) == 1, "structured_outputs needs exactly one of json, json_object, regex, "
+                                f"choice, grammar; got {kinds or 'none'}")
+        if isinstance(self.json, dict):
+            try:
+                text = _json.dumps(self.json, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"structured_outputs.json is not JSON: {exc}") from None
+        else:
+            text = self.json or self.regex or self.grammar or ""
+        _check(isinstance(text, str) and len(text) <= MAX_GRAMMAR_CHARS,
+               f"structured_outputs.{kinds[0]} is longer than {MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None:
+            _check(0 < len(self.choice) <= MAX_CHOICES
+                   and all(isinstance(c, str) and c for c in self.choice)
+                   and sum(map(len, self.choice)) <= MAX_GRAMMAR_CHARS,
+                   f"structured_outputs.choice must be 1 to {MAX_CHOICES} non-empty strings of at "
+                   f"most {MAX_GRAMMAR_CHARS} characters in all")
+
+    @property
+    def kind(self) -> str:
+        for name in ("json", "json_object", "regex", "choice", "grammar"):
+            if getattr(self, name) not in (None, False):
+                return name
+        raise AssertionError("validated on construction")
+
+    def cache_key(self) -> tuple[str, str]:
+        """What the compiled grammar depends on, as hashable text."""
+        kind = self.kind
+        if kind == "json":
+            value = self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+        elif kind == "choice":
+            value = _json.dumps(self.choice)
+        elif kind == "json_object":
+            value = ""
+        else:
+            value = getattr(self, kind)
+        return kind, value
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -37,8 +100,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = msgspec.convert(self.structured_outputs, StructuredOutputs)
+            except msgspec.ValidationError as exc:
+                raise ValueError(f"structured_outputs: {exc}") from None
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs must be a StructuredOutputs or a dict of its fields")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT64_MAX,
@@ -77,8 +148,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @property
     def reads_history(self) -> bool:
-        """Sampling looks at the tokens generated so far (the penalties), so it needs them on the host."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        """Sampling looks at the tokens generated so far (the penalties; a grammar's mask), so it needs
+        them on the host."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or self.structured_outputs is not None)
 
 
 def _is_int(value: object) -> bool:

@@ -31,6 +31,7 @@ from streamvlm.engine.remote_workers import RemoteWorkerGroup, WorkerListener
 from streamvlm.engine.request_state import OutputDelta, RequestState
 from streamvlm.engine.request_table import RequestTable, TrackedRequest
 from streamvlm.engine.request_timing import CoreStamps
+from streamvlm.engine.structured_output import compile_structured_outputs
 from streamvlm.engine.router import Route, Router
 from streamvlm.engine.worker_client import WorkerGroupClient
 from streamvlm.engine.worker_group import WorkerGroup
@@ -278,6 +279,10 @@ class AsyncEngine:
             params = SamplingParams(**self.default_sampling_fields) if params is None else params
             # The prompt-free checks first: a request with bad parameters costs no image decoding.
             self.processor.validate_params(params)
+            grammar = ""
+            if params.structured_outputs is not None:
+                grammar = await asyncio.get_running_loop().run_in_executor(
+                    None, compile_structured_outputs, params.structured_outputs)
             prepared = await self.prepare_prompt(prompt)
             prepared_at = time.monotonic()
             prompt_token_ids = prepared.prompt_token_ids
@@ -304,7 +309,8 @@ class AsyncEngine:
         try:
             request = AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                  params=params, eos_token_ids=self.processor.eos_token_ids,
-                                 mm_items=prepared.mm_items, collect_timings=collect_timings)
+                                 mm_items=prepared.mm_items, collect_timings=collect_timings,
+                                 grammar=grammar)
             if collect_timings:
                 # Stamped before the send: a worker thread may take the request before send()
                 # returns, and encoding the message is part of the way to the worker.
