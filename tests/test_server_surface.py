@@ -291,7 +291,6 @@ def test_cors_preflight_and_response_headers(server, lenient_server):
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "logit_bias", {"1": 5}),
     ("/v1/chat/completions", "parallel_tool_calls", False),
     ("/v1/chat/completions", "functions", []),
@@ -312,8 +311,8 @@ def test_unknown_fields_are_refused_by_name(server, lenient_server, path, field,
 def test_sdk_refusal_and_ignored_metadata(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert refused.value.body["param"] == "response_format"
+                                       prediction={"type": "content", "content": "x"})
+    assert refused.value.body["param"] == "prediction"
     resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
                                           user="u-1", metadata={"k": "v"}, store=False)
     assert resp.choices[0].finish_reason == "length"

@@ -10,7 +10,7 @@ import pytest
 
 from streamvlm.contract.sampling import SamplingParams, StructuredOutputs
 from streamvlm.engine.structured_output import compile_structured_outputs
-from tests.helpers import local_llm, wait_idle
+from tests.helpers import local_llm, wait_idle, worker_of
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -131,5 +131,7 @@ def test_async_scheduling_and_preemption(llama_path):
         outputs = engine.generate([PROMPT * 8] * 12, params + free, use_tqdm=False)
         for out in outputs[:6]:
             jsonschema.validate(json.loads(out.text), PERSON)
+        assert engine.engine.metrics.num_preemptions > 0
+        assert engine.config.scheduler is not None and worker_of(engine).async_scheduling
     finally:
         engine.shutdown()

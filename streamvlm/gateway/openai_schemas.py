@@ -1,12 +1,13 @@
 """OpenAI request bodies as msgspec Structs: decoding validates types and required fields.
 
 A field the server does not know is refused (400 naming it in ``param``), so that a request
-for something not implemented (``tools``, ``response_format``, ``logit_bias``, ``best_of``, ...)
+for something not implemented (``tools``, ``logit_bias``, ``best_of``, ...)
 is not answered as if it had been honoured. The few fields below typed ``Any`` are metadata
 that changes nothing about the answer (``user``, ``metadata``, ``store``...): accepted and
 ignored. ``GatewaySettings.ignore_unknown_fields`` decodes with the ``Lenient*`` variants, which
 ignore every unknown field. Fields accepted beyond OpenAI's (top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, chat_template_kwargs) follow vLLM.
+ignore_eos, min_tokens, stop_token_ids, chat_template_kwargs, structured_outputs, guided_json,
+guided_regex, guided_choice, guided_grammar) follow vLLM.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """OpenAI's ``response_format``: "text" (unconstrained), "json_object" or "json_schema"."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     stream: bool = False
@@ -49,6 +64,13 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Accepted and ignored: they describe the request and change nothing about the answer.
     user: Any = None
     metadata: Any = None
@@ -62,7 +84,33 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         fields = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.stop is not None:
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        structured = self.structured_output_fields()
+        if structured is not None:
+            fields["structured_outputs"] = structured
         return fields
+
+    def structured_output_fields(self) -> dict[str, Any] | None:
+        """The request's constraint as StructuredOutputs fields, from whichever name it used
+        (ValueError when it used several: StructuredOutputs takes exactly one constraint)."""
+        given = [("structured_outputs", "", self.structured_outputs)] if self.structured_outputs else []
+        given += [(f"guided_{key}", key, value)
+                  for key, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                                     ("choice", self.guided_choice), ("grammar", self.guided_grammar))
+                  if value is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", "json_object", True))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.schema if fmt.json_schema is not None else None
+            # OpenAI's default schema (none given): any JSON value.
+            given.append(("response_format", "json", {} if schema is None else schema))
+        if len(given) > 1:
+            raise ValueError("give one structured output constraint, not "
+                             + " and ".join(name for name, _, _ in given))
+        if not given:
+            return None
+        _, key, value = given[0]
+        return value if not key else {key: value}
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
