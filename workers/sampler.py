@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from streamvlm.contract.protocol import TokenLogprobs
 from workers.sequence import Sequence
-from workers.structured_output import grammar_mask
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -116,12 +116,17 @@ class Sampler:
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Structured output: the rows with a grammar keep only the tokens it allows next (rows
         without one are not touched, and a step with none computes nothing)."""
-        masked = grammar_mask(seqs, logits.shape[-1])
-        if masked is None:
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
             return logits
-        rows, allowed = masked
+        vocab = logits.shape[-1]
+        words = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
+        for j, i in enumerate(rows):
+            seq = seqs[i]
+            seq.grammar.fill_mask(seq.token_ids, seq.num_prompt_tokens, seq.eos_token_ids, words[j])
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         index = self._tensor(rows, torch.int64)
-        allowed = torch.from_numpy(allowed)
+        allowed = torch.from_numpy(bits.astype(bool))
         if self.device.type == "cuda":
             allowed = allowed.pin_memory().to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

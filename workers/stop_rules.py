@@ -12,7 +12,7 @@ def finish_reason(seq: Sequence, token: int, num_tokens: int, max_model_len: int
     if num_output_tokens >= p.min_tokens:
         if token in seq.stop_token_ids or (token in seq.eos_token_ids and not p.ignore_eos):
             return "stop"
-    if seq.grammar is not None and seq.grammar.is_complete(seq):
+    if seq.grammar is not None and seq.grammar.is_complete(seq.token_ids, seq.num_prompt_tokens, seq.eos_token_ids):
         return "stop"
     if ends_by_length(seq, num_tokens, max_model_len):
         return "length"

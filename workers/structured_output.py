@@ -13,11 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.sequence import PLACEHOLDER_TOKEN
-
 if TYPE_CHECKING:
     from streamvlm.contract.model_source import ModelSource
-    from workers.sequence import Sequence
 
 
 class RequestGrammar:
@@ -32,34 +29,36 @@ class RequestGrammar:
         self.num_consumed = 0
         self.ended_by_eos = False
 
-    def sync(self, seq: Sequence) -> None:
-        output = seq.token_ids[seq.num_prompt_tokens:]
-        if self.num_consumed > len(output):
+    def sync(self, token_ids: list[int], num_prompt_tokens: int, eos_token_ids: frozenset[int]) -> None:
+        """Consume the output tokens (token_ids past the prompt) the matcher has not seen."""
+        num_output = len(token_ids) - num_prompt_tokens
+        if self.num_consumed > num_output:
             self.matcher.reset()
             self.num_consumed, self.ended_by_eos = 0, False
-        for token in output[self.num_consumed:]:
-            if token == PLACEHOLDER_TOKEN:
-                break
+        for token in token_ids[num_prompt_tokens + self.num_consumed:]:
+            if token < 0:
+                break   # a placeholder (async scheduling): its token is still being sampled
             self.num_consumed += 1
-            if token in seq.eos_token_ids and self.matcher.is_accepting():
+            if token in eos_token_ids and self.matcher.is_accepting():
                 self.ended_by_eos = True
             elif not self.ended_by_eos:
                 self.matcher.consume_token(token)
 
-    def is_complete(self, seq: Sequence) -> bool:
+    def is_complete(self, token_ids: list[int], num_prompt_tokens: int, eos_token_ids: frozenset[int]) -> bool:
         """The output is a whole sentence of the grammar and nothing more may follow (or an
         end-of-sequence token ended it): the request stops."""
-        self.sync(seq)
+        self.sync(token_ids, num_prompt_tokens, eos_token_ids)
         return self.ended_by_eos or self.matcher.is_stopped() or self.matcher.is_error()
 
-    def fill_mask(self, seq: Sequence, row: np.ndarray) -> None:
+    def fill_mask(self, token_ids: list[int], num_prompt_tokens: int, eos_token_ids: frozenset[int],
+                  row: np.ndarray) -> None:
         """Bits of the tokens allowed next (bit t % 32 of word t // 32) into ``row`` (int32)."""
-        self.sync(seq)
+        self.sync(token_ids, num_prompt_tokens, eos_token_ids)
         row[:] = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)[:len(row)]
         if self.matcher.is_accepting() or self.matcher.is_error():
             # The request's own end-of-sequence tokens end a complete output too (llguidance knows
             # only the tokenizer's); a matcher in error lets the request end rather than go on.
-            for token in seq.eos_token_ids:
+            for token in eos_token_ids:
                 if token < 32 * len(row):
                     row[token // 32] |= np.int32(np.uint32(1 << (token % 32)).view(np.int32))
 
@@ -97,16 +96,3 @@ class GrammarMatchers:
         if matcher.is_error():
             raise ValueError(f"structured output grammar rejected: {matcher.get_error()}")
         return RequestGrammar(matcher)
-
-
-def grammar_mask(seqs: list[Sequence], vocab_size: int) -> tuple[list[int], np.ndarray] | None:
-    """The rows of ``seqs`` with a grammar and their allowed tokens ([rows, vocab] bool); None
-    when no row has one (then nothing at all is computed)."""
-    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-    if not rows:
-        return None
-    words = np.zeros((len(rows), (vocab_size + 31) // 32), dtype=np.int32)
-    for j, i in enumerate(rows):
-        seqs[i].grammar.fill_mask(seqs[i], words[j])
-    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
-    return rows, allowed.astype(bool)
