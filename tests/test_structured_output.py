@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from streamvlm.contract.sampling import SamplingParams, StructuredOutputs
 from streamvlm.engine.structured_output import compile_structured_outputs
+from tests.conftest import VOCAB
 from tests.helpers import local_llm, wait_idle, worker_of
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -135,3 +137,34 @@ def test_async_scheduling_and_preemption(llama_path):
         assert engine.config.scheduler is not None and worker_of(engine).async_scheduling
     finally:
         engine.shutdown()
+
+
+def test_matcher_follows_the_sequence_tokens(llama_path):
+    """The matcher consumes the tokens it has not seen (a first token from a prefill group, a step's),
+    skips a placeholder still in flight, and replays from the start when the tokens were replaced."""
+    from streamvlm.contract.model_source import ModelSource
+    from workers.structured_output import GrammarMatchers
+
+    matchers = GrammarMatchers(ModelSource("hf", str(llama_path)), None, VOCAB)
+    grammar = compile_structured_outputs(StructuredOutputs(choice=["ab", "abab"]))
+    tokenizer = matchers.tokenizer()
+    prompt = [5, 6, 7]
+    a, b = tokenizer.tokenize_str("a"), tokenizer.tokenize_str("b")
+    state = matchers.build(grammar)
+    eos = frozenset({2})
+    tokens = prompt + a + b + [-1]
+    assert not state.is_complete(tokens, len(prompt), eos)
+    assert state.num_consumed == 2            # the placeholder waits
+    tokens[-1:] = a
+    assert not state.is_complete(tokens, len(prompt), eos) and state.num_consumed == 3
+    shorter = prompt + a
+    assert not state.is_complete(shorter, len(prompt), eos) and state.num_consumed == 1
+    row = np.zeros((VOCAB + 31) // 32, dtype=np.int32)
+    state.fill_mask(shorter, len(prompt), eos, row)
+    allowed = np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0].tolist()
+    assert b[0] in allowed and a[0] not in allowed and 2 not in allowed
+    done = prompt + a + b
+    state.fill_mask(done, len(prompt), eos, row)   # "ab" is complete: the request's EOS may end it
+    allowed = np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0].tolist()
+    assert 2 in allowed and a[0] in allowed
+    assert state.is_complete(done + [2], len(prompt), eos)

@@ -124,3 +124,21 @@ def test_websocket_params(server):
     jsonschema.validate(json.loads(text), PERSON)
     events = asyncio.run(chat({"max_tokens": 5, "structured_outputs": {"json": {"type": "no-such-type"}}}))
     assert events[-1]["type"] == "error" and "no-such-type" in events[-1]["message"]
+
+
+def test_langchain_with_structured_output(server):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no", "maybe"]
+        confidence: int = Field(ge=0, le=10)
+
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=server.base_url + "/v1", api_key=KEY,
+                                      max_tokens=100, max_retries=0)
+    for seed in range(3):
+        result = llm.bind(seed=seed).with_structured_output(Verdict, method="json_schema").invoke(
+            "Is the sky blue?")
+        assert isinstance(result, Verdict)
