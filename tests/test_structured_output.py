@@ -168,3 +168,29 @@ def test_matcher_follows_the_sequence_tokens(llama_path):
     allowed = np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0].tolist()
     assert 2 in allowed and a[0] in allowed
     assert state.is_complete(done + [2], len(prompt), eos)
+
+
+def test_same_constrained_tokens_with_tensor_parallelism_and_prefill_decode(loop, llama_path):
+    """The mask is applied where sampling happens (rank 0; the prefill group for the first token,
+    the decode group after), so a seeded constrained request gives the same tokens every way."""
+    import asyncio
+
+    from streamvlm import AsyncEngine, EngineConfig
+    from tests.helpers import run
+
+    params = [SamplingParams(seed=seed, max_tokens=120, structured_outputs=StructuredOutputs(json=PERSON))
+              for seed in range(3)]
+    prompts = [{"prompt_token_ids": list(range(10 + i, 40 + i))} for i in range(3)]
+    options = dict(model=str(llama_path), max_model_len=256, block_size=8, max_num_batched_tokens=32,
+                   num_kv_blocks=128)
+
+    async def tokens(**overrides):
+        async with AsyncEngine(EngineConfig(**options, **overrides)) as engine:
+            outputs = await asyncio.gather(*(engine.generate(p, s) for p, s in zip(prompts, params)))
+        for out in outputs:
+            jsonschema.validate(json.loads(out.text), PERSON)
+        return [out.token_ids for out in outputs]
+
+    one = run(loop, tokens(worker_backend="thread"))
+    assert run(loop, tokens(tensor_parallel_size=2)) == one
+    assert run(loop, tokens(worker_backend="thread", groups=["prefill", "decode"])) == one
