@@ -104,6 +104,29 @@ def test_workers_exit_when_their_core_is_killed(long_llama, state, tensor_parall
         core.communicate(timeout=30)
 
 
+def test_a_thread_worker_leaves_when_its_group_is_let_go_mid_generation(loop, llama_path):
+    """The thread backend has no parent process to lose: a group killed without a shutdown (an
+    engine dropped, say) while its worker generates must still end the worker thread, which
+    would otherwise wait forever on a core that no longer reads."""
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(llama_path), worker_backend="thread",
+                                          max_model_len=256))
+        await engine.start()
+        group = engine.groups[0]
+        thread = group.process
+        stream = engine.stream("Hello", SamplingParams(max_tokens=240, ignore_eos=True))
+        await stream.__anext__()
+        group.kill()   # no Shutdown message: only the stop flag tells the worker
+        await asyncio.sleep(0)
+        await stream.aclose()
+        await engine.shutdown()
+        return thread
+
+    thread = run(loop, main())
+    thread.join(GONE_WITHIN_S)
+    assert not thread.is_alive()
+
+
 def test_socket_folders_of_dead_cores_are_removed_at_start(loop, llama_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
