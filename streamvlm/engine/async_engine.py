@@ -278,6 +278,7 @@ class AsyncEngine:
             params = SamplingParams(**self.default_sampling_fields) if params is None else params
             # The prompt-free checks first: a request with bad parameters costs no image decoding.
             self.processor.validate_params(params)
+            params = self.processor.resolve_bad_words(params)
             prepared = await self.prepare_prompt(prompt)
             prepared_at = time.monotonic()
             prompt_token_ids = prepared.prompt_token_ids
