@@ -3,6 +3,7 @@ with the openai SDK on the tiny llama checkpoint."""
 
 from __future__ import annotations
 
+import msgspec
 import openai
 import pytest
 import torch
@@ -143,3 +144,94 @@ def test_bad_words_never_appear(client, server):
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
                                     extra_body={"bad_words": words, "ignore_eos": True})
     assert out.choices[0].text != free.text
+
+
+# ---- n > 1 ------------------------------------------------------------------------------------
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 5
+
+
+def test_n_choices_are_reproducible_and_share_the_prompt_blocks(client, server):
+    engine = server.app.state.engine
+    block_size = engine.config.cache.block_size
+    params = SamplingParams(n=4, seed=11, temperature=1.0, max_tokens=16, ignore_eos=True)
+    outs = server.call(engine.generate_choices(LONG_PROMPT, params))
+    prompt_len = len(outs[0].prompt_token_ids)
+    full_blocks = prompt_len // block_size
+    assert full_blocks >= 4
+    # The first choice computes the prompt; the others find its full blocks in the prefix cache.
+    assert all(o.num_cached_tokens >= full_blocks * block_size for o in outs[1:])
+    assert len({tuple(o.token_ids) for o in outs}) > 1      # seeds seed + i: distinct samples
+
+    # Through the openai SDK: the same 4 choices twice, with their index; usage counts them all.
+    def ask():
+        return client.completions.create(model=MODEL, prompt=LONG_PROMPT, n=4, seed=11,
+                                         max_tokens=16, temperature=1.0,
+                                         extra_body={"ignore_eos": True})
+    first, second = ask(), ask()
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert [c.text for c in first.choices] == [o.text for o in outs]
+    assert first.usage.prompt_tokens == prompt_len
+    assert first.usage.completion_tokens == 4 * 16
+
+
+def test_n_choices_use_well_under_n_times_the_blocks(server):
+    """The peak of KV blocks in use while 4 choices decode, against one request's."""
+    import threading
+
+    engine = server.app.state.engine
+    block_size = engine.config.cache.block_size
+
+    def peak_blocks(params: SamplingParams) -> int:
+        peak, done = 0, threading.Event()
+
+        def poll() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, server.call(engine.stats()).kv_blocks_used)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            server.call(engine.generate_choices(LONG_PROMPT, params), timeout=60)
+        finally:
+            done.set()
+            poller.join()
+        return peak
+
+    params = SamplingParams(seed=1, temperature=1.0, max_tokens=48, ignore_eos=True)
+    one = peak_blocks(params)
+    four = peak_blocks(msgspec.structs.replace(params, n=4))
+    prompt_len = len(engine.processor.tokenizer.encode(LONG_PROMPT))
+    alone = -(-(prompt_len + 48) // block_size)
+    assert 0 < one <= alone
+    # Shared prompt blocks: each extra choice adds only its own tail blocks.
+    assert four < 2 * alone, (one, four, alone)
+
+
+def test_n_choices_stream_with_their_index(client):
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=3, seed=4,
+                                            max_tokens=8, temperature=1.0, stream=True,
+                                            stream_options={"include_usage": True})
+    texts, finished, usage = {}, set(), None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason is not None:
+                finished.add(c.index)
+    assert finished == {0, 1, 2}
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=3, seed=4,
+                                          max_tokens=8, temperature=1.0)
+    assert [texts[i] for i in range(3)] == [c.message.content for c in full.choices]
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_n_is_bounded_and_plain_stream_refuses_it(client, server):
+    with pytest.raises(openai.BadRequestError, match="n must"):
+        client.completions.create(model=MODEL, prompt="Hi", n=17, max_tokens=2)
+    with pytest.raises(ValueError, match="stream_choices"):
+        server.call(server.app.state.engine.generate("Hi", SamplingParams(n=2, max_tokens=2)))

@@ -64,6 +64,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         fields = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.stop is not None:
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.n != 1:
+            fields["n"] = self.n
         if self.logit_bias:
             fields["logit_bias"] = _token_id_keys(self.logit_bias)
         if self.bad_words:
