@@ -1,6 +1,6 @@
 """Per-request sampling over one batch of logits.
 
-Order: penalties, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
+Order: penalties, logit_bias, bad words, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
 through temperature, top_k, top_p and min_p before a draw. A seeded request draws from its own
 generator, re-seeded from (seed, output position), so its output does not depend on the batch,
 on preemption, or on which process samples it. Logprobs are a log-softmax of the raw logits.
@@ -52,6 +52,8 @@ class Sampler:
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(p.logprobs for p in params) else None)
         logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_logit_bias(logits, seqs)
+        logits = self._ban_bad_words(logits, seqs)
         logits = self._ban_stop_tokens_before_min(logits, seqs)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows and len(sampled_rows) == len(seqs):   # no greedy row: no gather, no argmax
@@ -109,6 +111,27 @@ class Sampler:
                 output = self._tensor(seq.output_token_ids, torch.int64)
                 counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for row, seq in enumerate(seqs):
+            bias = seq.params.logit_bias
+            if bias:
+                ids = self._tensor(list(bias), torch.int64)
+                logits[row, ids] += self._tensor(list(bias.values()), logits.dtype)
+        return logits
+
+    def _ban_bad_words(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Ban the last token of each bad word whose earlier tokens end the output so far."""
+        for row, seq in enumerate(seqs):
+            if not seq.params.bad_words_token_ids:
+                continue
+            output = seq.output_token_ids
+            banned = [ids[-1] for ids in seq.params.bad_words_token_ids
+                      if len(ids) - 1 <= len(output)
+                      and (len(ids) == 1 or output[len(output) - len(ids) + 1:] == ids[:-1])]
+            if banned:
+                logits[row, banned] = float("-inf")
         return logits
 
     def _ban_stop_tokens_before_min(self, logits: torch.Tensor,
