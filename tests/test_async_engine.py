@@ -546,7 +546,7 @@ def test_ctrl_c_stops_the_engine_and_its_worker(llama_path):
             time.sleep(0.5)   # mid-generation
             t0 = time.monotonic()
             os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(10)
+            proc.wait(30)   # about a second when idle; generous for a loaded CI machine
             exit_s = time.monotonic() - t0
         finally:
             if proc.poll() is None:

@@ -158,7 +158,7 @@ def test_seed_and_stop(client):
      "maximum context length"),
     (json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": -1}).encode(), 400,
      "temperature"),
-    (json.dumps({"model": MODEL, "messages": MESSAGES, "n": 2}).encode(), 400, "n=1"),
+    (json.dumps({"model": MODEL, "messages": MESSAGES, "n": 17}).encode(), 400, "n must"),
     (json.dumps({"model": "other", "messages": MESSAGES}).encode(), 404, "does not exist"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}).encode(),

@@ -104,6 +104,63 @@ def test_workers_exit_when_their_core_is_killed(long_llama, state, tensor_parall
         core.communicate(timeout=30)
 
 
+def test_a_thread_worker_leaves_when_its_group_is_let_go_mid_generation(loop, llama_path):
+    """The thread backend has no parent process to lose: a group killed without a shutdown (an
+    engine dropped, say) while its worker generates must still end the worker thread, which
+    would otherwise wait forever on a core that no longer reads."""
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(llama_path), worker_backend="thread",
+                                          max_model_len=256))
+        await engine.start()
+        group = engine.groups[0]
+        thread = group.process
+        stream = engine.stream("Hello", SamplingParams(max_tokens=240, ignore_eos=True))
+        await stream.__anext__()
+        group.kill()   # no Shutdown message: only the stop flag tells the worker
+        await asyncio.sleep(0)
+        await stream.aclose()
+        await engine.shutdown()
+        return thread
+
+    thread = run(loop, main())
+    thread.join(GONE_WITHIN_S)
+    assert not thread.is_alive()
+
+
+def test_a_dead_worker_is_noticed_with_descriptors_past_1024_open(loop, llama_path):
+    """An engine core with many descriptors open gets worker sentinels numbered past select()'s
+    FD_SETSIZE: their death must still be seen."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(soft, hard) < 1400:
+        pytest.skip("needs at least 1400 open files")
+    pipes = [os.pipe() for _ in range(550)]
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(llama_path), worker_backend="process",
+                                          device="cpu", max_model_len=256))
+        await engine.start()
+        try:
+            process = engine.groups[0].process
+            assert process.sentinel is None or process.sentinel >= 1024
+            os.kill(process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + GONE_WITHIN_S
+            while (await engine.health()).groups[0].alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            health = await engine.health()
+            assert not health.groups[0].alive and "exited" in health.groups[0].error
+        finally:
+            await engine.shutdown()
+
+    try:
+        run(loop, main())
+    finally:
+        for read_end, write_end in pipes:
+            os.close(read_end)
+            os.close(write_end)
+
+
 def test_socket_folders_of_dead_cores_are_removed_at_start(loop, llama_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

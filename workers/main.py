@@ -26,7 +26,7 @@ from workers.device_settings import DeviceSettings
 from workers.core_link import IDLE_POLL_MS, OUTPUT_HWM, CoreGone, CoreLink, CoreOutbox, heartbeats_meanwhile
 from workers.distributed import TPSetup
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
-from workers.parent import ParentWatch
+from workers.parent import CoreWatch, EngineStopFlag, ParentWatch
 from workers.rank_messages import KVShardPlan, StepPlan
 
 # A remote follower's model before rank 0's config arrives: "take rank 0's".
@@ -36,9 +36,11 @@ RANK0_MODEL = "@rank0"
 def run_worker(config_bytes: bytes, input_address: str, output_address: str,
                parent_pid: int | None, on_ready: Callable[[Any], None] | None = None,
                tp: TPSetup | None = None, device_index: int | None = None,
-               kv_role: str = "mixed", kv_address: str | None = None, kv_group_id: int = -1) -> None:
+               kv_role: str = "mixed", kv_address: str | None = None, kv_group_id: int = -1,
+               stopped: threading.Event | None = None) -> None:
     """The worker loop (rank 0 of its group). ``on_ready`` (thread backend only) receives the
-    built Worker; ``tp`` makes this process rank 0 of a tensor-parallel group. ``parent_pid``
+    built Worker, and ``stopped`` (thread backend only) is set when the engine core lets the
+    group go; ``tp`` makes this process rank 0 of a tensor-parallel group. ``parent_pid``
     None: a remote worker, with no parent to watch; it sends heartbeats and leaves when the
     engine core has been silent for remote_worker_timeout_s. ``kv_role`` "decode" binds a KV
     inbox at ``kv_address`` (prefill groups send prompts' KV blocks there); "prefill" gets the
@@ -46,7 +48,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     remote = parent_pid is None
     in_own_process = not remote and os.getpid() != parent_pid   # not the thread backend
     # First of all: from here the kernel ends this process with its parent.
-    parent = ParentWatch(parent_pid) if in_own_process else None
+    parent: CoreWatch | None = (ParentWatch(parent_pid) if in_own_process
+                                else EngineStopFlag(stopped) if stopped is not None else None)
     if parent is not None and not parent.parent_alive():
         return
     if threading.current_thread() is threading.main_thread() and not remote:
@@ -66,9 +69,10 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
 class WorkerProcess:
     """Rank 0 of a worker group as a process: its sockets to the engine core, its Worker (and the
     plan publisher of a tensor-parallel group), the KV transport, and the loop serving them.
-    ``parent`` None and ``remote`` False: the thread backend, whose core is this process."""
+    ``parent``: the engine core's presence (the parent process, or with the thread backend the
+    core's stop flag); None with ``remote``."""
 
-    def __init__(self, config: EngineConfig, parent: ParentWatch | None, remote: bool) -> None:
+    def __init__(self, config: EngineConfig, parent: CoreWatch | None, remote: bool) -> None:
         self.config = config
         self.parent = parent
         self.remote = remote

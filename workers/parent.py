@@ -6,8 +6,28 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+from typing import Protocol
 
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+
+
+class CoreWatch(Protocol):
+    """Whether the engine core that runs this worker is still there."""
+
+    def parent_alive(self) -> bool: ...
+
+
+class EngineStopFlag:
+    """The thread backend's tie to its engine core, which is this very process: the core sets
+    the flag when it lets the group go (shut down, killed, or dropped). A worker thread blocked
+    on a core that no longer reads would otherwise live on with its model and KV pool."""
+
+    def __init__(self, stopped: threading.Event) -> None:
+        self.stopped = stopped
+
+    def parent_alive(self) -> bool:
+        return not self.stopped.is_set()
 
 
 class ParentWatch:

@@ -1,6 +1,6 @@
 """Per-request sampling over one batch of logits.
 
-Order: penalties, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
+Order: penalties, logit_bias, bad words, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
 through temperature, top_k, top_p and min_p before a draw. A seeded request draws from its own
 generator, re-seeded from (seed, output position), so its output does not depend on the batch,
 on preemption, or on which process samples it. Logprobs are a log-softmax of the raw logits.
@@ -53,6 +53,8 @@ class Sampler:
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(p.logprobs for p in params) else None)
         logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_logit_bias(logits, seqs)
+        logits = self._ban_bad_words(logits, seqs)
         logits = self._ban_stop_tokens_before_min(logits, seqs)
         logits = self._apply_grammars(logits, seqs)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -130,6 +132,27 @@ class Sampler:
         if self.device.type == "cuda":
             allowed = allowed.pin_memory().to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for row, seq in enumerate(seqs):
+            bias = seq.params.logit_bias
+            if bias:
+                ids = self._tensor(list(bias), torch.int64)
+                logits[row, ids] += self._tensor(list(bias.values()), logits.dtype)
+        return logits
+
+    def _ban_bad_words(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Ban the last token of each bad word whose earlier tokens end the output so far."""
+        for row, seq in enumerate(seqs):
+            if not seq.params.bad_words_token_ids:
+                continue
+            output = seq.output_token_ids
+            banned = [ids[-1] for ids in seq.params.bad_words_token_ids
+                      if len(ids) - 1 <= len(output)
+                      and (len(ids) == 1 or output[len(output) - len(ids) + 1:] == ids[:-1])]
+            if banned:
+                logits[row, banned] = float("-inf")
         return logits
 
     def _ban_stop_tokens_before_min(self, logits: torch.Tensor,

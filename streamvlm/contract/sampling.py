@@ -17,6 +17,10 @@ MAX_CHOICES = 1024
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 UINT64_MAX = 2**64 - 1
 TOKEN_ID_MAX = 2**31 - 1
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_BAD_WORDS = 100
+MAX_BAD_WORD_TOKENS = 32
+MAX_N = 16
 
 
 class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -100,6 +104,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = {}
+    # Strings never generated: the engine core tokenizes them into bad_words_token_ids, whose
+    # last token is banned whenever the output ends with the tokens before it.
+    bad_words: list[str] = []
+    bad_words_token_ids: list[list[int]] = []
+    # Independent samples of the same prompt (seeds seed, seed + 1, ... when seeded).
+    n: int = 1
     structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +153,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.top_logprobs:
             self.logprobs = True
+        _check(isinstance(self.logit_bias, dict)
+               and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES
+               and all(_is_int(t) and 0 <= t <= TOKEN_ID_MAX and _is_number(b) and -100 <= b <= 100
+                       for t, b in self.logit_bias.items()),
+               f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids in [0, 2**31) "
+               f"to biases in [-100, 100]")
+        _check(len(self.bad_words) <= MAX_BAD_WORDS
+               and all(isinstance(w, str) and w for w in self.bad_words),
+               f"bad_words must be a list of at most {MAX_BAD_WORDS} non-empty strings")
+        _check(len(self.bad_words_token_ids) <= 2 * MAX_BAD_WORDS
+               and all(0 < len(ids) <= MAX_BAD_WORD_TOKENS
+                       and all(_is_int(t) and 0 <= t <= TOKEN_ID_MAX for t in ids)
+                       for ids in self.bad_words_token_ids),
+               f"bad_words_token_ids must be at most {2 * MAX_BAD_WORDS} lists of 1 to "
+               f"{MAX_BAD_WORD_TOKENS} token ids")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N,
+               f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
@@ -148,9 +177,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @property
     def reads_history(self) -> bool:
-        """Sampling looks at the tokens generated so far (the penalties; a grammar's mask), so it needs
-        them on the host."""
-        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        """Sampling looks at the tokens generated so far (the penalties, bad words, a grammar's mask),
+        so it needs them on the host."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty)
+                or bool(self.frequency_penalty) or bool(self.bad_words_token_ids)
                 or self.structured_outputs is not None)
 
 

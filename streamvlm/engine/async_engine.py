@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -23,7 +24,7 @@ from streamvlm.contract.families import served_family
 from streamvlm.contract.generation_defaults import sampling_defaults
 from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
-from streamvlm.contract.sampling import SamplingParams
+from streamvlm.contract.sampling import UINT64_MAX, SamplingParams
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
@@ -44,6 +45,14 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 DRAIN_BUDGET_S = 0.002
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample ``index`` of a request for n samples: one sample, its own seed."""
+    seed = params.seed
+    if seed is not None and index:
+        seed = seed + index if seed + index <= UINT64_MAX else seed - index
+    return msgspec.structs.replace(params, n=1, seed=seed)
 
 
 def _kill_groups(groups: list[WorkerGroup]) -> None:
@@ -218,6 +227,73 @@ class AsyncEngine:
                 self._requests.end(request_id, "abort")
         return tracked.state.output
 
+    async def stream_choices(self, prompt: EnginePrompt, params: SamplingParams | None = None,
+                             request_id: str | None = None
+                             ) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """Deltas of the ``params.n`` samples of one prompt, each with its choice index; the
+        stream ends when every choice has finished, and leaving early aborts them all.
+
+        Sample i is request ``{request_id}-{i}`` with seed ``seed + i`` (when seeded). The prompt
+        is prepared once; the first sample runs alone until its prompt is computed (its first
+        delta), then the others start and find the prompt's full KV blocks in the prefix cache:
+        the blocks are shared by refcount, and only the last partial block is recomputed."""
+        params = SamplingParams(**self.default_sampling_fields) if params is None else params
+        self._check_alive()
+        self.processor.validate_params(params)
+        prepared = await self.prepare_prompt(prompt)
+        request_id = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue[tuple[int, OutputDelta | BaseException]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for delta in self.stream(prepared, _choice_params(params, index),
+                                               f"{request_id}-{index}"):
+                    queue.put_nowait((index, delta))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(pump(0))]
+        unfinished = params.n
+        try:
+            while unfinished:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if len(tasks) == 1:
+                    tasks.extend(loop.create_task(pump(i)) for i in range(1, params.n))
+                if item.finish_reason is not None:
+                    unfinished -= 1
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def generate_choices(self, prompt: EnginePrompt, params: SamplingParams | None = None,
+                               request_id: str | None = None) -> list[RequestOutput]:
+        """The ``params.n`` samples of one prompt (see stream_choices), in choice order."""
+        request_id = request_id or uuid.uuid4().hex
+        if params is not None:
+            self.processor.validate_params(params)
+        prepared = await self.prepare_prompt(prompt)
+        merged: dict[int, OutputDelta] = {}
+        async for index, delta in self.stream_choices(prepared, params, request_id):
+            if index in merged:
+                merged[index].merge(delta)
+            else:
+                merged[index] = OutputDelta(delta.request_id, delta.text, list(delta.token_ids),
+                                            None if delta.logprobs is None else list(delta.logprobs),
+                                            delta.finish_reason, delta.error, delta.usage)
+        outputs = []
+        for index in sorted(merged):
+            d = merged[index]
+            cached = d.usage.cached_tokens if d.usage is not None else 0
+            outputs.append(RequestOutput(f"{request_id}-{index}", list(prepared.prompt_token_ids),
+                                         d.token_ids,
+                                         d.text, d.finish_reason, cached, d.logprobs, d.error))
+        return outputs
+
     async def abort(self, request_id: str) -> None:
         """End a request now: its stream gets a last delta with finish_reason "abort"."""
         tracked = self._requests.end(request_id, "abort")
@@ -279,6 +355,10 @@ class AsyncEngine:
             params = SamplingParams(**self.default_sampling_fields) if params is None else params
             # The prompt-free checks first: a request with bad parameters costs no image decoding.
             self.processor.validate_params(params)
+            if params.n != 1:
+                raise ValueError("n > 1 asks for several samples: use stream_choices or "
+                                 "generate_choices")
+            params = self.processor.resolve_bad_words(params)
             grammar = ""
             if params.structured_outputs is not None:
                 grammar = await asyncio.get_running_loop().run_in_executor(

@@ -113,6 +113,9 @@ class WorkerGroupClient:
         self.decoder = msgspec.msgpack.Decoder(WorkerToCore)
         self.process: LocalWorkerProcess | threading.Thread | None = None
         self.local_worker: Any = None   # the Worker itself, with the thread backend
+        # Set when the group is let go: a thread-backend worker, which has no parent process to
+        # lose, leaves on it.
+        self._stopped = threading.Event()
         self.followers: list[LocalWorkerProcess] = []   # tensor-parallel ranks 1..T-1
         self.ready: WorkerReady | None = None
         self.stats = StepStats()
@@ -176,7 +179,7 @@ class WorkerGroupClient:
         if self.config.parallel.worker_backend == "thread":
             from workers.main import run_worker
             self.process = threading.Thread(
-                target=run_worker, name=name, daemon=True, kwargs=kv,
+                target=run_worker, name=name, daemon=True, kwargs={**kv, "stopped": self._stopped},
                 args=(config_bytes, input_address, output_address, os.getpid(), self._set_local_worker))
             self.process.start()
         else:
@@ -320,6 +323,7 @@ class WorkerGroupClient:
 
     def kill(self) -> None:
         """Make sure the process is gone and the sockets closed (safe to call twice)."""
+        self._stopped.set()
         self.unwatch()
         for process in self.processes:
             if isinstance(process, LocalWorkerProcess):

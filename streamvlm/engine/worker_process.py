@@ -55,8 +55,11 @@ class LocalWorkerProcess:
         """Ended, reaped or not (the sentinel is readable a moment before the exit code is)."""
         if self.sentinel is None:
             return not self.is_alive()
-        readable, _, _ = select.select([self.sentinel], [], [], 0)
-        return bool(readable)
+        # poll, not select: select() refuses descriptors past FD_SETSIZE (1024), and an engine
+        # core with many sockets open reaches them.
+        poller = select.poll()
+        poller.register(self.sentinel, select.POLLIN)
+        return bool(poller.poll(0))
 
     def join(self, timeout: float | None = None) -> None:
         try:

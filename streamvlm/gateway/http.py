@@ -205,16 +205,53 @@ async def _started_stream(request: Request, engine: AsyncEngine, prompt: Any,
     return deltas()
 
 
+async def _started_choices(request: Request, engine: AsyncEngine, prompt: Any, params: Any
+                           ) -> AsyncIterator[tuple[int, OutputDelta]]:
+    """Indexed deltas of every choice, the first received before the response starts (as
+    _started_stream); n == 1 is the plain stream with index 0."""
+    if params.n == 1:
+        deltas = await _started_stream(request, engine, prompt, params)
+
+        async def single() -> AsyncIterator[tuple[int, OutputDelta]]:
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    yield 0, delta
+        return single()
+    stream = engine.stream_choices(prompt, params)
+    try:
+        first = await _unless_disconnected(request, anext(stream))
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def choices() -> AsyncIterator[tuple[int, OutputDelta]]:
+        async with contextlib.aclosing(stream):
+            yield first
+            async for item in stream:
+                yield item
+    return choices()
+
+
+async def _generate_choices_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
+                                     params: Any) -> list[RequestOutput]:
+    if params.n == 1:
+        return [_check_generated(await _generate_or_abort(request, engine, prompt, params))]
+    outs = await _unless_disconnected(request, engine.generate_choices(prompt, params))
+    return [_check_generated(out) for out in outs]
+
+
+def _choices_usage(outs: list[RequestOutput]) -> dict[str, Any]:
+    """The prompt counted once, the completions of every choice summed."""
+    return _usage(Usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs),
+                        outs[0].num_cached_tokens))
+
+
 def _usage(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
-
-
-def _output_usage(out: RequestOutput) -> dict[str, Any]:
-    return _usage(Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -319,8 +356,6 @@ async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
     model = check_model(request, body.model)
     check_messages(body.messages)
-    if body.n != 1:
-        raise RequestError("only n=1 is supported", param="n")
     fields = body.sampling_fields()
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -336,23 +371,23 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        deltas = await _started_stream(request, engine, prompt, params)
-        return _sse(_chat_chunks(engine, deltas, request_id, created, model, include_usage))
-    out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
+        deltas = await _started_choices(request, engine, prompt, params)
+        return _sse(_chat_chunks(engine, deltas, request_id, created, model, include_usage,
+                                 params.n))
+    outs = await _generate_choices_or_abort(request, engine, prompt, params)
     return json_response({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
                      "logprobs": _chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs),
-                     "finish_reason": _finish_reason(out.finish_reason)}],
-        "usage": _output_usage(out)})
+                     "finish_reason": _finish_reason(out.finish_reason)}
+                    for i, out in enumerate(outs)],
+        "usage": _choices_usage(outs)})
 
 
 @handles_errors
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await read_json(request, CompletionRequest)
     model = check_model(request, body.model)
-    if body.n != 1:
-        raise RequestError("only n=1 is supported", param="n")
     if body.echo:
         raise RequestError("echo is not supported", param="echo")
     prompt: Any = body.prompt
@@ -375,17 +410,18 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        deltas = await _started_stream(request, engine, prompt, params)
+        deltas = await _started_choices(request, engine, prompt, params)
         return _sse(_completion_chunks(engine, deltas, request_id, created, model,
                                        include_usage))
-    out = _check_generated(await _generate_or_abort(request, engine, prompt, params))
+    outs = await _generate_choices_or_abort(request, engine, prompt, params)
     return json_response({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": out.text,
+        "choices": [{"index": i, "text": out.text,
                      "logprobs": _completion_logprobs(engine.tokenizer, out.token_ids,
                                                       out.logprobs, 0),
-                     "finish_reason": _finish_reason(out.finish_reason)}],
-        "usage": _output_usage(out)})
+                     "finish_reason": _finish_reason(out.finish_reason)}
+                    for i, out in enumerate(outs)],
+        "usage": _choices_usage(outs)})
 
 
 # ---- server-sent events -----------------------------------------------------------------------
@@ -414,55 +450,62 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield _DONE
 
 
-def _stream_events(deltas: AsyncIterator[OutputDelta], head: dict[str, Any],
-                   include_usage: bool, first: dict[str, Any] | None,
-                   choice: Callable[[OutputDelta], dict[str, Any]]) -> AsyncIterator[bytes]:
-    """SSE events of one streamed request: an optional first choice, one chunk per delta with
-    content, and, when asked, a last chunk with usage and no choices."""
+def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[str, Any],
+                   include_usage: bool, first: list[dict[str, Any]],
+                   choice: Callable[[int, OutputDelta], dict[str, Any]]) -> AsyncIterator[bytes]:
+    """SSE events of one streamed request: the first choices given, one chunk per delta with
+    content (its choice's index), and, when asked, a last chunk with usage (the prompt once,
+    every choice's completion tokens) and no choices."""
     usage_field = {"usage": None} if include_usage else {}
 
     async def events() -> AsyncIterator[bytes]:
-        if first is not None:
-            yield _event({**head, "choices": [first], **usage_field})
-        last: OutputDelta | None = None
-        async for delta in deltas:
-            last = delta
+        for opening in first:
+            yield _event({**head, "choices": [opening], **usage_field})
+        usages: dict[int, Usage] = {}
+        async for index, delta in deltas:
+            if delta.usage is not None:
+                usages[index] = delta.usage
             if delta.finish_reason == "error":
                 yield _event({"error": {"message": delta.error or "the request failed in the worker",
                                         "type": "invalid_request_error", "code": 400}})
                 return
             if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield _event({**head, "choices": [choice(delta)], **usage_field})
-        if include_usage and last is not None:
-            yield _event({**head, "choices": [], "usage": _usage(last.usage)})
+                yield _event({**head, "choices": [choice(index, delta)], **usage_field})
+        if include_usage and usages:
+            any_usage = next(iter(usages.values()))
+            total = Usage(any_usage.prompt_tokens,
+                          sum(u.completion_tokens for u in usages.values()),
+                          usages.get(0, any_usage).cached_tokens)
+            yield _event({**head, "choices": [], "usage": _usage(total)})
     return _guarded(events())
 
 
-def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[OutputDelta], request_id: str,
-                 created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
+                 request_id: str, created: int, model: str, include_usage: bool,
+                 n: int = 1) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}
+    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+              "finish_reason": None} for i in range(n)]
 
-    def choice(delta: OutputDelta) -> dict[str, Any]:
-        return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+    def choice(index: int, delta: OutputDelta) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
                 "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs),
                 "finish_reason": _finish_reason(delta.finish_reason)}
     return _stream_events(deltas, head, include_usage, first, choice)
 
 
-def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[OutputDelta],
+def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
                        request_id: str, created: int, model: str,
                        include_usage: bool) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
-    offset = 0
+    offsets: dict[int, int] = {}
 
-    def choice(delta: OutputDelta) -> dict[str, Any]:
-        nonlocal offset
+    def choice(index: int, delta: OutputDelta) -> dict[str, Any]:
+        offset = offsets.get(index, 0)
         logprobs = _completion_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs,
                                         offset)
-        offset += len(delta.text)
-        return {"index": 0, "text": delta.text, "logprobs": logprobs,
+        offsets[index] = offset + len(delta.text)
+        return {"index": index, "text": delta.text, "logprobs": logprobs,
                 "finish_reason": _finish_reason(delta.finish_reason)}
-    return _stream_events(deltas, head, include_usage, None, choice)
+    return _stream_events(deltas, head, include_usage, [], choice)

@@ -1,13 +1,13 @@
 """OpenAI request bodies as msgspec Structs: decoding validates types and required fields.
 
 A field the server does not know is refused (400 naming it in ``param``), so that a request
-for something not implemented (``tools``, ``logit_bias``, ``best_of``, ...)
+for something not implemented (``tools``, ``best_of``, ...)
 is not answered as if it had been honoured. The few fields below typed ``Any`` are metadata
 that changes nothing about the answer (``user``, ``metadata``, ``store``...): accepted and
 ignored. ``GatewaySettings.ignore_unknown_fields`` decodes with the ``Lenient*`` variants, which
 ignore every unknown field. Fields accepted beyond OpenAI's (top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, chat_template_kwargs, structured_outputs, guided_json,
-guided_regex, guided_choice, guided_grammar) follow vLLM.
+ignore_eos, min_tokens, stop_token_ids, bad_words, chat_template_kwargs, structured_outputs,
+guided_json, guided_regex, guided_choice, guided_grammar) follow vLLM.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None   # token ids as strings, as OpenAI sends them
+    bad_words: list[str] | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* names.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -84,6 +86,12 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         fields = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.stop is not None:
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.n != 1:
+            fields["n"] = self.n
+        if self.logit_bias:
+            fields["logit_bias"] = _token_id_keys(self.logit_bias)
+        if self.bad_words:
+            fields["bad_words"] = self.bad_words
         structured = self.structured_output_fields()
         if structured is not None:
             fields["structured_outputs"] = structured
@@ -111,6 +119,12 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return None
         _, key, value = given[0]
         return value if not key else {key: value}
+
+
+def _token_id_keys(bias: dict[str, float]) -> dict[Any, float]:
+    """OpenAI's logit_bias keys are token ids written as strings; a key that is not one stays a
+    string, which SamplingParams refuses."""
+    return {int(k) if k.isascii() and k.isdigit() else k: v for k, v in bias.items()}
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

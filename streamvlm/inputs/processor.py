@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.inputs.chat import (ChatEncoder, check_role, check_template_kwargs, check_tool_fields,
                                    encode_bounded, message_texts, other_texts)
@@ -14,7 +16,7 @@ from streamvlm.inputs.chat_template import load_chat_template
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import MultiModalItem
-from streamvlm.contract.sampling import SamplingParams
+from streamvlm.contract.sampling import MAX_BAD_WORD_TOKENS, SamplingParams
 
 TOKENIZER_CACHE = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "streamvlm", "tokenizers")
@@ -225,6 +227,29 @@ class InputProcessor:
         if longest > self.max_stop_length:
             raise ValueError(f"a stop string has {longest} characters; max_stop_length is "
                              f"{self.max_stop_length}")
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        bad = [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"bad_words_token_ids token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if self.tokenizer is None and params.bad_words:
+            raise ValueError("bad_words need a tokenizer (skip_tokenizer_init is set)")
+
+    def resolve_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its bad_words as token-id sequences (each word as it tokenizes alone
+        and after a space, the two ways it can appear in text), for the worker's sampler."""
+        if not params.bad_words:
+            return params
+        sequences = [list(ids) for ids in params.bad_words_token_ids]
+        for word in params.bad_words:
+            for text in (word, " " + word):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids[-MAX_BAD_WORD_TOKENS:])
+        return msgspec.structs.replace(params, bad_words=[], bad_words_token_ids=sequences)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate_params(params)
