@@ -7,6 +7,7 @@ same AsyncEngine that serves streams, and wait for the results.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import weakref
 from collections.abc import Coroutine, Sequence
@@ -21,6 +22,7 @@ from streamvlm.contract.sampling import SamplingParams
 
 T = TypeVar("T")
 _PROGRESS_BAR_MIN_PROMPTS = 16
+_SIGNAL_CHECK_S = 0.1
 
 
 class LLM:
@@ -47,7 +49,13 @@ class LLM:
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result()
+            # Waited for in slices: Ctrl-C's SIGINT may land on any thread of the process, and
+            # a main thread blocked without a timeout would not see it until the call ended.
+            while True:
+                try:
+                    return future.result(timeout=_SIGNAL_CHECK_S)
+                except concurrent.futures.TimeoutError:
+                    continue
         except BaseException:
             future.cancel()   # e.g. Ctrl-C: cancelling aborts every request still running
             raise
