@@ -185,51 +185,37 @@ async def _generate_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
     return await _unless_disconnected(request, engine.generate(prompt, params))
 
 
-async def _started_stream(request: Request, engine: AsyncEngine, prompt: Any,
-                          params: Any) -> AsyncIterator[OutputDelta]:
-    """engine.stream, submitted and its first delta received before the response starts, so
-    that a refusal at submission (overloaded, bad input, engine dead) is a status code rather
-    than an error event after a 200."""
-    stream = engine.stream(prompt, params)
+async def _started(request: Request, stream: AsyncIterator[_T]) -> AsyncIterator[_T]:
+    """``stream`` with its first item received before the response starts, so that a refusal at
+    submission (overloaded, bad input, engine dead) is a status code rather than an error event
+    after a 200."""
     try:
         first = await _unless_disconnected(request, anext(stream))
     except BaseException:
         await stream.aclose()
         raise
 
-    async def deltas() -> AsyncIterator[OutputDelta]:
-        async with contextlib.aclosing(stream):
-            yield first
-            async for delta in stream:
-                yield delta
-    return deltas()
-
-
-async def _started_choices(request: Request, engine: AsyncEngine, prompt: Any, params: Any
-                           ) -> AsyncIterator[tuple[int, OutputDelta]]:
-    """Indexed deltas of every choice, the first received before the response starts (as
-    _started_stream); n == 1 is the plain stream with index 0."""
-    if params.n == 1:
-        deltas = await _started_stream(request, engine, prompt, params)
-
-        async def single() -> AsyncIterator[tuple[int, OutputDelta]]:
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    yield 0, delta
-        return single()
-    stream = engine.stream_choices(prompt, params)
-    try:
-        first = await _unless_disconnected(request, anext(stream))
-    except BaseException:
-        await stream.aclose()
-        raise
-
-    async def choices() -> AsyncIterator[tuple[int, OutputDelta]]:
+    async def items() -> AsyncIterator[_T]:
         async with contextlib.aclosing(stream):
             yield first
             async for item in stream:
                 yield item
-    return choices()
+    return items()
+
+
+async def _indexed(deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[tuple[int, OutputDelta]]:
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            yield 0, delta
+
+
+async def _started_choices(request: Request, engine: AsyncEngine, prompt: Any, params: Any
+                           ) -> AsyncIterator[tuple[int, OutputDelta]]:
+    """Indexed deltas of every choice, the first received before the response starts; n == 1
+    is the plain stream with index 0."""
+    if params.n == 1:
+        return await _started(request, _indexed(engine.stream(prompt, params)))
+    return await _started(request, engine.stream_choices(prompt, params))
 
 
 async def _generate_choices_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
