@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -99,9 +100,10 @@ async def run_one(engine, args: argparse.Namespace, concurrency: int, image_size
     for values in breakdown.values():
         values.clear()
     before = await engine.stats()
-    start = time.perf_counter()
+    start, window_start = time.perf_counter(), time.monotonic()
     await asyncio.gather(*(one(seed + i) for i in range(args.num_requests)))
     elapsed = time.perf_counter() - start
+    window = (window_start, time.monotonic())
     after = await engine.stats()
     return {"shape": args.shape, "device": engine.groups[0].ready.device, "requests": args.num_requests,
             "concurrency": concurrency, "image_size": image_size, "text_tokens": args.text_tokens,
@@ -112,11 +114,35 @@ async def run_one(engine, args: argparse.Namespace, concurrency: int, image_size
             "tpot_ms_p50": round(1000 * statistics.median(tpots), 2) if tpots else None,
             "tpot_ms_p99": round(1000 * percentile(tpots, 99), 2) if tpots else None,
             "ttft_breakdown_ms": {name: {"p50": ms(statistics.median(values)), "p99": ms(percentile(values, 99))}
-                                  for name, values in breakdown.items() if values}}
+                                  for name, values in breakdown.items() if values},
+            **({"steps": step_summary(args.step_trace, window)} if args.step_trace else {})}
+
+
+def step_summary(prefix: str, window: tuple[float, float]) -> dict[str, dict]:
+    """The worker's steps inside the window (STREAMVLM_STEP_TRACE lines), by kind: decode only,
+    with prefill tokens, with images encoded; count and p50/p99 host milliseconds of each."""
+    import glob
+    import json
+
+    kinds: dict[str, list[float]] = {"decode": [], "prefill": [], "encode": []}
+    for path in glob.glob(f"{prefix}.*.jsonl"):
+        with open(path) as f:
+            for line in f:
+                started, ended, tokens, running, encoded, _ = json.loads(line)
+                if not window[0] <= started <= window[1]:
+                    continue
+                kind = "encode" if encoded else "prefill" if tokens > running else "decode"
+                kinds[kind].append(ended - started)
+    return {kind: {"steps": len(values), "p50_ms": ms(statistics.median(values)),
+                   "p99_ms": ms(percentile(values, 99)), "total_s": round(sum(values), 2)}
+            for kind, values in kinds.items() if values}
 
 
 async def run(args: argparse.Namespace) -> list[dict]:
     from streamvlm import AsyncEngine, EngineConfig
+
+    if args.step_trace:
+        os.environ["STREAMVLM_STEP_TRACE"] = args.step_trace   # the worker processes inherit it
 
     config = EngineConfig(model=shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
                           device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=64,
@@ -141,6 +167,11 @@ def print_run(result: dict) -> None:
     print(f"  {'TTFT breakdown':<16} {'p50 ms':>9} {'p99 ms':>9}")
     for name, values in result["ttft_breakdown_ms"].items():
         print(f"  {name:<16} {values['p50']:>9} {values['p99']:>9}")
+    if "steps" in result:
+        print(f"  {'worker steps':<16} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'total s':>9}")
+        for kind, values in result["steps"].items():
+            print(f"  {kind:<16} {values['steps']:>9} {values['p50_ms']:>9} {values['p99_ms']:>9} "
+                  f"{values['total_s']:>9}")
 
 
 def main() -> None:
@@ -156,6 +187,8 @@ def main() -> None:
     parser.add_argument("--skip-model-forward", action="store_true",
                         help="the worker samples random tokens without running the model or its vision "
                              "encoder: the host side's share of the time alone")
+    parser.add_argument("--step-trace", metavar="PREFIX",
+                        help="the worker writes its steps to PREFIX.<pid>.jsonl; each run's steps are summarised")
     parser.add_argument("--json")
     args = parser.parse_args()
     write_json(args.json, {"runs": asyncio.run(run(args))})

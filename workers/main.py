@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from streamvlm.contract.config import EngineConfig
-from streamvlm.contract.protocol import CoreToWorker, Heartbeat, Shutdown, WorkerFailed, WorkerReady
+from streamvlm.contract.protocol import CoreToWorker, Heartbeat, Shutdown, StepOutput, WorkerFailed, WorkerReady
 from workers.device_settings import DeviceSettings
 from workers.core_link import IDLE_POLL_MS, OUTPUT_HWM, CoreGone, CoreLink, CoreOutbox, heartbeats_meanwhile
 from workers.distributed import TPSetup
@@ -143,6 +143,9 @@ class WorkerProcess:
         # Benchmarks: STREAMVLM_WORKER_PROFILE=PREFIX profiles the step loop (cProfile) into PREFIX.<pid>.
         profile_prefix = os.environ.get("STREAMVLM_WORKER_PROFILE")
         profiler = cProfile.Profile() if profile_prefix else None
+        # Benchmarks: STREAMVLM_STEP_TRACE=PREFIX writes one line per step into PREFIX.<pid>.jsonl.
+        trace_prefix = os.environ.get("STREAMVLM_STEP_TRACE")
+        self.step_trace = StepTrace(f"{trace_prefix}.{os.getpid()}.jsonl") if trace_prefix else None
         worker = self.worker
         encoder = msgspec.msgpack.Encoder()
         link = CoreLink(self.inbox, self.config.parallel.remote_worker_timeout_s) if self.remote else None
@@ -168,6 +171,8 @@ class WorkerProcess:
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
+            if self.step_trace is not None:
+                self.step_trace.close()
             self.close()
 
     def _step_loop(self, encoder: msgspec.msgpack.Encoder, link: CoreLink | None) -> None:
@@ -201,7 +206,10 @@ class WorkerProcess:
                     self.publisher.send(_HELLO)   # ranks on other hosts hear rank 0 is alive
                 continue
             if worker.has_work():
+                started = time.monotonic()
                 out = worker.step()
+                if self.step_trace is not None:
+                    self.step_trace.record(started, time.monotonic(), out)
                 if out.deltas or out.kv_events or out.stats.num_scheduled_tokens:
                     self.outbox.send(encoder.encode(out))
 
@@ -229,6 +237,26 @@ class WorkerProcess:
         if self.publisher is not None:
             self.publisher.close(linger=1000)
         self.ctx.term()
+
+
+class StepTrace:
+    """Host-side time and size of every step, one JSON line each: start and end (monotonic
+    seconds), tokens scheduled, requests running, items encoded, deltas sent. With async
+    scheduling a step's host time includes waiting for the step before's tokens, so in a steady
+    stream it is the device's step time."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "w", buffering=1)  # noqa: SIM115 - line by line, read while it runs
+        self.encoded = 0
+
+    def record(self, started: float, ended: float, out: StepOutput) -> None:
+        stats = out.stats
+        encoded, self.encoded = stats.num_encoded_items - self.encoded, stats.num_encoded_items
+        self.file.write(f"[{started:.6f}, {ended:.6f}, {stats.num_scheduled_tokens}, {stats.num_running}, "
+                        f"{encoded}, {len(out.deltas)}]\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _report_failure(outbox: CoreOutbox, failure: WorkerFailed) -> None:

@@ -178,8 +178,8 @@ class VisionLayout:
         angles = torch.cat([torch.cat(heights)[:, None] * inv_freq, torch.cat(widths)[:, None] * inv_freq], dim=-1)
         angles = torch.cat([angles, angles], dim=-1)[window_order]
         return cls(window_order.to(device), input_order.to(device), angles.cos().to(device),
-                   angles.sin().to(device), SegmentPlan.from_lengths(frame_lengths, device),
-                   SegmentPlan.from_lengths(window_lengths, device))
+                   angles.sin().to(device), SegmentPlan(frame_lengths, device),
+                   SegmentPlan(window_lengths, device))
 
 
 class VisionPatchEmbed(nn.Module):

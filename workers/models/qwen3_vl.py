@@ -31,7 +31,7 @@ from workers.models.llama import (
     ShardPlan,
     VocabParallelEmbedding,
 )
-from workers.models.vision_common import ACTIVATIONS, apply_rotary_float32
+from workers.models.vision_common import ACTIVATIONS, SegmentPlan, apply_rotary_float32, segment_attention
 from workers.multimodal import MultiModalEmbeds, MultiModalInput
 
 VISION_PREFIX = "model.visual."
@@ -122,25 +122,12 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(s.hidden_size, 3 * s.hidden_size)
         self.proj = nn.Linear(s.hidden_size, s.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segments: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: SegmentPlan) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rotary_float32(q, cos, sin), apply_rotary_float32(k, cos, sin)
-        if len(segments) == 1 and segments[0].shape[0] == 1:   # a single frame: no gathering
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-            return self.proj(out.transpose(0, 1).reshape(n, -1))
-        out = torch.empty_like(q)
-        # One SDPA call per group of equally long segments; tokens never attend across segments.
-        for index in segments:
-            batch, length = index.shape
-            flat = index.flatten()
-            shape = (batch, length, self.num_heads, self.head_dim)
-            attended = F.scaled_dot_product_attention(q[flat].view(shape).transpose(1, 2),
-                                                      k[flat].view(shape).transpose(1, 2),
-                                                      v[flat].view(shape).transpose(1, 2))
-            out[flat] = attended.transpose(1, 2).reshape(batch * length, self.num_heads, self.head_dim)
-        return self.proj(out.view(n, -1))
+        out = segment_attention(q, k, v, frames, self.head_dim ** -0.5)
+        return self.proj(out.reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -162,9 +149,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(s)
         self.mlp = VisionMLP(s)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segments: list[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: SegmentPlan) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -212,10 +198,10 @@ class VisionTower(nn.Module):
         x = self.patch_embed(pixels)
         x = x + self.position_embeddings(grids).to(x.dtype)
         cos, sin = self.rotary(grids, x.device)
-        segments = self.attention_segments(grids, x.device)
+        frames = SegmentPlan([h * w for t, h, w in grids for _ in range(t)], x.device)
         levels: list[torch.Tensor] = []
         for depth, block in enumerate(self.blocks):
-            x = block(x, cos, sin, segments)
+            x = block(x, cos, sin, frames)
             if depth in s.deepstack_visual_indexes:
                 merger = self.deepstack_merger_list[s.deepstack_visual_indexes.index(depth)]
                 levels.append(merger(x))
@@ -253,19 +239,6 @@ class VisionTower(nn.Module):
         freqs = torch.cat([torch.cat(rows)[:, None] * inv_freq, torch.cat(cols)[:, None] * inv_freq], dim=-1)
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos(), angles.sin()
-
-    @staticmethod
-    def attention_segments(grids: list[tuple[int, int, int]], device: torch.device) -> list[torch.Tensor]:
-        """Attention runs within each frame of each image; frames of equal size are grouped into
-        one [frames, length] index tensor."""
-        by_length: dict[int, list[int]] = {}
-        start = 0
-        for t, h, w in grids:
-            for _ in range(t):
-                by_length.setdefault(h * w, []).append(start)
-                start += h * w
-        return [torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
-                for length, starts in by_length.items()]
 
 
 def _bilinear_taps(size: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
