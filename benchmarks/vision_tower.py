@@ -33,9 +33,11 @@ def build_model(shape: str, device: str, dtype):
     config = json.loads((Path(shape_folder(shape)) / "config.json").read_text())
     with torch.device(device):
         model = model_class(config)(config, max_model_len=4096)
+    from workers.loader import init_dummy_weights, pack_weights_for_device
+
     model.to(dtype)
-    for param in model.parameters():
-        param.data.normal_(0, 0.02)
+    init_dummy_weights(model, seed=0)
+    pack_weights_for_device(model)
     return model.eval()
 
 
@@ -46,7 +48,7 @@ def pixel_items(model, count: int, size: int, device: str):
 
     from workers.multimodal import MultiModalInput
 
-    settings = getattr(model, "vision_args", None) or model.visual.settings
+    settings = getattr(model, "vision_args", None) or model.model.visual.settings
     patch, merge = settings.patch_size, settings.spatial_merge_size
     side = max(merge, round(size / (patch * merge)) * merge)          # patches per side
     width = settings.in_channels * settings.temporal_patch_size * patch * patch

@@ -126,6 +126,21 @@ def test_encode_matches_reference_image_features(hf, ours, images, count):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_vision_mlp_gives_the_same_features(checkpoint, images):
+    """The GPU layout of the vision MLP (gate and up in one matrix, padded to 64 units) against
+    the checkpoint layout, on the same weights (loaded twice, one copy repacked)."""
+    from workers.loader import pack_weights_for_device
+
+    plain, packed = load_ours(checkpoint), load_ours(checkpoint)
+    pack_weights_for_device(packed)
+    mlp = packed.visual.blocks[0].mlp
+    assert mlp.gate_up_proj.weight.shape[0] % 128 == 0 and not hasattr(mlp, "gate_proj")
+    items = pixel_items(images, [0] * len(images))
+    with torch.inference_mode():
+        for got, want in zip(packed.encode(items), plain.encode(items), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mrope_positions_match_get_rope_index(hf, ours, images):
     grids = [grid for _, grid in images]
     ids, offsets = build_prompt(ours, grids)

@@ -218,7 +218,25 @@ def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, silu_and_
     return max_abs_diff(out, F.linear(x, weight, b))
 
 
+def check_vision_rotary(head_dim: int) -> float:
+    """The vision towers' fused rotary against the torch code it replaces (float32: the same
+    rounding), on a strided qkv view and ragged angles."""
+    from workers.kernels.vision import rotary_qkv
+    from workers.models.vision_common import apply_rotary_float32
+
+    torch.manual_seed(head_dim)
+    n, heads = 11, 3
+    qkv = torch.randn(n, 3 * heads * head_dim + 8)[:, 4:4 + 3 * heads * head_dim].view(n, 3, heads, head_dim)
+    angles = torch.rand(n, head_dim // 2) * 20
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([angles, angles], dim=-1).sin()
+    q, k, v = rotary_qkv(qkv, cos, sin)
+    return max(max_abs_diff(q, apply_rotary_float32(qkv[:, 0], cos, sin)),
+               max_abs_diff(k, apply_rotary_float32(qkv[:, 1], cos, sin)), max_abs_diff(v, qkv[:, 2]))
+
+
 CASES = {
+    "vision_rotary_dim80": lambda: check_vision_rotary(80),
+    "vision_rotary_dim64": lambda: check_vision_rotary(64),
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
     "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),

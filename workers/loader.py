@@ -74,4 +74,15 @@ def load_model(source: ModelSource, load_format: str, max_model_len: int,
         model.load_weights(GGUFCheckpoint(source.gguf).tensors())
     else:
         model.load_weights(iter_safetensors(source.path))
+    if device.type == "cuda":
+        pack_weights_for_device(model)
     return model.eval()
+
+
+def pack_weights_for_device(model: nn.Module) -> None:
+    """Modules that keep their checkpoint layout for loading and prefer another on the GPU
+    (``pack_weights_for_device``) repack their weights once, after loading."""
+    for module in list(model.modules()):
+        pack = getattr(module, "pack_weights_for_device", None)
+        if pack is not None:
+            pack()

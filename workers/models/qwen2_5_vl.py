@@ -19,6 +19,7 @@ from torch import nn
 
 from workers.image_pixels import as_pixels
 from workers.layers.mrope import MRotaryEmbedding
+from workers.layers.fused_ops import fused_kernels
 from workers.layers.norm import RMSNorm
 from workers.models.llama import DecoderArgs
 from workers.models.qwen2 import Qwen2ForCausalLM
@@ -26,7 +27,7 @@ from workers.models.vision_common import (
     ACTIVATIONS,
     SegmentPlan,
     activation,
-    apply_rotary_float32,
+    rotate_qkv,
     segment_attention,
 )
 from workers.multimodal import MultiModalInput
@@ -206,25 +207,60 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: VisionLayout, plan: SegmentPlan) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = apply_rotary_float32(q, layout.cos, layout.sin)
-        k = apply_rotary_float32(k, layout.cos, layout.sin)
+        q, k, v = rotate_qkv(self.qkv(x), self.num_heads, layout.cos, layout.sin)
         out = segment_attention(q, k, v, plan, self.scale)
         return self.proj(out.reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
-    """Gated MLP with biases; kept as separate projections, as checkpointed (never TP-sliced)."""
+    """Gated MLP with biases; kept as separate projections, as checkpointed (never TP-sliced),
+    until ``pack_weights_for_device`` joins gate and up into one matrix."""
 
     def __init__(self, args: VisionArgs) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=True)
+        self.act_name = args.hidden_act
         self.act = activation(args.hidden_act)
+        self.gate_up_proj: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        kernels = fused_kernels(gate_up)
+        if kernels is not None and self.act_name == "silu":
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+    def pack_weights_for_device(self, multiple: int = 64) -> None:
+        """gate and up in one [2 * I', hidden] matrix, I' the intermediate size rounded up to
+        ``multiple`` with zero rows (and down_proj given as many zero columns): one GEMM instead
+        of two, and rows of a 16-byte multiple, which Hopper's GEMM kernels need (Qwen2.5-VL's
+        3420 is not; its GEMMs fall back to older, slower kernels). The padded units compute
+        silu(0) * 0 = 0 and add nothing."""
+        if self.gate_up_proj is not None:
+            return
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        inter, hidden = gate.weight.shape
+        padded = -(-inter // multiple) * multiple
+        like = {"device": gate.weight.device, "dtype": gate.weight.dtype}
+        gate_up = nn.Linear(hidden, 2 * padded, bias=True, **like)
+        packed_down = nn.Linear(padded, hidden, bias=True, **like)
+        with torch.no_grad():
+            gate_up.weight.zero_()
+            gate_up.bias.zero_()
+            gate_up.weight[:inter].copy_(gate.weight)
+            gate_up.weight[padded:padded + inter].copy_(up.weight)
+            gate_up.bias[:inter].copy_(gate.bias)
+            gate_up.bias[padded:padded + inter].copy_(up.bias)
+            packed_down.weight.zero_()
+            packed_down.weight[:, :inter].copy_(down.weight)
+            packed_down.bias.copy_(down.bias)
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj, self.down_proj = gate_up, packed_down
 
 
 class VisionBlock(nn.Module):
@@ -238,8 +274,8 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
         plan = layout.full if self.full_attention else layout.windows
-        x = x + self.attn(self.norm1(x), layout, plan)
-        return x + self.mlp(self.norm2(x))
+        normed, x = self.norm2.add_and_norm(self.attn(self.norm1(x), layout, plan), x)
+        return x + self.mlp(normed)
 
 
 class PatchMerger(nn.Module):

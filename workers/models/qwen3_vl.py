@@ -31,7 +31,7 @@ from workers.models.llama import (
     ShardPlan,
     VocabParallelEmbedding,
 )
-from workers.models.vision_common import ACTIVATIONS, SegmentPlan, apply_rotary_float32, segment_attention
+from workers.models.vision_common import ACTIVATIONS, SegmentPlan, rotate_qkv, segment_attention
 from workers.multimodal import MultiModalEmbeds, MultiModalInput
 
 VISION_PREFIX = "model.visual."
@@ -124,8 +124,7 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: SegmentPlan) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary_float32(q, cos, sin), apply_rotary_float32(k, cos, sin)
+        q, k, v = rotate_qkv(self.qkv(x), self.num_heads, cos, sin)
         out = segment_attention(q, k, v, frames, self.head_dim ** -0.5)
         return self.proj(out.reshape(n, -1))
 

@@ -3,10 +3,12 @@ segments of a packed sequence, and rotary embedding applied in float32."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from itertools import accumulate
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,29 @@ def padded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qp, kp, vp = (t[plan.gather].transpose(1, 2) for t in (q, k, v))   # [B, H, L, D]
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.key_mask, scale=scale)
     return out.transpose(1, 2).reshape(-1, num_heads, head_dim)[plan.keep]
+
+
+@cache
+def _vision_kernels() -> ModuleType | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from workers.kernels import vision
+
+    return vision
+
+
+def rotate_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A vision block's qkv projection [N, 3 * heads * head_dim] -> q and k rotated by
+    [N, head_dim] float32 angles (equal halves), and v; each [N, heads, head_dim]. One Triton
+    kernel on CUDA."""
+    n = qkv.shape[0]
+    packed = qkv.view(n, 3, num_heads, -1)
+    kernels = _vision_kernels() if qkv.is_cuda else None
+    if kernels is not None and qkv.stride(-1) == 1:
+        return kernels.rotary_qkv(packed, cos, sin)
+    q, k, v = packed.unbind(1)
+    return apply_rotary_float32(q, cos, sin), apply_rotary_float32(k, cos, sin), v
 
 
 def apply_rotary_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
