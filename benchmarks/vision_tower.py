@@ -84,6 +84,24 @@ def profile_encode(model, items) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
 
 
+def host_profile_encode(model, items) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    with torch.inference_mode():
+        profiler.enable()
+        model.encode(items)
+        torch.cuda.synchronize()
+        profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    return out.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen2.5-vl-3b")
@@ -93,6 +111,8 @@ def main() -> None:
     parser.add_argument("--compare-padded", action="store_true",
                         help="also time the padded SDPA attention (the CPU path) on the same batch")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one call")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="print the top Python functions (cProfile, by own time) of one call")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -123,6 +143,8 @@ def main() -> None:
             print(f"{size:>5} {count:>6} {row['tokens']:>7} {row['ms']:>10} {row.get('padded_ms', '-')!s:>10}")
             if args.profile:
                 print(profile_encode(model, items))
+            if args.host_profile:
+                print(host_profile_encode(model, items))
     write_json(args.json, {"runs": rows, "device": torch.cuda.get_device_name()})
 
 

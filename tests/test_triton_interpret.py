@@ -234,7 +234,24 @@ def check_vision_rotary(head_dim: int) -> float:
                max_abs_diff(k, apply_rotary_float32(qkv[:, 1], cos, sin)), max_abs_diff(v, qkv[:, 2]))
 
 
+def check_mrope(interleaved: bool) -> float:
+    """The decoder's fused rotary with M-RoPE's [3, n] positions against MRotaryEmbedding."""
+    from workers.kernels.fused import qk_norm_rope
+    from workers.layers.mrope import MRotaryEmbedding
+
+    torch.manual_seed(3)
+    rotary = MRotaryEmbedding(32, {"rope_type": "default", "rope_theta": 1e4}, 256, 256, [6, 5, 5], interleaved)
+    n = 9
+    q, k = torch.randn(n, 4, 32), torch.randn(n, 2, 32)
+    positions = torch.randint(0, 200, (3, n))
+    q_ref, k_ref = rotary(positions, q, k)
+    q_out, k_out = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, axis=rotary.axis)
+    return max(max_abs_diff(q_out, q_ref), max_abs_diff(k_out, k_ref))
+
+
 CASES = {
+    "mrope_sections": lambda: check_mrope(False),
+    "mrope_interleaved": lambda: check_mrope(True),
     "vision_rotary_dim80": lambda: check_vision_rotary(80),
     "vision_rotary_dim64": lambda: check_vision_rotary(64),
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),

@@ -71,6 +71,27 @@ def test_qk_norm_rope(dtype, heads, kv_heads, head_dim, qk_norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("section,interleaved", [([16, 24, 24], False), ([24, 20, 20], True)])
+def test_mrope(dtype, section, interleaved):
+    """M-RoPE's [3, n] positions (sections or interleaved axes) through the fused kernel, against
+    MRotaryEmbedding's torch code (float32, rounded once; the torch code rounds each op)."""
+    from workers.kernels.fused import qk_norm_rope
+    from workers.layers.mrope import MRotaryEmbedding
+
+    torch.manual_seed(sum(section))
+    rotary = MRotaryEmbedding(128, {"rope_type": "default", "rope_theta": 1e6}, 4096, 4096, section,
+                              interleaved).to("cuda")
+    n, heads, kv_heads = 29, 16, 2
+    q = torch.randn(n, heads, 128, device="cuda", dtype=dtype)
+    k = torch.randn(n, kv_heads, 128, device="cuda", dtype=dtype)
+    positions = torch.randint(0, 4000, (3, n), device="cuda")
+    q_ref, k_ref = rotary(positions, q.float(), k.float())
+    q_out, k_out = qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, axis=rotary.axis)
+    _assert_matches(q_out, q_ref.to(dtype))
+    _assert_matches(k_out, k_ref.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,qk_norm", [(32, 8, 128, 16, True), (14, 2, 64, 32, False),
                                                                         (16, 16, 128, 1, True)])
 def test_qk_norm_rope_store_matches_rope_then_store(dtype, heads, kv_heads, head_dim, block_size, qk_norm):

@@ -62,15 +62,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                         positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr,
+                         positions_ptr, axis_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, stride_pos_axis,
                          stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token,
                          stride_v_head, stride_cache, stride_kc_block, stride_kc_slot, stride_kc_head,
                          stride_vc_block, stride_vc_slot, stride_vc_head, block_size, eps,
                          num_q_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                         HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, USE_PDL: tl.constexpr):
+                         HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, MROPE: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """Program (token, head): q heads first, then k heads, then (STORE_KV) v heads. q goes to a
     contiguous [n, heads, dim]; k too, or with STORE_KV into the paged cache at the token's slot
-    (slots < 0 are padding: not written), where v is copied as well."""
+    (slots < 0 are padding: not written), where v is copied as well. With MROPE, positions are
+    [3, n] and frequency i takes its angle from the position on axis[i]."""
     start_dependents_and_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -109,7 +111,11 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr,
         rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / HEAD_DIM + eps)
         a1 = tl.load(w_ptr + half).to(tl.float32) * a1 * rstd
         a2 = tl.load(w_ptr + HALF + half).to(tl.float32) * a2 * rstd
-    pos = tl.load(positions_ptr + token).to(tl.int64)
+    if MROPE:
+        axis = tl.load(axis_ptr + half).to(tl.int64)
+        pos = tl.load(positions_ptr + axis * stride_pos_axis + token).to(tl.int64)
+    else:
+        pos = tl.load(positions_ptr + token).to(tl.int64)
     # The cache rows hold [freqs, freqs]: the first half serves both halves of the head.
     cos = tl.load(cos_ptr + pos * stride_cache + half)
     sin = tl.load(sin_ptr + pos * stride_cache + half)
@@ -120,19 +126,23 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr,
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                  sin_cache: torch.Tensor, q_weight: torch.Tensor | None = None,
-                 k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 axis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary (full head dim, NeoX halves) over q [n, H, D] and k [n, KV, D] (strided views are fine),
-    after a per-head RMSNorm when weights are given. Returns contiguous new tensors."""
+    after a per-head RMSNorm when weights are given. Returns contiguous new tensors.
+
+    positions [n], or M-RoPE's [3, n] with ``axis`` [D // 2] naming each frequency's axis."""
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_out = _launch_qk_norm_rope(q, k, None, positions, cos_cache, sin_cache, q_weight, k_weight, eps,
-                                 k_out, None)
+                                 k_out, None, axis)
     return q_out, k_out
 
 
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
-                       k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                       k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       axis: torch.Tensor | None = None) -> torch.Tensor:
     """qk_norm_rope, with the rotated keys and the values v [n, KV, D] written straight into the
     paged caches [num_blocks, block_size, KV, D] at slot_mapping [n] (slots < 0 are skipped), as
     store_kv_cache would: one kernel for both. Returns the rotated q."""
@@ -143,17 +153,22 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype, (k_cache.dtype, k.dtype, v.dtype)
     assert slot_mapping.shape == (n,), (slot_mapping.shape, n)
     return _launch_qk_norm_rope(q, k, v, positions, cos_cache, sin_cache, q_weight, k_weight, eps,
-                                None, (k_cache, v_cache, slot_mapping))
+                                None, (k_cache, v_cache, slot_mapping), axis)
 
 
 def _launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
                          cos_cache: torch.Tensor, sin_cache: torch.Tensor, q_weight: torch.Tensor | None,
                          k_weight: torch.Tensor | None, eps: float, k_out: torch.Tensor | None,
-                         caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                         caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                         axis: torch.Tensor | None) -> torch.Tensor:
     n, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, head_dim
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_cache.stride(-1) == 1
+    mrope = positions.dim() == 2
+    if mrope:
+        assert axis is not None and axis.shape == (head_dim // 2,) and positions.shape == (3, n), (axis, positions.shape)
+        assert positions.stride(1) == 1, positions.stride()
     q_out = torch.empty(n, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if n == 0:
         return q_out
@@ -164,11 +179,11 @@ def _launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | Non
     pdl = programmatic_launch(q.device)
     _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads * (2 if store else 1))](
         q, k, v, q_out, k_out if k_out is not None else q_out, k_cache, v_cache, slot_mapping,
-        positions, cos_cache, sin_cache, q_weight if has_norm else q, k_weight if has_norm else k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
+        positions, axis if mrope else positions, cos_cache, sin_cache, q_weight if has_norm else q,
+        k_weight if has_norm else k, positions.stride(0) if mrope else 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
         *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
         k_cache.shape[1] if store else 1, eps, num_q_heads, num_kv_heads,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm, STORE_KV=store,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm, STORE_KV=store, MROPE=mrope,
         USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
     return q_out

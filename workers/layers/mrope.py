@@ -45,6 +45,8 @@ class MRotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin_cache", freqs.sin() * scaling, persistent=False)
         self.register_buffer("axis", axis_of_frequency(mrope_section, interleaved),
                              persistent=False)
+        # The decoder's fused q/k rotary kernel takes M-RoPE's [3, N] positions with ``axis``.
+        self.fusable = head_dim & (head_dim - 1) == 0
 
     def _select(self, cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if positions.dim() == 1:

@@ -166,11 +166,12 @@ class Attention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         kernels = fused_kernels(x)
-        if kernels is not None and getattr(self.rotary, "fusable", False) and positions.dim() == 1:
+        if kernels is not None and getattr(self.rotary, "fusable", False):
             # One kernel rotates q and k and writes k and v into the cache; the backend only attends.
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
             q = kernels.qk_norm_rope_store(q, k, v, positions, self.rotary.cos_cache, self.rotary.sin_cache,
-                                           self.k_cache, self.v_cache, meta.slot_mapping, *norms)
+                                           self.k_cache, self.v_cache, meta.slot_mapping, *norms,
+                                           axis=getattr(self.rotary, "axis", None))
             out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
         else:
             if self.qk_norm:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -131,6 +133,53 @@ class VisionArgs:
 
 
 @dataclass(frozen=True)
+class ImageLayout:
+    """One image's share of a VisionLayout (patch indices local to the image), on the device."""
+
+    window_order: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    frame_lengths: tuple[int, ...]
+    window_lengths: tuple[int, ...]
+
+    @property
+    def num_patches(self) -> int:
+        return self.window_order.shape[0]
+
+
+@lru_cache(maxsize=16)
+def image_layout(args: VisionArgs, grid: tuple[int, int, int], device: torch.device) -> ImageLayout:
+    """Built once per image size (and kept for the next image of that size): a dozen small CPU
+    ops and a copy to the device otherwise sit in front of every encoder call."""
+    merge, span = args.spatial_merge_size, args.window_units
+    t, h, w = grid
+    rows, cols = h // merge, w // merge
+    windows_down, windows_across = -(-rows // span), -(-cols // span)
+    frame = torch.arange(t)[:, None, None]
+    row = torch.arange(rows)[None, :, None]
+    col = torch.arange(cols)[None, None, :]
+    window = (frame * windows_down + row // span) * windows_across + col // span
+    # Sorting by window, then row-major inside it, gives the reference's window order.
+    key = (window * span + row % span) * span + col % span
+    units = torch.argsort(key.flatten())
+    counts = torch.bincount(window.flatten(), minlength=t * windows_down * windows_across)
+    window_order = (units[:, None] * args.merge_unit + torch.arange(args.merge_unit)).flatten()
+    # Patch coordinates in the processor's layout: merge blocks row-major, then inside.
+    block_shape = (rows, merge, cols, merge)
+    patch_rows = torch.arange(h).view(rows, merge, 1, 1).expand(block_shape).permute(0, 2, 1, 3).flatten()
+    patch_cols = torch.arange(w).view(1, 1, cols, merge).expand(block_shape).permute(0, 2, 1, 3).flatten()
+    # Axial 2-D rotary: a quarter of head_dim frequencies for the row, as many for the column.
+    quarter = args.head_dim // 2
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
+    coords = torch.stack([patch_rows.repeat(t), patch_cols.repeat(t)], dim=1)[window_order].to(device)
+    inv_freq = inv_freq.to(device)
+    angles = torch.cat([coords[:, :1] * inv_freq, coords[:, 1:] * inv_freq], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return ImageLayout(window_order.to(device), angles.cos(), angles.sin(), (h * w,) * t,
+                       tuple((counts[counts > 0] * args.merge_unit).tolist()))
+
+
+@dataclass(frozen=True)
 class VisionLayout:
     """Where the patches of one batch of images go inside the tower.
 
@@ -147,40 +196,16 @@ class VisionLayout:
 
     @classmethod
     def build(cls, args: VisionArgs, grids: list[tuple[int, int, int]], device: torch.device) -> VisionLayout:
-        merge, span = args.spatial_merge_size, args.window_units
-        unit_orders, window_lengths, frame_lengths, heights, widths = [], [], [], [], []
-        first_unit = 0
-        for t, h, w in grids:
-            rows, cols = h // merge, w // merge
-            windows_down, windows_across = -(-rows // span), -(-cols // span)
-            frame = torch.arange(t)[:, None, None]
-            row = torch.arange(rows)[None, :, None]
-            col = torch.arange(cols)[None, None, :]
-            window = (frame * windows_down + row // span) * windows_across + col // span
-            # Sorting by window, then row-major inside it, gives the reference's window order.
-            key = (window * span + row % span) * span + col % span
-            unit_orders.append(torch.argsort(key.flatten()) + first_unit)
-            counts = torch.bincount(window.flatten(), minlength=t * windows_down * windows_across)
-            window_lengths.extend((counts[counts > 0] * args.merge_unit).tolist())
-            frame_lengths.extend([h * w] * t)
-            first_unit += t * rows * cols
-            # Patch coordinates in the processor's layout: merge blocks row-major, then inside.
-            block_shape = (rows, merge, cols, merge)
-            patch_rows = torch.arange(h).view(rows, merge, 1, 1).expand(block_shape)
-            patch_cols = torch.arange(w).view(1, 1, cols, merge).expand(block_shape)
-            heights.append(patch_rows.permute(0, 2, 1, 3).flatten().repeat(t))
-            widths.append(patch_cols.permute(0, 2, 1, 3).flatten().repeat(t))
-        units = torch.cat(unit_orders)
-        window_order = (units[:, None] * args.merge_unit + torch.arange(args.merge_unit)).flatten()
-        input_order = torch.argsort(window_order)
-        # Axial 2-D rotary: a quarter of head_dim frequencies for the row, as many for the column.
-        quarter = args.head_dim // 2
-        inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
-        angles = torch.cat([torch.cat(heights)[:, None] * inv_freq, torch.cat(widths)[:, None] * inv_freq], dim=-1)
-        angles = torch.cat([angles, angles], dim=-1)[window_order]
-        return cls(window_order.to(device), input_order.to(device), angles.cos().to(device),
-                   angles.sin().to(device), SegmentPlan(frame_lengths, device),
-                   SegmentPlan(window_lengths, device))
+        parts = [image_layout(args, tuple(grid), device) for grid in grids]
+        if len(parts) == 1:
+            window_order, cos, sin = parts[0].window_order, parts[0].cos, parts[0].sin
+        else:
+            starts = accumulate((part.num_patches for part in parts[:-1]), initial=0)
+            window_order = torch.cat([part.window_order + start for part, start in zip(parts, starts)])
+            cos, sin = torch.cat([part.cos for part in parts]), torch.cat([part.sin for part in parts])
+        return cls(window_order, torch.argsort(window_order), cos, sin,
+                   SegmentPlan([n for part in parts for n in part.frame_lengths], device),
+                   SegmentPlan([n for part in parts for n in part.window_lengths], device))
 
 
 class VisionPatchEmbed(nn.Module):
