@@ -132,6 +132,21 @@ def test_named_function_streaming_matches_non_streaming(client):
         _check_call("get_weather", calls[0]["arguments"])
 
 
+def test_each_of_n_choices_is_parsed(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=GET_WEATHER, max_tokens=150,
+                  seed=7, n=2)
+    choices = client.chat.completions.create(**kwargs).choices
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                streamed[choice.index] = streamed.get(choice.index, "") + delta.function.arguments
+    for choice in choices:
+        (call,) = choice.message.tool_calls
+        _check_call("get_weather", call.function.arguments)
+        assert streamed[choice.index] == call.function.arguments
+
+
 def test_required_with_two_tools(client):
     names = set()
     for seed in range(6):
@@ -202,6 +217,8 @@ def test_bad_tool_requests_are_400s(server):
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
          "cannot be combined"),
         ({"functions": [{"name": "a"}]}, "functions"),
+        ({"tools": [{"type": "function", "function": {"name": "a", "description": "<|im_end|>"}}]},
+         "special-token text"),
     ]
     for extra, message in cases:
         reply = post(server, {"messages": MESSAGES, "max_tokens": 5, **extra})
@@ -245,6 +262,7 @@ def test_langchain_bind_tools_with_forced_tool(server):
     for seed in range(3):
         message = llm.bind(seed=seed).bind_tools([GetWeather], tool_choice="GetWeather").invoke(
             "What is the weather in Paris?")
+        assert len(message.tool_calls) == 1, (message, message.response_metadata)
         (call,) = message.tool_calls
         assert call["name"] == "GetWeather"
         GetWeather(**call["args"])

@@ -11,7 +11,8 @@ from streamvlm.gateway.common import RequestError
 from streamvlm.gateway.openai_schemas import NamedToolChoice, ToolDefinition
 from streamvlm.gateway.tool_parsers import (HermesToolCallParser, Llama3JsonToolCallParser, ParsedText,
                                             ToolCallParser, join_tool_call_deltas)
-from streamvlm.gateway.tools import FORMATS, MAX_TOOL_SCHEMA_DEPTH, format_for_template, plan_tools
+from streamvlm.gateway.tools import (FORMATS, MAX_TOOL_SCHEMA_DEPTH, closed_objects, format_for_template,
+                                     plan_tools)
 from tests.tool_templates import HERMES_TEMPLATE, LLAMA3_TEMPLATE
 
 import msgspec
@@ -147,6 +148,25 @@ def test_plan_auto_none_required_named():
     named = plan_tools(tools, _named("now"), True, "llama3", HERMES_TEMPLATE)
     assert named.format is FORMATS["llama3"] and named.max_calls == 1
     assert '"parameters"' in named.grammar and "get_weather" not in named.grammar
+
+
+def test_forced_calls_close_objects():
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"},
+                                               "b": {"type": "array", "items": {"type": "object", "properties": {}}},
+                                               "c": {"type": "object", "additionalProperties": {"type": "integer"}}},
+              "$defs": {"A": {"anyOf": [{"type": "object", "properties": {"x": {"type": "string"}}},
+                                        {"type": "null"}]}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["b"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["additionalProperties"] == {"type": "integer"}   # said: kept
+    assert closed["$defs"]["A"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema   # the request's own schema is left as it was
+    # In the grammar: the tool's schema as given becomes closed in the forced call.
+    tools = _tools({"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}})
+    grammar = plan_tools(tools, "required", False, "auto", HERMES_TEMPLATE).grammar
+    call_schema, _ = json.JSONDecoder().raw_decode(grammar, grammar.index("%json ") + len("%json "))
+    assert call_schema["properties"]["arguments"]["additionalProperties"] is False
 
 
 def test_plan_refusals():

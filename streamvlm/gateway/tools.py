@@ -148,7 +148,7 @@ def plan_tools(tools: list[ToolDefinition] | None, tool_choice: ToolChoice | Non
         max_calls = 1
     else:   # "required"
         forced = list(range(len(tools)))
-    calls = [_call_schema(fmt, tools[i].function.name, parameters[i]) for i in forced]
+    calls = [_call_schema(fmt, tools[i].function.name, closed_objects(parameters[i])) for i in forced]
     call_schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     grammar = fmt.grammar({**call_schema, "x-guidance": _COMPACT_JSON},
                           max_calls or MAX_FORCED_PARALLEL_CALLS)
@@ -156,6 +156,32 @@ def plan_tools(tools: list[ToolDefinition] | None, tool_choice: ToolChoice | Non
         raise RequestError(f"the tools' parameters schemas are over {MAX_GRAMMAR_CHARS} characters "
                            f"in all, too large to enforce tool_choice", param="tools")
     return ToolPlan(template_tools, grammar, fmt, max_calls)
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists its
+    properties and says nothing of others: a forced call writes the declared parameters only
+    (as vLLM's default grammar backend, xgrammar, does in its strict mode). Without it a schema
+    allows any extra key with any value, which a weak model wanders into."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: closed_objects(s) for name, s in result[key].items()}
+    for key in (*_SUBSCHEMA_LISTS, "items"):
+        if key in result:
+            result[key] = closed_objects(result[key])
+    if ("properties" in result and "additionalProperties" not in result
+            and "patternProperties" not in result):
+        result["additionalProperties"] = False
+    return result
 
 
 def _call_schema(fmt: ToolFormat, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
