@@ -195,8 +195,7 @@ class ToolCallParser(ABC):
         self.num_calls = 0
 
     def _new_call(self) -> _CallBuilder:
-        call = _CallBuilder(self.num_calls, self.max_calls is not None and self.num_calls >= self.max_calls)
-        return call
+        return _CallBuilder(self.num_calls, self.max_calls is not None and self.num_calls >= self.max_calls)
 
     def _keep(self, call: _CallBuilder) -> None:
         if not call.discard:
@@ -212,8 +211,8 @@ class ToolCallParser(ABC):
         """A whole output: its content (None when it only holds tool calls) and its calls."""
         parsed = self.feed(text)
         parsed.extend(self.finish())
-        return parsed.content if parsed.content or not parsed.tool_calls else None, \
-            join_tool_call_deltas(parsed.tool_calls)
+        calls = join_tool_call_deltas(parsed.tool_calls)
+        return (parsed.content if parsed.content or not calls else None), calls
 
 
 def join_tool_call_deltas(deltas: list[ToolCallDelta]) -> list[ToolCall]:
