@@ -327,18 +327,20 @@ class AsyncEngine:
         return (await self.prepare_prompt(prompt)).prompt_token_ids
 
     async def prepare_prompt(self, prompt: EnginePrompt,
-                             chat_template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
+                             chat_template_kwargs: dict[str, Any] | None = None,
+                             tools: list[dict[str, Any]] | None = None) -> PreparedPrompt:
         """Token ids and images of a prompt, loaded and preprocessed; ValueError names what is
         wrong with it. ``chat_template_kwargs`` are variables for the chat template of a list of
-        messages (such as ``{"enable_thinking": False}``)."""
+        messages (such as ``{"enable_thinking": False}``); ``tools`` (OpenAI's tool definitions)
+        go to the template as its ``tools``."""
         if isinstance(prompt, PreparedPrompt):
             return prompt
         if (isinstance(prompt, dict) and "prompt_token_ids" in prompt and not prompt.get("images")
-                and not chat_template_kwargs):
+                and not chat_template_kwargs and not tools):
             return PreparedPrompt(self.processor.tokenize_prompt(prompt))
         loop = asyncio.get_running_loop()
         ids, refs = await loop.run_in_executor(None, self.processor.split_prompt, prompt,
-                                               chat_template_kwargs)
+                                               chat_template_kwargs, tools)
         ids, items = await self.processor.multimodal.build(ids, refs)
         return PreparedPrompt(ids, items)
 

@@ -48,7 +48,8 @@ def sampling_params(fields: dict[str, Any], defaults: Mapping[str, Any] | None =
 
 
 async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
-                  max_tokens_given: bool, chat_template_kwargs: dict[str, Any] | None = None
+                  max_tokens_given: bool, chat_template_kwargs: dict[str, Any] | None = None,
+                  tools: list[dict[str, Any]] | None = None
                   ) -> tuple[PreparedPrompt, SamplingParams]:
     """Tokenize (off the event loop) and fit max_tokens to the context.
 
@@ -58,7 +59,7 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
     """
     try:
         engine.processor.validate_params(params)
-        prepared = await engine.prepare_prompt(prompt, chat_template_kwargs)
+        prepared = await engine.prepare_prompt(prompt, chat_template_kwargs, tools)
         prompt_ids = prepared.prompt_token_ids
         engine.processor.validate(prompt_ids, params)
     except ValueError as exc:

@@ -27,6 +27,9 @@ from streamvlm.gateway.common import RequestError, check_messages, prepare, samp
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.openai_schemas import LENIENT, ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.tool_parsers import ToolCallParser
+from streamvlm.gateway.tools import (ToolPlan, openai_tool_call_deltas, openai_tool_calls,
+                                     plan_request_tools)
 from streamvlm.outputs import RequestOutput
 from streamvlm.contract.protocol import TokenLogprobs
 
@@ -351,23 +354,47 @@ async def chat_completions(request: Request) -> Response:
         fields["logprobs"] = True
         fields["top_logprobs"] = body.top_logprobs or 0
     engine = _engine(request)
+    tools = await plan_request_tools(engine, _settings(request).tool_call_parser, body.tools,
+                                     body.tool_choice, body.parallel_tool_calls)
+    if tools.grammar is not None:
+        if "structured_outputs" in fields:
+            raise RequestError("tool_choice 'required' or a named function constrains the output "
+                               "to tool calls: it cannot be combined with response_format or "
+                               "other structured output", param="tool_choice")
+        fields["structured_outputs"] = {"grammar": tools.grammar}
     prompt, params = await prepare(engine, body.messages, sampling_params(fields, engine.default_sampling_fields),
-                                   max_tokens is not None, body.chat_template_kwargs)
+                                   max_tokens is not None, body.chat_template_kwargs,
+                                   tools.template_tools)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         deltas = await _started_choices(request, engine, prompt, params)
         return _sse(_chat_chunks(engine, deltas, request_id, created, model, include_usage,
-                                 params.n))
+                                 params.n, tools))
     outs = await _generate_choices_or_abort(request, engine, prompt, params)
     return json_response({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
-                     "logprobs": _chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs),
-                     "finish_reason": _finish_reason(out.finish_reason)}
+        "choices": [{"index": i, **_chat_message(tools, out),
+                     "logprobs": _chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs)}
                     for i, out in enumerate(outs)],
         "usage": _choices_usage(outs)})
+
+
+def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
+    """A whole choice's message and finish_reason, its tool calls parsed out of the text."""
+    parser = tools.parser()
+    finish_reason = _finish_reason(out.finish_reason)
+    if parser is None:
+        return {"message": {"role": "assistant", "content": out.text},
+                "finish_reason": finish_reason}
+    content, calls = parser.parse(out.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = openai_tool_calls(calls)
+        if finish_reason == "stop":
+            finish_reason = "tool_calls"
+    return {"message": message, "finish_reason": finish_reason}
 
 
 @handles_errors
@@ -438,10 +465,11 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[str, Any],
                    include_usage: bool, first: list[dict[str, Any]],
-                   choice: Callable[[int, OutputDelta], dict[str, Any]]) -> AsyncIterator[bytes]:
+                   choice: Callable[[int, OutputDelta], dict[str, Any] | None]
+                   ) -> AsyncIterator[bytes]:
     """SSE events of one streamed request: the first choices given, one chunk per delta with
-    content (its choice's index), and, when asked, a last chunk with usage (the prompt once,
-    every choice's completion tokens) and no choices."""
+    content (its choice's index; none where ``choice`` gives None), and, when asked, a last
+    chunk with usage (the prompt once, every choice's completion tokens) and no choices."""
     usage_field = {"usage": None} if include_usage else {}
 
     async def events() -> AsyncIterator[bytes]:
@@ -456,7 +484,9 @@ def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[st
                                         "type": "invalid_request_error", "code": 400}})
                 return
             if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield _event({**head, "choices": [choice(index, delta)], **usage_field})
+                body = choice(index, delta)
+                if body is not None:
+                    yield _event({**head, "choices": [body], **usage_field})
         if include_usage and usages:
             any_usage = next(iter(usages.values()))
             total = Usage(any_usage.prompt_tokens,
@@ -468,16 +498,37 @@ def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[st
 
 def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
                  request_id: str, created: int, model: str, include_usage: bool,
-                 n: int = 1) -> AsyncIterator[bytes]:
+                 n: int = 1, tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
     first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
               "finish_reason": None} for i in range(n)]
+    parsers: dict[int, ToolCallParser] = {}
+    called: set[int] = set()   # choices that made a tool call
 
-    def choice(index: int, delta: OutputDelta) -> dict[str, Any]:
-        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
-                "logprobs": _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs),
-                "finish_reason": _finish_reason(delta.finish_reason)}
+    def message_delta(index: int, delta: OutputDelta) -> dict[str, Any]:
+        if tools is None or tools.format is None:
+            return {"content": delta.text} if delta.text else {}
+        parser = parsers.get(index) or parsers.setdefault(index, tools.parser())
+        parsed = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            parsed.extend(parser.finish())
+        body: dict[str, Any] = {"content": parsed.content} if parsed.content else {}
+        if parsed.tool_calls:
+            called.add(index)
+            body["tool_calls"] = openai_tool_call_deltas(parsed.tool_calls)
+        return body
+
+    def choice(index: int, delta: OutputDelta) -> dict[str, Any] | None:
+        body = message_delta(index, delta)
+        logprobs = _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs)
+        finish_reason = _finish_reason(delta.finish_reason)
+        if finish_reason == "stop" and index in called:
+            finish_reason = "tool_calls"
+        if not body and logprobs is None and finish_reason is None:
+            return None   # text held back by the tool-call parser
+        return {"index": index, "delta": body, "logprobs": logprobs,
+                "finish_reason": finish_reason}
     return _stream_events(deltas, head, include_usage, first, choice)
 
 

@@ -1,7 +1,7 @@
 """OpenAI request bodies as msgspec Structs: decoding validates types and required fields.
 
 A field the server does not know is refused (400 naming it in ``param``), so that a request
-for something not implemented (``tools``, ``best_of``, ...)
+for something not implemented (``functions``, ``best_of``, ...)
 is not answered as if it had been honoured. The few fields below typed ``Any`` are metadata
 that changes nothing about the answer (``user``, ``metadata``, ``store``...): accepted and
 ignored. ``GatewaySettings.ignore_unknown_fields`` decodes with the ``Lenient*`` variants, which
@@ -12,7 +12,7 @@ guided_json, guided_regex, guided_choice, guided_grammar) follow vLLM.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -44,6 +44,38 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+# OpenAI's rule for function names, with dots (used by some clients for namespaces).
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None    # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One of ``tools``: a function the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    """``tool_choice`` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -133,6 +165,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, TemplateValue] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):

@@ -41,6 +41,8 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     allowed_origins: list[str] = []
     # A request field the server does not implement is a 400 naming it; this ignores it instead.
     ignore_unknown_fields: bool = False
+    # The syntax of tool calls in the model's output: "auto" recognizes it in the chat template.
+    tool_call_parser: Literal["auto", "hermes", "llama3"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_kept_chats_per_connection < self.max_chats_per_connection:
@@ -74,5 +76,7 @@ GATEWAY_FIELD_HELP: dict[str, str] = {
     "metrics_auth": "none: /metrics open (Prometheus scrapers carry no key); key: it needs the API key",
     "allowed_origins": "browser origins allowed by CORS (none: no CORS headers)",
     "ignore_unknown_fields": "accept and ignore request fields the server does not implement",
+    "tool_call_parser": "tool-call syntax of the model's output: hermes (<tool_call> JSON; Qwen, "
+                        "Hermes), llama3 (Llama 3 JSON), auto: recognized in the chat template",
 }
 assert GATEWAY_FIELD_HELP.keys() == set(GatewaySettings.__struct_fields__)

@@ -5,7 +5,8 @@ frame.
 Client to server::
 
     {"type": "chat.create", "id": "c1", "messages": [...] | "prompt": "..." | [ids], "params": {...},
-     "chat_template_kwargs": {...}}                         # optional, with messages only
+     "chat_template_kwargs": {...},                         # optional, with messages only
+     "tools": [...], "tool_choice": ..., "parallel_tool_calls": true}   # likewise, as over HTTP
     {"type": "chat.cancel", "id": "c1"}
     {"type": "chat.resume", "id": "c1", "after_seq": 7, "token": "..."}  # chat.created's token
     {"type": "ping"}
@@ -15,8 +16,11 @@ Server to client::
 
     {"type": "chat.created", "id": "c1", "resume_token": "..."}
     {"type": "chat.delta", "id": "c1", "seq": 1, "text": "...", "token_ids": [...],
-     "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}]}  # if asked
-    {"type": "chat.done", "id": "c1", "seq": 9, "finish_reason": "stop" | "length" | "cancelled",
+     "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}],  # if asked
+     "tool_calls": [{"index": 0, "id": "call_...", "type": "function",              # with tools
+                     "function": {"name": "...", "arguments": "..."}}]}
+    {"type": "chat.done", "id": "c1", "seq": 9,
+     "finish_reason": "stop" | "length" | "cancelled" | "tool_calls",
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}}
     {"type": "error", "id": "c1" | null, "code": "...", "message": "...",
      "retry_after": 1.5}                                         # with code "overloaded" only
@@ -69,8 +73,11 @@ from streamvlm.gateway.auth import check_authorization, key_matches
 from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.openai_schemas import ToolChoice, ToolDefinition
 from streamvlm.gateway.shutdown import ShutdownGate
-from streamvlm.contract.sampling import SamplingParams
+from streamvlm.gateway.tool_parsers import ToolCallParser
+from streamvlm.gateway.tools import openai_tool_call_deltas, plan_request_tools
+from streamvlm.contract.sampling import SamplingParams, StructuredOutputs
 from streamvlm.inputs.chat import TemplateValue
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,9 @@ class ChatCreate(msgspec.Struct, tag="chat.create", tag_field="type", kw_only=Tr
     prompt: str | list[int] | None = None
     params: dict[str, Any] = {}
     chat_template_kwargs: dict[str, TemplateValue] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class ChatCancel(msgspec.Struct, tag="chat.cancel", tag_field="type", kw_only=True):
@@ -138,6 +148,7 @@ class ChatDelta(msgspec.Struct, tag="chat.delta", tag_field="type", omit_default
     text: str
     token_ids: list[int]
     logprobs: list[LogprobEntry] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatUsage(msgspec.Struct):
@@ -224,7 +235,7 @@ class ChatRegistry:
 
 class Chat:
     __slots__ = ("registry", "engine", "id", "resume_token", "request_id", "prompt", "params",
-                 "template_kwargs",
+                 "template_kwargs", "tool_request", "tool_parser", "tool_called",
                  "max_tokens_given", "conn", "gen", "inflight", "space", "history",
                  "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
@@ -232,7 +243,8 @@ class Chat:
 
     def __init__(self, registry: ChatRegistry, engine: AsyncEngine, chat_id: str, prompt: Any,
                  params: SamplingParams, max_tokens_given: bool,
-                 template_kwargs: dict[str, Any] | None = None) -> None:
+                 template_kwargs: dict[str, Any] | None = None,
+                 tool_request: ChatCreate | None = None) -> None:
         self.registry = registry
         self.engine = engine
         self.id = chat_id
@@ -241,6 +253,9 @@ class Chat:
         self.prompt = prompt
         self.params = params
         self.template_kwargs = template_kwargs
+        self.tool_request = tool_request   # the chat.create, when it brought tools or tool_choice
+        self.tool_parser: ToolCallParser | None = None
+        self.tool_called = False
         self.max_tokens_given = max_tokens_given
         self.conn: Connection | None = None
         self.gen = 0                  # bumped on every attach/detach: stale queue entries
@@ -349,14 +364,25 @@ class Chat:
         self._control(_frame(self.error))
 
     def _push_delta(self, delta: OutputDelta) -> None:
+        text, tool_calls = delta.text, None
+        if self.tool_parser is not None:
+            parsed = self.tool_parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                parsed.extend(self.tool_parser.finish())
+            text = parsed.content
+            if parsed.tool_calls:
+                self.tool_called = True
+                tool_calls = openai_tool_call_deltas(parsed.tool_calls)
+        if not (delta.token_ids or text or tool_calls or delta.logprobs):
+            return
         self.seq += 1
         self.completion_tokens += len(delta.token_ids)
         logprobs = None
         if delta.logprobs is not None:
             logprobs = [LogprobEntry(lp.logprob, lp.top_token_ids, lp.top_logprobs)
                         for lp in delta.logprobs]
-        self._record(_encode(ChatDelta(self.id, self.seq, delta.text, delta.token_ids,
-                                       logprobs)))
+        self._record(_encode(ChatDelta(self.id, self.seq, text, delta.token_ids, logprobs,
+                                       tool_calls)))
 
     def _push_done(self, finish_reason: str, delta: OutputDelta | None) -> None:
         self.seq += 1
@@ -377,12 +403,33 @@ class Chat:
 
     # ---- the chat task -----------------------------------------------------------------
 
+    async def _plan_tools(self) -> tuple[SamplingParams, list[dict[str, Any]] | None]:
+        """The chat's params and the tools for its template, as its tools and tool_choice ask
+        (RequestError for bad ones); sets up the tool-call parser of its output."""
+        request = self.tool_request
+        if request is None:
+            return self.params, None
+        plan = await plan_request_tools(self.engine, self.registry.settings.tool_call_parser,
+                                        request.tools, request.tool_choice,
+                                        request.parallel_tool_calls)
+        self.tool_parser = plan.parser()
+        params = self.params
+        if plan.grammar is not None:
+            if params.structured_outputs is not None:
+                raise RequestError("tool_choice 'required' or a named function constrains the "
+                                   "output to tool calls: it cannot be combined with "
+                                   "structured_outputs")
+            params = msgspec.structs.replace(
+                params, structured_outputs=StructuredOutputs(grammar=plan.grammar))
+        return params, plan.template_tools
+
     async def run(self) -> None:
         engine = self.engine
         try:
             try:
-                prompt, params = await prepare(engine, self.prompt, self.params,
-                                               self.max_tokens_given, self.template_kwargs)
+                params, tools = await self._plan_tools()
+                prompt, params = await prepare(engine, self.prompt, params,
+                                               self.max_tokens_given, self.template_kwargs, tools)
             except RequestError as exc:
                 self._fail("invalid_request", exc.message)
                 return
@@ -395,11 +442,12 @@ class Chat:
             async with contextlib.aclosing(engine.stream(prompt, params,
                                                          self.request_id)) as stream:
                 async for delta in stream:
-                    if delta.token_ids or delta.text or delta.logprobs:
-                        self._push_delta(delta)
+                    self._push_delta(delta)
                     reason = delta.finish_reason
                     if reason is not None:
-                        if reason in _FINISH_REASONS:
+                        if reason == "stop" and self.tool_called:
+                            self._push_done("tool_calls", delta)
+                        elif reason in _FINISH_REASONS:
                             self._push_done(_FINISH_REASONS[reason], delta)
                         else:
                             self._fail("generation_error", delta.error or f"finished: {reason}")
@@ -633,8 +681,14 @@ class Connection:
         if existing is not None:
             existing.forget()   # a finished chat's id may be used again
         self._make_room()
+        if message.prompt is not None and (message.tools or message.tool_choice is not None):
+            self.send_error(chat_id, "invalid_request",
+                            "tools and tool_choice apply to chats with messages only")
+            return
+        with_tools = message.tools or message.tool_choice is not None
         chat = Chat(self.registry, self.engine, chat_id, prompt, params,
-                    "max_tokens" in message.params, message.chat_template_kwargs)
+                    "max_tokens" in message.params, message.chat_template_kwargs,
+                    message if with_tools else None)
         self.registry.by_token[chat.resume_token] = chat
         chat.attach(self)
         chat.task = asyncio.get_running_loop().create_task(chat.run())

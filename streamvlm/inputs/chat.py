@@ -7,6 +7,7 @@ opens a system turn. The template's own markers stay special tokens.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -77,8 +78,9 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "conversation", "add_generation_prompt", "continue_final_message", "tools",
     "documents", "chat_template", "tokenize", "padding", "truncation", "max_length",
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
-# Tool calls an assistant message may carry.
+# Tool calls an assistant message may carry, and tools a request may offer the template.
 MAX_TOOL_CALLS = 128
+MAX_TOOLS = 128
 
 
 def check_template_kwargs(kwargs: Any) -> dict[str, TemplateValue]:
@@ -106,6 +108,36 @@ def check_template_kwargs(kwargs: Any) -> dict[str, TemplateValue]:
     if size > MAX_TEMPLATE_KWARGS_CHARS:
         raise ValueError(f"chat_template_kwargs hold over {MAX_TEMPLATE_KWARGS_CHARS} characters")
     return kwargs
+
+
+def check_tools(tools: Any) -> list[dict[str, Any]]:
+    """Tools for the chat template (``apply_chat_template(tools=...)``): a bounded list of objects,
+    each usually ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("tools must be a list of objects")
+    if len(tools) > MAX_TOOLS:
+        raise ValueError(f"tools has {len(tools)} entries; at most {MAX_TOOLS} are allowed")
+    return tools
+
+
+def template_tool_calls(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates read them: OpenAI sends each call's
+    ``function.arguments`` as JSON text, and templates (Qwen, Hermes, Llama 3) write it with
+    ``| tojson``, which would quote the text again; arguments that parse as a JSON object become
+    that object."""
+    result = []
+    for call in tool_calls:
+        function = call.get("function")
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                decoded = json.loads(arguments)
+            except ValueError:
+                decoded = None
+            if isinstance(decoded, dict):
+                call = {**call, "function": {**function, "arguments": decoded}}
+        result.append(call)
+    return result
 
 
 def check_role(message: Message, index: int) -> None:

@@ -11,7 +11,8 @@ import msgspec
 
 from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.inputs.chat import (ChatEncoder, check_role, check_template_kwargs, check_tool_fields,
-                                   encode_bounded, message_texts, other_texts)
+                                   check_tools, encode_bounded, field_texts, message_texts, other_texts,
+                                   template_tool_calls)
 from streamvlm.inputs.chat_template import load_chat_template
 from streamvlm.inputs.multimodal import ImageRef, MultiModalPreparer, image_ref, is_media_part, parse_media_part
 from streamvlm.contract.model_source import ModelSource
@@ -95,13 +96,14 @@ class InputProcessor:
         return ids
 
     def split_prompt(self, prompt: Prompt | Sequence[Message],
-                     chat_template_kwargs: dict[str, Any] | None = None
+                     chat_template_kwargs: dict[str, Any] | None = None,
+                     tools: list[dict[str, Any]] | None = None
                      ) -> tuple[list[int], list[ImageRef]]:
         """Token ids (placeholders not yet expanded) and the images, in prompt order."""
         if isinstance(prompt, (list, tuple)):
-            return self.render_chat(prompt, chat_template_kwargs)
-        if chat_template_kwargs:
-            raise ValueError("chat_template_kwargs apply to chat messages only")
+            return self.render_chat(prompt, chat_template_kwargs, tools)
+        if chat_template_kwargs or tools:
+            raise ValueError("chat_template_kwargs and tools apply to chat messages only")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -131,31 +133,37 @@ class InputProcessor:
                          "{'prompt_token_ids': [...]}, optionally with 'images'")
 
     def render_chat(self, messages: Sequence[Message],
-                    chat_template_kwargs: dict[str, Any] | None = None
+                    chat_template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None
                     ) -> tuple[list[int], list[ImageRef]]:
-        messages, refs, kwargs = self._chat_input(messages, chat_template_kwargs)
+        messages, refs, kwargs = self._chat_input(messages, chat_template_kwargs, tools)
         return self.chat.encode(messages, self.max_model_len, kwargs), refs
 
     def chat_text(self, messages: Sequence[Message],
-                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                  chat_template_kwargs: dict[str, Any] | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as the chat template writes it (images as their placeholder text)."""
-        messages, _, kwargs = self._chat_input(messages, chat_template_kwargs)
+        messages, _, kwargs = self._chat_input(messages, chat_template_kwargs, tools)
         return self.chat.render(messages, kwargs)
 
-    def _chat_input(self, messages: Sequence[Message], chat_template_kwargs: dict[str, Any] | None
+    def _chat_input(self, messages: Sequence[Message], chat_template_kwargs: dict[str, Any] | None,
+                    tools: list[dict[str, Any]] | None = None
                     ) -> tuple[list[Message], list[ImageRef], dict[str, Any]]:
-        """The messages as the template takes them, their images, and the checked kwargs."""
+        """The messages as the template takes them, their images, and the checked kwargs (with
+        ``tools``, when given, as the template's ``tools`` variable)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("a conversation is a non-empty list of messages")
         kwargs = check_template_kwargs(chat_template_kwargs) if chat_template_kwargs else {}
+        if tools:
+            kwargs = {**kwargs, "tools": check_tools(tools)}
         refs: list[ImageRef] = []
         messages = [self._template_message(m, i, refs) for i, m in enumerate(messages)]
         self.multimodal.check_count(refs)
         self._need_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        self._check_prompt_bytes([t for m in messages for t in (*message_texts(m), *other_texts(m))],
-                                 "message text")
+        self._check_prompt_bytes([t for m in messages for t in (*message_texts(m), *other_texts(m))]
+                                 + field_texts(kwargs.get("tools")), "message text")
         return messages, refs, kwargs
 
     @staticmethod
@@ -171,6 +179,8 @@ class InputProcessor:
             message = {**message, "content": None}
         check_role(message, index)
         check_tool_fields(message, index)
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": template_tool_calls(message["tool_calls"])}
         content = message["content"]
         if content is None or isinstance(content, str):
             return message
