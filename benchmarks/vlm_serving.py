@@ -128,20 +128,18 @@ async def run_one(engine, args: argparse.Namespace, concurrency: int, image_size
 
 def step_summary(prefix: str, window: tuple[float, float]) -> dict[str, dict]:
     """The worker's steps inside the window (STREAMVLM_STEP_TRACE lines), by kind: decode only,
-    with prefill tokens, with images encoded, or only taking the step before's tokens (before an
-    encoder step); count and p50/p99 host milliseconds of each."""
+    with prefill tokens, with images encoded; count and p50/p99 host milliseconds of each."""
     import glob
     import json
 
-    kinds: dict[str, list[float]] = {"decode": [], "prefill": [], "encode": [], "drain": []}
+    kinds: dict[str, list[float]] = {"decode": [], "prefill": [], "encode": []}
     for path in glob.glob(f"{prefix}.*.jsonl"):
         with open(path) as f:
             for line in f:
                 started, ended, tokens, running, encoded, _ = json.loads(line)
                 if not window[0] <= started <= window[1]:
                     continue
-                kind = ("encode" if encoded else "drain" if not tokens else "prefill" if tokens > running
-                        else "decode")
+                kind = "encode" if encoded else "prefill" if tokens > running else "decode"
                 kinds[kind].append(ended - started)
     return {kind: {"steps": len(values), "p50_ms": ms(statistics.median(values)),
                    "p99_ms": ms(percentile(values, 99)), "total_s": round(sum(values), 2)}

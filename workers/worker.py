@@ -182,13 +182,6 @@ class Worker:
         if in_flight is not None and not self._may_schedule_ahead():
             self._complete(in_flight, deltas)
             in_flight = None
-        elif in_flight is not None and self._encoder_runs_next():
-            # The vision encoder's launches take the host tens of milliseconds: the step before's
-            # tokens (often first tokens) go out now rather than after them, and requests that
-            # arrived meanwhile join the encoder's batch. The device idles only while the next
-            # step's first kernels are launched.
-            self._complete(in_flight, deltas)
-            return self._output(deltas, num_scheduled_tokens=0, num_preempted=0)
         plan = self.scheduler.schedule()
         timed = self._timed_prefills(plan.chunks)
         if plan.chunks and self.runner.supports_images and not self.config.model.skip_model_forward:
@@ -229,19 +222,16 @@ class Worker:
                 self._in_flight = launched
             else:
                 self._complete(launched, deltas)
-        return self._output(deltas, plan.num_tokens, plan.num_preempted)
-
-    def _output(self, deltas: list[RequestDelta], num_scheduled_tokens: int, num_preempted: int) -> StepOutput:
         self.num_steps += 1
         handoff = self.kv_handoff
         return StepOutput(step=self.num_steps, deltas=deltas, kv_events=handoff.take_events(), stats=StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_scheduled_tokens=num_scheduled_tokens,
+            num_scheduled_tokens=plan.num_tokens,
             num_free_blocks=self.pool.num_free_blocks,
             num_used_blocks=self.pool.num_used_blocks,
             num_total_blocks=self.pool.num_blocks,
-            num_preempted=num_preempted,
+            num_preempted=plan.num_preempted,
             encoder_cache_hits=self.runner.encoder.cache.hits,
             num_encoded_items=self.runner.encoder.num_encoded_items,
             kv_bytes_sent=handoff.bytes_sent,
@@ -260,18 +250,6 @@ class Worker:
             for chunk in timed:
                 chunk.seq.timeline.in_step(now)
         return timed
-
-    def _encoder_runs_next(self) -> bool:
-        """Whether a sequence waiting or in prefill has an image its encoder output is not yet
-        held for (the next step will most likely encode it)."""
-        if not self.runner.supports_images or self.config.model.skip_model_forward:
-            return False
-        scheduler = self.scheduler
-        queues = [scheduler.running]
-        if len(scheduler.running) < scheduler.max_num_seqs:
-            queues.append(scheduler.waiting)
-        return any(item.end > seq.num_computed_tokens and item.hash not in seq.encoder_outputs
-                   for queue in queues for seq in queue for item in seq.mm_items)
 
     def _may_schedule_ahead(self) -> bool:
         """Penalties read the tokens generated so far on the host: those steps wait for them."""

@@ -33,7 +33,7 @@ EMBEDS_PART_TYPES = {"image_embeds": "embeds", "image_features": "features"}
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Threads decoding and resizing images: Pillow and numpy release the GIL in that work, so several run at
 # once; more than the cores cannot help, and the pixel budget bounds what they hold in memory.
-MAX_IMAGE_THREADS = 16
+MAX_IMAGE_THREADS = 8
 
 
 @dataclass(frozen=True)
