@@ -291,7 +291,7 @@ def test_cors_preflight_and_response_headers(server, lenient_server):
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "parallel_tool_calls", False),
     ("/v1/chat/completions", "functions", []),
     ("/v1/completions", "best_of", 2),
