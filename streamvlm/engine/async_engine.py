@@ -264,6 +264,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 if len(tasks) == 1:
+                    if item.finish_reason in ("abort", "error"):
+                        # The first sample ended before its prompt was computed: the others,
+                        # never started, end the same way.
+                        for i in range(1, params.n):
+                            yield i, OutputDelta(f"{request_id}-{i}", "", [],
+                                                 finish_reason=item.finish_reason, error=item.error)
+                        yield index, item
+                        return
                     tasks.extend(loop.create_task(pump(i)) for i in range(1, params.n))
                 if item.finish_reason is not None:
                     unfinished -= 1

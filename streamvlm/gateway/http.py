@@ -24,7 +24,7 @@ from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization
-from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.openai_logprobs import (CompletionLogprobs, chat_logprobs, completion_logprobs,
                                                vllm_prompt_logprobs)
@@ -224,20 +224,6 @@ async def _started(request: Request, streams: list[AsyncIterator[_T]]) -> list[A
         raise
 
 
-async def _indexed(deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[tuple[int, OutputDelta]]:
-    async with contextlib.aclosing(deltas):
-        async for delta in deltas:
-            yield 0, delta
-
-
-def _choice_stream(engine: AsyncEngine, prompt: Any, params: SamplingParams
-                   ) -> AsyncIterator[tuple[int, OutputDelta]]:
-    """Indexed deltas of every choice of one prompt; n == 1 is the plain stream with index 0."""
-    if params.n == 1:
-        return _indexed(engine.stream(prompt, params))
-    return engine.stream_choices(prompt, params)
-
-
 async def _merged(streams: list[AsyncIterator[tuple[int, OutputDelta]]], n: int
                   ) -> AsyncIterator[tuple[int, OutputDelta]]:
     """The choice streams of several prompts as their deltas come, choice j of prompt i with
@@ -378,7 +364,7 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        [deltas] = await _started(request, [_choice_stream(engine, prompt, params)])
+        [deltas] = await _started(request, [choice_stream(engine, prompt, params)])
         usage = _stream_usage(body, [len(prompt.prompt_token_ids)], params.n)
         return _sse(_chat_chunks(engine, deltas, request_id, created, model, usage, params.n))
     outs = await _unless_disconnected(request, _generate_choices(engine, prompt, params))
@@ -480,7 +466,7 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     n = params.n
     if body.stream:
-        streams = await _started(request, [_choice_stream(engine, p, prm) for p, prm in prepared])
+        streams = await _started(request, [choice_stream(engine, p, prm) for p, prm in prepared])
         usage = _stream_usage(body, [len(p.prompt_token_ids) for p, _ in prepared], n)
         return _sse(_completion_chunks(engine, _merged(streams, n), request_id, created, model,
                                        usage, n, echoes))

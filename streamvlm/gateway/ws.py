@@ -15,9 +15,11 @@ Server to client::
 
     {"type": "chat.created", "id": "c1", "resume_token": "..."}
     {"type": "chat.delta", "id": "c1", "seq": 1, "text": "...", "token_ids": [...],
-     "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}]}  # if asked
+     "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}],  # if asked
+     "index": 1}                                        # params.n > 1: the choice (absent: 0)
     {"type": "chat.done", "id": "c1", "seq": 9, "finish_reason": "stop" | "length" | "cancelled",
-     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}}
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"},
+     "finish_reasons": [...]}                           # params.n > 1: each choice's
     {"type": "error", "id": "c1" | null, "code": "...", "message": "...",
      "retry_after": 1.5}                                         # with code "overloaded" only
     {"type": "pong"}
@@ -63,10 +65,11 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streamvlm.engine.async_engine import AsyncEngine
-from streamvlm.engine.request_state import OutputDelta
+from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization, key_matches
-from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.common import (RequestError, check_messages, choice_request_ids, choice_stream, prepare,
+                                      sampling_params)
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
@@ -138,6 +141,7 @@ class ChatDelta(msgspec.Struct, tag="chat.delta", tag_field="type", omit_default
     text: str
     token_ids: list[int]
     logprobs: list[LogprobEntry] | None = None
+    index: int = 0      # the choice, with params.n > 1
 
 
 class ChatUsage(msgspec.Struct):
@@ -147,11 +151,14 @@ class ChatUsage(msgspec.Struct):
     cached_tokens: int
 
 
-class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type"):
+class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type", omit_defaults=True):
     id: str
     seq: int
+    # With params.n > 1: "cancelled", else "length" if any choice ran out of tokens, else "stop";
+    # finish_reasons holds each choice's, by index.
     finish_reason: str
     usage: ChatUsage
+    finish_reasons: list[str] | None = None
 
 
 class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -348,7 +355,7 @@ class Chat:
         self.error = ErrorEvent(self.id, code, message, retry_after)
         self._control(_frame(self.error))
 
-    def _push_delta(self, delta: OutputDelta) -> None:
+    def _push_delta(self, index: int, delta: OutputDelta) -> None:
         self.seq += 1
         self.completion_tokens += len(delta.token_ids)
         logprobs = None
@@ -356,18 +363,27 @@ class Chat:
             logprobs = [LogprobEntry(lp.logprob, lp.top_token_ids, lp.top_logprobs)
                         for lp in delta.logprobs]
         self._record(_encode(ChatDelta(self.id, self.seq, delta.text, delta.token_ids,
-                                       logprobs)))
+                                       logprobs, index)))
 
-    def _push_done(self, finish_reason: str, delta: OutputDelta | None) -> None:
+    def _push_done(self, finish_reasons: dict[int, str], usages: dict[int, Usage]) -> None:
+        """The chat's end: the prompt counted once, every choice's completion tokens."""
         self.seq += 1
-        usage = delta.usage if delta is not None else None
-        if usage is not None:
-            out = ChatUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-                            usage.cached_tokens)
+        if len(usages) == len(finish_reasons) and usages:
+            prompt_tokens = next(iter(usages.values())).prompt_tokens
+            completion_tokens = sum(u.completion_tokens for u in usages.values())
+            cached_tokens = usages[0].cached_tokens if 0 in usages else 0
         else:
-            out = ChatUsage(self.prompt_tokens, self.completion_tokens,
-                            self.prompt_tokens + self.completion_tokens, 0)
-        self._record(_encode(ChatDone(self.id, self.seq, finish_reason, out)))
+            prompt_tokens, completion_tokens, cached_tokens = (self.prompt_tokens,
+                                                               self.completion_tokens, 0)
+        usage = ChatUsage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                          cached_tokens)
+        reasons = [finish_reasons[i] for i in sorted(finish_reasons)]
+        if len(reasons) == 1:
+            self._record(_encode(ChatDone(self.id, self.seq, reasons[0], usage)))
+            return
+        summary = ("cancelled" if "cancelled" in reasons else
+                   "length" if "length" in reasons else "stop")
+        self._record(_encode(ChatDone(self.id, self.seq, summary, usage, reasons)))
 
     async def _flow(self) -> None:
         """Wait while too many of this chat's frames are queued on its connection."""
@@ -389,23 +405,29 @@ class Chat:
             self.prompt_tokens = len(prompt.prompt_token_ids)
             self._control(_frame(ChatCreated(self.id, self.resume_token)))
             if self.cancel_requested:
-                self._push_done("cancelled", None)
+                self._push_done({i: "cancelled" for i in range(params.n)}, {})
                 return
             self.submitted = True
-            async with contextlib.aclosing(engine.stream(prompt, params,
+            finish_reasons: dict[int, str] = {}
+            usages: dict[int, Usage] = {}
+            async with contextlib.aclosing(choice_stream(engine, prompt, params,
                                                          self.request_id)) as stream:
-                async for delta in stream:
+                async for index, delta in stream:
                     if delta.token_ids or delta.text or delta.logprobs:
-                        self._push_delta(delta)
+                        self._push_delta(index, delta)
                     reason = delta.finish_reason
                     if reason is not None:
-                        if reason in _FINISH_REASONS:
-                            self._push_done(_FINISH_REASONS[reason], delta)
-                        else:
+                        if reason not in _FINISH_REASONS:
                             self._fail("generation_error", delta.error or f"finished: {reason}")
-                        break
+                            break
+                        finish_reasons[index] = _FINISH_REASONS[reason]
+                        if delta.usage is not None:
+                            usages[index] = delta.usage
+                        if len(finish_reasons) == params.n:
+                            self._push_done(finish_reasons, usages)
+                            break
                     if self.cancel_requested:   # a cancel that raced the submission
-                        await engine.abort(self.request_id)
+                        await self._abort_requests()
                     if self.inflight >= _CHAT_INFLIGHT:
                         await self._flow()
         except _Overflow:
@@ -438,7 +460,11 @@ class Chat:
             return
         self.cancel_requested = True
         if self.submitted:
-            await self.engine.abort(self.request_id)   # its stream ends with "abort"
+            await self._abort_requests()   # each choice's stream ends with "abort"
+
+    async def _abort_requests(self) -> None:
+        for request_id in choice_request_ids(self.request_id, self.params.n):
+            await self.engine.abort(request_id)
 
     def replay(self, conn: Connection, after_seq: int) -> None:
         """Move the chat to ``conn`` and queue its frames after ``after_seq``, in one step.
