@@ -15,7 +15,7 @@ from streamvlm.contract.sampling import SamplingParams
 from streamvlm.gateway.app import build_app
 from streamvlm.gateway.settings import GatewaySettings
 from tests.conftest import hf_model
-from tests.helpers import local_llm, wait_idle
+from tests.helpers import local_llm, run, wait_idle
 from tests.live_server import LiveServer
 from tests.model_harness import load_ours, prefill_logits
 
@@ -117,6 +117,33 @@ def test_prompt_logprobs_after_preemption_are_sent_once(llama_path, expected):
         assert stats > 0
     finally:
         llm.shutdown()
+
+
+def test_prompt_logprobs_with_tensor_parallelism(llama_path, expected):
+    """Every rank computes the prompt rows' logits (the vocabulary is gathered over the group);
+    rank 0 reports them."""
+    from streamvlm import LLM
+
+    with LLM(str(llama_path), max_model_len=256, block_size=16, max_num_batched_tokens=16,
+             tensor_parallel_size=2) as llm:
+        out = llm.generate({"prompt_token_ids": PROMPT},
+                           SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=TOP),
+                           use_tqdm=False)[0]
+    assert_matches(out.prompt_logprobs, expected, PROMPT, TOP)
+
+
+def test_prompt_logprobs_with_prefill_and_decode_groups(loop, llama_path, expected):
+    """The prefill group computes the prompt and sends its logprobs with the first token."""
+    async def scenario():
+        config = EngineConfig(model=str(llama_path), groups=["prefill", "decode"], max_model_len=256,
+                              block_size=16, max_num_batched_tokens=16, worker_backend="thread")
+        async with AsyncEngine(config) as engine:
+            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=TOP)
+            return await engine.generate({"prompt_token_ids": PROMPT}, params)
+
+    out = run(loop, scenario())
+    assert_matches(out.prompt_logprobs, expected, PROMPT, TOP)
+    assert len(out.token_ids) == 4
 
 
 def test_one_token_prompt_has_no_prompt_logprobs(llama_path):

@@ -9,6 +9,7 @@ sampled token's, not a prompt token's). A sequence remembers how far it got
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ class PromptLogprobTensors:
     top_token_ids: torch.Tensor
 
 
-def compute_prompt_logprobs(compute_logits, hidden: torch.Tensor, rows: list[int],
+def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: list[int],
                             request: PromptLogprobRequest | None) -> PromptLogprobTensors | None:
     """Logits of ``rows`` of ``hidden``, LOGITS_SLICE_ROWS at a time. Every rank of a
     tensor-parallel group calls this with the same rows (compute_logits gathers the vocabulary

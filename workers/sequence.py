@@ -150,6 +150,11 @@ class Sequence:
         return (self.params.prompt_logprobs is not None
                 and self.prompt_logprobs_end < self.num_prompt_tokens - 1)
 
+    def skip_prompt_logprobs(self) -> None:
+        """Another group reports this request's prompt logprobs (a decode group's request)."""
+        self.prompt_logprobs_end = max(self.num_prompt_tokens - 1, 0)
+        self.prompt_logprobs_sent = True
+
     def add_prompt_logprobs(self, values: PromptLogprobs) -> None:
         if self.pending_prompt_logprobs is None:
             self.pending_prompt_logprobs = values

@@ -100,6 +100,7 @@ class Worker:
         self.sequences[req.request_id] = seq
         seq.kv_role, seq.kv_peer = req.kv_role, req.kv_peer
         if req.kv_role == "decode":
+            seq.skip_prompt_logprobs()   # the prefill group computes the prompt and reports them
             self.kv_handoff.expect(seq)
         else:
             self.scheduler.add(seq)
