@@ -205,6 +205,10 @@ class ModelRunner:
         prompt_request = PromptLogprobRequest.take(chunks) if plan.prompt_logits_rows else None
         with torch.inference_mode():
             logits, prompt = self._step_logits(plan, embeds, previous_tokens, prompt_request)
+        if prompt is not None:
+            # Queued before the sampler records its ready event, which finish() waits for: with
+            # async scheduling a plain .tolist() later would wait for the next step too.
+            prompt = prompt.on_host()
         sample = self.sampler.launch(logits, samplers)
         if plan.shares_sampled_tokens:
             broadcast_tensor(sample.token_ids)
@@ -226,7 +230,7 @@ class ModelRunner:
 
     @staticmethod
     def finish_prompt_logprobs(pending: PendingStep) -> list[tuple[Sequence, PromptLogprobs]]:
-        """The step's prompt logprobs on the host, by sequence (after finish: no wait left)."""
+        """The step's prompt logprobs by sequence (after finish(), which waited for their copies)."""
         if pending.prompt is None:
             return []
         return split_by_sequence(*pending.prompt)

@@ -74,6 +74,19 @@ class PromptLogprobTensors:
     top_logprobs: torch.Tensor
     top_token_ids: torch.Tensor
 
+    def on_host(self) -> PromptLogprobTensors:
+        """Pinned host copies, on their way from a CUDA device (the tensors themselves on CPU):
+        ready once an event recorded after this call on the same stream is."""
+        if self.token_logprobs.device.type != "cuda":
+            return self
+
+        def copy(values: torch.Tensor) -> torch.Tensor:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            return host
+        return PromptLogprobTensors(copy(self.token_logprobs), copy(self.ranks),
+                                    copy(self.top_logprobs), copy(self.top_token_ids))
+
 
 def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: list[int],
                             request: PromptLogprobRequest | None) -> PromptLogprobTensors | None:
@@ -101,7 +114,8 @@ def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tenso
 
 def split_by_sequence(request: PromptLogprobRequest, tensors: PromptLogprobTensors
                       ) -> list[tuple[Sequence, PromptLogprobs]]:
-    """The step's values on the host, one PromptLogprobs per sequence (its top-k only)."""
+    """The step's values (on the host, arrived) as one PromptLogprobs per sequence (its top-k
+    only)."""
     values = tensors.token_logprobs.tolist()
     ranks = tensors.ranks.tolist()
     top_values = tensors.top_logprobs.tolist()
