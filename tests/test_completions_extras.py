@@ -198,3 +198,26 @@ def idle_worker(server):
             break
         time.sleep(0.05)
     return worker
+
+
+def test_disconnect_aborts_every_prompt(server, monkeypatch):
+    """A client leaving a streamed several-prompt call aborts all of its requests."""
+    import time
+
+    worker = server.app.state.engine.groups[0].local_worker
+    step = worker.step
+
+    def slow_step():   # 100 tokens take seconds: every choice is surely running at the disconnect
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(worker, "step", slow_step)
+    finished = server.app.state.engine.metrics.requests_finished
+    aborted_before = finished.get("abort", 0)
+    body = {"model": MODEL, "prompt": PROMPTS, "n": 2, "max_tokens": 100, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as resp:
+        assert next(resp.iter_lines()).startswith("data: ")
+    worker = idle_worker(server)
+    assert not worker.sequences and not any(worker.pool.ref_counts)
+    assert finished.get("abort", 0) == aborted_before + 6
