@@ -289,7 +289,7 @@ def test_cors_preflight_and_response_headers(server, lenient_server):
 # ---- unknown request fields -------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "functions", []),
     ("/v1/completions", "best_of", 2),
     ("/v1/completions", "length_penalty", 1.0),

@@ -285,6 +285,18 @@ def test_websocket_tools(server):
     assert deltas[0]["id"].startswith("call_") and deltas[0]["function"]["name"] == "get_weather"
     assert "".join(e["text"] for e in events if e["type"] == "chat.delta") == ""
     _check_call("get_weather", "".join(d["function"]["arguments"] for d in deltas))
+    # n > 1: each choice's output is parsed on its own; its deltas carry the choice's index.
+    events = asyncio.run(chat({"messages": MESSAGES, "params": {"max_tokens": 150, "seed": 4, "n": 2},
+                               "tools": TOOLS, "tool_choice": GET_WEATHER}))
+    done = events[-1]
+    assert done["type"] == "chat.done", done
+    assert done["finish_reasons"] == ["tool_calls", "tool_calls"] and done["finish_reason"] == "tool_calls"
+    for index in (0, 1):
+        deltas = [d for e in events if e["type"] == "chat.delta" and e.get("index", 0) == index
+                  for d in e.get("tool_calls", [])]
+        assert deltas[0]["id"].startswith("call_") and deltas[0]["function"]["name"] == "get_weather"
+        assert all(d["index"] == 0 for d in deltas)   # one call per choice
+        _check_call("get_weather", "".join(d["function"]["arguments"] for d in deltas))
     events = asyncio.run(chat({"messages": MESSAGES, "tools": TOOLS,
                                "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
     assert events[-1]["type"] == "error" and "'nope'" in events[-1]["message"]

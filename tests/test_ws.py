@@ -267,6 +267,58 @@ def test_cancel_frees_blocks(server, reference):
     wait_engine_idle(server)
 
 
+def test_n_choices_stream_with_their_index(server):
+    params = dict(n=3, seed=7, temperature=1.0, max_tokens=12, ignore_eos=True)
+    expected = server.call(server.app.state.engine.generate_choices(PROMPT, SamplingParams(**params)))
+
+    async def main():
+        async with await open_ws(server) as ws:
+            await send(ws, **create("three", PROMPT, **params))
+            chats = Chats()
+            await chats.until_done(ws, "three")
+            return chats
+
+    chats = run(main())
+    done = check_stream(chats, "three", None)
+    deltas = chats.deltas("three")
+    # Choice 0's frames leave "index" out, as every n == 1 chat's do.
+    assert {e.get("index", 0) for e in deltas} == {0, 1, 2}
+    assert all(e["index"] != 0 for e in deltas if "index" in e)
+    for i, out in enumerate(expected):
+        assert [t for e in deltas if e.get("index", 0) == i for t in e["token_ids"]] == out.token_ids
+        assert "".join(e["text"] for e in deltas if e.get("index", 0) == i) == out.text
+    assert done["finish_reason"] == "length" and done["finish_reasons"] == ["length"] * 3
+    usage = done["usage"]
+    assert usage["prompt_tokens"] == len(expected[0].prompt_token_ids)
+    assert usage["completion_tokens"] == 36
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 36
+    wait_engine_idle(server)
+
+
+def test_n_choices_cancel_ends_every_choice(server):
+    async def main():
+        async with await open_ws(server) as ws:
+            await send(ws, **create("many", PROMPT, n=3, seed=1, max_tokens=200, ignore_eos=True))
+            chats = Chats()
+            await chats.until(ws, lambda c: c.deltas("many"))
+            await send(ws, type="chat.cancel", id="many")
+            await chats.until_done(ws, "many")
+            # Cancelled before anything was computed: every choice ends too.
+            await send(ws, **create("early", PROMPT, n=2, max_tokens=200, ignore_eos=True))
+            await send(ws, type="chat.cancel", id="early")
+            await chats.until_done(ws, "early")
+            return chats
+
+    with slow_worker(server, 0.01):
+        chats = run(main())
+    done = check_stream(chats, "many", None)
+    assert done["finish_reason"] == "cancelled" and "cancelled" in done["finish_reasons"]
+    assert 0 < done["usage"]["completion_tokens"] < 600
+    assert done["usage"]["completion_tokens"] == len(chats.token_ids("many"))
+    assert chats.done("early")["finish_reason"] == "cancelled"
+    wait_engine_idle(server)
+
+
 @contextlib.contextmanager
 def stalled_sends(live: LiveServer):
     """Every frame the server sends on connections opened meanwhile waits until released: a

@@ -12,6 +12,7 @@ import torch
 
 from streamvlm.contract.config import EngineConfig, check_resolved
 from streamvlm.contract.model_source import ModelSource
+from streamvlm.contract.protocol import PromptLogprobs
 from workers.rank_messages import KVShardPlan, StepPlan
 from workers.cuda_graphs import DecodeGraphs
 from workers.device_settings import DeviceSettings
@@ -22,6 +23,8 @@ from workers.loader import load_model
 from workers.encoder_runner import EncoderRunner
 from workers.kv_memory import KVMemory
 from workers.multimodal import MultiModalEmbeds
+from workers.prompt_logprobs import (PromptLogprobRequest, PromptLogprobTensors, compute_prompt_logprobs,
+                                     prompt_logprob_span, split_by_sequence)
 from workers.sampler import PendingSample, Sampler, SamplerOutput
 from workers.scheduler import ScheduledChunk
 from workers.sequence import PLACEHOLDER_TOKEN, Sequence
@@ -32,6 +35,8 @@ class PendingStep:
     seqs: list[Sequence]                  # the sequences that sample, in row order
     sample: PendingSample | None
     output: SamplerOutput | None          # already known (no forward pass)
+    # Prompt logprobs of the step's prefill chunks that asked for them, still on the device.
+    prompt: tuple[PromptLogprobRequest, PromptLogprobTensors] | None = None
 
 
 class ModelRunner:
@@ -153,8 +158,20 @@ class ModelRunner:
             plan, embeds = self.plan(chunks), self.encoder.encoded_embeds(chunks)
         else:
             plan = chunks
+        return self._step_logits(plan, embeds, previous_tokens, None)[0]
+
+    def _step_logits(self, plan: StepPlan, embeds: torch.Tensor | None, previous_tokens: torch.Tensor | None,
+                     prompt_request: PromptLogprobRequest | None
+                     ) -> tuple[torch.Tensor, PromptLogprobTensors | None]:
+        """The sampling rows' logits, and (rank 0, when the plan has prompt-logprob rows) the
+        prompt logprobs; every rank computes the same logits, in the same order."""
         hidden, logits_rows = self._forward(plan, embeds, previous_tokens)
-        return self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
+        logits = self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
+        prompt = None
+        if plan.prompt_logits_rows:
+            prompt = compute_prompt_logprobs(self.model.compute_logits, hidden, plan.prompt_logits_rows,
+                                             prompt_request)
+        return logits, prompt
 
     @torch.inference_mode()
     def forward_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -185,16 +202,23 @@ class ModelRunner:
                                    "the sampled tokens")
             self.publish_plan(plan)   # the other ranks run the same forward pass with us
         previous_tokens = previous.sample.token_ids if previous is not None and previous.sample else None
-        logits = self.forward_logits(plan, embeds, previous_tokens)
+        prompt_request = PromptLogprobRequest.take(chunks) if plan.prompt_logits_rows else None
+        with torch.inference_mode():
+            logits, prompt = self._step_logits(plan, embeds, previous_tokens, prompt_request)
+        if prompt is not None:
+            # Queued before the sampler records its ready event, which finish() waits for: with
+            # async scheduling a plain .tolist() later would wait for the next step too.
+            prompt = prompt.on_host()
         sample = self.sampler.launch(logits, samplers)
         if plan.shares_sampled_tokens:
             broadcast_tensor(sample.token_ids)
-        return PendingStep(samplers, sample, None)
+        return PendingStep(samplers, sample, None,
+                           (prompt_request, prompt) if prompt_request is not None else None)
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:
         """A rank other than 0: rank 0's step, and the tokens it samples when the next step needs them."""
-        self.forward_logits(plan, previous_tokens=self._shared_tokens)
+        self._step_logits(plan, None, self._shared_tokens, None)
         if plan.shares_sampled_tokens:
             tokens = torch.empty(len(plan.logits_rows), dtype=torch.int64, device=self.device)
             self._shared_tokens = broadcast_tensor(tokens)
@@ -203,6 +227,13 @@ class ModelRunner:
         if pending.output is not None:
             return pending.output
         return self.sampler.finish(pending.sample, pending.seqs)
+
+    @staticmethod
+    def finish_prompt_logprobs(pending: PendingStep) -> list[tuple[Sequence, PromptLogprobs]]:
+        """The step's prompt logprobs by sequence (after finish(), which waited for their copies)."""
+        if pending.prompt is None:
+            return []
+        return split_by_sequence(*pending.prompt)
 
 
 def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: bool) -> StepPlan:
@@ -213,6 +244,7 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: b
     mm_rows: list[int] = []
     placeholder_rows: list[int] = []
     placeholder_sources: list[int] = []
+    prompt_logits_rows: list[int] = []
     width = max(len(c.seq.block_table) for c in chunks)
     tables = np.zeros((len(chunks), width), dtype=np.int32)
     for i, chunk in enumerate(chunks):
@@ -233,6 +265,9 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: b
         if start <= position < end and token_ids[position] == PLACEHOLDER_TOKEN:
             placeholder_rows.append(row + position - start)
             placeholder_sources.append(seq.placeholder_source)
+        span = prompt_logprob_span(chunk)
+        if span is not None:
+            prompt_logits_rows.extend(range(row + span[0] - start, row + span[1] - start))
         if end == len(token_ids):   # the chunk samples
             logits_rows.append(len(input_ids) - 1)
     query_lens = [c.num_tokens for c in chunks]
@@ -250,7 +285,7 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: b
                     tables.tobytes(), width, query_lens,
                     [c.start + c.num_tokens for c in chunks], logits_rows,
                     mrope_positions=mrope, mm_rows=mm_rows, placeholder_rows=placeholder_rows,
-                    placeholder_sources=placeholder_sources)
+                    placeholder_sources=placeholder_sources, prompt_logits_rows=prompt_logits_rows)
 
 
 def _extend_mrope(rows: list[list[int]], seq: Sequence, start: int, end: int) -> None:

@@ -35,6 +35,9 @@ class StepPlan(msgspec.Struct, tag=True):
     # Async scheduling with tensor parallelism: rank 0 broadcasts the tokens it samples in this step, and
     # the other ranks keep them for the next step's placeholder rows.
     shares_sampled_tokens: bool = False
+    # Prompt logprobs: rows whose logits every rank computes after the sampling rows' (the
+    # vocabulary is gathered over the group), for rank 0 to reduce to logprobs.
+    prompt_logits_rows: list[int] = []
 
     def slot_array(self) -> np.ndarray:
         return np.frombuffer(self.slot_mapping, dtype=np.int64)

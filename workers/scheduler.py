@@ -109,7 +109,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            hits = self.pool.find_cached_prefix(seq)
+            hits = [] if seq.needs_whole_prompt else self.pool.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(hits) * self.pool.block_size, budget)
             if not self.pool.allocate(seq, num_new, hits):
                 break

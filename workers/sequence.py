@@ -8,7 +8,7 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from streamvlm.contract.protocol import TokenLogprobs
+from streamvlm.contract.protocol import PromptLogprobs, TokenLogprobs
 from streamvlm.contract.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -76,6 +76,11 @@ class Sequence:
         self.placeholder_source = -1
         # Requests that collect timings: their moments until the first token.
         self.timeline: WorkerTimeline | None = None
+        # Prompt logprobs (params.prompt_logprobs): the prompt positions whose logits have been
+        # taken, and the values not yet sent (they go with the first token).
+        self.prompt_logprobs_end = 0
+        self.pending_prompt_logprobs: PromptLogprobs | None = None
+        self.prompt_logprobs_sent = False
         # Structured output: the matcher that masks this request's logits (None: unconstrained).
         self.grammar: RequestGrammar | None = None
         # block_table as an int32 array, for step plans; remade when the table grows or is replaced.
@@ -137,6 +142,33 @@ class Sequence:
         self.pending_token_ids.append(token_id)
         if logprobs is not None:
             self.pending_logprobs.append(logprobs)
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """It asked for prompt logprobs not all taken yet: its prompt is computed, not taken
+        from the prefix cache."""
+        return (self.params.prompt_logprobs is not None
+                and self.prompt_logprobs_end < self.num_prompt_tokens - 1)
+
+    def skip_prompt_logprobs(self) -> None:
+        """Another group reports this request's prompt logprobs (a decode group's request)."""
+        self.prompt_logprobs_end = max(self.num_prompt_tokens - 1, 0)
+        self.prompt_logprobs_sent = True
+
+    def add_prompt_logprobs(self, values: PromptLogprobs) -> None:
+        if self.pending_prompt_logprobs is None:
+            self.pending_prompt_logprobs = values
+        else:
+            self.pending_prompt_logprobs.extend(values)
+
+    def take_prompt_logprobs(self) -> PromptLogprobs | None:
+        """The whole prompt's logprobs, once, when they are all taken (an empty set for a prompt
+        of one token); None before and after."""
+        if self.params.prompt_logprobs is None or self.prompt_logprobs_sent or self.needs_whole_prompt:
+            return None
+        self.prompt_logprobs_sent = True
+        values, self.pending_prompt_logprobs = self.pending_prompt_logprobs, None
+        return values if values is not None else PromptLogprobs()
 
     def take_pending(self) -> tuple[list[int], list[TokenLogprobs] | None]:
         token_ids, self.pending_token_ids = self.pending_token_ids, []

@@ -100,6 +100,7 @@ class Worker:
         self.sequences[req.request_id] = seq
         seq.kv_role, seq.kv_peer = req.kv_role, req.kv_peer
         if req.kv_role == "decode":
+            seq.skip_prompt_logprobs()   # the prefill group computes the prompt and reports them
             self.kv_handoff.expect(seq)
         else:
             self.scheduler.add(seq)
@@ -266,6 +267,8 @@ class Worker:
     def _complete(self, step: LaunchedStep, deltas: list[RequestDelta]) -> None:
         """Take a launched step's sampled tokens (the step's one wait for the device) and stream them."""
         sampled = self.runner.finish(step.pending)
+        for seq, values in self.runner.finish_prompt_logprobs(step.pending):
+            seq.add_prompt_logprobs(values)
         for row, (seq, token, logprobs) in enumerate(zip(step.pending.seqs, sampled.token_ids, sampled.logprobs)):
             if seq.status is SequenceStatus.FINISHED:
                 continue   # aborted, or (async scheduling) ended by the step before
@@ -288,7 +291,8 @@ class Worker:
                 timings = seq.timeline.report(time.monotonic())
             deltas.append(RequestDelta(seq.request_id, token_ids, token_logprobs,
                                        reason, seq.num_cached_tokens,
-                                       output_index=output_index, timings=timings))
+                                       output_index=output_index, timings=timings,
+                                       prompt_logprobs=seq.take_prompt_logprobs()))
 
 
 def _reaches_unencoded_item(chunk: ScheduledChunk) -> bool:

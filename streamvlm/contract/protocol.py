@@ -93,6 +93,32 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     top_logprobs: list[float] = []
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities of a request's prompt tokens, each given the tokens before it: entry i is
+    prompt token ``first_position + i`` (the first prompt token has none). ``ranks`` places each
+    token among the vocabulary by logprob (1: the most likely); ``top_token_ids`` and
+    ``top_logprobs`` hold the most likely alternatives at each position when asked."""
+
+    first_position: int = 1
+    token_logprobs: list[float] = []
+    ranks: list[int] = []
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)
+
+    def extend(self, later: PromptLogprobs) -> None:
+        """Append the entries of the positions right after these."""
+        if later.first_position != self.first_position + len(self):
+            raise ValueError(f"prompt logprobs from position {later.first_position} do not follow "
+                             f"positions {self.first_position}..{self.first_position + len(self) - 1}")
+        self.token_logprobs.extend(later.token_logprobs)
+        self.ranks.extend(later.ranks)
+        self.top_token_ids.extend(later.top_token_ids)
+        self.top_logprobs.extend(later.top_logprobs)
+
+
 class WorkerTimings(msgspec.Struct, array_like=True):
     """Where an AddRequest(collect_timings=True) spent its time in the worker until its first
     token. ``received`` is the worker's time.monotonic() when it took the request from its inbox
@@ -123,6 +149,8 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     output_index: int = -1
     # On the first token's delta of a request that asked for them; absent otherwise.
     timings: WorkerTimings | None = None
+    # On the first token's delta of a request with params.prompt_logprobs: the whole prompt's.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class StepStats(msgspec.Struct, kw_only=True):

@@ -110,6 +110,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # last token is banned whenever the output ends with the tokens before it.
     bad_words: list[str] = []
     bad_words_token_ids: list[list[int]] = []
+    # Logprobs of the prompt's tokens (each given the tokens before it) with this many top
+    # alternatives (0: the prompt token's own only); None: not computed. A request asking for them
+    # computes its whole prompt (no prefix from the prefix cache), so the values are exact.
+    prompt_logprobs: int | None = None
     # Independent samples of the same prompt (seeds seed, seed + 1, ... when seeded).
     n: int = 1
     structured_outputs: StructuredOutputs | None = None
@@ -153,6 +157,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.top_logprobs:
             self.logprobs = True
+        _check(self.prompt_logprobs is None
+               or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+               f"prompt_logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
         _check(isinstance(self.logit_bias, dict)
                and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES
                and all(_is_int(t) and 0 <= t <= TOKEN_ID_MAX and _is_number(b) and -100 <= b <= 100

@@ -48,11 +48,14 @@ OVERLOADED_RETRY_AFTER_S = 1.0
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Sample ``index`` of a request for n samples: one sample, its own seed."""
+    """Sample ``index`` of a request for n samples: one sample, its own seed. Only the first
+    computes prompt logprobs (the prompt is the same), so the others take its prefix blocks."""
+    if not index:
+        return msgspec.structs.replace(params, n=1)
     seed = params.seed
-    if seed is not None and index:
+    if seed is not None:
         seed = seed + index if seed + index <= UINT64_MAX else seed - index
-    return msgspec.structs.replace(params, n=1, seed=seed)
+    return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=None)
 
 
 def _kill_groups(groups: list[WorkerGroup]) -> None:
@@ -261,6 +264,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 if len(tasks) == 1:
+                    if item.finish_reason in ("abort", "error"):
+                        # The first sample ended before its prompt was computed: the others,
+                        # never started, end the same way.
+                        for i in range(1, params.n):
+                            yield i, OutputDelta(f"{request_id}-{i}", "", [],
+                                                 finish_reason=item.finish_reason, error=item.error)
+                        yield index, item
+                        return
                     tasks.extend(loop.create_task(pump(i)) for i in range(1, params.n))
                 if item.finish_reason is not None:
                     unfinished -= 1
@@ -272,7 +283,8 @@ class AsyncEngine:
 
     async def generate_choices(self, prompt: EnginePrompt, params: SamplingParams | None = None,
                                request_id: str | None = None) -> list[RequestOutput]:
-        """The ``params.n`` samples of one prompt (see stream_choices), in choice order."""
+        """The ``params.n`` samples of one prompt (see stream_choices), in choice order; with
+        prompt logprobs, each output holds the first sample's."""
         request_id = request_id or uuid.uuid4().hex
         if params is not None:
             self.processor.validate_params(params)
@@ -284,14 +296,17 @@ class AsyncEngine:
             else:
                 merged[index] = OutputDelta(delta.request_id, delta.text, list(delta.token_ids),
                                             None if delta.logprobs is None else list(delta.logprobs),
-                                            delta.finish_reason, delta.error, delta.usage)
+                                            delta.finish_reason, delta.error, delta.usage,
+                                            prompt_logprobs=delta.prompt_logprobs)
+        prompt_logprobs = merged[0].prompt_logprobs if 0 in merged else None
         outputs = []
         for index in sorted(merged):
             d = merged[index]
             cached = d.usage.cached_tokens if d.usage is not None else 0
             outputs.append(RequestOutput(f"{request_id}-{index}", list(prepared.prompt_token_ids),
                                          d.token_ids,
-                                         d.text, d.finish_reason, cached, d.logprobs, d.error))
+                                         d.text, d.finish_reason, cached, d.logprobs, d.error,
+                                         prompt_logprobs=prompt_logprobs))
         return outputs
 
     async def abort(self, request_id: str) -> None:

@@ -10,7 +10,7 @@ import msgspec
 from streamvlm.engine.detokenizer import IncrementalDetokenizer
 from streamvlm.engine.request_timing import RequestTimings
 from streamvlm.outputs import RequestOutput
-from streamvlm.contract.protocol import RequestDelta, TokenLogprobs
+from streamvlm.contract.protocol import PromptLogprobs, RequestDelta, TokenLogprobs
 from streamvlm.contract.sampling import SamplingParams
 
 
@@ -39,6 +39,8 @@ class OutputDelta:
     usage: Usage | None = None
     # On the first token's delta of a request made with collect_timings=True.
     timings: RequestTimings | None = None
+    # On the first token's delta of a request with params.prompt_logprobs.
+    prompt_logprobs: PromptLogprobs | None = None
 
     def merge(self, later: OutputDelta) -> None:
         """Absorb a later delta of the same request (for a consumer that fell behind)."""
@@ -52,6 +54,7 @@ class OutputDelta:
         self.error = later.error
         self.usage = later.usage
         self.timings = self.timings or later.timings
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
 
 
 class RequestState:
@@ -138,5 +141,7 @@ class RequestState:
         usage = None
         if finish_reason is not None:
             usage = Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
+        if delta.prompt_logprobs is not None:
+            out.prompt_logprobs = delta.prompt_logprobs
         return OutputDelta(out.request_id, text, token_ids, logprobs, finish_reason, delta.error,
-                           usage)
+                           usage, prompt_logprobs=delta.prompt_logprobs)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
 
 from streamvlm.engine.async_engine import AsyncEngine
+from streamvlm.engine.request_state import OutputDelta
 from streamvlm.gateway.openai_schemas import MessageRole
 from streamvlm.inputs.processor import PreparedPrompt
 from streamvlm.contract.sampling import SamplingParams
@@ -76,3 +78,23 @@ async def prepare(engine: AsyncEngine, prompt: Any, params: SamplingParams,
             f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more",
             param="max_tokens")
     return prepared, params
+
+
+async def _indexed(deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[tuple[int, OutputDelta]]:
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            yield 0, delta
+
+
+def choice_stream(engine: AsyncEngine, prompt: Any, params: SamplingParams,
+                  request_id: str | None = None) -> AsyncIterator[tuple[int, OutputDelta]]:
+    """Indexed deltas of every choice of one prompt (engine.stream_choices); n == 1 is the
+    plain stream with index 0."""
+    if params.n == 1:
+        return _indexed(engine.stream(prompt, params, request_id))
+    return engine.stream_choices(prompt, params, request_id)
+
+
+def choice_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine request ids of a call's choices (as engine.stream_choices names them)."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]

@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,15 +24,19 @@ from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization
-from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
+from streamvlm.gateway.openai_logprobs import (CompletionLogprobs, chat_logprobs, completion_logprobs,
+                                               vllm_prompt_logprobs)
 from streamvlm.gateway.openai_schemas import LENIENT, ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.tool_parsers import ToolCallParser
 from streamvlm.gateway.tools import (ToolPlan, openai_tool_call_deltas, openai_tool_calls,
                                      plan_request_tools)
+from streamvlm.contract.protocol import PromptLogprobs
+from streamvlm.contract.sampling import SamplingParams
+from streamvlm.inputs.processor import PreparedPrompt
 from streamvlm.outputs import RequestOutput
-from streamvlm.contract.protocol import TokenLogprobs
 
 _json = msgspec.json.Encoder()
 _T = TypeVar("_T")
@@ -182,18 +187,21 @@ async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
     return task.result()
 
 
-async def _generate_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
-                             params: Any) -> RequestOutput:
-    """engine.generate, aborted if the client goes away first."""
-    return await _unless_disconnected(request, engine.generate(prompt, params))
-
-
-async def _started(request: Request, stream: AsyncIterator[_T]) -> AsyncIterator[_T]:
-    """``stream`` with its first item received before the response starts, so that a refusal at
-    submission (overloaded, bad input, engine dead) is a status code rather than an error event
-    after a 200."""
+async def _all_of(awaitables: list[Awaitable[_T]]) -> list[_T]:
+    """Await them all concurrently; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
-        first = await _unless_disconnected(request, anext(stream))
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _prefetched(stream: AsyncIterator[_T]) -> AsyncIterator[_T]:
+    """``stream`` with its first item already received (a refusal at submission is raised here)."""
+    try:
+        first = await anext(stream)
     except BaseException:
         await stream.aclose()
         raise
@@ -206,33 +214,63 @@ async def _started(request: Request, stream: AsyncIterator[_T]) -> AsyncIterator
     return items()
 
 
-async def _indexed(deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[tuple[int, OutputDelta]]:
-    async with contextlib.aclosing(deltas):
-        async for delta in deltas:
-            yield 0, delta
+async def _started(request: Request, streams: list[AsyncIterator[_T]]) -> list[AsyncIterator[_T]]:
+    """The streams, each with its first item received before the response starts, so that a
+    refusal at submission (overloaded, bad input, engine dead) is a status code rather than an
+    error event after a 200; if one is refused, or the client leaves, all are closed (aborted)."""
+    try:
+        return await _unless_disconnected(request, _all_of([_prefetched(s) for s in streams]))
+    except BaseException:
+        for stream in streams:
+            with contextlib.suppress(RuntimeError):   # one still running where it was cancelled
+                await stream.aclose()
+        raise
 
 
-async def _started_choices(request: Request, engine: AsyncEngine, prompt: Any, params: Any
-                           ) -> AsyncIterator[tuple[int, OutputDelta]]:
-    """Indexed deltas of every choice, the first received before the response starts; n == 1
-    is the plain stream with index 0."""
+async def _merged(streams: list[AsyncIterator[tuple[int, OutputDelta]]], n: int
+                  ) -> AsyncIterator[tuple[int, OutputDelta]]:
+    """The choice streams of several prompts as their deltas come, choice j of prompt i with
+    index i * n + j; leaving early closes (aborts) them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):
+            async for item in streams[0]:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[int, OutputDelta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(prompt_index: int, stream: AsyncIterator[tuple[int, OutputDelta]]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for index, delta in stream:
+                    queue.put_nowait((prompt_index * n + index, delta))
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _generate_choices(engine: AsyncEngine, prompt: Any, params: SamplingParams
+                            ) -> list[RequestOutput]:
     if params.n == 1:
-        return await _started(request, _indexed(engine.stream(prompt, params)))
-    return await _started(request, engine.stream_choices(prompt, params))
-
-
-async def _generate_choices_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
-                                     params: Any) -> list[RequestOutput]:
-    if params.n == 1:
-        return [_check_generated(await _generate_or_abort(request, engine, prompt, params))]
-    outs = await _unless_disconnected(request, engine.generate_choices(prompt, params))
+        outs = [await engine.generate(prompt, params)]
+    else:
+        outs = await engine.generate_choices(prompt, params)
     return [_check_generated(out) for out in outs]
-
-
-def _choices_usage(outs: list[RequestOutput]) -> dict[str, Any]:
-    """The prompt counted once, the completions of every choice summed."""
-    return _usage(Usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs),
-                        outs[0].num_cached_tokens))
 
 
 def _usage(usage: Usage | None) -> dict[str, Any] | None:
@@ -241,6 +279,13 @@ def _usage(usage: Usage | None) -> dict[str, Any] | None:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def _choices_usage(outs: list[list[RequestOutput]]) -> dict[str, Any]:
+    """Each prompt counted once, the completions of every choice summed."""
+    return _usage(Usage(sum(len(o[0].prompt_token_ids) for o in outs),
+                        sum(len(out.token_ids) for o in outs for out in o),
+                        sum(o[0].num_cached_tokens for o in outs)))
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -252,44 +297,6 @@ def _check_generated(out: RequestOutput) -> RequestOutput:
     if out.finish_reason == "error":
         raise RequestError(out.error or "the request failed in the worker")
     return out
-
-
-# ---- logprobs ---------------------------------------------------------------------------------
-
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-
-
-def _chat_logprobs(tokenizer: Any, token_ids: list[int],
-                   logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
-    if logprobs is None:
-        return None
-    content = []
-    for token_id, lp in zip(token_ids, logprobs):
-        text = _token_text(tokenizer, token_id)
-        content.append({
-            "token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
-            "top_logprobs": [{"token": (t := _token_text(tokenizer, i)), "logprob": v,
-                              "bytes": list(t.encode())}
-                             for i, v in zip(lp.top_token_ids, lp.top_logprobs)],
-        })
-    return {"content": content}
-
-
-def _completion_logprobs(tokenizer: Any, token_ids: list[int],
-                         logprobs: list[TokenLogprobs] | None, offset: int) -> dict[str, Any] | None:
-    if logprobs is None:
-        return None
-    tokens = [_token_text(tokenizer, t) for t in token_ids]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{_token_text(tokenizer, i): v
-                              for i, v in zip(lp.top_token_ids, lp.top_logprobs)}
-                             for lp in logprobs],
-            "text_offset": offsets}
 
 
 # ---- routes -----------------------------------------------------------------------------------
@@ -345,6 +352,7 @@ async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
     model = check_model(request, body.model)
     check_messages(body.messages)
+    _check_stream_fields(body)
     fields = body.sampling_fields()
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -368,17 +376,81 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        deltas = await _started_choices(request, engine, prompt, params)
-        return _sse(_chat_chunks(engine, deltas, request_id, created, model, include_usage,
-                                 params.n, tools))
-    outs = await _generate_choices_or_abort(request, engine, prompt, params)
-    return json_response({
+        [deltas] = await _started(request, [choice_stream(engine, prompt, params)])
+        usage = _stream_usage(body, [len(prompt.prompt_token_ids)], params.n)
+        return _sse(_chat_chunks(engine, deltas, request_id, created, model, usage, params.n,
+                                 tools))
+    outs = await _unless_disconnected(request, _generate_choices(engine, prompt, params))
+    response = {
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": i, **_chat_message(tools, out),
-                     "logprobs": _chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs)}
+                     "logprobs": chat_logprobs(engine.tokenizer, out.token_ids, out.logprobs)}
                     for i, out in enumerate(outs)],
-        "usage": _choices_usage(outs)})
+        "usage": _choices_usage([outs])}
+    if params.prompt_logprobs is not None and outs[0].prompt_logprobs is not None:
+        response["prompt_logprobs"] = vllm_prompt_logprobs(engine.tokenizer, outs[0].prompt_token_ids,
+                                                           outs[0].prompt_logprobs)
+    return json_response(response)
+
+
+def _check_stream_fields(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.stream and body.prompt_logprobs is not None:
+        # As vLLM: prompt logprobs come whole with a non-streamed response.
+        raise RequestError("prompt_logprobs are not available with stream: true",
+                           param="prompt_logprobs")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _completion_prompts(prompt: str | list[Any], limit: int) -> list[str | dict[str, list[int]]]:
+    """The prompts of a completions call: a string, token ids, or a list of either (of one
+    kind), at most ``limit`` of them."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(map(_is_token_id, prompt)):
+        return [{"prompt_token_ids": prompt}]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        prompts: list[str | dict[str, list[int]]] = list(prompt)
+    elif prompt and all(isinstance(p, list) and all(map(_is_token_id, p)) for p in prompt):
+        prompts = [{"prompt_token_ids": p} for p in prompt]
+    else:
+        raise RequestError("prompt must be a string, a list of token ids, or a non-empty list of "
+                           "strings or of token-id lists", param="prompt")
+    if len(prompts) > limit:
+        raise RequestError(f"{len(prompts)} prompts in one request; this server takes at most "
+                           f"{limit} (max_prompts_per_request)", param="prompt")
+    return prompts
+
+
+@dataclass(slots=True)
+class _Echo:
+    """A prompt as echo puts it before its completions: its text and its token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+def _echo(tokenizer: Any, prompt: str | dict[str, list[int]], prepared: PreparedPrompt) -> _Echo:
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(prepared.prompt_token_ids)
+    return _Echo(text, prepared.prompt_token_ids)
+
+
+def _completion_choice(tokenizer: Any, index: int, out: RequestOutput, echo: _Echo | None,
+                       with_prompt_logprobs: bool) -> dict[str, Any]:
+    text, offset, echoed = out.text, 0, None
+    if echo is not None:
+        text, offset = echo.text + out.text, len(echo.text)
+        if out.logprobs is not None:
+            echoed = CompletionLogprobs.of_prompt(tokenizer, echo.token_ids, out.prompt_logprobs)
+    choice = {"index": index, "text": text,
+              "logprobs": completion_logprobs(tokenizer, out.token_ids, out.logprobs, offset, echoed),
+              "finish_reason": _finish_reason(out.finish_reason)}
+    if with_prompt_logprobs and out.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, out.prompt_token_ids,
+                                                         out.prompt_logprobs)
+    return choice
 
 
 def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
@@ -401,39 +473,39 @@ def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await read_json(request, CompletionRequest)
     model = check_model(request, body.model)
-    if body.echo:
-        raise RequestError("echo is not supported", param="echo")
-    prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise RequestError("one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("prompt must be a string or a list of token ids", param="prompt")
-        prompt = {"prompt_token_ids": prompt}
+    prompts = _completion_prompts(body.prompt, _settings(request).max_prompts_per_request)
+    _check_stream_fields(body)
     fields = body.sampling_fields()
     fields["max_tokens"] = body.max_tokens if body.max_tokens is not None else 16
     if body.logprobs is not None:
         fields["logprobs"] = True
         fields["top_logprobs"] = body.logprobs
+        if body.echo:   # the echoed prompt's tokens get logprobs too, as vLLM's
+            fields["prompt_logprobs"] = max(body.logprobs, body.prompt_logprobs or 0)
     engine = _engine(request)
-    prompt, params = await prepare(engine, prompt, sampling_params(fields, engine.default_sampling_fields), True)
+    if body.echo and engine.tokenizer is None:
+        raise RequestError("echo needs a tokenizer (the server runs with skip_tokenizer_init)",
+                           param="echo")
+    params = sampling_params(fields, engine.default_sampling_fields)
+    prepared = await _all_of([prepare(engine, prompt, params, True) for prompt in prompts])
+    echoes = ([_echo(engine.tokenizer, prompt, p) for prompt, (p, _) in zip(prompts, prepared)]
+              if body.echo else None)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    n = params.n
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        deltas = await _started_choices(request, engine, prompt, params)
-        return _sse(_completion_chunks(engine, deltas, request_id, created, model,
-                                       include_usage))
-    outs = await _generate_choices_or_abort(request, engine, prompt, params)
+        streams = await _started(request, [choice_stream(engine, p, prm) for p, prm in prepared])
+        usage = _stream_usage(body, [len(p.prompt_token_ids) for p, _ in prepared], n)
+        return _sse(_completion_chunks(engine, _merged(streams, n), request_id, created, model,
+                                       usage, n, echoes))
+    outs = await _unless_disconnected(
+        request, _all_of([_generate_choices(engine, p, prm) for p, prm in prepared]))
     return json_response({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": i, "text": out.text,
-                     "logprobs": _completion_logprobs(engine.tokenizer, out.token_ids,
-                                                      out.logprobs, 0),
-                     "finish_reason": _finish_reason(out.finish_reason)}
-                    for i, out in enumerate(outs)],
+        "choices": [_completion_choice(engine.tokenizer, i * n + j, out,
+                                       echoes[i] if echoes is not None else None,
+                                       body.prompt_logprobs is not None)
+                    for i, prompt_outs in enumerate(outs) for j, out in enumerate(prompt_outs)],
         "usage": _choices_usage(outs)})
 
 
@@ -463,22 +535,62 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield _DONE
 
 
+@dataclass(slots=True)
+class _StreamUsage:
+    """Usage in a stream (stream_options.include_usage): a last chunk with the totals; with
+    continuous_usage_stats, every chunk also carries its choice's usage so far (its prompt's
+    tokens and its own completion tokens), as vLLM's."""
+
+    prompt_tokens: list[int]     # by prompt
+    n: int                       # choices per prompt: choice i belongs to prompt i // n
+    continuous: bool
+
+    def so_far(self, index: int, completion_tokens: int) -> dict[str, Any] | None:
+        if not self.continuous:
+            return None
+        prompt_tokens = self.prompt_tokens[index // self.n]
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def total(self, finals: dict[int, Usage]) -> Usage:
+        """Every prompt once, every choice's completion tokens; cached tokens as each prompt's
+        first choice found them."""
+        return Usage(sum(self.prompt_tokens), sum(u.completion_tokens for u in finals.values()),
+                     sum(u.cached_tokens for i, u in finals.items() if i % self.n == 0))
+
+
+def _stream_usage(body: ChatCompletionRequest | CompletionRequest, prompt_tokens: list[int],
+                  n: int) -> _StreamUsage | None:
+    options = body.stream_options
+    if options is None or not options.include_usage:
+        return None
+    return _StreamUsage(prompt_tokens, n, options.continuous_usage_stats)
+
+
 def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[str, Any],
-                   include_usage: bool, first: list[dict[str, Any]],
+                   usage: _StreamUsage | None, first: list[dict[str, Any]],
                    choice: Callable[[int, OutputDelta], dict[str, Any] | None]
                    ) -> AsyncIterator[bytes]:
-    """SSE events of one streamed request: the first choices given, one chunk per delta with
-    content (its choice's index; none where ``choice`` gives None), and, when asked, a last
-    chunk with usage (the prompt once, every choice's completion tokens) and no choices."""
-    usage_field = {"usage": None} if include_usage else {}
+    """SSE events of one streamed call: the first choices given, one chunk per delta with
+    content (its choice's index; none where ``choice`` gives None), and with ``usage`` a last
+    chunk with the totals and no choices."""
+    completion_tokens: dict[int, int] = {}
+
+    def chunk(body_choice: dict[str, Any]) -> bytes:
+        out = {**head, "choices": [body_choice]}
+        if usage is not None:
+            index = body_choice["index"]
+            out["usage"] = usage.so_far(index, completion_tokens.get(index, 0))
+        return _event(out)
 
     async def events() -> AsyncIterator[bytes]:
         for opening in first:
-            yield _event({**head, "choices": [opening], **usage_field})
-        usages: dict[int, Usage] = {}
+            yield chunk(opening)
+        finals: dict[int, Usage] = {}
         async for index, delta in deltas:
+            completion_tokens[index] = completion_tokens.get(index, 0) + len(delta.token_ids)
             if delta.usage is not None:
-                usages[index] = delta.usage
+                finals[index] = delta.usage
             if delta.finish_reason == "error":
                 yield _event({"error": {"message": delta.error or "the request failed in the worker",
                                         "type": "invalid_request_error", "code": 400}})
@@ -486,18 +598,14 @@ def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[st
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 body = choice(index, delta)
                 if body is not None:
-                    yield _event({**head, "choices": [body], **usage_field})
-        if include_usage and usages:
-            any_usage = next(iter(usages.values()))
-            total = Usage(any_usage.prompt_tokens,
-                          sum(u.completion_tokens for u in usages.values()),
-                          usages.get(0, any_usage).cached_tokens)
-            yield _event({**head, "choices": [], "usage": _usage(total)})
+                    yield chunk(body)
+        if usage is not None and finals:
+            yield _event({**head, "choices": [], "usage": _usage(usage.total(finals))})
     return _guarded(events())
 
 
 def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
-                 request_id: str, created: int, model: str, include_usage: bool,
+                 request_id: str, created: int, model: str, usage: _StreamUsage | None,
                  n: int = 1, tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
@@ -521,7 +629,7 @@ def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDel
 
     def choice(index: int, delta: OutputDelta) -> dict[str, Any] | None:
         body = message_delta(index, delta)
-        logprobs = _chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs)
+        logprobs = chat_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs)
         finish_reason = _finish_reason(delta.finish_reason)
         if finish_reason == "stop" and index in called:
             finish_reason = "tool_calls"
@@ -529,20 +637,33 @@ def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDel
             return None   # text held back by the tool-call parser
         return {"index": index, "delta": body, "logprobs": logprobs,
                 "finish_reason": finish_reason}
-    return _stream_events(deltas, head, include_usage, first, choice)
+    return _stream_events(deltas, head, usage, first, choice)
 
 
 def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
-                       request_id: str, created: int, model: str,
-                       include_usage: bool) -> AsyncIterator[bytes]:
+                       request_id: str, created: int, model: str, usage: _StreamUsage | None,
+                       n: int, echoes: list[_Echo] | None) -> AsyncIterator[bytes]:
+    """Completion chunks; with echo, each choice's first chunk starts with its prompt (and
+    the prompt tokens' logprobs, which come with the prompt's first choice)."""
     head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    tokenizer = engine.tokenizer
     offsets: dict[int, int] = {}
+    prompt_logprobs: dict[int, PromptLogprobs] = {}
 
     def choice(index: int, delta: OutputDelta) -> dict[str, Any]:
+        prompt_index = index // n
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs[prompt_index] = delta.prompt_logprobs
+        text, echoed = delta.text, None
+        if echoes is not None and index not in offsets:
+            echo = echoes[prompt_index]
+            text, offsets[index] = echo.text + delta.text, len(echo.text)
+            if delta.logprobs is not None:
+                echoed = CompletionLogprobs.of_prompt(tokenizer, echo.token_ids,
+                                                      prompt_logprobs.get(prompt_index))
         offset = offsets.get(index, 0)
-        logprobs = _completion_logprobs(engine.tokenizer, delta.token_ids, delta.logprobs,
-                                        offset)
+        logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offset, echoed)
         offsets[index] = offset + len(delta.text)
-        return {"index": index, "text": delta.text, "logprobs": logprobs,
+        return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": _finish_reason(delta.finish_reason)}
-    return _stream_events(deltas, head, include_usage, [], choice)
+    return _stream_events(deltas, head, usage, [], choice)

@@ -6,8 +6,8 @@ is not answered as if it had been honoured. The few fields below typed ``Any`` a
 that changes nothing about the answer (``user``, ``metadata``, ``store``...): accepted and
 ignored. ``GatewaySettings.ignore_unknown_fields`` decodes with the ``Lenient*`` variants, which
 ignore every unknown field. Fields accepted beyond OpenAI's (top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, bad_words, chat_template_kwargs, structured_outputs,
-guided_json, guided_regex, guided_choice, guided_grammar) follow vLLM.
+ignore_eos, min_tokens, stop_token_ids, bad_words, prompt_logprobs, chat_template_kwargs,
+structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar) follow vLLM.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class MessageRole(msgspec.Struct):
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far too.
+    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(msgspec.Struct, kw_only=True):
@@ -98,6 +100,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None   # token ids as strings, as OpenAI sends them
     bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* names.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -114,7 +117,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def sampling_fields(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
                  "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens",
-                 "stop_token_ids")
+                 "stop_token_ids", "prompt_logprobs")
         fields = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.stop is not None:
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -171,7 +174,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: str | list[Any]    # a string, token ids, or a one-element list of either
+    prompt: str | list[Any]    # a string, token ids, or a list of either
     logprobs: int | None = None
     echo: bool = False
 

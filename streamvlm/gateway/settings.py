@@ -12,6 +12,8 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     served_model_name: str | None = None      # the name /v1/models reports and requests use
     max_body_bytes: int = 8 * 2**20
     max_json_depth: int = 64                  # arrays/objects open at once in a body or message
+    # Prompts in one /v1/completions call (each becomes n engine requests).
+    max_prompts_per_request: int = 32
     ws_max_message_bytes: int = 8 * 2**20
     ws_auth_timeout_s: float = 5.0
     # A chat whose connection dropped keeps running and its deltas are kept this long (and up
@@ -49,9 +51,9 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
             raise ValueError("max_kept_chats_per_connection must be at least "
                              "max_chats_per_connection")
         if min(self.max_chats_per_connection, self.max_connections, self.max_json_depth,
-               self.max_detached_chats) < 1:
-            raise ValueError("max_chats_per_connection, max_connections, max_json_depth and "
-                             "max_detached_chats must be positive")
+               self.max_detached_chats, self.max_prompts_per_request) < 1:
+            raise ValueError("max_chats_per_connection, max_connections, max_json_depth, "
+                             "max_detached_chats and max_prompts_per_request must be positive")
 
 
 # One line per setting: the CLI's --help and the README's settings table.
@@ -61,6 +63,7 @@ GATEWAY_FIELD_HELP: dict[str, str] = {
     "served_model_name": "the model name clients use and /v1/models reports; None: --model",
     "max_body_bytes": "HTTP request body bytes at most",
     "max_json_depth": "arrays/objects open at once in a body or WebSocket message",
+    "max_prompts_per_request": "prompts in one /v1/completions call at most",
     "ws_max_message_bytes": "WebSocket message bytes at most",
     "ws_auth_timeout_s": "seconds a WebSocket client has to authenticate",
     "resume_window_s": "seconds a dropped chat keeps running for chat.resume",

@@ -18,10 +18,12 @@ Server to client::
     {"type": "chat.delta", "id": "c1", "seq": 1, "text": "...", "token_ids": [...],
      "logprobs": [{"logprob": ..., "top_token_ids": [...], "top_logprobs": [...]}],  # if asked
      "tool_calls": [{"index": 0, "id": "call_...", "type": "function",              # with tools
-                     "function": {"name": "...", "arguments": "..."}}]}
+                     "function": {"name": "...", "arguments": "..."}}],
+     "index": 1}                                        # params.n > 1: the choice (absent: 0)
     {"type": "chat.done", "id": "c1", "seq": 9,
      "finish_reason": "stop" | "length" | "cancelled" | "tool_calls",
-     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}}
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"},
+     "finish_reasons": [...]}                           # params.n > 1: each choice's
     {"type": "error", "id": "c1" | null, "code": "...", "message": "...",
      "retry_after": 1.5}                                         # with code "overloaded" only
     {"type": "pong"}
@@ -67,16 +69,17 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streamvlm.engine.async_engine import AsyncEngine
-from streamvlm.engine.request_state import OutputDelta
+from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization, key_matches
-from streamvlm.gateway.common import RequestError, check_messages, prepare, sampling_params
+from streamvlm.gateway.common import (RequestError, check_messages, choice_request_ids, choice_stream, prepare,
+                                      sampling_params)
 from streamvlm.gateway.json_depth import json_too_deep
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.openai_schemas import ToolChoice, ToolDefinition
 from streamvlm.gateway.shutdown import ShutdownGate
 from streamvlm.gateway.tool_parsers import ToolCallParser
-from streamvlm.gateway.tools import openai_tool_call_deltas, plan_request_tools
+from streamvlm.gateway.tools import ToolPlan, openai_tool_call_deltas, plan_request_tools
 from streamvlm.contract.sampling import SamplingParams, StructuredOutputs
 from streamvlm.inputs.chat import TemplateValue
 
@@ -149,6 +152,7 @@ class ChatDelta(msgspec.Struct, tag="chat.delta", tag_field="type", omit_default
     token_ids: list[int]
     logprobs: list[LogprobEntry] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    index: int = 0      # the choice, with params.n > 1
 
 
 class ChatUsage(msgspec.Struct):
@@ -158,11 +162,15 @@ class ChatUsage(msgspec.Struct):
     cached_tokens: int
 
 
-class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type"):
+class ChatDone(msgspec.Struct, tag="chat.done", tag_field="type", omit_defaults=True):
     id: str
     seq: int
+    # With params.n > 1: "cancelled", else "length" if any choice ran out of tokens, else
+    # "tool_calls" if any choice made a tool call, else "stop"; finish_reasons holds each
+    # choice's, by index.
     finish_reason: str
     usage: ChatUsage
+    finish_reasons: list[str] | None = None
 
 
 class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -235,7 +243,7 @@ class ChatRegistry:
 
 class Chat:
     __slots__ = ("registry", "engine", "id", "resume_token", "request_id", "prompt", "params",
-                 "template_kwargs", "tool_request", "tool_parser", "tool_called",
+                 "template_kwargs", "tool_request", "tool_plan", "tool_parsers", "tool_called",
                  "max_tokens_given", "conn", "gen", "inflight", "space", "history",
                  "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
@@ -254,8 +262,9 @@ class Chat:
         self.params = params
         self.template_kwargs = template_kwargs
         self.tool_request = tool_request   # the chat.create, when it brought tools or tool_choice
-        self.tool_parser: ToolCallParser | None = None
-        self.tool_called = False
+        self.tool_plan: ToolPlan | None = None            # set by _plan_tools
+        self.tool_parsers: dict[int, ToolCallParser] = {}  # by choice
+        self.tool_called: set[int] = set()                 # choices that made a tool call
         self.max_tokens_given = max_tokens_given
         self.conn: Connection | None = None
         self.gen = 0                  # bumped on every attach/detach: stale queue entries
@@ -363,15 +372,25 @@ class Chat:
         self.error = ErrorEvent(self.id, code, message, retry_after)
         self._control(_frame(self.error))
 
-    def _push_delta(self, delta: OutputDelta) -> None:
+    def _tool_parser(self, index: int) -> ToolCallParser | None:
+        """Choice ``index``'s tool-call parser (each choice parses its own output)."""
+        parser = self.tool_parsers.get(index)
+        if parser is None and self.tool_plan is not None:
+            parser = self.tool_plan.parser()
+            if parser is not None:
+                self.tool_parsers[index] = parser
+        return parser
+
+    def _push_delta(self, index: int, delta: OutputDelta) -> None:
         text, tool_calls = delta.text, None
-        if self.tool_parser is not None:
-            parsed = self.tool_parser.feed(delta.text)
+        parser = self._tool_parser(index)
+        if parser is not None:
+            parsed = parser.feed(delta.text)
             if delta.finish_reason is not None:
-                parsed.extend(self.tool_parser.finish())
+                parsed.extend(parser.finish())
             text = parsed.content
             if parsed.tool_calls:
-                self.tool_called = True
+                self.tool_called.add(index)
                 tool_calls = openai_tool_call_deltas(parsed.tool_calls)
         if not (delta.token_ids or text or tool_calls or delta.logprobs):
             return
@@ -382,18 +401,28 @@ class Chat:
             logprobs = [LogprobEntry(lp.logprob, lp.top_token_ids, lp.top_logprobs)
                         for lp in delta.logprobs]
         self._record(_encode(ChatDelta(self.id, self.seq, text, delta.token_ids, logprobs,
-                                       tool_calls)))
+                                       tool_calls, index)))
 
-    def _push_done(self, finish_reason: str, delta: OutputDelta | None) -> None:
+    def _push_done(self, finish_reasons: dict[int, str], usages: dict[int, Usage]) -> None:
+        """The chat's end: the prompt counted once, every choice's completion tokens."""
         self.seq += 1
-        usage = delta.usage if delta is not None else None
-        if usage is not None:
-            out = ChatUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-                            usage.cached_tokens)
+        if len(usages) == len(finish_reasons) and usages:
+            prompt_tokens = next(iter(usages.values())).prompt_tokens
+            completion_tokens = sum(u.completion_tokens for u in usages.values())
+            cached_tokens = usages[0].cached_tokens if 0 in usages else 0
         else:
-            out = ChatUsage(self.prompt_tokens, self.completion_tokens,
-                            self.prompt_tokens + self.completion_tokens, 0)
-        self._record(_encode(ChatDone(self.id, self.seq, finish_reason, out)))
+            prompt_tokens, completion_tokens, cached_tokens = (self.prompt_tokens,
+                                                               self.completion_tokens, 0)
+        usage = ChatUsage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                          cached_tokens)
+        reasons = [finish_reasons[i] for i in sorted(finish_reasons)]
+        if len(reasons) == 1:
+            self._record(_encode(ChatDone(self.id, self.seq, reasons[0], usage)))
+            return
+        summary = ("cancelled" if "cancelled" in reasons else
+                   "length" if "length" in reasons else
+                   "tool_calls" if "tool_calls" in reasons else "stop")
+        self._record(_encode(ChatDone(self.id, self.seq, summary, usage, reasons)))
 
     async def _flow(self) -> None:
         """Wait while too many of this chat's frames are queued on its connection."""
@@ -412,7 +441,7 @@ class Chat:
         plan = await plan_request_tools(self.engine, self.registry.settings.tool_call_parser,
                                         request.tools, request.tool_choice,
                                         request.parallel_tool_calls)
-        self.tool_parser = plan.parser()
+        self.tool_plan = plan
         params = self.params
         if plan.grammar is not None:
             if params.structured_outputs is not None:
@@ -436,24 +465,30 @@ class Chat:
             self.prompt_tokens = len(prompt.prompt_token_ids)
             self._control(_frame(ChatCreated(self.id, self.resume_token)))
             if self.cancel_requested:
-                self._push_done("cancelled", None)
+                self._push_done({i: "cancelled" for i in range(params.n)}, {})
                 return
             self.submitted = True
-            async with contextlib.aclosing(engine.stream(prompt, params,
+            finish_reasons: dict[int, str] = {}
+            usages: dict[int, Usage] = {}
+            async with contextlib.aclosing(choice_stream(engine, prompt, params,
                                                          self.request_id)) as stream:
-                async for delta in stream:
-                    self._push_delta(delta)
+                async for index, delta in stream:
+                    self._push_delta(index, delta)
                     reason = delta.finish_reason
                     if reason is not None:
-                        if reason == "stop" and self.tool_called:
-                            self._push_done("tool_calls", delta)
-                        elif reason in _FINISH_REASONS:
-                            self._push_done(_FINISH_REASONS[reason], delta)
-                        else:
+                        if reason not in _FINISH_REASONS:
                             self._fail("generation_error", delta.error or f"finished: {reason}")
-                        break
+                            break
+                        finish_reasons[index] = ("tool_calls" if reason == "stop"
+                                                 and index in self.tool_called
+                                                 else _FINISH_REASONS[reason])
+                        if delta.usage is not None:
+                            usages[index] = delta.usage
+                        if len(finish_reasons) == params.n:
+                            self._push_done(finish_reasons, usages)
+                            break
                     if self.cancel_requested:   # a cancel that raced the submission
-                        await engine.abort(self.request_id)
+                        await self._abort_requests()
                     if self.inflight >= _CHAT_INFLIGHT:
                         await self._flow()
         except _Overflow:
@@ -486,7 +521,11 @@ class Chat:
             return
         self.cancel_requested = True
         if self.submitted:
-            await self.engine.abort(self.request_id)   # its stream ends with "abort"
+            await self._abort_requests()   # each choice's stream ends with "abort"
+
+    async def _abort_requests(self) -> None:
+        for request_id in choice_request_ids(self.request_id, self.params.n):
+            await self.engine.abort(request_id)
 
     def replay(self, conn: Connection, after_seq: int) -> None:
         """Move the chat to ``conn`` and queue its frames after ``after_seq``, in one step.
