@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
+import torch
 
 from streamvlm.contract.sampling import SamplingParams, StructuredOutputs
 from streamvlm.engine.structured_output import compile_structured_outputs
@@ -143,7 +143,7 @@ def test_matcher_follows_the_sequence_tokens(llama_path):
     """The matcher consumes the tokens it has not seen (a first token from a prefill group, a step's),
     skips a placeholder still in flight, and replays from the start when the tokens were replaced."""
     from streamvlm.contract.model_source import ModelSource
-    from workers.structured_output import GrammarMatchers
+    from workers.structured_output import GrammarMatchers, MaskBatch
 
     matchers = GrammarMatchers(ModelSource("hf", str(llama_path)), None, VOCAB)
     grammar = compile_structured_outputs(StructuredOutputs(choice=["ab", "abab"]))
@@ -159,13 +159,15 @@ def test_matcher_follows_the_sequence_tokens(llama_path):
     assert not state.is_complete(tokens, len(prompt), eos) and state.num_consumed == 3
     shorter = prompt + a
     assert not state.is_complete(shorter, len(prompt), eos) and state.num_consumed == 1
-    row = np.zeros((VOCAB + 31) // 32, dtype=np.int32)
-    state.fill_mask(shorter, len(prompt), eos, row)
-    allowed = np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0].tolist()
+    masks = MaskBatch(torch.device("cpu"))
+    allowed = masks.allowed([(state, shorter, len(prompt), eos)], VOCAB)[0].nonzero().flatten().tolist()
     assert b[0] in allowed and a[0] not in allowed and 2 not in allowed
+    # Two rows of one batch, each its own grammar's mask; "ab" is complete: the request's EOS may end it.
     done = prompt + a + b
-    state.fill_mask(done, len(prompt), eos, row)   # "ab" is complete: the request's EOS may end it
-    allowed = np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0].tolist()
+    other = matchers.build(grammar)
+    both = masks.allowed([(other, shorter, len(prompt), eos), (state, done, len(prompt), eos)], VOCAB)
+    assert both[0].nonzero().flatten().tolist() == allowed
+    allowed = both[1].nonzero().flatten().tolist()
     assert 2 in allowed and a[0] in allowed
     assert state.is_complete(done + [2], len(prompt), eos)
 

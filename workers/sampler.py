@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from streamvlm.contract.protocol import TokenLogprobs
 from workers.sequence import Sequence
+from workers.structured_output import MaskBatch
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -41,6 +41,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.request_generator = torch.Generator(device=device)
+        self.masks = MaskBatch(device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.finish(self.launch(logits, seqs), seqs)
@@ -121,16 +122,10 @@ class Sampler:
         rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         if not rows:
             return logits
-        vocab = logits.shape[-1]
-        words = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
-        for j, i in enumerate(rows):
-            seq = seqs[i]
-            seq.grammar.fill_mask(seq.token_ids, seq.num_prompt_tokens, seq.eos_token_ids, words[j])
-        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        grammars = [(seqs[i].grammar, seqs[i].token_ids, seqs[i].num_prompt_tokens, seqs[i].eos_token_ids)
+                    for i in rows]
+        allowed = self.masks.allowed(grammars, logits.shape[-1])
         index = self._tensor(rows, torch.int64)
-        allowed = torch.from_numpy(bits.astype(bool))
-        if self.device.type == "cuda":
-            allowed = allowed.pin_memory().to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
 

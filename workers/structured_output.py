@@ -50,17 +50,72 @@ class RequestGrammar:
         self.sync(token_ids, num_prompt_tokens, eos_token_ids)
         return self.ended_by_eos or self.matcher.is_stopped() or self.matcher.is_error()
 
-    def fill_mask(self, token_ids: list[int], num_prompt_tokens: int, eos_token_ids: frozenset[int],
-                  row: np.ndarray) -> None:
-        """Bits of the tokens allowed next (bit t % 32 of word t // 32) into ``row`` (int32)."""
-        self.sync(token_ids, num_prompt_tokens, eos_token_ids)
-        row[:] = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)[:len(row)]
+    def allow_eos(self, eos_token_ids: frozenset[int], row: np.ndarray) -> None:
+        """The request's own end-of-sequence tokens end a complete output too (llguidance knows
+        only the tokenizer's); a matcher in error lets the request end rather than go on."""
         if self.matcher.is_accepting() or self.matcher.is_error():
-            # The request's own end-of-sequence tokens end a complete output too (llguidance knows
-            # only the tokenizer's); a matcher in error lets the request end rather than go on.
             for token in eos_token_ids:
                 if token < 32 * len(row):
                     row[token // 32] |= np.int32(np.uint32(1 << (token % 32)).view(np.int32))
+
+
+class MaskBatch:
+    """The masks of one step's grammar rows, computed together: llguidance's executor fills the
+    rows of one int32 array on its own threads (without the GIL), and the packed words (1/8 of a
+    byte per token) go to the device, where the bits are expanded. The array is kept from step to
+    step (pinned on CUDA); a step waits for the copy out of it before the next one refills it."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self._executor: Any = None
+        self._words: Any = None          # torch int32 [rows, words], pinned on CUDA
+        self._copied: Any = None         # CUDA event after the last copy out of _words
+        self._bit_index: Any = None      # (word of each token, its bit), on the device
+
+    def allowed(self, grammars: list[tuple[RequestGrammar, list[int], int, frozenset[int]]],
+                vocab: int) -> Any:
+        """Bool [len(grammars), vocab] on the device: the tokens each grammar allows next. Each
+        entry: (grammar, the sequence's token ids, its prompt length, its end-of-sequence ids)."""
+        import torch
+        from llguidance import LLExecutor
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        if self._executor is None:
+            self._executor = LLExecutor()
+        num_words = (vocab + 31) // 32
+        words = self._buffer(len(grammars), num_words)
+        array = words.numpy()
+        for grammar, token_ids, num_prompt_tokens, eos in grammars:
+            grammar.sync(token_ids, num_prompt_tokens, eos)
+        fill_next_token_bitmask_par(self._executor, [(g.matcher, j) for j, (g, *_) in enumerate(grammars)], array)
+        for j, (grammar, _, _, eos) in enumerate(grammars):
+            grammar.allow_eos(eos, array[j])
+        if self.device.type == "cuda":
+            on_device = words.to(self.device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            on_device = words   # expanded below, before the array is used again
+        word_of, bit_of = self._bits(vocab)
+        return ((on_device[:, word_of] >> bit_of) & 1).bool()
+
+    def _buffer(self, rows: int, num_words: int) -> Any:
+        import torch
+
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._words is None or self._words.shape[0] < rows or self._words.shape[1] != num_words:
+            self._words = torch.zeros((max(rows, 64), num_words), dtype=torch.int32,
+                                      pin_memory=self.device.type == "cuda")
+        return self._words[:rows]
+
+    def _bits(self, vocab: int) -> tuple[Any, Any]:
+        import torch
+
+        if self._bit_index is None or self._bit_index[0].shape[0] != vocab:
+            tokens = torch.arange(vocab, device=self.device)
+            self._bit_index = (tokens // 32, (tokens % 32).to(torch.int32))
+        return self._bit_index
 
 
 class GrammarMatchers:
