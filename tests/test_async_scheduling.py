@@ -12,6 +12,7 @@ import pytest
 from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.protocol import AddRequest, StepOutput
 from streamvlm.contract.sampling import SamplingParams
+from streamvlm.engine.structured_output import compile_structured_outputs
 from tests.helpers import local_llm, make_worker
 from workers.sequence import PLACEHOLDER_TOKEN
 
@@ -24,8 +25,10 @@ def path(checkpoints):
 
 
 def add(worker: Any, request_id: str, prompt: list[int], **params: Any) -> None:
-    worker.add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt,
-                                  params=SamplingParams(**params), eos_token_ids=[2]))
+    sampling = SamplingParams(**params)
+    grammar = compile_structured_outputs(sampling.structured_outputs) if sampling.structured_outputs else ""
+    worker.add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt, params=sampling,
+                                  eos_token_ids=[2], grammar=grammar))
 
 
 def drive(worker: Any, requests: dict[str, tuple[list[int], dict]], abort_after: dict[str, int] | None = None,
@@ -119,6 +122,39 @@ def test_penalties_wait_for_the_tokens_and_match(path):
     }
     (sync_tokens, _, _), (tokens, _, _) = both(path, requests)
     assert tokens == sync_tokens
+
+
+def test_sampling_that_reads_the_tokens_still_launches_ahead(path):
+    """Penalties and a grammar read the tokens so far: the step's forward pass is launched before
+    the step before is taken, its sampling queued once those tokens are in; the tokens are the
+    synchronous worker's."""
+    requests = {
+        "penalised": (prompt(0, 8), dict(temperature=0, max_tokens=16, repetition_penalty=1.3,
+                                         presence_penalty=0.4, ignore_eos=True)),
+        "grammar": (prompt(1, 8), dict(temperature=0.8, seed=5, max_tokens=24,
+                                       structured_outputs={"regex": "[a-z]{3,8}( [a-z]{3,8}){2,5}"})),
+        "plain": (prompt(2, 8), dict(temperature=0, max_tokens=24, ignore_eos=True)),
+    }
+    (sync_tokens, sync_finish, _), (tokens, finish, _) = both(path, requests)
+    assert tokens == sync_tokens and finish == sync_finish
+    worker = make_worker(path, **OPTIONS, async_scheduling=True)
+    calls: list[str] = []
+    runner = worker.runner
+    for name in ("launch", "finish", "sample"):
+        def record(*args, _name=name, _original=getattr(runner, name), **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        setattr(runner, name, record)
+    add(worker, "r", prompt(0, 10), temperature=0, max_tokens=6, repetition_penalty=1.3, ignore_eos=True)
+    worker.step()
+    calls.clear()
+    second = worker.step()   # launches the first decode, then takes the first token, then samples
+    assert calls == ["launch", "finish", "sample"]
+    assert [len(d.new_token_ids) for d in second.deltas] == [1]
+    seq = worker.sequences["r"]
+    assert seq.token_ids[-1] == PLACEHOLDER_TOKEN and seq.token_ids[-2] == second.deltas[0].new_token_ids[0]
+    while worker.has_work():
+        worker.step()
 
 
 def test_preemption_gives_the_synchronous_tokens(path):

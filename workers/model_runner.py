@@ -37,6 +37,9 @@ class PendingStep:
     output: SamplerOutput | None          # already known (no forward pass)
     # Prompt logprobs of the step's prefill chunks that asked for them, still on the device.
     prompt: tuple[PromptLogprobRequest, PromptLogprobTensors] | None = None
+    # Launched with defer_sampling: the sampling rows' logits, waiting for sample().
+    logits: torch.Tensor | None = None
+    shares_sampled_tokens: bool = False
 
 
 class ModelRunner:
@@ -186,10 +189,14 @@ class ModelRunner:
         """One step; the chunks' items are already encoded (encode_pending)."""
         return self.finish(self.launch(chunks))
 
-    def launch(self, chunks: list[ScheduledChunk], previous: PendingStep | None = None) -> PendingStep:
+    def launch(self, chunks: list[ScheduledChunk], previous: PendingStep | None = None,
+               defer_sampling: bool = False) -> PendingStep:
         """Queue one step's forward pass and sampling on the device and return without waiting for
         it, so that the caller's bookkeeping overlaps with the device's work. Placeholder tokens in
-        the chunks (async scheduling) are the sampled tokens of ``previous``, still in flight."""
+        the chunks (async scheduling) are the sampled tokens of ``previous``, still in flight.
+
+        ``defer_sampling``: the forward pass only; sample() queues the sampling later, once the
+        sequences hold the tokens sampling reads (penalties, bad words, grammars)."""
         samplers = [c.seq for c in chunks if c.samples]
         if self.config.model.skip_model_forward:
             return PendingStep(samplers, None, self._random_tokens(chunks))
@@ -209,11 +216,20 @@ class ModelRunner:
             # Queued before the sampler records its ready event, which finish() waits for: with
             # async scheduling a plain .tolist() later would wait for the next step too.
             prompt = prompt.on_host()
-        sample = self.sampler.launch(logits, samplers)
-        if plan.shares_sampled_tokens:
-            broadcast_tensor(sample.token_ids)
-        return PendingStep(samplers, sample, None,
-                           (prompt_request, prompt) if prompt_request is not None else None)
+        pending = PendingStep(samplers, None, None, (prompt_request, prompt) if prompt_request is not None else None,
+                              logits, plan.shares_sampled_tokens)
+        if not defer_sampling:
+            self.sample(pending)
+        return pending
+
+    def sample(self, pending: PendingStep) -> None:
+        """Queue the sampling of a launched step whose sampling waits (see launch)."""
+        if pending.logits is None:
+            return
+        pending.sample = self.sampler.launch(pending.logits, pending.seqs)
+        pending.logits = None
+        if pending.shares_sampled_tokens:
+            broadcast_tensor(pending.sample.token_ids)
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:

@@ -180,9 +180,10 @@ class Worker:
         self.kv_handoff.reserve_blocks()
         deltas, self._pending_deltas = self._pending_deltas, []
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and not self._may_schedule_ahead():
-            self._complete(in_flight, deltas)
-            in_flight = None
+        # Sampling that reads the tokens so far (penalties, bad words, grammars) cannot run ahead
+        # of the step in flight: this step's forward pass is queued now, its sampling once the
+        # step before's tokens are in.
+        defer_sampling = in_flight is not None and not self._may_sample_ahead()
         plan = self.scheduler.schedule()
         timed = self._timed_prefills(plan.chunks)
         if plan.chunks and self.runner.supports_images and not self.config.model.skip_model_forward:
@@ -201,18 +202,20 @@ class Worker:
             plan.chunks = [c for c in plan.chunks if c.seq not in failed]
         launched = None
         if plan.chunks:
-            pending = self.runner.launch(plan.chunks, in_flight.pending if in_flight else None)
+            pending = self.runner.launch(plan.chunks, in_flight.pending if in_flight else None, defer_sampling)
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 if chunk.seq.encoder_outputs:
                     chunk.seq.release_encoder_outputs()
-            positions = None
-            if self.async_scheduling:
-                positions = [self._stand_in(seq, row) for row, seq in enumerate(pending.seqs)]
-            launched = LaunchedStep(pending, positions)
+            launched = LaunchedStep(pending, None)
+            if self.async_scheduling and not defer_sampling:
+                launched.positions = self._stand_ins(pending.seqs)
         # While the device runs the step: the step before's tokens, and what needs no tokens.
         if in_flight is not None:
             self._complete(in_flight, deltas)
+        if launched is not None and defer_sampling:
+            self.runner.sample(launched.pending)
+            launched.positions = self._stand_ins(launched.pending.seqs)
         if launched is not None:
             for chunk in plan.chunks:
                 if chunk.seq.status is SequenceStatus.FINISHED:
@@ -252,9 +255,16 @@ class Worker:
                 chunk.seq.timeline.in_step(now)
         return timed
 
-    def _may_schedule_ahead(self) -> bool:
-        """Penalties read the tokens generated so far on the host: those steps wait for them."""
+    def _may_sample_ahead(self) -> bool:
+        """Penalties, bad words and grammars read the tokens generated so far on the host: a step
+        with such a sequence samples only once the step before's tokens are in."""
         return not any(seq.params.reads_history for seq in self.scheduler.running)
+
+    def _stand_ins(self, seqs: list[Sequence]) -> list[int]:
+        """Async scheduling: placeholders for the tokens of the step just launched (-1 for a
+        sequence the step before has just ended: nothing follows its last token)."""
+        return [self._stand_in(seq, row) if seq.status is not SequenceStatus.FINISHED else -1
+                for row, seq in enumerate(seqs)]
 
     def _stand_in(self, seq: Sequence, row: int) -> int:
         """Async scheduling: a placeholder for seq's token being sampled in row `row` of the step just
