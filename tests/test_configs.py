@@ -45,8 +45,15 @@ def test_resolve_makes_the_cores_settings_concrete():
     assert resolved.model.max_model_len == 1024 and resolved.parallel.kv_transport == "zmq"
     assert resolved.model.max_cuda_graph_batch_size == 8
     assert resolved.limits.max_prompt_bytes == 16 * 1024
+    assert resolved.scheduler.max_num_encoder_tokens == config.scheduler.max_num_batched_tokens
     assert config.parallel.kv_transport == "auto" and config.model.max_model_len is None
-    kept = resolve(EngineConfig(max_model_len=100, max_prompt_bytes=10, kv_transport="peer"),
+    kept = resolve(EngineConfig(max_model_len=100, max_prompt_bytes=10, kv_transport="peer",
+                                max_num_encoder_tokens=300),
                    {"max_position_embeddings": 1024})
-    assert (kept.model.max_model_len, kept.limits.max_prompt_bytes, kept.parallel.kv_transport) == \
-        (100, 10, "peer")
+    assert (kept.model.max_model_len, kept.limits.max_prompt_bytes, kept.parallel.kv_transport,
+            kept.scheduler.max_num_encoder_tokens) == (100, 10, "peer", 300)
+
+
+def test_encoder_budget_must_be_positive():
+    with pytest.raises(ValueError, match="max_num_encoder_tokens must be >= 1"):
+        EngineConfig(max_num_encoder_tokens=0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers import make_worker
 from streamvlm.contract.protocol import AddRequest
 from streamvlm.contract.sampling import SamplingParams
 from workers.kv_cache import BlockPool
+from workers.multimodal import MultiModalInput
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import Sequence, SequenceStatus
 
@@ -21,9 +23,9 @@ def make_seq(index: int, num_tokens: int, **params) -> Sequence:
 
 
 def make(num_blocks: int = 64, max_num_seqs: int = 8,
-         max_num_batched_tokens: int = 16) -> tuple[Scheduler, BlockPool]:
+         max_num_batched_tokens: int = 16, **encoder) -> tuple[Scheduler, BlockPool]:
     pool = BlockPool(num_blocks, BS, enable_prefix_caching=True)
-    return Scheduler(pool, max_num_seqs, max_num_batched_tokens), pool
+    return Scheduler(pool, max_num_seqs, max_num_batched_tokens, **encoder), pool
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
@@ -266,6 +268,123 @@ def test_scheduler_drains_with_no_leaked_blocks():
     assert not sched.has_work()
     assert all(s.num_output_tokens == 6 for s in seqs)
     assert held(pool) == 0
+
+
+# --- encoder budget -----------------------------------------------------------------------------
+
+ENCODED = torch.empty(0)   # stands in for an encoder output
+
+
+def image(item_hash: str, offset: int, num_tokens: int) -> MultiModalInput:
+    return MultiModalInput(item_hash, offset, num_tokens, "embeds", "image", ENCODED)
+
+
+def with_images(seq: Sequence, *items: MultiModalInput) -> Sequence:
+    seq.mm_items = list(items)
+    return seq
+
+
+def encoding_step(sched: Scheduler) -> tuple[SchedulerOutput, list[str]]:
+    """step(), keeping encoder outputs as the worker does; also the hashes the step encodes."""
+    out = step(sched)
+    encoded: list[str] = []
+    for chunk in out.chunks:
+        seq = chunk.seq
+        for item in seq.mm_items:
+            reached = item.offset < chunk.start + chunk.num_tokens and item.end > chunk.start
+            if not reached or item.hash in seq.encoder_outputs:
+                continue
+            if not sched.is_encoded(item.hash) and item.hash not in encoded:
+                encoded.append(item.hash)
+            seq.encoder_outputs[item.hash] = ENCODED
+        seq.release_encoder_outputs()
+    return out, encoded
+
+
+def spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks]
+
+
+def test_encoder_budget_cuts_a_chunk_before_the_image_that_does_not_fit():
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=8)
+    seq = with_images(make_seq(0, 40), image("a", 10, 8), image("b", 24, 8))
+    sched.add(seq)
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 24)] and encoded == ["a"]   # the text before "b" still runs
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 24, 16)] and encoded == ["b"]
+    assert seq.num_output_tokens == 1
+
+
+def test_encoder_budget_is_shared_by_the_chunks_of_a_step():
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=12)
+    sched.add(with_images(make_seq(0, 20), image("a", 4, 8)))
+    sched.add(with_images(make_seq(1, 20), image("b", 6, 8)))
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 20), ("s1", 0, 6)] and encoded == ["a"]
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 20, 1), ("s1", 6, 14)] and encoded == ["b"]
+
+
+def test_an_image_larger_than_the_budget_runs_alone():
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=4)
+    sched.add(with_images(make_seq(0, 16), image("a", 2, 10)))
+    sched.add(with_images(make_seq(1, 16), image("b", 0, 10)))
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 16)] and encoded == ["a"]
+    assert [s.request_id for s in sched.waiting] == ["s1"]
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 16, 1), ("s1", 0, 16)] and encoded == ["b"]
+
+
+def test_a_waiting_sequence_held_back_by_the_encoder_budget_keeps_its_place():
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=8)
+    a = with_images(make_seq(0, 12), image("a", 0, 8))
+    b = with_images(make_seq(1, 12), image("b", 0, 8))
+    c = make_seq(2, 12)   # text only: it would fit, but does not overtake b
+    for seq in (a, b, c):
+        sched.add(seq)
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 12)] and list(sched.waiting) == [b, c]
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 12, 1), ("s1", 0, 12), ("s2", 0, 12)] and encoded == ["b"]
+
+
+def test_items_already_encoded_cost_no_encoder_budget():
+    cached = {"cached"}
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=8,
+                       is_encoded=cached.__contains__)
+    sched.add(with_images(make_seq(0, 12), image("cached", 2, 8)))
+    sched.add(with_images(make_seq(1, 12), image("cached", 2, 8)))
+    sched.add(with_images(make_seq(2, 12), image("new", 2, 8)))
+    sched.add(with_images(make_seq(3, 12), image("new", 2, 8)))   # encoded once for both
+    sched.add(with_images(make_seq(4, 12), image("other", 2, 8)))
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 12), ("s1", 0, 12), ("s2", 0, 12), ("s3", 0, 12), ("s4", 0, 2)]
+    assert encoded == ["new"]
+
+
+def test_an_image_its_sequence_holds_costs_nothing_in_later_chunks():
+    sched, pool = make(max_num_batched_tokens=16, max_num_encoder_tokens=16)
+    sched.add(with_images(make_seq(0, 30), image("a", 4, 16)))
+    sched.add(with_images(make_seq(1, 8), image("b", 0, 4)))
+    out, encoded = encoding_step(sched)
+    assert spans(out) == [("s0", 0, 16)] and encoded == ["a"]
+    out, encoded = encoding_step(sched)   # "a" is sliced from the sequence's output: b fits
+    assert spans(out) == [("s0", 16, 14), ("s1", 0, 2)] and encoded == ["b"]
+
+
+def test_decodes_run_every_step_while_images_wait_for_encoder_budget():
+    sched, pool = make(max_num_batched_tokens=64, max_num_encoder_tokens=4)
+    decoding = with_images(make_seq(0, 10), image("d", 0, 8))
+    sched.add(decoding)
+    encoding_step(sched)
+    for i in range(1, 4):
+        sched.add(with_images(make_seq(i, 10), image(f"i{i}", 0, 8)))
+    for i in range(1, 4):
+        out, encoded = encoding_step(sched)
+        assert spans(out)[0] == ("s0", 9 + i, 1)
+        assert encoded == [f"i{i}"] and len(out.chunks) == 1 + i   # earlier images now decode
 
 
 # --- aborts through a Worker --------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 
 from streamvlm import SamplingParams
 from streamvlm.contract.protocol import AddRequest
-from tests.helpers import local_llm, worker_of
+from tests.helpers import local_llm, make_worker, worker_of
 from workers.scheduler import ScheduledChunk
 from workers.sequence import Sequence
 
@@ -259,6 +259,51 @@ def test_repeated_image_is_encoded_once(name: str, llms) -> None:
     after = llm.stats()
     assert after.num_encoded_items - before.num_encoded_items == 1
     assert after.encoder_cache_hits - before.encoder_cache_hits >= 1
+
+
+def drive_burst(worker: Any, prepared: list[Any]) -> tuple[list[list[int]], list[int]]:
+    """Add the prepared prompts at once and step the worker until they end: each one's greedy
+    tokens, and how many images each step encoded."""
+    for index, prompt in enumerate(prepared):
+        worker.add_request(AddRequest(request_id=f"r{index}", prompt_token_ids=prompt.prompt_token_ids,
+                                      params=GREEDY, mm_items=prompt.mm_items))
+    tokens: list[list[int]] = [[] for _ in prepared]
+    encoded_per_step: list[int] = []
+    encoded = 0
+    while worker.has_work():
+        out = worker.step()
+        for delta in out.deltas:
+            assert delta.error is None
+            tokens[int(delta.request_id[1:])] += delta.new_token_ids
+        encoded_per_step.append(out.stats.num_encoded_items - encoded)
+        encoded = out.stats.num_encoded_items
+    return tokens, encoded_per_step
+
+
+def test_encoder_budget_spreads_a_burst_of_images_over_steps(family_paths, llms, references) -> None:
+    """Four image requests arrive together. Without a binding encoder budget the first step encodes
+    all four images; with a budget of the smallest image each step encodes one (a larger one alone),
+    the text before an image running meanwhile. The tokens are the same either way."""
+    name = "qwen2_5_vl"
+    conversations = [conversation([image], f"Question {index}?")
+                     for index, image in enumerate((CAT, DOG, BIRD, FISH))]
+    llm = llms(name)
+    prepared = [llm._call(llm.engine.prepare_prompt(messages)) for messages in conversations]
+    sizes = [prompt.mm_items[0].num_tokens for prompt in prepared]
+    options = dict(max_model_len=512, block_size=BLOCK, max_num_batched_tokens=512)
+    unbounded = make_worker(family_paths[name], **options, max_num_encoder_tokens=sum(sizes))
+    bounded = make_worker(family_paths[name], **options, max_num_encoder_tokens=min(sizes))
+    tokens, encoded = drive_burst(unbounded, prepared)
+    bounded_tokens, bounded_encoded = drive_burst(bounded, prepared)
+    expected = [references[name].greedy(messages) for messages in conversations]
+    assert bounded_tokens == tokens == expected
+    assert encoded[0] == 4 and sum(encoded) == 4
+    assert bounded_encoded[:4] == [1, 1, 1, 1] and sum(bounded_encoded) == 4
+    # The last image's request starts three steps later, then decodes as many tokens.
+    assert bounded.num_steps == unbounded.num_steps + 3
+    # The same budget set on the engine, through the config the engine core resolves.
+    outputs = llms(name, max_num_encoder_tokens=min(sizes)).chat(conversations, GREEDY)
+    assert [out.token_ids for out in outputs] == expected
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -22,6 +22,10 @@ class EncoderCache:
         self.hits = 0
         self.misses = 0
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is cached, without counting a hit or a miss or refreshing it."""
+        return key in self.entries
+
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
         if value is None:

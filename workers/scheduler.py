@@ -2,15 +2,19 @@
 
 Each step: running sequences first (decodes before unfinished prefills, so a long prompt never
 starves the token streams), then waiting ones while budget, sequence slots and blocks remain.
-When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-waits to be recomputed (its prefix may well still be cached).
+Images have a budget of their own (EncoderBudget): a prefill chunk stops before the first image
+that does not fit in the step's, and a waiting sequence that cannot start keeps later ones
+waiting behind it. When blocks run out, the newest running sequence is preempted: its blocks are
+freed and it waits to be recomputed (its prefix may well still be cached).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
+from workers.encoder_budget import EncoderBudget, nothing_encoded
 from workers.kv_cache import BlockPool
 from workers.sequence import Sequence, SequenceStatus
 
@@ -38,10 +42,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, *,
+                 max_num_encoder_tokens: int | None = None,
+                 is_encoded: Callable[[str], bool] = nothing_encoded) -> None:
+        """``max_num_encoder_tokens`` None: max_num_batched_tokens. ``is_encoded(item_hash)``: the
+        encoder cache holds that item (it costs no encoder budget)."""
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_encoder_tokens = max_num_encoder_tokens or max_num_batched_tokens
+        self.is_encoded = is_encoded
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Sequences whose prompt KV arrived from a prefill group: they join the running batch
@@ -82,6 +92,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        encoder = EncoderBudget(self.max_num_encoder_tokens, self.is_encoded)
         while self.resumed and len(self.running) < self.max_num_seqs:
             seq = self.resumed.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -94,7 +105,10 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new, items = encoder.fit(seq, seq.num_computed_tokens,
+                                         min(seq.num_uncomputed_tokens, budget))
+            if num_new == 0:
+                continue   # its next image waits for a step with encoder budget left
             while not self.pool.allocate(seq, num_new):
                 victim = self._pick_victim(scheduled)
                 self._preempt(victim)
@@ -105,19 +119,22 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
                 scheduled.add(id(seq))
                 budget -= num_new
+                encoder.spend(items)
 
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             hits = [] if seq.needs_whole_prompt else self.pool.find_cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(hits) * self.pool.block_size, budget)
-            if not self.pool.allocate(seq, num_new, hits):
-                break
+            start = len(hits) * self.pool.block_size
+            num_new, items = encoder.fit(seq, start, min(seq.num_tokens - start, budget))
+            if num_new == 0 or not self.pool.allocate(seq, num_new, hits):
+                break   # later arrivals do not overtake it
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
+            encoder.spend(items)
         return out
 
     def _pick_victim(self, scheduled: set[int]) -> Sequence:

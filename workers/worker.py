@@ -46,7 +46,9 @@ class Worker:
                 f"num_kv_blocks or lower max_model_len")
         self.pool = BlockPool(self.runner.kv_memory.num_blocks, config.cache.block_size,
                               config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens,
+                                   max_num_encoder_tokens=config.scheduler.max_num_encoder_tokens,
+                                   is_encoded=self.runner.encoder.cache.holds)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
         self._arrivals = 0

@@ -6,8 +6,8 @@ Where each setting is resolved:
 
 - ``resolve(config, text_config)`` (here, called once by the engine core before any worker starts)
   fills in whatever the core can know without a device: max_model_len (from the model's
-  config), kv_transport, max_cuda_graph_batch_size, max_prompt_bytes. Workers receive the
-  resolved config.
+  config), kv_transport, max_cuda_graph_batch_size, max_num_encoder_tokens, max_prompt_bytes.
+  Workers receive the resolved config.
 - device, dtype, attention_backend and async_scheduling depend on the device a worker group
   runs on. The engine core cannot know them without initializing CUDA in its own process, and a
   remote group runs on a host the core cannot see, so each worker group resolves them once, in
@@ -130,6 +130,12 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Image placeholder tokens (whole items, cached ones free) the vision encoder may take in one
+    # step: a burst of images is spread over several steps instead of stalling every decode for
+    # one long step. A chunk is cut before the first image that does not fit. The first image of
+    # a step always runs, even one larger than the whole budget (alone then), so none starves.
+    # None: max_num_batched_tokens.
+    max_num_encoder_tokens: int | None = None
     # Schedule and queue step N+1 while step N still runs on the device, its sampled tokens feeding
     # N+1 on the device. Steps with penalty sampling wait for the tokens instead. With tensor
     # parallelism rank 0 broadcasts the sampled tokens to the other ranks each step. None: on for CUDA
@@ -137,7 +143,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        _check_at_least(self, ("max_num_seqs", "max_num_batched_tokens"))
+        _check_at_least(self, ("max_num_seqs", "max_num_batched_tokens", "max_num_encoder_tokens"))
 
 
 class GroupSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -375,6 +381,8 @@ FIELD_HELP: dict[str, str] = {
     "encoder_cache_tokens": "vision-encoder outputs kept by image hash, in placeholder tokens",
     "max_num_seqs": "sequences in one step at most",
     "max_num_batched_tokens": "tokens in one step at most (the prefill chunk budget)",
+    "max_num_encoder_tokens": "image placeholder tokens encoded in one step at most; an image "
+                              "larger than this runs alone in a step; None: max_num_batched_tokens",
     "async_scheduling": "schedule step N+1 while step N runs; None: on for one-rank CUDA groups",
     "worker_backend": "process: a spawned process per worker group; thread: a thread here",
     "worker_transport": "how the engine core reaches its workers: ipc (one host) or tcp",
@@ -507,16 +515,22 @@ def resolve(config: EngineConfig, text_config: dict[str, Any]) -> EngineConfig:
     parallel = config.parallel
     if parallel.kv_transport == "auto":
         parallel = msgspec.structs.replace(parallel, kv_transport="zmq")
+    scheduler = msgspec.structs.replace(
+        config.scheduler,
+        max_num_encoder_tokens=(config.scheduler.max_num_encoder_tokens
+                                or config.scheduler.max_num_batched_tokens))
     limits = msgspec.structs.replace(
         config.limits,
         max_prompt_bytes=config.limits.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * max_model_len)
-    return msgspec.structs.replace(config, model=model, parallel=parallel, limits=limits)
+    return msgspec.structs.replace(config, model=model, scheduler=scheduler, parallel=parallel,
+                                   limits=limits)
 
 
 def check_resolved(config: EngineConfig) -> None:
     """ValueError unless ``config`` came out of resolve() (what the input pipeline and the
     workers are built from)."""
     if (config.model.max_model_len is None or config.model.max_cuda_graph_batch_size is None
+            or config.scheduler.max_num_encoder_tokens is None
             or config.limits.max_prompt_bytes is None or config.parallel.kv_transport == "auto"):
         raise ValueError("this needs a resolved EngineConfig: pass it through "
                          "streamvlm.contract.config.resolve() first")
