@@ -187,8 +187,9 @@ def test_a_remote_worker_leaves_when_its_core_dies(llama_path):
             assert worker.poll() is None
             core.kill()
             core.wait()
-            # Within its timeout of silence, give or take a poll and the socket linger.
-            assert wait_exit(worker, within=TIMEOUT_S + 3) >= TIMEOUT_S - 1.5
+            # Not before its timeout of silence (give or take a poll); the bound above only catches
+            # a worker that stays (a loaded machine may take seconds to schedule its exit).
+            assert wait_exit(worker, within=TIMEOUT_S + 60) >= TIMEOUT_S - 1.5
             assert "nothing from the engine core" in worker.stderr.read()
 
 
