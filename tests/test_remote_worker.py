@@ -93,9 +93,11 @@ def test_a_remote_group_shares_the_work_with_the_same_outputs(loop, llama_path):
             outs = await asyncio.gather(*(engine.generate({"prompt_token_ids": p}, GREEDY)
                                           for p in requests))
             health = await engine.health()
-            # A clean shutdown tells the remote worker to leave at once.
+            # A clean shutdown tells the remote worker to leave: it does not wait out its
+            # timeout of silence (the bound only catches one that stays; load may slow its exit).
             await engine.shutdown()
-            wait_exit(worker, within=5)
+            wait_exit(worker, within=60)
+            assert "nothing from the engine core" not in worker.stderr.read()
         return [o.token_ids for o in outs], health, worker
 
     got, health, worker = run(loop, serve(), timeout=120)
