@@ -25,6 +25,7 @@ from streamvlm.contract.generation_defaults import sampling_defaults
 from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.contract.sampling import UINT64_MAX, SamplingParams
+from streamvlm.engine.byte_level import ByteLevelVocab
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
@@ -101,6 +102,8 @@ class AsyncEngine:
         self.config = config = resolve(config, self.source.text_config)
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
+        # Built now, not on the event loop when the first request arrives.
+        ByteLevelVocab.of(self.tokenizer)
         # SamplingParams fields a request that leaves them unset gets (the gateway merges its
         # requests' fields over them; params=None takes them all).
         self.default_sampling_fields: dict[str, Any] = sampling_defaults(
