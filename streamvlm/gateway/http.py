@@ -213,9 +213,11 @@ async def _started_choices(request: Request, engine: AsyncEngine, prompt: Any, p
                            ) -> AsyncIterator[tuple[int, OutputDelta]]:
     """Indexed deltas of every choice, the first received before the response starts; n == 1
     is the plain stream with index 0."""
+    coalesce_s = _settings(request).stream_coalesce_ms / 1000
     if params.n == 1:
-        return await _started(request, _indexed(engine.stream(prompt, params)))
-    return await _started(request, engine.stream_choices(prompt, params))
+        return await _started(request, _indexed(engine.stream(prompt, params,
+                                                               coalesce_s=coalesce_s)))
+    return await _started(request, engine.stream_choices(prompt, params, coalesce_s=coalesce_s))
 
 
 async def _generate_choices_or_abort(request: Request, engine: AsyncEngine, prompt: Any,
