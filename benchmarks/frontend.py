@@ -21,8 +21,8 @@ process, counting the tokens that reach them. --sse does the same over HTTP: one
 Columns: tokens/s that reached the consumers; deltas (frames, SSE events) per second and
 tokens per delta (the engine merges a stream's output while its consumer is behind, and every
 --coalesce-ms); over every consumer's deltas the gap between two deltas at p50 and p99 and
-the first delta's latency at p50; and the engine-core CPU per step (for --ws/--sse: the
-server process, engine core + gateway). --coalesce-ms passes a delta-coalescing interval
+the first delta's latency at p50; the engine-core CPU per step (for --ws/--sse: the
+server process, engine core + gateway) and the worker's (which bounds the step rate). --coalesce-ms passes a delta-coalescing interval
 (engine.stream's coalesce_s, the gateway's stream_coalesce_ms).
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -41,6 +42,22 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_json  # noqa: E402
+
+def worker_cpu_s(engine) -> float:
+    """CPU seconds the engine's worker processes have used so far (Linux /proc; 0 elsewhere, or
+    for a thread worker)."""
+    total = 0.0
+    for group in engine.groups:
+        for process in group.processes:
+            pid = getattr(process, "pid", None)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, TypeError):
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -90,22 +107,26 @@ async def run_case(engine, streams: int, max_tokens: int, prompt_len: int,
         max_gaps.append(longest)
 
     steps_before = (await engine.stats()).num_steps
+    worker_before = worker_cpu_s(engine)
     cpu_before, start = time.process_time(), time.perf_counter()
     await asyncio.gather(*(consume(p) for p in prompts))
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu_before
+    worker_cpu = worker_cpu_s(engine) - worker_before
     steps = (await engine.stats()).num_steps - steps_before
     return {"streams": streams, "tokens": received, "deltas": deltas,
             "seconds": round(elapsed, 3), "tokens_per_s": round(received / elapsed),
             "tokens_per_delta": round(received / max(deltas, 1), 2), "steps": steps,
             "core_cpu_ms_per_step": round(1000 * cpu / max(steps, 1), 3),
+            "worker_cpu_ms_per_step": round(1000 * worker_cpu / max(steps, 1), 3),
             **latency_fields(first, gaps, max_gaps)}
 
 
 def print_header(server: bool) -> None:
     print(f"{'mode':>10} {'streams':>7} {'tokens':>8} {'seconds':>7} {'tokens/s':>9} "
           f"{'deltas/s':>9} {'tok/dlt':>7} {'1st p50':>8} {'gap p50':>8} {'gap p99':>8} "
-          f"{'cpu ms/step':>11}" + (f" {'srv cpu':>7} {'cli cpu':>7}" if server else ""),
+          f"{'cpu ms/step':>11} {'wrk ms/step':>11}"
+          + (f" {'srv cpu':>7} {'cli cpu':>7}" if server else ""),
           flush=True)
 
 
@@ -113,7 +134,8 @@ def print_row(row: dict) -> None:
     print(f"{row['mode']:>10} {row['streams']:>7} {row['tokens']:>8} {row['seconds']:>7.2f} "
           f"{row['tokens_per_s']:>9} {round(row['deltas'] / row['seconds']):>9} "
           f"{row['tokens_per_delta']:>7} {row['first_delta_ms_p50']:>8} {row['gap_ms_p50']:>8} "
-          f"{row['gap_ms_p99']:>8} {row['core_cpu_ms_per_step']:>11}"
+          f"{row['gap_ms_p99']:>8} {row['core_cpu_ms_per_step']:>11} "
+          f"{row['worker_cpu_ms_per_step']:>11}"
           + (f" {row['server_cpu_s']:>7} {row['client_cpu_s']:>7}" if "server_cpu_s" in row
              else ""), flush=True)
 
@@ -306,6 +328,7 @@ async def run_client_case(engine, kind: str, url: str, streams: int, max_tokens:
     proc = ctx.Process(target=target, args=(url, streams, max_tokens, prompt_len,
                                             compression, child), daemon=True)
     steps_before = (await engine.stats()).num_steps
+    worker_before = worker_cpu_s(engine)
     cpu_before = time.process_time()
     proc.start()
     loop = asyncio.get_running_loop()
@@ -314,6 +337,7 @@ async def run_client_case(engine, kind: str, url: str, streams: int, max_tokens:
     if "error" in result:
         raise RuntimeError(f"{kind} clients failed: {result['error']}")
     server_cpu = time.process_time() - cpu_before   # includes the clients' connect phase
+    worker_cpu = worker_cpu_s(engine) - worker_before
     steps = (await engine.stats()).num_steps - steps_before
     tokens, seconds = result["tokens"], result["seconds"]
     return {"mode": kind + ("+deflate" if compression else ""), "streams": streams,
@@ -321,6 +345,7 @@ async def run_client_case(engine, kind: str, url: str, streams: int, max_tokens:
             "tokens_per_s": round(tokens / seconds),
             "tokens_per_delta": round(tokens / max(result["deltas"], 1), 2), "steps": steps,
             "core_cpu_ms_per_step": round(1000 * server_cpu / max(steps, 1), 3),
+            "worker_cpu_ms_per_step": round(1000 * worker_cpu / max(steps, 1), 3),
             "first_delta_ms_p50": result["first_delta_ms_p50"],
             "gap_ms_p50": result["gap_ms_p50"], "gap_ms_p99": result["gap_ms_p99"],
             "max_gap_ms_p50": result["max_gap_ms_p50"],

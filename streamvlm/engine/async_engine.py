@@ -26,6 +26,7 @@ from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.contract.sampling import UINT64_MAX, SamplingParams
 from streamvlm.engine.byte_level import ByteLevelVocab
+from streamvlm.engine import gc_policy
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
@@ -116,6 +117,7 @@ class AsyncEngine:
         self._ctx: zmq.asyncio.Context | None = None
         self._dead: EngineDeadError | None = None
         self._started = False
+        self._serving = False   # started, and counted by gc_policy until shutdown
         self._finalizer: weakref.finalize | None = None
         self._num_steps = 0
         self._disaggregated = False   # prefill and decode groups instead of mixed ones
@@ -164,6 +166,8 @@ class AsyncEngine:
         prefill = [g for g in self.groups if g.role == "prefill"]
         self._disaggregated = bool(prefill)
         connect_kv_peers(prefill, [g for g in self.groups if g.role == "decode"])
+        gc_policy.serving_started()
+        self._serving = True
 
     @property
     def worker_listen_address(self) -> str | None:
@@ -173,6 +177,9 @@ class AsyncEngine:
         return self._listener.bound_address if self._listener is not None else None
 
     async def shutdown(self) -> None:
+        if self._serving:
+            self._serving = False
+            gc_policy.serving_stopped()
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
