@@ -325,6 +325,30 @@ def test_slow_consumer_gets_merged_deltas(loop, engine):
     assert max(len(d.token_ids) for d in deltas) > 1
 
 
+def test_coalesced_stream_equals_the_plain_one(loop, engine):
+    """coalesce_s: the same tokens, text and logprobs, ending with the request, in fewer deltas
+    (the tiny model steps far faster than the interval); a stop string still ends it."""
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True, logprobs=True)
+    prompt = "The engine schedules requests, runs the model"
+
+    async def scenario():
+        final = await engine.generate(prompt, params)
+        deltas = await collect(engine.stream(prompt, params, coalesce_s=0.05))
+        stop = final.text[20:24]
+        stopped = await collect(engine.stream(
+            prompt, SamplingParams(temperature=0.0, max_tokens=120, stop=[stop]),
+            coalesce_s=0.05))
+        return final, deltas, stop, stopped
+
+    final, deltas, stop, stopped = run(loop, scenario())
+    check_stream(deltas, final)
+    assert len(deltas) < len(final.token_ids)
+    assert stopped[-1].finish_reason == "stop"
+    assert final.text.startswith("".join(d.text for d in stopped))
+    assert stop not in "".join(d.text for d in stopped)
+    assert run(loop, wait_idle(engine)).kv_blocks_used == 0
+
+
 # ---- 4. stop strings ----------------------------------------------------------------------
 
 def test_stop_strings_never_reach_the_stream(loop, engine):

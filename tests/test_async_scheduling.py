@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.protocol import AddRequest, StepOutput
 from streamvlm.contract.sampling import SamplingParams
 from streamvlm.engine.structured_output import compile_structured_outputs

@@ -5,16 +5,40 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from streamvlm.engine.detokenizer import IncrementalDetokenizer
+from streamvlm.engine.byte_level import ByteLevelVocab
+from streamvlm.engine.detokenizer import IncrementalDetokenizer, WindowDecoder
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
 SPECIAL_IDS = [0, 1, 2]
 MULTIBYTE_TEXT = "héllo wörld 日本語 emoji 🙂 — café 😀🎉 東京 Straße"
 
 
+class DecodeOnly:
+    """A tokenizer seen only through decode() and encode(): the detokenizer cannot use its
+    byte table, and decodes in a window."""
+
+    def __init__(self, tokenizer) -> None:
+        self._inner = tokenizer
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self._inner.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return self._inner.encode(text, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tiny_tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="module", params=["byte_level", "window"])
+def tokenizer(request, tiny_tokenizer):
+    """Every detokenizer test runs on both decoders: the byte table and the window."""
+    return tiny_tokenizer if request.param == "byte_level" else DecodeOnly(tiny_tokenizer)
 
 
 def chunked(ids: list[int], rng: random.Random, max_chunk: int) -> list[list[int]]:
@@ -48,7 +72,8 @@ def random_ids(rng: random.Random, tokenizer, n: int) -> list[int]:
 
 # --- the tiny tokenizer -------------------------------------------------------------------------
 
-def test_tiny_tokenizer_round_trip(tokenizer, tmp_path):
+def test_tiny_tokenizer_round_trip(tiny_tokenizer, tmp_path):
+    tokenizer = tiny_tokenizer
     assert len(tokenizer) <= 512
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert tokenizer.convert_tokens_to_ids(specials) == [0, 1, 2]
@@ -66,7 +91,8 @@ def test_tiny_tokenizer_round_trip(tokenizer, tmp_path):
     assert loaded.encode("<|im_start|><|im_end|><|endoftext|>") == [1, 2, 0]
 
 
-def test_tiny_tokenizer_is_deterministic(tokenizer, tmp_path):
+def test_tiny_tokenizer_is_deterministic(tiny_tokenizer, tmp_path):
+    tokenizer = tiny_tokenizer
     again = build_tiny_tokenizer(tmp_path)
     assert again.get_vocab() == tokenizer.get_vocab()
     assert again.encode(MULTIBYTE_TEXT) == tokenizer.encode(MULTIBYTE_TEXT)
@@ -86,6 +112,27 @@ def test_tiny_tokenizer_chat_template(tmp_path):
 
 
 # --- the invariant ------------------------------------------------------------------------------
+
+def test_byte_level_tokenizer_decodes_without_the_tokenizer(tiny_tokenizer):
+    assert IncrementalDetokenizer(tiny_tokenizer, []).decodes_without_tokenizer
+    assert not IncrementalDetokenizer(DecodeOnly(tiny_tokenizer), []).decodes_without_tokenizer
+    assert ByteLevelVocab.of(DecodeOnly(tiny_tokenizer)) is None
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_byte_table_matches_decode_on_invalid_bytes(tiny_tokenizer, skip_special_tokens):
+    """Random single-byte tokens (mostly invalid UTF-8: stray continuation bytes, lead bytes cut
+    short) with special tokens between them: replaced exactly as the tokenizer replaces them."""
+    vocab = ByteLevelVocab.of(tiny_tokenizer)
+    byte_ids = [i for i, b in enumerate(vocab.token_bytes) if b is not None and len(b) == 1]
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.choice(byte_ids) if rng.random() > 0.1 else rng.choice(SPECIAL_IDS)
+               for _ in range(rng.randint(1, 12))]
+        expected = tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        detok = IncrementalDetokenizer(tiny_tokenizer, [], skip_special_tokens=skip_special_tokens)
+        assert "".join(detok.add_tokens([i]) for i in ids) + detok.finish() == expected
+
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("seed", range(6))
@@ -149,7 +196,8 @@ def test_window_stays_bounded(tokenizer):
         out = []
         for i in ids:
             out.append(detok.add_tokens([i]))
-            longest = max(longest, len(detok._window))
+            if isinstance(detok._ids, WindowDecoder):
+                longest = max(longest, len(detok._ids.window))
         out.append(detok.finish())
         assert "".join(out) == tokenizer.decode(ids, skip_special_tokens=True)
         assert longest <= 20

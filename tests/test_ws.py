@@ -223,6 +223,34 @@ def test_two_concurrent_chats_on_one_connection(server, reference):
     wait_engine_idle(server)
 
 
+def test_coalesced_chat_gets_every_token_in_order(server, reference):
+    """?coalesce_ms=N: fewer, larger deltas (the worker is slowed so several steps fall in one
+    interval), the same tokens, text and seq numbering; a bad value closes the connection."""
+    ref = greedy(reference, PROMPT, 32)
+
+    async def main():
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with await connect(server.ws_url + "?coalesce_ms=50", additional_headers=headers,
+                                 max_size=None, proxy=None) as ws:
+            await send(ws, **create("c", PROMPT, temperature=0, max_tokens=32, ignore_eos=True))
+            chats = Chats()
+            await chats.until_done(ws, "c")
+        async with await connect(server.ws_url + "?coalesce_ms=soon", additional_headers=headers,
+                                 max_size=None, proxy=None) as ws:
+            refused = await recv(ws)
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        return chats, refused, closed.value
+
+    with slow_worker(server, 0.005):
+        chats, refused, closed = run(main())
+    check_stream(chats, "c", ref)
+    assert len(chats.deltas("c")) < len(ref.token_ids)
+    assert refused["code"] == "invalid_request" and "coalesce_ms" in refused["message"]
+    assert closed.rcvd.code == 1008
+    wait_engine_idle(server)
+
+
 def test_stop_string_and_default_max_tokens(server, reference):
     full = greedy(reference, PROMPT, 16).text
     stop = full[4:6]

@@ -25,6 +25,8 @@ from streamvlm.contract.generation_defaults import sampling_defaults
 from streamvlm.contract.model_source import resolve_model
 from streamvlm.contract.protocol import AddRequest, RequestDelta, StepOutput, WorkerFailed
 from streamvlm.contract.sampling import UINT64_MAX, SamplingParams
+from streamvlm.engine.byte_level import ByteLevelVocab
+from streamvlm.engine import gc_policy
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import connect_kv_peers, send_split
 from streamvlm.engine.group_health import GroupWatch, HealthReport
@@ -104,6 +106,8 @@ class AsyncEngine:
         self.config = config = resolve(config, self.source.text_config)
         self.processor = InputProcessor(config, self.source)
         self.tokenizer = self.processor.tokenizer
+        # Built now, not on the event loop when the first request arrives.
+        ByteLevelVocab.of(self.tokenizer)
         # SamplingParams fields a request that leaves them unset gets (the gateway merges its
         # requests' fields over them; params=None takes them all).
         self.default_sampling_fields: dict[str, Any] = sampling_defaults(
@@ -116,6 +120,7 @@ class AsyncEngine:
         self._ctx: zmq.asyncio.Context | None = None
         self._dead: EngineDeadError | None = None
         self._started = False
+        self._serving = False   # started, and counted by gc_policy until shutdown
         self._finalizer: weakref.finalize | None = None
         self._num_steps = 0
         self._disaggregated = False   # prefill and decode groups instead of mixed ones
@@ -164,6 +169,8 @@ class AsyncEngine:
         prefill = [g for g in self.groups if g.role == "prefill"]
         self._disaggregated = bool(prefill)
         connect_kv_peers(prefill, [g for g in self.groups if g.role == "decode"])
+        gc_policy.serving_started()
+        self._serving = True
 
     @property
     def worker_listen_address(self) -> str | None:
@@ -173,6 +180,9 @@ class AsyncEngine:
         return self._listener.bound_address if self._listener is not None else None
 
     async def shutdown(self) -> None:
+        if self._serving:
+            self._serving = False
+            gc_policy.serving_stopped()
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -201,18 +211,27 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, *, collect_timings: bool = False
-                     ) -> AsyncIterator[OutputDelta]:
+                     request_id: str | None = None, *, collect_timings: bool = False,
+                     coalesce_s: float = 0.0) -> AsyncIterator[OutputDelta]:
         """Deltas of one request as they are produced; leaving early aborts the request. With
         ``collect_timings`` the first token's delta carries ``timings`` (RequestTimings): where
-        its time to first token went."""
+        its time to first token went.
+
+        Without ``coalesce_s`` a delta comes as soon as the consumer asks and output is there
+        (a consumer that fell behind gets everything since in one delta). With it, deltas after
+        the first come at most once per ``coalesce_s`` seconds, each carrying all the output
+        since the previous one: fewer, larger deltas (less work per token for whatever sends
+        them on) for up to ``coalesce_s`` more latency per token."""
         request_id, tracked = await self._submit(prompt, params, request_id, collect_timings)
+        collector = tracked.collector
         finished = False
         try:
             while not finished:
-                delta = await tracked.collector.get()
+                delta = await collector.get()
                 finished = delta.finish_reason is not None
                 yield delta
+                if coalesce_s > 0 and not finished:
+                    await collector.settle(coalesce_s)
         finally:
             if not finished:
                 self._requests.end(request_id, "abort")
@@ -231,7 +250,7 @@ class AsyncEngine:
         return tracked.state.output
 
     async def stream_choices(self, prompt: EnginePrompt, params: SamplingParams | None = None,
-                             request_id: str | None = None
+                             request_id: str | None = None, *, coalesce_s: float = 0.0
                              ) -> AsyncIterator[tuple[int, OutputDelta]]:
         """Deltas of the ``params.n`` samples of one prompt, each with its choice index; the
         stream ends when every choice has finished, and leaving early aborts them all.
@@ -239,7 +258,8 @@ class AsyncEngine:
         Sample i is request ``{request_id}-{i}`` with seed ``seed + i`` (when seeded). The prompt
         is prepared once; the first sample runs alone until its prompt is computed (its first
         delta), then the others start and find the prompt's full KV blocks in the prefix cache:
-        the blocks are shared by refcount, and only the last partial block is recomputed."""
+        the blocks are shared by refcount, and only the last partial block is recomputed.
+        ``coalesce_s`` applies to each sample's deltas as in stream()."""
         params = SamplingParams(**self.default_sampling_fields) if params is None else params
         self._check_alive()
         self.processor.validate_params(params)
@@ -250,7 +270,7 @@ class AsyncEngine:
         async def pump(index: int) -> None:
             try:
                 async for delta in self.stream(prepared, _choice_params(params, index),
-                                               f"{request_id}-{index}"):
+                                               f"{request_id}-{index}", coalesce_s=coalesce_s):
                     queue.put_nowait((index, delta))
             except Exception as exc:
                 queue.put_nowait((index, exc))

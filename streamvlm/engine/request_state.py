@@ -58,6 +58,12 @@ class OutputDelta:
 
 
 class RequestState:
+    """One request's output so far. Its text is kept by the detokenizer and written to
+    ``output.text`` when the request ends: appending each delta to one string would copy the
+    whole text for every token."""
+
+    __slots__ = ("params", "output", "detokenizer", "_held")
+
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  tokenizer: Any) -> None:
         self.params = params
@@ -72,7 +78,7 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return self.output.finished
+        return self.output.finish_reason is not None
 
     @property
     def stopped_by_string(self) -> bool:
@@ -83,12 +89,15 @@ class RequestState:
         until the tokens before it arrive, and tokens already folded in are dropped. None if
         nothing is new yet (held, a duplicate) or the request already ended (a late abort echo).
         A delta without tokens (an abort or error) ends the request as it comes."""
-        if self.output.finished:
+        output = self.output
+        if output.finish_reason is not None:
             return None
         index = delta.output_index
         if index < 0 or not delta.new_token_ids:
             return self._fold(delta)
-        expected = len(self.output.token_ids)
+        expected = len(output.token_ids)
+        if index == expected and not self._held:
+            return self._fold(delta)
         if index > expected:
             self._held[index] = delta
             return None
@@ -97,12 +106,12 @@ class RequestState:
             if delta is None:
                 return None
         out = self._fold(delta)
-        while not self.output.finished:
-            later = self._held.pop(len(self.output.token_ids), None)
+        while output.finish_reason is None:
+            later = self._held.pop(len(output.token_ids), None)
             if later is None:
                 break
             out.merge(self._fold(later))
-        if self.output.finished:
+        if output.finish_reason is not None:
             self._held.clear()
         return out
 
@@ -119,29 +128,33 @@ class RequestState:
     def _fold(self, delta: RequestDelta) -> OutputDelta:
         out = self.output
         token_ids = delta.new_token_ids
-        detok = self.detokenizer
-        text = detok.add_tokens(token_ids) if token_ids and detok else ""
         finish_reason = delta.finish_reason
-        if detok is not None and detok.stop_string_hit is not None:
-            # Keep tokens up to the one that completed the stop string.
-            keep = detok.num_tokens_at_stop - len(out.token_ids)
-            token_ids = token_ids[:keep]
-            finish_reason = "stop"
-        elif detok is not None and finish_reason is not None:
-            text += detok.finish()
+        detok = self.detokenizer
+        text = ""
+        if detok is not None:
+            if token_ids:
+                text = detok.add_tokens(token_ids)
+            if detok.stop_string_hit is not None:
+                # Keep tokens up to the one that completed the stop string.
+                token_ids = token_ids[:detok.num_tokens_at_stop - len(out.token_ids)]
+                finish_reason = "stop"
+            elif finish_reason is not None:
+                text += detok.finish()
         logprobs = None
         if out.logprobs is not None and delta.logprobs is not None:
             logprobs = delta.logprobs[:len(token_ids)]
             out.logprobs.extend(logprobs)
-        out.token_ids.extend(token_ids)
-        out.text += text
-        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
-        out.finish_reason = finish_reason
-        out.error = delta.error
-        usage = None
-        if finish_reason is not None:
-            usage = Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
+        out.token_ids += token_ids
+        if delta.num_cached_tokens > out.num_cached_tokens:
+            out.num_cached_tokens = delta.num_cached_tokens
         if delta.prompt_logprobs is not None:
             out.prompt_logprobs = delta.prompt_logprobs
+        if finish_reason is None:
+            return OutputDelta(out.request_id, text, token_ids, logprobs, None, delta.error,
+                               prompt_logprobs=delta.prompt_logprobs)
+        out.text = detok.text if detok is not None else ""
+        out.finish_reason = finish_reason
+        out.error = delta.error
+        usage = Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
         return OutputDelta(out.request_id, text, token_ids, logprobs, finish_reason, delta.error,
                            usage, prompt_logprobs=delta.prompt_logprobs)

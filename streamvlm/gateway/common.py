@@ -86,13 +86,13 @@ async def _indexed(deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[tuple[in
             yield 0, delta
 
 
-def choice_stream(engine: AsyncEngine, prompt: Any, params: SamplingParams,
-                  request_id: str | None = None) -> AsyncIterator[tuple[int, OutputDelta]]:
+def choice_stream(engine: AsyncEngine, prompt: Any, params: SamplingParams, request_id: str | None = None,
+                  coalesce_s: float = 0.0) -> AsyncIterator[tuple[int, OutputDelta]]:
     """Indexed deltas of every choice of one prompt (engine.stream_choices); n == 1 is the
-    plain stream with index 0."""
+    plain stream with index 0. ``coalesce_s``: see engine.stream."""
     if params.n == 1:
-        return _indexed(engine.stream(prompt, params, request_id))
-    return engine.stream_choices(prompt, params, request_id)
+        return _indexed(engine.stream(prompt, params, request_id, coalesce_s=coalesce_s))
+    return engine.stream_choices(prompt, params, request_id, coalesce_s=coalesce_s)
 
 
 def choice_request_ids(request_id: str, n: int) -> list[str]:

@@ -273,6 +273,11 @@ async def _generate_choices(engine: AsyncEngine, prompt: Any, params: SamplingPa
     return [_check_generated(out) for out in outs]
 
 
+def _coalesce_s(request: Request) -> float:
+    """The serve flag --stream-coalesce-ms, in seconds (0: every delta as it comes)."""
+    return _settings(request).stream_coalesce_ms / 1000
+
+
 def _usage(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
@@ -376,7 +381,8 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        [deltas] = await _started(request, [choice_stream(engine, prompt, params)])
+        [deltas] = await _started(request, [choice_stream(engine, prompt, params,
+                                                          coalesce_s=_coalesce_s(request))])
         usage = _stream_usage(body, [len(prompt.prompt_token_ids)], params.n)
         return _sse(_chat_chunks(engine, deltas, request_id, created, model, usage, params.n,
                                  tools))
@@ -494,7 +500,8 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     n = params.n
     if body.stream:
-        streams = await _started(request, [choice_stream(engine, p, prm) for p, prm in prepared])
+        streams = await _started(request, [choice_stream(engine, p, prm, coalesce_s=_coalesce_s(request))
+                                            for p, prm in prepared])
         usage = _stream_usage(body, [len(p.prompt_token_ids) for p, _ in prepared], n)
         return _sse(_completion_chunks(engine, _merged(streams, n), request_id, created, model,
                                        usage, n, echoes))

@@ -28,6 +28,10 @@ Server to client::
      "retry_after": 1.5}                                         # with code "overloaded" only
     {"type": "pong"}
 
+``/v1/ws?coalesce_ms=N`` asks for the connection's chats to stream a delta at most every N
+milliseconds (after the first), each carrying all the output since the previous one; without
+it the server's ``stream_coalesce_ms`` applies (default 0: a delta as soon as there is output).
+
 A chat ends with chat.done, or with an error event carrying its id. Each chat's delta and done
 events are numbered 1, 2, 3... (``seq``). A bad message gets an error event and never closes the
 connection or disturbs the other chats; only authentication failures close it (code 1008),
@@ -75,8 +79,8 @@ from streamvlm.gateway.auth import check_authorization, key_matches
 from streamvlm.gateway.common import (RequestError, check_messages, choice_request_ids, choice_stream, prepare,
                                       sampling_params)
 from streamvlm.gateway.json_depth import json_too_deep
-from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.openai_schemas import ToolChoice, ToolDefinition
+from streamvlm.gateway.settings import MAX_COALESCE_MS, GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
 from streamvlm.gateway.tool_parsers import ToolCallParser
 from streamvlm.gateway.tools import ToolPlan, openai_tool_call_deltas, plan_request_tools
@@ -247,13 +251,14 @@ class Chat:
                  "max_tokens_given", "conn", "gen", "inflight", "space", "history",
                  "history_bytes", "seq",
                  "detach_seq", "submitted", "cancel_requested", "finished", "error", "timer",
-                 "task", "prompt_tokens", "completion_tokens")
+                 "task", "prompt_tokens", "completion_tokens", "coalesce_s")
 
     def __init__(self, registry: ChatRegistry, engine: AsyncEngine, chat_id: str, prompt: Any,
                  params: SamplingParams, max_tokens_given: bool,
                  template_kwargs: dict[str, Any] | None = None,
-                 tool_request: ChatCreate | None = None) -> None:
+                 tool_request: ChatCreate | None = None, coalesce_s: float = 0.0) -> None:
         self.registry = registry
+        self.coalesce_s = coalesce_s   # the delta-coalescing interval of its connection
         self.engine = engine
         self.id = chat_id
         self.resume_token = secrets.token_urlsafe(16)
@@ -470,8 +475,8 @@ class Chat:
             self.submitted = True
             finish_reasons: dict[int, str] = {}
             usages: dict[int, Usage] = {}
-            async with contextlib.aclosing(choice_stream(engine, prompt, params,
-                                                         self.request_id)) as stream:
+            async with contextlib.aclosing(choice_stream(engine, prompt, params, self.request_id,
+                                                         coalesce_s=self.coalesce_s)) as stream:
                 async for index, delta in stream:
                     self._push_delta(index, delta)
                     reason = delta.finish_reason
@@ -546,8 +551,9 @@ class Connection:
     """One WebSocket: its chats and the single writer that sends their frames in order."""
 
     def __init__(self, websocket: WebSocket, registry: ChatRegistry, engine: AsyncEngine,
-                 gate: ShutdownGate) -> None:
+                 gate: ShutdownGate, coalesce_s: float = 0.0) -> None:
         self.websocket = websocket
+        self.coalesce_s = coalesce_s
         self.registry = registry
         self.engine = engine
         self.gate = gate
@@ -727,7 +733,7 @@ class Connection:
         with_tools = message.tools or message.tool_choice is not None
         chat = Chat(self.registry, self.engine, chat_id, prompt, params,
                     "max_tokens" in message.params, message.chat_template_kwargs,
-                    message if with_tools else None)
+                    message if with_tools else None, self.coalesce_s)
         self.registry.by_token[chat.resume_token] = chat
         chat.attach(self)
         chat.task = asyncio.get_running_loop().create_task(chat.run())
@@ -838,6 +844,19 @@ async def _receive_until_idle(websocket: WebSocket, conn: Connection,
                 return None
 
 
+def _coalesce_ms(websocket: WebSocket, settings: GatewaySettings) -> float | None:
+    """The connection's delta-coalescing interval: ?coalesce_ms=N, else the server's; None if
+    the query's value is not one."""
+    value = websocket.query_params.get("coalesce_ms")
+    if value is None:
+        return settings.stream_coalesce_ms
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    return ms if 0 <= ms <= MAX_COALESCE_MS else None
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     state = websocket.app.state
     registry: ChatRegistry = state.chats
@@ -847,9 +866,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if gate.draining:
         await _close(websocket, "shutting_down", "the server is shutting down", 1001)
         return
+    coalesce_ms = _coalesce_ms(websocket, settings)
+    if coalesce_ms is None:
+        await _close(websocket, "invalid_request",
+                     f"coalesce_ms must be a number of milliseconds from 0 to {MAX_COALESCE_MS:g}",
+                     1008)
+        return
     if not await _authenticate(websocket, settings):
         return
-    conn = Connection(websocket, registry, state.engine, gate)
+    conn = Connection(websocket, registry, state.engine, gate, coalesce_ms / 1000)
     conn.start()
     try:
         while True:

@@ -1,0 +1,35 @@
+"""The collector's threshold while engines serve, and back after the last one stops."""
+
+from __future__ import annotations
+
+import gc
+
+from streamvlm.engine import gc_policy
+
+
+def test_threshold_raised_while_any_engine_serves_then_restored():
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        gc_policy.serving_started()
+        gc_policy.serving_started()
+        assert gc.get_threshold() == (gc_policy.SERVING_GEN0_THRESHOLD, 10, 10)
+        gc_policy.serving_stopped()
+        assert gc.get_threshold()[0] == gc_policy.SERVING_GEN0_THRESHOLD
+        gc_policy.serving_stopped()
+        assert gc.get_threshold() == (700, 10, 10)
+        gc_policy.serving_stopped()   # one too many: nothing changes
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_collection_turned_off_stays_off():
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(0)
+        gc_policy.serving_started()
+        assert gc.get_threshold()[0] == 0
+        gc_policy.serving_stopped()
+    finally:
+        gc.set_threshold(*before)
