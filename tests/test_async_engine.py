@@ -521,7 +521,10 @@ def test_async_with_starts_serves_and_stops(loop, engine, llama_path, transport)
 # pyzmq warns that the dropped engine's context was not closed (then destroys it).
 @pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning")
 def test_dropped_engine_stops_its_worker(loop, llama_path):
+    from streamvlm.engine import gc_policy
+
     baseline = child_pids()
+    holds = gc_policy._engines_serving
 
     async def start_and_drop():
         dropped = await start_engine(llama_path)
@@ -532,6 +535,7 @@ def test_dropped_engine_stops_its_worker(loop, llama_path):
     ref, pid = run(loop, start_and_drop())
     gc.collect()
     assert ref() is None, gc.get_referrers(ref())
+    assert gc_policy._engines_serving == holds   # its hold on the GC threshold is given back
 
     async def wait_gone():
         deadline = time.monotonic() + 3

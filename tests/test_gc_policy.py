@@ -7,7 +7,10 @@ import gc
 from streamvlm.engine import gc_policy
 
 
-def test_threshold_raised_while_any_engine_serves_then_restored():
+def test_threshold_raised_while_any_engine_serves_then_restored(monkeypatch):
+    # Counted from here, whatever engines other tests of this process still hold.
+    monkeypatch.setattr(gc_policy, "_engines_serving", 0)
+    monkeypatch.setattr(gc_policy, "_saved_threshold", None)
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
@@ -24,7 +27,9 @@ def test_threshold_raised_while_any_engine_serves_then_restored():
         gc.set_threshold(*before)
 
 
-def test_collection_turned_off_stays_off():
+def test_collection_turned_off_stays_off(monkeypatch):
+    monkeypatch.setattr(gc_policy, "_engines_serving", 0)
+    monkeypatch.setattr(gc_policy, "_saved_threshold", None)
     before = gc.get_threshold()
     try:
         gc.set_threshold(0)
@@ -33,3 +38,4 @@ def test_collection_turned_off_stays_off():
         gc_policy.serving_stopped()
     finally:
         gc.set_threshold(*before)
+

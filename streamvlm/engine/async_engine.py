@@ -120,7 +120,7 @@ class AsyncEngine:
         self._ctx: zmq.asyncio.Context | None = None
         self._dead: EngineDeadError | None = None
         self._started = False
-        self._serving = False   # started, and counted by gc_policy until shutdown
+        self._gc_hold: weakref.finalize | None = None   # started: counted by gc_policy until shutdown
         self._finalizer: weakref.finalize | None = None
         self._num_steps = 0
         self._disaggregated = False   # prefill and decode groups instead of mixed ones
@@ -170,7 +170,8 @@ class AsyncEngine:
         self._disaggregated = bool(prefill)
         connect_kv_peers(prefill, [g for g in self.groups if g.role == "decode"])
         gc_policy.serving_started()
-        self._serving = True
+        # Released by shutdown(), or when a started engine is dropped without it.
+        self._gc_hold = weakref.finalize(self, gc_policy.serving_stopped)
 
     @property
     def worker_listen_address(self) -> str | None:
@@ -180,9 +181,8 @@ class AsyncEngine:
         return self._listener.bound_address if self._listener is not None else None
 
     async def shutdown(self) -> None:
-        if self._serving:
-            self._serving = False
-            gc_policy.serving_stopped()
+        if self._gc_hold is not None:
+            self._gc_hold()   # once: a finalizer runs at most one time
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
