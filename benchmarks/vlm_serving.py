@@ -156,6 +156,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                           device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=64,
                           **({"max_num_batched_tokens": args.max_num_batched_tokens}
                              if args.max_num_batched_tokens else {}),
+                          **({"max_num_encoder_tokens": args.max_num_encoder_tokens}
+                             if args.max_num_encoder_tokens else {}),
                           enable_prefix_caching=False, skip_model_forward=args.skip_model_forward)
     results = []
     async with AsyncEngine(config) as engine:
@@ -198,6 +200,7 @@ def main() -> None:
                         help="the worker samples random tokens without running the model or its vision "
                              "encoder: the host side's share of the time alone")
     parser.add_argument("--max-num-batched-tokens", type=int, help="the engine's default when not given")
+    parser.add_argument("--max-num-encoder-tokens", type=int, help="the engine's default when not given")
     parser.add_argument("--step-trace", metavar="PREFIX",
                         help="the worker writes its steps to PREFIX.<pid>.jsonl; each run's steps are summarised")
     parser.add_argument("--json")
