@@ -37,3 +37,34 @@ def seconds_per_replay(fn, repeats: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000 / repeats
+
+
+def add_workload_arguments(parser) -> None:
+    """The throughput workload's flags (nano-vllm's: random prompt and output lengths), shared by
+    throughput.py and structured_output.py."""
+    parser.add_argument("--shape", default="qwen3-0.6b", help="model shape (benchmarks/shapes.py)")
+    parser.add_argument("--model", help="a checkpoint folder instead of --shape")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+
+
+def milliseconds_per_call(fn, repeats: int, warmup: int = 3) -> float:
+    """Milliseconds per call of fn() on the current CUDA stream (CUDA events), after warm-up calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ASYNC_SCHEDULING, write_json  # noqa: E402
+from benchmarks.common import ASYNC_SCHEDULING, add_workload_arguments, write_json  # noqa: E402
 from benchmarks.shapes import shape_folder  # noqa: E402
 from benchmarks.throughput import workload  # noqa: E402
 
@@ -69,17 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json-schema", default=str(DEFAULT_SCHEMA), metavar="FILE",
                         help="the JSON schema half the requests are constrained to")
-    parser.add_argument("--shape", default="qwen3-0.6b", help="model shape (benchmarks/shapes.py)")
-    parser.add_argument("--model", help="a checkpoint folder instead of --shape")
+    add_workload_arguments(parser)
     parser.add_argument("--tokenizer", help="a tokenizer folder for the grammar (see above)")
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--min-len", type=int, default=100)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                         help="auto: on for CUDA, TP 1 (steps with a grammar wait for their tokens)")

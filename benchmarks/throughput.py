@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ASYNC_SCHEDULING, write_json  # noqa: E402
+from benchmarks.common import ASYNC_SCHEDULING, add_workload_arguments, write_json  # noqa: E402
 from benchmarks.shapes import shape_folder  # noqa: E402
 
 
@@ -85,16 +85,7 @@ def print_profiles(prefix: str, top: int = 30) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen3-0.6b", help="model shape (benchmarks/shapes.py)")
-    parser.add_argument("--model", help="a checkpoint folder instead of --shape")
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--min-len", type=int, default=100)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    add_workload_arguments(parser)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--num-replicas", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto")

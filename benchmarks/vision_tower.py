@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import milliseconds_per_call, write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 
@@ -62,16 +62,7 @@ def time_encode(model, items, repeats: int) -> float:
     import torch
 
     with torch.inference_mode():
-        for _ in range(3):
-            model.encode(items)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            model.encode(items)
-        end.record()
-        torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+        return milliseconds_per_call(lambda: model.encode(items), repeats)
 
 
 def profile_encode(model, items) -> str:

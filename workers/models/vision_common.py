@@ -93,10 +93,10 @@ def varlen_attention_applies(q: torch.Tensor) -> bool:
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan,
-                      scale: float, *, allow_varlen: bool = True) -> torch.Tensor:
+                      scale: float) -> torch.Tensor:
     """Bidirectional attention of [N, heads, head_dim] q/k/v, each row seeing only its own
     segment."""
-    if allow_varlen and varlen_attention_applies(q):
+    if varlen_attention_applies(q):
         return _varlen_attention(q, k, v, plan.cu_lengths, plan.cu_lengths, plan.max_length, plan.max_length,
                                  scale=scale)
     return padded_segment_attention(q, k, v, plan.padded, scale)
