@@ -192,7 +192,7 @@ def test_embeds_and_features_sources_match_pixels(hf, ours, images):
                                              features.view(-1, windowed.shape[-1]), item.grid_thw))
     assert_logits_close(our_logits(ours, ids, feature_items), expected)
     with torch.inference_mode():
-        ours_features = ours.visual.features(items[0].data, [items[0].grid_thw])
+        ours_features = ours.visual.features(items[0].data, ours.visual.prepare([items[0].grid_thw], items[0].data.device))
     torch.testing.assert_close(ours_features, feature_items[0].data, rtol=1e-5, atol=1e-5)
 
 

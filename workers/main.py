@@ -146,6 +146,10 @@ class WorkerProcess:
         # Benchmarks: STREAMVLM_STEP_TRACE=PREFIX writes one line per step into PREFIX.<pid>.jsonl.
         trace_prefix = os.environ.get("STREAMVLM_STEP_TRACE")
         self.step_trace = StepTrace(f"{trace_prefix}.{os.getpid()}.jsonl") if trace_prefix else None
+        # Benchmarks: STREAMVLM_STEP_TIMELINE=PREFIX[:FIRST:COUNT] records steps FIRST.. of the loop
+        # (torch.profiler, host and device) into PREFIX.<pid>.json, a Chrome trace.
+        timeline = os.environ.get("STREAMVLM_STEP_TIMELINE")
+        self.step_timeline = StepTimeline.from_setting(timeline) if timeline else None
         worker = self.worker
         encoder = msgspec.msgpack.Encoder()
         link = CoreLink(self.inbox, self.config.parallel.remote_worker_timeout_s) if self.remote else None
@@ -173,6 +177,8 @@ class WorkerProcess:
                 profiler.dump_stats(f"{profile_prefix}.{os.getpid()}")
             if self.step_trace is not None:
                 self.step_trace.close()
+            if self.step_timeline is not None:
+                self.step_timeline.close()
             self.close()
 
     def _step_loop(self, encoder: msgspec.msgpack.Encoder, link: CoreLink | None) -> None:
@@ -207,6 +213,8 @@ class WorkerProcess:
                 continue
             if worker.has_work():
                 started = time.monotonic()
+                if self.step_timeline is not None:
+                    self.step_timeline.before_step()
                 out = worker.step()
                 if self.step_trace is not None:
                     self.step_trace.record(started, time.monotonic(), out)
@@ -257,6 +265,51 @@ class StepTrace:
 
     def close(self) -> None:
         self.file.close()
+
+
+class StepTimeline:
+    """A window of steps under torch.profiler (host ops and device kernels), each step marked
+    ``step N``, written as a Chrome trace when the window ends (or the loop does)."""
+
+    def __init__(self, path: str, first: int, count: int) -> None:
+        self.path, self.first, self.count = path, first, count
+        self.steps = 0
+        self.profiler: Any = None
+        self.mark: Any = None
+
+    @classmethod
+    def from_setting(cls, setting: str) -> StepTimeline:
+        prefix, _, window = setting.partition(":")
+        first, _, count = window.partition(":")
+        return cls(f"{prefix}.{os.getpid()}.json", int(first or 200), int(count or 50))
+
+    def before_step(self) -> None:
+        import torch
+
+        if self.mark is not None:
+            self.mark.__exit__(None, None, None)
+            self.mark = None
+        self.steps += 1
+        if self.steps == self.first:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+        if self.profiler is None:
+            return
+        if self.steps >= self.first + self.count:
+            self.close()
+            return
+        self.mark = torch.profiler.record_function(f"step {self.steps}")
+        self.mark.__enter__()
+
+    def close(self) -> None:
+        if self.mark is not None:
+            self.mark.__exit__(None, None, None)
+            self.mark = None
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler.export_chrome_trace(self.path)
+            self.profiler = None
 
 
 def _report_failure(outbox: CoreOutbox, failure: WorkerFailed) -> None:

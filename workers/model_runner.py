@@ -75,6 +75,9 @@ class ModelRunner:
                                               config.model.max_cuda_graph_batch_size, max_model_len,
                                               self.block_size, self.uses_mrope)
             self.decode_graphs.capture()
+            use_encoder_graphs = getattr(self.model, "use_encoder_graphs", None)
+            if use_encoder_graphs is not None:
+                use_encoder_graphs(config.scheduler.max_num_encoder_tokens)
 
     def _use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.model.enforce_eager

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.encoder_graphs import EncoderGraphs
 from workers.image_pixels import as_pixels
 from workers.models.llama import DecoderArgs, LlamaForCausalLM
 from workers.models.qwen2 import Qwen2ForCausalLM
@@ -128,6 +129,8 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         self.vision_tower = VisionTransformer(llava.vision, num_layers=max(llava.feature_layers))
         self.multi_modal_projector = MultiModalProjector(llava.feature_width, self.args.hidden_size,
                                                          llava.projector_act, llava.projector_bias)
+        # CUDA graphs of tower and projector, per number of images (set by use_encoder_graphs).
+        self.vision_graphs: EncoderGraphs | None = None
 
     @staticmethod
     def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
@@ -140,6 +143,12 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         if self.llava.drop_class_token:
             states = [s[:, 1:] for s in states]
         return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+    def use_encoder_graphs(self, max_tokens: int) -> None:
+        """Run tower and projector from CUDA graphs, one per number of images that recurs (every
+        image has the same size), for batches of up to ``max_tokens`` placeholder tokens."""
+        self.vision_graphs = EncoderGraphs(lambda pixels, _: self.image_features(pixels), lambda count: None,
+                                           max(1, max_tokens // self.tokens_per_image))
 
     def encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
         """One [num_tokens, hidden_size] tensor per item. "pixels": one image's [C, H, W] pixel
@@ -170,7 +179,10 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
                 raise ValueError(f"unknown multimodal source {item.source!r}")
         if pixel_indexes:
             pixels = torch.stack([items[i].data for i in pixel_indexes]).to(device, dtype)
-            features = self.image_features(pixels).unbind(0)
+            if self.vision_graphs is not None:
+                features = self.vision_graphs(pixels, pixels.shape[0]).unbind(0)
+            else:
+                features = self.image_features(pixels).unbind(0)
             for index, rows in zip(pixel_indexes, features):
                 # Own storage per item: the encoder cache keeps items, not the whole batch.
                 outputs[index] = rows.clone() if len(features) > 1 else rows

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.encoder_graphs import EncoderGraphs
 from workers.image_pixels import as_pixels
 from workers.layers.mrope import MRotaryEmbedding
 from workers.layers.fused_ops import fused_kernels
@@ -326,17 +327,25 @@ class VisionTransformer(nn.Module):
                                     for i in range(args.depth))
         self.merger = PatchMerger(args)
 
-    def features(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def prepare(self, grids: list[tuple[int, int, int]], device: torch.device) -> VisionLayout:
+        """What ``run`` reads besides the patches: made on the host and copied over, so kept out
+        of a CUDA graph of ``run``."""
+        return VisionLayout.build(self.args, grids, device)
+
+    def features(self, patches: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
         """[N, hidden_size] output of the last block, in the input patch order."""
-        layout = VisionLayout.build(self.args, grids, patches.device)
         x = self.patch_embed(patches)[layout.window_order]
         for block in self.blocks:
             x = block(x, layout)
         return x[layout.input_order]
 
+    def run(self, patches: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+        """``forward`` on a prepared layout: device work only."""
+        return self.merger(self.features(patches, layout))
+
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """[N / merge_unit, out_hidden_size]: one row per LM token, images in order."""
-        return self.merger(self.features(patches, grids))
+        return self.run(patches, self.prepare(grids, patches.device))
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
@@ -374,12 +383,21 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
             raise ValueError(f"vision out_hidden_size={self.vision_args.out_hidden_size} differs from the "
                              f"text hidden_size={args.hidden_size}")
         self.visual = VisionTransformer(self.vision_args)
+        # CUDA graphs of the tower, per batch of image grids (set by use_encoder_graphs).
+        self.vision_graphs: EncoderGraphs | None = None
         self.image_token_id = int(hf_config.get("image_token_id", 151655))
         self.embed_width = args.hidden_size
 
     @staticmethod
     def make_args(hf_config: dict[str, Any]) -> DecoderArgs:
         return DecoderArgs.from_hf_config(hf_config, qkv_bias=True, o_bias=False)
+
+    def use_encoder_graphs(self, max_tokens: int) -> None:
+        """Run the vision tower from CUDA graphs, one per batch of image grids that recurs, for
+        batches of up to ``max_tokens`` placeholder tokens."""
+        device = self.model.embed_tokens.weight.device
+        self.vision_graphs = EncoderGraphs(self.visual.run, lambda grids: self.visual.prepare(list(grids), device),
+                                           max_tokens * self.vision_args.merge_unit)
 
     def encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
         weight = self.model.embed_tokens.weight
@@ -405,7 +423,10 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
         if pixel_indexes:
             grids = [tuple(items[i].grid_thw) for i in pixel_indexes]
             patches = torch.cat([items[i].data for i in pixel_indexes]).to(device, dtype)
-            merged = self.visual(patches, grids)
+            if self.vision_graphs is not None:
+                merged = self.vision_graphs(patches, tuple(grids))
+            else:
+                merged = self.visual(patches, grids)
             parts = merged.split([items[i].num_tokens for i in pixel_indexes])
             for index, part in zip(pixel_indexes, parts):
                 # Own storage per item: the encoder cache keeps items, not the whole batch.

@@ -11,12 +11,14 @@ layer i.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.encoder_graphs import EncoderGraphs
 from workers.image_pixels import as_pixels
 from workers.distributed import all_gather_last_dim, tp_rank, tp_size
 from workers.layers.attention_base import AttentionMetadata
@@ -173,6 +175,14 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
+@dataclass(frozen=True)
+class TowerLayout:
+    position_embeddings: torch.Tensor   # [N, hidden] float32
+    cos: torch.Tensor                   # [N, head_dim] float32
+    sin: torch.Tensor
+    frames: SegmentPlan                 # one segment per frame
+
+
 class VisionTower(nn.Module):
     inv_freq: torch.Tensor
 
@@ -190,14 +200,24 @@ class VisionTower(nn.Module):
         exponents = torch.arange(0, quarter, 2, dtype=torch.float32) / quarter
         self.register_buffer("inv_freq", 1.0 / (s.rope_theta ** exponents), persistent=False)
 
+    def prepare(self, grids: list[tuple[int, int, int]], device: torch.device) -> TowerLayout:
+        """What ``run`` reads besides the pixels, for these grids: made outside a CUDA graph of
+        ``run`` (the frame boundaries are copied from the host)."""
+        cos, sin = self.rotary(grids, device)
+        return TowerLayout(self.position_embeddings(grids), cos, sin,
+                           SegmentPlan([h * w for t, h, w in grids for _ in range(t)], device))
+
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Patches of several images (concatenated, in the image processor's order) -> rows of
         [merger output | DeepStack levels...], images in order."""
+        return self.run(pixels, self.prepare(grids, pixels.device))
+
+    def run(self, pixels: torch.Tensor, layout: TowerLayout) -> torch.Tensor:
+        """``forward`` on a prepared layout: device work only."""
         s = self.settings
         x = self.patch_embed(pixels)
-        x = x + self.position_embeddings(grids).to(x.dtype)
-        cos, sin = self.rotary(grids, x.device)
-        frames = SegmentPlan([h * w for t, h, w in grids for _ in range(t)], x.device)
+        x = x + layout.position_embeddings.to(x.dtype)
+        cos, sin, frames = layout.cos, layout.sin, layout.frames
         levels: list[torch.Tensor] = []
         for depth, block in enumerate(self.blocks):
             x = block(x, cos, sin, frames)
@@ -294,6 +314,8 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
         self.image_token_id: int = hf_config.get("image_token_id", text.get("image_token_id", 151655))
         self.model = Qwen3VLModel(VisionTower(vision),
                                   TextModel(self.args, self.shard, max_model_len, mrope_section_of(text)))
+        # CUDA graphs of the tower, per batch of image grids (set by use_encoder_graphs).
+        self.vision_graphs: EncoderGraphs | None = None
         if not self.args.tie_word_embeddings:
             self.lm_head = nn.Linear(self.args.hidden_size, self.shard.vocab_shard, bias=False)
 
@@ -330,6 +352,14 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
 
     # -- multimodal contract
 
+    def use_encoder_graphs(self, max_tokens: int) -> None:
+        """Run the vision tower from CUDA graphs, one per batch of image grids that recurs, for
+        batches of up to ``max_tokens`` placeholder tokens."""
+        tower = self.model.visual
+        device = self.model.language_model.embed_tokens.weight.device
+        self.vision_graphs = EncoderGraphs(tower.run, lambda grids: tower.prepare(list(grids), device),
+                                           max_tokens * self.vision.spatial_merge_size ** 2)
+
     @torch.no_grad()
     def encode(self, items: list[MultiModalInput]) -> list[torch.Tensor]:
         """One [num_tokens, embed_width] tensor per item; all pixel items go through the vision
@@ -357,7 +387,10 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
         if pixel_items:
             pixels = torch.cat([items[i].data for i in pixel_items]).to(device=device, dtype=dtype)
             grids = [items[i].grid_thw for i in pixel_items]
-            encoded = self.model.visual(pixels, grids)
+            if self.vision_graphs is not None:
+                encoded = self.vision_graphs(pixels, tuple(tuple(grid) for grid in grids))
+            else:
+                encoded = self.model.visual(pixels, grids)
             for i, part in zip(pixel_items, encoded.split([items[i].num_tokens for i in pixel_items])):
                 outputs[i] = part
         return outputs
