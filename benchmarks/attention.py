@@ -3,7 +3,10 @@ backend's attend() (the keys and values already in the cache) for decode batches
 chunks over a cached prefix and mixed steps, on a real model's head shapes (default Qwen3-8B),
 bfloat16, blocks of 16. Calls replay from a CUDA graph over enough layers' caches that a layer's
 keys are not served from L2 by the previous call. (The flash_attn backend decodes with the
-Triton kernel: its decode rows time the same kernel as triton's.)
+Triton kernel: its decode rows time the same kernel as triton's.) Beside each time: the keys and
+values the case attends to, read per second, as a share of the HBM copy bandwidth measured in the
+same run (for decode, how near the kernel streams the cache to the limit; prefill is bound by
+compute, not by these bytes).
 
 On the GPU machine:
     python benchmarks/attention.py --json results/attention.json
@@ -36,14 +39,23 @@ def cases() -> list[Case]:
         Case("decode b1 ctx 8192", [1], [8192]),
         Case("decode b64 ctx 1024", [1] * 64, [1024] * 64),
         Case("decode b256 ctx 600", [1] * 256, [600] * 256),
+        Case("decode b256 ctx 300", [1] * 256, [300] * 256),
+        Case("decode b128 ctx 1500", [1] * 128, [1500] * 128),
+        Case("decode b32 ctx 1500", [1] * 32, [1500] * 32),
+        Case("decode b16 ctx 700", [1] * 16, [700] * 16),
         Case("prefill 1 x 2048", [2048], [2048]),
         Case("prefill 4 x 512 over 512 cached", [512] * 4, [1024] * 4),
         Case("mixed 512-token chunk + 200 decodes ctx 600", [512] + [1] * 200, [900] + [600] * 200),
     ]
 
 
+def kv_bytes(case: Case, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of keys and values (bfloat16) the case's queries attend to: what decode must read."""
+    return sum(case.seq_lens) * num_kv_heads * head_dim * 2 * 2
+
+
 def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, head_dim: int,
-              block_size: int, repeats: int) -> float:
+              block_size: int, repeats: int, max_model_len: int) -> float:
     """Microseconds per attend() call."""
     import torch
 
@@ -53,7 +65,8 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     device = torch.device("cuda")
     dtype = torch.bfloat16
     max_len = max(case.seq_lens)
-    backend = get_attention_backend(backend_name, device, max_len, dtype)
+    # Planned as a server plans its CUDA graphs: for max_model_len, whatever the case's contexts.
+    backend = get_attention_backend(backend_name, device, max(max_len, max_model_len), dtype)
     blocks_per_seq = [-(-s // block_size) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + 1
     generator = torch.Generator().manual_seed(0)
@@ -89,8 +102,15 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,flash_attn", help="comma-separated attention backends")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--max-model-len", type=int, default=4096,
+                        help="decode launches are planned for this context, as a server's CUDA graphs are")
     parser.add_argument("--json")
     args = parser.parse_args()
+    from benchmarks.latency import hbm_bandwidth
+
+    copy_bandwidth = hbm_bandwidth()
+    print(f"HBM copy bandwidth (read + write): {copy_bandwidth / 1e12:.3f} TB/s; each backend's column: "
+          f"us per call, and the case's keys and values read per second against it")
     cfg = SHAPES[args.shape].get("text_config") or SHAPES[args.shape]
     num_heads, num_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
@@ -99,10 +119,16 @@ def main() -> None:
     for case in cases():
         row = {"case": case.name}
         for name in backends:
-            row[name] = time_case(name, case, num_heads, num_kv_heads, head_dim, args.block_size, args.repeats)
+            row[name] = time_case(name, case, num_heads, num_kv_heads, head_dim, args.block_size, args.repeats,
+                                  args.max_model_len)
+        row["kv_bytes"] = kv_bytes(case, num_kv_heads, head_dim)
+        row["share_of_copy_bandwidth"] = {name: round(row["kv_bytes"] / (row[name] * 1e-6) / copy_bandwidth, 3)
+                                          for name in backends}
         rows.append(row)
-        print(f"{case.name:>46}  " + "  ".join(f"{name} {row[name]:9.1f} us" for name in backends), flush=True)
+        print(f"{case.name:>46}  " + "  ".join(f"{name} {row[name]:9.1f} us {row['share_of_copy_bandwidth'][name]:6.1%}"
+                                                for name in backends), flush=True)
     write_json(args.json, {"shape": args.shape, "block_size": args.block_size, "dtype": "bfloat16",
+                           "max_model_len": args.max_model_len, "copy_bytes_per_s": copy_bandwidth,
                            "microseconds_per_call": rows})
 
 

@@ -275,8 +275,15 @@ def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, h
                            target_programs: int, partition_size: int | None = None) -> DecodePartitions:
     """Split the context only when (sequences x kv heads) alone leave the device idle. A few sequences
     split finer, so that short contexts too fill the device (a partition size depends on num_seqs and
-    max_seq_len only, never on the contexts, so that one plan serves a CUDA graph's every replay)."""
+    max_seq_len only, never on the contexts, so that one plan serves a CUDA graph's every replay).
+
+    With at least half the target's programs from (sequence, kv head) pairs alone, nothing splits: on an
+    H200 (Qwen3-0.6B heads, blocks of 16) one program per pair reads the cache at 96-100% of the copy
+    bandwidth from 64 sequences of 700 keys up, where partitions sized for a 4,096-token context (most of
+    them past every sequence's end) read at 85% (`benchmarks/attention.py`)."""
     tile_n = _decode_tile_n(head_dim)
+    if partition_size is None and 2 * num_seqs * num_kv_heads >= target_programs:
+        partition_size = max_seq_len
     if partition_size is None:
         wanted = triton.cdiv(target_programs, num_kv_heads)
         parts = max(1, min(wanted, triton.cdiv(max_seq_len, MIN_PARTITION_TOKENS), MAX_PARTITIONS))
