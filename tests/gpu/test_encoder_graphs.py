@@ -74,3 +74,31 @@ def test_graphs_are_bounded_and_large_batches_stay_eager():
                 assert _relative_error(graphs(patches, grids), tower(patches, list(grids))) < 1e-3
     assert len(graphs.graphs) == 2
     assert ((1, 40, 40),) not in graphs.graphs
+
+
+def test_llava_encodes_from_graphs_per_image_count(tmp_path):
+    """LLaVA (CLIP tower and projector): graphs per number of images give the eager embeddings."""
+    from streamvlm.contract.model_source import resolve_model
+    from tests.checkpoints_llava import build_llava_checkpoint
+    from workers.loader import load_model
+    from workers.multimodal import MultiModalInput
+
+    path = build_llava_checkpoint(tmp_path / "llava")
+    model = load_model(resolve_model(str(path)), "auto", 256, torch.device("cuda"), torch.bfloat16)
+    vision = model.llava.vision
+    eager = []
+    with torch.inference_mode():
+        batches = []
+        for seed in range(3):
+            generator = torch.Generator().manual_seed(seed)
+            batches.append([MultiModalInput(f"{seed}-{i}", 0, model.tokens_per_image, "pixels", "image",
+                                            torch.randn(vision.num_channels, vision.image_size, vision.image_size,
+                                                        generator=generator))
+                            for i in range(2)])
+        eager = [model.encode(items) for items in batches]
+        model.use_encoder_graphs(64 * model.tokens_per_image)
+        graphed = [model.encode(items) for items in batches]
+    assert model.vision_graphs.replays == 2
+    for got, want in zip(graphed, eager):
+        for a, b in zip(got, want):
+            assert _relative_error(a, b) < 1e-3
