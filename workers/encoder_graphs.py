@@ -51,7 +51,7 @@ class EncoderGraphs:
         self.graphs: OrderedDict[Hashable, CapturedBatch] = OrderedDict()
         self.seen: Counter[Hashable] = Counter()
         self.failed: set[Hashable] = set()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool: Any = None   # made with the first capture
         self.replays = 0
 
     def __call__(self, inputs: torch.Tensor, key: Hashable) -> torch.Tensor:
@@ -91,6 +91,8 @@ class EncoderGraphs:
         return captured
 
     def _capture(self, inputs: torch.Tensor, key: Hashable) -> CapturedBatch:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         prepared = self.prepare(key)
         static = inputs.clone()
         graph = torch.cuda.CUDAGraph()
