@@ -249,7 +249,48 @@ def check_mrope(interleaved: bool) -> float:
     return max(max_abs_diff(q_out, q_ref), max_abs_diff(k_out, k_ref))
 
 
+def check_qk_tiles(qk_norm: bool, mrope: bool) -> float:
+    """Steps of many tokens give each program a tile of tokens: the same values as one token per
+    program, with and without the norm, M-RoPE and the cache store (a padding slot writes nothing)."""
+    from workers.kernels import fused
+    from workers.kernels.kv_store import store_kv_cache
+    from workers.layers.mrope import MRotaryEmbedding
+    from workers.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(5)
+    n, num_heads, num_kv_heads, head_dim = fused.QK_TILE_FROM + 21, 4, 2, 32
+    assert n % fused.QK_TILE_TOKENS   # a partial last tile
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim)
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                                                            num_kv_heads * head_dim], dim=-1))
+    if mrope:
+        rotary = MRotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 1e4}, 256, 256, [6, 5, 5], True)
+        positions, axis = torch.randint(0, 200, (3, n)), rotary.axis
+    else:
+        rotary = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 1e4}, 256, 256)
+        positions, axis = torch.randint(0, 200, (n,)), None
+    norms = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else (None, None, 1e-6)
+    cache_shape = (n // 8 + 2, 8, num_kv_heads, head_dim)
+    slots = torch.randperm(cache_shape[0] * 8)[:n]
+    slots[7] = -1
+    tiled_caches = (torch.zeros(cache_shape), torch.zeros(cache_shape))
+    q_tiled, k_tiled = fused.qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, *norms, axis=axis)
+    q_tiled_store = fused.qk_norm_rope_store(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, *tiled_caches,
+                                             slots, *norms, axis=axis)
+    tile_from, fused.QK_TILE_FROM = fused.QK_TILE_FROM, n + 1   # one token per program
+    try:
+        q_one, k_one = fused.qk_norm_rope(q, k, positions, rotary.cos_cache, rotary.sin_cache, *norms, axis=axis)
+    finally:
+        fused.QK_TILE_FROM = tile_from
+    expected_caches = (torch.zeros(cache_shape), torch.zeros(cache_shape))
+    store_kv_cache(k_one, v, *expected_caches, slots)
+    return max(max_abs_diff(q_tiled, q_one), max_abs_diff(k_tiled, k_one), max_abs_diff(q_tiled_store, q_one),
+               max_abs_diff(tiled_caches[0], expected_caches[0]), max_abs_diff(tiled_caches[1], expected_caches[1]))
+
+
 CASES = {
+    "qk_tiles_norm": lambda: check_qk_tiles(qk_norm=True, mrope=False),
+    "qk_tiles_no_norm_mrope": lambda: check_qk_tiles(qk_norm=False, mrope=True),
     "mrope_sections": lambda: check_mrope(False),
     "mrope_interleaved": lambda: check_mrope(True),
     "vision_rotary_dim80": lambda: check_vision_rotary(80),

@@ -66,62 +66,73 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr,
                          stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token,
                          stride_v_head, stride_cache, stride_kc_block, stride_kc_slot, stride_kc_head,
                          stride_vc_block, stride_vc_slot, stride_vc_head, block_size, eps,
-                         num_q_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                         HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, MROPE: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """Program (token, head): q heads first, then k heads, then (STORE_KV) v heads. q goes to a
+                         num_tokens, num_q_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                         TOKENS: tl.constexpr, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+                         MROPE: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (TOKENS tokens, head): q heads first, then k heads, then (STORE_KV) v heads. q goes to a
     contiguous [n, heads, dim]; k too, or with STORE_KV into the paged cache at the token's slot
     (slots < 0 are padding: not written), where v is copied as well. With MROPE, positions are
     [3, n] and frequency i takes its angle from the position on axis[i]."""
     start_dependents_and_wait(USE_PDL)
-    token = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS).to(tl.int64)   # [TOKENS]
     head = tl.program_id(1)
     half = tl.arange(0, HALF)
     is_q = head < num_q_heads
-    mask = half < HALF
+    valid = token < num_tokens
     if STORE_KV:
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        slot = tl.load(slot_mapping_ptr + token, mask=valid, other=-1).to(tl.int64)
         block = slot // block_size
         offset = slot % block_size
-        mask = mask & (is_q | (slot >= 0))
+        valid = valid & (is_q | (slot >= 0))
+    mask = valid[:, None] & (half < HALF)[None, :]
+    if STORE_KV:
         if head >= num_q_heads + num_kv_heads:
             kv = head - num_q_heads - num_kv_heads
-            src = v_ptr + token * stride_v_token + kv * stride_v_head
-            dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + kv * stride_vc_head
-            tl.store(dst + half, tl.load(src + half, mask=mask), mask=mask)
-            tl.store(dst + HALF + half, tl.load(src + HALF + half, mask=mask), mask=mask)
+            src = v_ptr + token[:, None] * stride_v_token + kv * stride_v_head + half[None, :]
+            dst = (v_cache_ptr + block[:, None] * stride_vc_block + offset[:, None] * stride_vc_slot
+                   + kv * stride_vc_head + half[None, :])
+            tl.store(dst, tl.load(src, mask=mask), mask=mask)
+            tl.store(dst + HALF, tl.load(src + HALF, mask=mask), mask=mask)
             return
     if is_q:
-        src = q_ptr + token * stride_q_token + head * stride_q_head
-        dst = q_out_ptr + (token * num_q_heads + head) * HEAD_DIM
+        src = q_ptr + token[:, None] * stride_q_token + head * stride_q_head + half[None, :]
+        dst = q_out_ptr + (token[:, None] * num_q_heads + head) * HEAD_DIM + half[None, :]
         w_ptr = q_weight_ptr
     else:
         kv = head - num_q_heads
-        src = k_ptr + token * stride_k_token + kv * stride_k_head
+        src = k_ptr + token[:, None] * stride_k_token + kv * stride_k_head + half[None, :]
         if STORE_KV:
-            dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + kv * stride_kc_head
+            dst = (k_cache_ptr + block[:, None] * stride_kc_block + offset[:, None] * stride_kc_slot
+                   + kv * stride_kc_head + half[None, :])
         else:
-            dst = k_out_ptr + (token * num_kv_heads + kv) * HEAD_DIM
+            dst = k_out_ptr + (token[:, None] * num_kv_heads + kv) * HEAD_DIM + half[None, :]
         w_ptr = k_weight_ptr
-    x1 = tl.load(src + half, mask=mask)
-    x2 = tl.load(src + HALF + half, mask=mask)
+    x1 = tl.load(src, mask=mask)
+    x2 = tl.load(src + HALF, mask=mask)
     dtype = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:
-        rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / HEAD_DIM + eps)
-        a1 = tl.load(w_ptr + half).to(tl.float32) * a1 * rstd
-        a2 = tl.load(w_ptr + HALF + half).to(tl.float32) * a2 * rstd
+        rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM + eps)
+        a1 = tl.load(w_ptr + half).to(tl.float32)[None, :] * a1 * rstd[:, None]
+        a2 = tl.load(w_ptr + HALF + half).to(tl.float32)[None, :] * a2 * rstd[:, None]
     if MROPE:
         axis = tl.load(axis_ptr + half).to(tl.int64)
-        pos = tl.load(positions_ptr + axis * stride_pos_axis + token).to(tl.int64)
+        pos = tl.load(positions_ptr + axis[None, :] * stride_pos_axis + token[:, None], mask=mask, other=0).to(tl.int64)
     else:
-        pos = tl.load(positions_ptr + token).to(tl.int64)
+        pos = tl.load(positions_ptr + token, mask=valid, other=0).to(tl.int64)[:, None]
     # The cache rows hold [freqs, freqs]: the first half serves both halves of the head.
-    cos = tl.load(cos_ptr + pos * stride_cache + half)
-    sin = tl.load(sin_ptr + pos * stride_cache + half)
+    cos = tl.load(cos_ptr + pos * stride_cache + half[None, :], mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cache + half[None, :], mask=mask, other=0.0)
     # x * cos + rotate_half(x) * sin
-    tl.store(dst + half, (a1 * cos - a2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF + half, (a2 * cos + a1 * sin).to(dtype), mask=mask)
+    tl.store(dst, (a1 * cos - a2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (a2 * cos + a1 * sin).to(dtype), mask=mask)
+
+
+# A step of many tokens (prefill) gives each program a tile of this many tokens: one program per
+# (token, head), 256 bytes each, spent more time being scheduled than moving data (0.63 ms a layer
+# for 16,384 tokens of Qwen3-0.6B on an H200). Decode batches keep one token per program.
+QK_TILE_TOKENS = 16
+QK_TILE_FROM = 128
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -177,14 +188,15 @@ def _launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | Non
     k_cache, v_cache, slot_mapping = caches if store else (k_out, k_out, positions)
     v = v if v is not None else k
     pdl = programmatic_launch(q.device)
-    _qk_norm_rope_kernel[(n, num_q_heads + num_kv_heads * (2 if store else 1))](
+    tokens = QK_TILE_TOKENS if n >= QK_TILE_FROM else 1
+    _qk_norm_rope_kernel[(triton.cdiv(n, tokens), num_q_heads + num_kv_heads * (2 if store else 1))](
         q, k, v, q_out, k_out if k_out is not None else q_out, k_cache, v_cache, slot_mapping,
         positions, axis if mrope else positions, cos_cache, sin_cache, q_weight if has_norm else q,
         k_weight if has_norm else k, positions.stride(0) if mrope else 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
         *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
-        k_cache.shape[1] if store else 1, eps, num_q_heads, num_kv_heads,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm, STORE_KV=store, MROPE=mrope,
-        USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
+        k_cache.shape[1] if store else 1, eps, n, num_q_heads, num_kv_heads,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, TOKENS=tokens, HAS_NORM=has_norm, STORE_KV=store, MROPE=mrope,
+        USE_PDL=pdl, num_warps=1 if tokens == 1 else 4, launch_pdl=pdl,
     )
     return q_out
 
