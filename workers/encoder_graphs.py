@@ -96,6 +96,7 @@ class EncoderGraphs:
         prepared = self.prepare(key)
         static = inputs.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Thread-local: a KV-transfer thread's device calls during the capture are not this capture's.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.run(static, prepared)
         return CapturedBatch(graph, static, output, prepared)
