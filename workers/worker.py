@@ -221,10 +221,12 @@ class Worker:
             launched.positions = self._stand_ins(launched.pending.seqs)
         if launched is not None:
             for chunk in plan.chunks:
-                if chunk.seq.status is SequenceStatus.FINISHED:
+                seq = chunk.seq
+                if seq.status is SequenceStatus.FINISHED:
                     continue   # ended by the step before (async scheduling): its blocks are free
-                self.pool.register_full_blocks(chunk.seq)
-                self.kv_handoff.send_ready_blocks(chunk.seq)   # the full blocks this chunk completed
+                self.pool.register_full_blocks(seq)
+                if seq.kv_role == "prefill":
+                    self.kv_handoff.send_ready_blocks(seq)   # the full blocks this chunk completed
             if self.async_scheduling:
                 self._in_flight = launched
             else:
