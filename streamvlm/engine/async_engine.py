@@ -44,6 +44,11 @@ from streamvlm.metrics import EngineMetrics, EngineStats
 from streamvlm.outputs import RequestOutput
 
 EnginePrompt = Prompt | list[Message] | PreparedPrompt
+# Text prompts up to this many characters (chat messages: their contents together) are tokenized,
+# chat template included, on the event loop: it takes about as long as handing them to the
+# executor, and under load an executor thread waits up to the GIL's switch interval for its turn,
+# which a burst of requests would pay once per request.
+INLINE_PROMPT_CHARS = 4096
 # Step outputs a group's output loop takes at once: a batch is folded without yielding.
 MAX_DRAIN_MESSAGES = 64
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
@@ -59,6 +64,26 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     if seed is not None:
         seed = seed + index if seed + index <= UINT64_MAX else seed - index
     return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=None)
+
+
+_PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
+
+
+def _short_text(prompt: Any) -> bool:
+    """A text prompt, or chat messages of plain text, of at most INLINE_PROMPT_CHARS characters."""
+    if isinstance(prompt, str):
+        return len(prompt) <= INLINE_PROMPT_CHARS
+    if not isinstance(prompt, list) or len(prompt) > 64:
+        return False
+    total = 0
+    for message in prompt:
+        if not isinstance(message, dict) or not _PLAIN_MESSAGE_KEYS.issuperset(message):
+            return False
+        content = message.get("content")
+        if not isinstance(content, str):
+            return False
+        total += len(content)
+    return total <= INLINE_PROMPT_CHARS
 
 
 def _kill_groups(groups: list[WorkerGroup]) -> None:
@@ -372,6 +397,8 @@ class AsyncEngine:
         if (isinstance(prompt, dict) and "prompt_token_ids" in prompt and not prompt.get("images")
                 and not chat_template_kwargs and not tools):
             return PreparedPrompt(self.processor.tokenize_prompt(prompt))
+        if not tools and _short_text(prompt):
+            return PreparedPrompt(self.processor.split_prompt(prompt, chat_template_kwargs)[0])
         loop = asyncio.get_running_loop()
         ids, refs = await loop.run_in_executor(None, self.processor.split_prompt, prompt,
                                                chat_template_kwargs, tools)
