@@ -319,6 +319,7 @@ class Worker:
                                        output_index=output_index, timings=timings,
                                        prompt_logprobs=seq.take_prompt_logprobs()))
 
+
 def _reaches_unencoded_item(chunk: ScheduledChunk) -> bool:
     """The chunk computes placeholders of an image its sequence holds no encoder output for."""
     seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
