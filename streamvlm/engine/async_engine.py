@@ -49,8 +49,10 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 # executor, and under load an executor thread waits up to the GIL's switch interval for its turn,
 # which a burst of requests would pay once per request.
 INLINE_PROMPT_CHARS = 4096
-# Step outputs a group's output loop takes at once: a batch is folded without yielding.
+# A group's output loop folds the step outputs already waiting in one batch, without yielding:
+# at most this many, and no more once they hold this many request deltas.
 MAX_DRAIN_MESSAGES = 64
+MAX_DRAIN_DELTAS = 8192
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
 
@@ -99,22 +101,29 @@ async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup)
     # The same socket without asyncio's futures, to take what has already arrived.
     waiting = zmq.Socket.shadow(sock.underlying)
     while True:
-        frames = [await sock.recv()]
-        # Everything already here, up to MAX_DRAIN_MESSAGES: a core that fell behind folds
-        # several steps at once, each request's tokens merged and its consumer woken once.
-        while len(frames) < MAX_DRAIN_MESSAGES:
+        messages = [decode(await sock.recv())]
+        # Everything already here, up to a bound that keeps the loop responsive: a core that fell
+        # behind folds several steps at once, each request's tokens merged and its consumer
+        # woken once.
+        num_deltas = _num_deltas(messages[0])
+        while len(messages) < MAX_DRAIN_MESSAGES and num_deltas < MAX_DRAIN_DELTAS:
             try:
-                frames.append(waiting.recv(zmq.NOBLOCK))
+                messages.append(decode(waiting.recv(zmq.NOBLOCK)))
             except zmq.Again:
                 break
+            num_deltas += _num_deltas(messages[-1])
         group.last_heard = time.monotonic()
         engine = engine_ref()
         if engine is None:
             return
-        engine._handle(group, [decode(frame) for frame in frames])
+        engine._handle(group, messages)
         del engine
         # Consumers, sockets and other groups get their turn before the next batch.
         await asyncio.sleep(0)
+
+
+def _num_deltas(message: Any) -> int:
+    return len(message.tokens) + len(message.deltas) if isinstance(message, StepOutput) else 0
 
 
 class AsyncEngine:
