@@ -783,3 +783,31 @@ def test_max_pending_requests_must_be_at_least_one():
 
     with pytest.raises(ValueError, match="max_pending_requests"):
         EngineConfig(max_pending_requests=0)
+
+
+def test_short_text_prompts_are_tokenized_on_the_event_loop(loop, engine, monkeypatch):
+    """A short text prompt skips the executor (a burst of requests would wait for its threads);
+    a long one, or messages with more than text, go there; the token ids are the processor's."""
+    import threading
+
+    split = engine.processor.split_prompt
+    threads: list[bool] = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(engine.processor, "split_prompt", recording)
+    monkeypatch.setattr("streamvlm.engine.async_engine.INLINE_PROMPT_CHARS", 100)
+    short = [{"role": "user", "content": "hello there"}]
+    long = [{"role": "user", "content": "word " * 30}]
+    with_calls = [{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "", "tool_calls": []}]
+    for prompt, inline in [(short, True), ("hello", True), (long, False), (with_calls, False),
+                           ("word " * 30, False)]:
+        threads.clear()
+        prepared = run(loop, engine.prepare_prompt(prompt))
+        assert threads == [inline]
+        assert prepared.prompt_token_ids == split(prompt)[0]
+    with pytest.raises(ValueError, match="empty"):   # bad input: the same clear error inline
+        run(loop, engine.prepare_prompt(""))

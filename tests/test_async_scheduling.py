@@ -44,7 +44,7 @@ def drive(worker: Any, requests: dict[str, tuple[list[int], dict]], abort_after:
             break
         out = worker.step()
         outs.append(out)
-        for delta in out.deltas:
+        for delta in out.request_deltas():
             assert PLACEHOLDER_TOKEN not in delta.new_token_ids
             tokens[delta.request_id] += delta.new_token_ids
             if delta.finish_reason:
@@ -102,14 +102,14 @@ def test_mixed_requests_give_the_synchronous_tokens(path):
     assert tokens == sync_tokens and finish == sync_finish
 
     def logprobs(step_outputs):
-        return [(e.logprob, e.top_token_ids, e.top_logprobs) for out in step_outputs for d in out.deltas
+        return [(e.logprob, e.top_token_ids, e.top_logprobs) for out in step_outputs for d in out.request_deltas()
                 if d.request_id == "logprobs" for e in d.logprobs or []]
     assert logprobs(outs) == logprobs(sync_outs) and len(logprobs(outs)) == 6
     assert all(len(ids) == 2 for _, ids, _ in logprobs(outs))
     assert finish["stops"] == "stop" and tokens["stops"][-1] == stop and len(tokens["stops"]) == 7
     assert len(tokens["min"]) >= 12 and finish["edge"] == "length" and len(tokens["edge"]) == 8
     assert len(tokens["greedy"]) == 17 and len(tokens["one"]) == 1
-    logprob_deltas = [d for out in outs for d in out.deltas if d.request_id == "logprobs" and d.new_token_ids]
+    logprob_deltas = [d for out in outs for d in out.request_deltas() if d.request_id == "logprobs" and d.new_token_ids]
     assert all(len(d.logprobs) == len(d.new_token_ids) for d in logprob_deltas)
 
 

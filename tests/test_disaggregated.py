@@ -133,7 +133,7 @@ def test_a_first_token_that_arrives_after_the_second_still_streams_first(loop, c
 
                 def late_step():   # the worker's thread: the KV is on its way, the first token waits
                     out = step()
-                    if any(d.new_token_ids for d in out.deltas):
+                    if any(d.new_token_ids for d in out.request_deltas()):
                         time.sleep(0.2)
                     return out
                 prefill.step = late_step

@@ -44,7 +44,7 @@ def run_until_idle(worker: Any, limit: int = 200) -> list[StepOutput]:
 
 
 def tokens(outs: list[StepOutput], request_id: str) -> list[int]:
-    return [t for out in outs for d in out.deltas if d.request_id == request_id for t in d.new_token_ids]
+    return [t for out in outs for d in out.request_deltas() if d.request_id == request_id for t in d.new_token_ids]
 
 
 def events(outs: list[StepOutput], kind: str) -> list[Any]:
@@ -198,6 +198,6 @@ def test_a_first_token_that_finishes_the_request_needs_no_handoff(path):
     add(prefill, "one", list(range(10, 30)), SamplingParams(temperature=0, max_tokens=1),
         kv_role="prefill", kv_peer=1)
     outs = run_until_idle(prefill)
-    assert [d.finish_reason for out in outs for d in out.deltas] == ["length"]
+    assert [d.finish_reason for out in outs for d in out.request_deltas()] == ["length"]
     assert events(outs, "prefilled") == []
     assert not prefill.sequences and not any(prefill.pool.ref_counts)

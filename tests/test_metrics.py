@@ -304,9 +304,9 @@ def test_a_delta_of_n_tokens_counts_as_n_equal_gaps(loop, engine, monkeypatch):
 
     def step(*token_ids, finish=None, dt: float, preempted: int = 0) -> None:
         clock.now += dt
-        probe._handle(group, StepOutput(step=0, deltas=[RequestDelta("r", list(token_ids),
-                                                                     finish_reason=finish)],
-                                        stats=StepStats(num_preempted=preempted)))
+        probe._handle(group, [StepOutput(step=0, deltas=[RequestDelta("r", list(token_ids),
+                                                                      finish_reason=finish)],
+                                         stats=StepStats(num_preempted=preempted))])
 
     m = probe.metrics
     step(dt=0.5)                   # no tokens: nothing observed

@@ -405,7 +405,7 @@ def test_worker_abort_frees_blocks_and_reports_abort(worker):
     tokens = {"a": [], "b": []}
     finish = {}
     for _ in range(3):
-        for delta in worker.step().deltas:
+        for delta in worker.step().request_deltas():
             tokens[delta.request_id] += delta.new_token_ids
     assert tokens["a"] and tokens["b"]   # both got past prefill (40 tokens > one step budget)
     a_blocks = list(worker.sequences["a"].block_table)
@@ -416,16 +416,16 @@ def test_worker_abort_frees_blocks_and_reports_abort(worker):
     worker.abort(["a", "nonexistent"])   # aborting twice, or an unknown id, is a no-op
 
     out = worker.step()
-    a_deltas = [d for d in out.deltas if d.request_id == "a"]
+    a_deltas = [d for d in out.request_deltas() if d.request_id == "a"]
     assert len(a_deltas) == 1
     assert a_deltas[0].finish_reason == "abort" and a_deltas[0].new_token_ids == []
     assert out.stats.num_running == 1
-    for delta in out.deltas:
+    for delta in out.request_deltas():
         if delta.request_id == "b":
             tokens["b"] += delta.new_token_ids
             finish["b"] = delta.finish_reason
     while worker.has_work():
-        for delta in worker.step().deltas:
+        for delta in worker.step().request_deltas():
             assert delta.request_id == "b"
             tokens["b"] += delta.new_token_ids
             finish["b"] = delta.finish_reason
@@ -438,7 +438,7 @@ def test_worker_abort_of_a_waiting_request(worker):
     add(worker, "w", list(range(3, 13)), temperature=0, max_tokens=4)
     worker.abort(["w"])
     out = worker.step()
-    assert [(d.request_id, d.finish_reason) for d in out.deltas] == [("w", "abort")]
+    assert [(d.request_id, d.finish_reason) for d in out.request_deltas()] == [("w", "abort")]
     assert not worker.has_work()
     assert all(r == 0 for r in worker.pool.ref_counts)
 
@@ -455,13 +455,34 @@ def test_worker_finishes_everything_with_no_blocks_held(worker):
     for _ in range(100):
         if not worker.has_work():
             break
-        for delta in worker.step().deltas:
+        for delta in worker.step().request_deltas():
             counts[delta.request_id] += len(delta.new_token_ids)
             if delta.finish_reason:
                 finished[delta.request_id] = delta.finish_reason
     assert set(finished) == set(counts)
     assert counts["r3"] == 12 and finished["r3"] == "length"
     assert all(r == 0 for r in worker.pool.ref_counts)
+
+
+def test_worker_sends_plain_tokens_in_columns_and_the_rest_as_deltas(worker):
+    add(worker, "plain", list(range(3, 8)), temperature=0, max_tokens=4, ignore_eos=True)
+    add(worker, "lp", list(range(3, 9)), temperature=0, max_tokens=3, ignore_eos=True, logprobs=1)
+    outs = []
+    while worker.has_work():
+        outs.append(worker.step())
+    columns = [(r, i) for out in outs for r, i in zip(out.tokens.request_ids, out.tokens.output_index)]
+    full = [(d.request_id, d.output_index, d.finish_reason) for out in outs for d in out.deltas]
+    # Tokens 1 and 2 of "plain" are plain; its first (num_cached_tokens) and last (finish) are not,
+    # nor is any token that carries logprobs.
+    assert columns == [("plain", 1), ("plain", 2)]
+    assert sorted(full) == [("lp", 0, None), ("lp", 1, None), ("lp", 2, "length"),
+                            ("plain", 0, None), ("plain", 3, "length")]
+    for out in outs:   # a request appears once per step, and request_deltas() has them all
+        ids = [d.request_id for d in out.request_deltas()]
+        assert len(ids) == len(set(ids)) == len(out.tokens) + len(out.deltas)
+    tokens = [t for out in outs for d in out.request_deltas() if d.request_id == "plain"
+              for t in d.new_token_ids]
+    assert len(tokens) == 4 and tokens[1:3] == [t for out in outs for t in out.tokens.token_ids]
 
 
 def drive(worker, requests: dict[str, list[int]], **params) -> tuple[dict[str, list[int]], int]:
@@ -475,7 +496,7 @@ def drive(worker, requests: dict[str, list[int]], **params) -> tuple[dict[str, l
             break
         out = worker.step()
         num_preempted += out.stats.num_preempted
-        for delta in out.deltas:
+        for delta in out.request_deltas():
             tokens[delta.request_id] += delta.new_token_ids
     assert not worker.has_work()
     return tokens, num_preempted

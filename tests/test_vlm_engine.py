@@ -272,7 +272,7 @@ def drive_burst(worker: Any, prepared: list[Any]) -> tuple[list[list[int]], list
     encoded = 0
     while worker.has_work():
         out = worker.step()
-        for delta in out.deltas:
+        for delta in out.request_deltas():
             assert delta.error is None
             tokens[int(delta.request_id[1:])] += delta.new_token_ids
         encoded_per_step.append(out.stats.num_encoded_items - encoded)

@@ -218,7 +218,7 @@ class WorkerProcess:
                 out = worker.step()
                 if self.step_trace is not None:
                     self.step_trace.record(started, time.monotonic(), out)
-                if out.deltas or out.kv_events or out.stats.num_scheduled_tokens:
+                if out.deltas or out.tokens or out.kv_events or out.stats.num_scheduled_tokens:
                     self.outbox.send(encoder.encode(out))
 
     def _handle_core_messages(self, decoder: msgspec.msgpack.Decoder) -> bool:
@@ -261,7 +261,7 @@ class StepTrace:
         stats = out.stats
         encoded, self.encoded = stats.num_encoded_items - self.encoded, stats.num_encoded_items
         self.file.write(f"[{started:.6f}, {ended:.6f}, {stats.num_scheduled_tokens}, {stats.num_running}, "
-                        f"{encoded}, {len(out.deltas)}]\n")
+                        f"{encoded}, {len(out.deltas) + len(out.tokens)}]\n")
 
     def close(self) -> None:
         self.file.close()

@@ -134,10 +134,8 @@ class ModelRunner:
         rows = torch.tensor(plan.mm_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return MultiModalEmbeds(rows, embeds)
 
-    def _random_tokens(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
-        vocab = self.model.args.vocab_size
-        count = sum(c.samples for c in chunks)
-        return SamplerOutput([self._rng.randrange(vocab) for _ in range(count)], [None] * count)
+    def _random_tokens(self, count: int) -> SamplerOutput:
+        return SamplerOutput(self._rng.choices(range(self.model.args.vocab_size), k=count), [None] * count)
 
     def _forward(self, plan: StepPlan, embeds: torch.Tensor | None,
                  previous_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,7 +200,7 @@ class ModelRunner:
         sequences hold the tokens sampling reads (penalties, bad words, grammars)."""
         samplers = [c.seq for c in chunks if c.samples]
         if self.config.model.skip_model_forward:
-            return PendingStep(samplers, None, self._random_tokens(chunks))
+            return PendingStep(samplers, None, self._random_tokens(len(samplers)))
         plan = self.plan(chunks)
         plan.shares_sampled_tokens = self.shares_sampled_tokens and bool(plan.logits_rows)
         embeds = self.encoder.embeds(chunks)

@@ -99,27 +99,27 @@ class Scheduler:
             self.running.append(seq)
         # Decodes (one token left to compute) before prefill chunks; stable within each kind.
         order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1)
-        scheduled: set[int] = set()
         for seq in order:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new, items = encoder.fit(seq, seq.num_computed_tokens,
-                                         min(seq.num_uncomputed_tokens, budget))
+            num_new, items = min(len(seq.token_ids) - seq.num_computed_tokens, budget), None
+            if seq.mm_items:
+                num_new, items = encoder.fit(seq, seq.num_computed_tokens, num_new)
             if num_new == 0:
                 continue   # its next image waits for a step with encoder budget left
             while not self.pool.allocate(seq, num_new):
-                victim = self._pick_victim(scheduled)
+                victim = self._pick_victim(out.chunks)
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
                     break
             else:
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
-                scheduled.add(id(seq))
                 budget -= num_new
-                encoder.spend(items)
+                if items:
+                    encoder.spend(items)
 
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
@@ -137,8 +137,9 @@ class Scheduler:
             encoder.spend(items)
         return out
 
-    def _pick_victim(self, scheduled: set[int]) -> Sequence:
+    def _pick_victim(self, chunks: list[ScheduledChunk]) -> Sequence:
         # The most recently admitted running sequence that is not already in this step.
+        scheduled = {id(chunk.seq) for chunk in chunks}
         for seq in reversed(self.running):
             if id(seq) not in scheduled:
                 return seq

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from streamvlm.contract.config import EngineConfig
 from streamvlm.contract.model_source import ModelSource
 from streamvlm.contract.protocol import (AbortRequest, AcceptKVPeers, AddRequest, ConnectKVPeers, ReleaseKV,
-                                         RequestDelta, SendKV, StepOutput, StepStats)
+                                         NewTokens, RequestDelta, SendKV, StepOutput, StepStats)
 from workers.device_settings import DeviceSettings
 from workers.distributed import tp_size
 from workers.kv_cache import BlockPool
@@ -181,6 +181,7 @@ class Worker:
         meanwhile: its tokens are taken (and streamed) after this one is queued behind it."""
         self.kv_handoff.reserve_blocks()
         deltas, self._pending_deltas = self._pending_deltas, []
+        tokens = NewTokens()
         in_flight, self._in_flight = self._in_flight, None
         # Sampling that reads the tokens so far (penalties, bad words, grammars) cannot run ahead
         # of the step in flight: this step's forward pass is queued now, its sampling once the
@@ -214,23 +215,25 @@ class Worker:
                 launched.positions = self._stand_ins(pending.seqs)
         # While the device runs the step: the step before's tokens, and what needs no tokens.
         if in_flight is not None:
-            self._complete(in_flight, deltas)
+            self._complete(in_flight, deltas, tokens)
         if launched is not None and defer_sampling:
             self.runner.sample(launched.pending)
             launched.positions = self._stand_ins(launched.pending.seqs)
         if launched is not None:
             for chunk in plan.chunks:
-                if chunk.seq.status is SequenceStatus.FINISHED:
+                seq = chunk.seq
+                if seq.status is SequenceStatus.FINISHED:
                     continue   # ended by the step before (async scheduling): its blocks are free
-                self.pool.register_full_blocks(chunk.seq)
-                self.kv_handoff.send_ready_blocks(chunk.seq)   # the full blocks this chunk completed
+                self.pool.register_full_blocks(seq)
+                if seq.kv_role == "prefill":
+                    self.kv_handoff.send_ready_blocks(seq)   # the full blocks this chunk completed
             if self.async_scheduling:
                 self._in_flight = launched
             else:
-                self._complete(launched, deltas)
+                self._complete(launched, deltas, tokens)
         self.num_steps += 1
         handoff = self.kv_handoff
-        return StepOutput(step=self.num_steps, deltas=deltas, kv_events=handoff.take_events(), stats=StepStats(
+        return StepOutput(step=self.num_steps, deltas=deltas, tokens=tokens, kv_events=handoff.take_events(), stats=StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_scheduled_tokens=plan.num_tokens,
@@ -276,21 +279,24 @@ class Worker:
             self.scheduler.retire(seq)
         return position
 
-    def _complete(self, step: LaunchedStep, deltas: list[RequestDelta]) -> None:
-        """Take a launched step's sampled tokens (the step's one wait for the device) and stream them."""
+    def _complete(self, step: LaunchedStep, deltas: list[RequestDelta], tokens: NewTokens) -> None:
+        """Take a launched step's sampled tokens (the step's one wait for the device) and stream them:
+        a request that only gained a token goes into the ``tokens`` columns, any other into ``deltas``."""
         sampled = self.runner.finish(step.pending)
         for seq, values in self.runner.finish_prompt_logprobs(step.pending):
             seq.add_prompt_logprobs(values)
+        positions, max_model_len = step.positions, self.max_model_len
+        column_ids, column_tokens, column_index = tokens.request_ids, tokens.token_ids, tokens.output_index
         for row, (seq, token, logprobs) in enumerate(zip(step.pending.seqs, sampled.token_ids, sampled.logprobs)):
             if seq.status is SequenceStatus.FINISHED:
                 continue   # aborted, or (async scheduling) ended by the step before
-            if step.positions is None:
+            if positions is None:
                 seq.append_token(token, logprobs)
                 num_tokens = seq.num_tokens
             else:
-                seq.fill_placeholder(step.positions[row], token, logprobs)
-                num_tokens = step.positions[row] + 1
-            reason = finish_reason(seq, token, num_tokens, self.max_model_len)
+                seq.fill_placeholder(positions[row], token, logprobs)
+                num_tokens = positions[row] + 1
+            reason = finish_reason(seq, token, num_tokens, max_model_len)
             if reason:
                 self.scheduler.remove(seq)
                 del self.sequences[seq.request_id]
@@ -298,6 +304,13 @@ class Worker:
                 self.kv_handoff.hold(seq)
             token_ids, token_logprobs = seq.take_pending()
             output_index = num_tokens - seq.num_prompt_tokens - len(token_ids)
+            if (not reason and token_logprobs is None and output_index and len(token_ids) == 1
+                    and seq.timeline is None
+                    and (seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent)):
+                column_ids.append(seq.request_id)
+                column_tokens.append(token_ids[0])
+                column_index.append(output_index)
+                continue
             timings = None
             if seq.timeline is not None and not seq.timeline.first_token:
                 timings = seq.timeline.report(time.monotonic())

@@ -44,7 +44,15 @@ from streamvlm.metrics import EngineMetrics, EngineStats
 from streamvlm.outputs import RequestOutput
 
 EnginePrompt = Prompt | list[Message] | PreparedPrompt
-DRAIN_BUDGET_S = 0.002
+# Text prompts up to this many characters (chat messages: their contents together) are tokenized,
+# chat template included, on the event loop: it takes about as long as handing them to the
+# executor, and under load an executor thread waits up to the GIL's switch interval for its turn,
+# which a burst of requests would pay once per request.
+INLINE_PROMPT_CHARS = 4096
+# A group's output loop folds the step outputs already waiting in one batch, without yielding:
+# at most this many, and no more once they hold this many request deltas.
+MAX_DRAIN_MESSAGES = 64
+MAX_DRAIN_DELTAS = 8192
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
 
@@ -60,6 +68,26 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=None)
 
 
+_PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
+
+
+def _short_text(prompt: Any) -> bool:
+    """A text prompt, or chat messages of plain text, of at most INLINE_PROMPT_CHARS characters."""
+    if isinstance(prompt, str):
+        return len(prompt) <= INLINE_PROMPT_CHARS
+    if not isinstance(prompt, list) or len(prompt) > 64:
+        return False
+    total = 0
+    for message in prompt:
+        if not isinstance(message, dict) or not _PLAIN_MESSAGE_KEYS.issuperset(message):
+            return False
+        content = message.get("content")
+        if not isinstance(content, str):
+            return False
+        total += len(content)
+    return total <= INLINE_PROMPT_CHARS
+
+
 def _kill_groups(groups: list[WorkerGroup]) -> None:
     for group in groups:
         group.kill()
@@ -70,27 +98,32 @@ def _kill_groups(groups: list[WorkerGroup]) -> None:
 
 async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup) -> None:
     sock, decode = group.outbox, group.decoder.decode
+    # The same socket without asyncio's futures, to take what has already arrived.
+    waiting = zmq.Socket.shadow(sock.underlying)
     while True:
-        frame: bytes | None = await sock.recv()
-        # Drain what has already arrived, so a burst reaches consumers as merged deltas, but
-        # for no longer than DRAIN_BUDGET_S: awaiting a message that is already there does not
-        # yield, and consumers, sockets and other requests must get their turn.
-        now = time.monotonic()
-        group.last_heard = now
-        deadline = now + DRAIN_BUDGET_S
-        while frame is not None:
-            engine = engine_ref()
-            if engine is None:
-                return
-            engine._handle(group, decode(frame))
-            del engine
-            if time.monotonic() > deadline:
-                break
+        messages = [decode(await sock.recv())]
+        # Everything already here, up to a bound that keeps the loop responsive: a core that fell
+        # behind folds several steps at once, each request's tokens merged and its consumer
+        # woken once.
+        num_deltas = _num_deltas(messages[0])
+        while len(messages) < MAX_DRAIN_MESSAGES and num_deltas < MAX_DRAIN_DELTAS:
             try:
-                frame = await sock.recv(zmq.NOBLOCK)
+                messages.append(decode(waiting.recv(zmq.NOBLOCK)))
             except zmq.Again:
-                frame = None
+                break
+            num_deltas += _num_deltas(messages[-1])
+        group.last_heard = time.monotonic()
+        engine = engine_ref()
+        if engine is None:
+            return
+        engine._handle(group, messages)
+        del engine
+        # Consumers, sockets and other groups get their turn before the next batch.
         await asyncio.sleep(0)
+
+
+def _num_deltas(message: Any) -> int:
+    return len(message.tokens) + len(message.deltas) if isinstance(message, StepOutput) else 0
 
 
 class AsyncEngine:
@@ -373,6 +406,8 @@ class AsyncEngine:
         if (isinstance(prompt, dict) and "prompt_token_ids" in prompt and not prompt.get("images")
                 and not chat_template_kwargs and not tools):
             return PreparedPrompt(self.processor.tokenize_prompt(prompt))
+        if not tools and _short_text(prompt):
+            return PreparedPrompt(self.processor.split_prompt(prompt, chat_template_kwargs)[0])
         loop = asyncio.get_running_loop()
         ids, refs = await loop.run_in_executor(None, self.processor.split_prompt, prompt,
                                                chat_template_kwargs, tools)
@@ -460,18 +495,28 @@ class AsyncEngine:
 
     # ---- output path -----------------------------------------------------------------------
 
-    def _handle(self, group: WorkerGroup, message: Any) -> None:
-        if isinstance(message, WorkerFailed):
-            self._watch.group_died(group, f"{message.error_type}: {message.message}")
+    def _handle(self, group: WorkerGroup, messages: list[Any]) -> None:
+        """Messages from ``group``, in the order it sent them."""
+        steps: list[StepOutput] = []
+        for message in messages:
+            if isinstance(message, StepOutput):
+                steps.append(message)
+            elif isinstance(message, WorkerFailed):
+                self._apply_steps(group, steps)
+                steps = []
+                self._watch.group_died(group, f"{message.error_type}: {message.message}")
+        self._apply_steps(group, steps)
+
+    def _apply_steps(self, group: WorkerGroup, steps: list[StepOutput]) -> None:
+        if not steps:
             return
-        if not isinstance(message, StepOutput):
-            return
-        stats = group.stats = message.stats
-        self._num_steps += 1
-        if stats.num_preempted:
-            self.metrics.num_preemptions += stats.num_preempted
-        # One clock read per step output: every delta in it reaches its consumer now.
-        self._requests.apply(group, message, time.monotonic())
+        for message in steps:
+            stats = group.stats = message.stats
+            if stats.num_preempted:
+                self.metrics.num_preemptions += stats.num_preempted
+        self._num_steps += len(steps)
+        # One clock read per batch: every delta in it reaches its consumer now.
+        self._requests.apply(group, steps, time.monotonic())
 
     def _on_group_death(self, group: WorkerGroup, error: EngineDeadError) -> None:
         self._requests.fail_held_by(group, error)

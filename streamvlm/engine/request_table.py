@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from streamvlm.contract.protocol import AbortRequest, RequestDelta, StepOutput
+from streamvlm.contract.protocol import AbortRequest, KVEvent, RequestDelta, StepOutput
 from streamvlm.engine.collector import DeltaCollector
 from streamvlm.engine.disaggregation import KVHandoffs
 from streamvlm.engine.request_timing import CoreStamps, RequestTimings
@@ -24,6 +24,18 @@ class TrackedRequest:
     arrival: float              # time.monotonic() on entry to the engine
     last_token: float = 0.0     # when the latest token-bearing delta arrived; 0: none yet
     stamps: CoreStamps | None = None   # collect_timings requests
+
+
+@dataclass(slots=True)
+class _Run:
+    """A request's tokens that follow each other over the step outputs being applied."""
+
+    first_index: int      # output index of token_ids[0]
+    token_ids: list[int]
+    next_index: int       # of the token that would extend the run
+
+    def delta(self, request_id: str) -> RequestDelta:
+        return RequestDelta(request_id, self.token_ids, output_index=self.first_index)
 
 
 class RequestTable:
@@ -82,39 +94,71 @@ class RequestTable:
         if tracked is not None:
             self._router.unrouted(tracked.route)
 
-    def apply(self, group: WorkerGroup, message: StepOutput, now: float) -> None:
-        """A step output from ``group``, received at ``now``: deltas to their consumers."""
-        metrics = self._metrics
-        requests = self._requests
-        for d in message.deltas:
-            tracked = requests.get(d.request_id)
-            if tracked is None:
-                continue   # aborted or already finished here (e.g. by a stop string)
-            try:
-                out = tracked.state.apply(d)
-            except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
-                self.end(d.request_id, "error", release=[group], now=now,
-                         error=RuntimeError(f"output processing failed: {exc!r}"))
-                continue
-            if out is None:
-                continue
-            if d.timings is not None and tracked.stamps is not None and tracked.state.output.timings is None:
-                out.timings = tracked.state.output.timings = RequestTimings.place(
-                    tracked.stamps, d.timings, now, clock_shared=group.host is None)
-            if out.token_ids:
-                metrics.tokens_arrived(len(out.token_ids), tracked.arrival, tracked.last_token, now)
-                if not tracked.last_token:
-                    self._router.prefilled(tracked.route, len(tracked.state.output.prompt_token_ids))
-                tracked.last_token = now
-            if out.finish_reason is not None:
-                # The group that ended it has freed its blocks, unless a stop string ended it
-                # here; any other holder (a decode group still waiting for the KV) has not.
-                self.end(d.request_id, out.finish_reason, now=now,
-                         release=[g for g in tracked.route.holders()
-                                  if g is not group or d.finish_reason is None])
-            tracked.collector.put(out)
-        for event in message.kv_events:
-            tracked = requests.get(event.request_id)
+    def apply(self, group: WorkerGroup, messages: list[StepOutput], now: float) -> None:
+        """Step outputs from ``group``, in step order, received at ``now``: each request's new
+        tokens over all of them reach its consumer as one delta where they follow each other, so
+        that a core that fell behind by several steps folds and wakes each request once."""
+        runs: dict[str, _Run] = {}
+        for message in messages:
+            columns = message.tokens
+            for request_id, token, index in zip(columns.request_ids, columns.token_ids,
+                                                columns.output_index):
+                run = runs.get(request_id)
+                if run is None:
+                    runs[request_id] = _Run(index, [token], index + 1)
+                elif run.next_index == index:
+                    run.token_ids.append(token)
+                    run.next_index += 1
+                else:   # not the token after the run's: the run first, then a new one
+                    self._fold(group, run.delta(request_id), now)
+                    runs[request_id] = _Run(index, [token], index + 1)
+            for delta in message.deltas:
+                run = runs.pop(delta.request_id, None)
+                if run is not None:
+                    self._fold(group, run.delta(delta.request_id), now)
+                self._fold(group, delta, now)
+            if message.kv_events:
+                self._fold_runs(group, runs, now)
+                runs = {}
+                self._apply_kv_events(message.kv_events, now)
+        self._fold_runs(group, runs, now)
+
+    def _fold_runs(self, group: WorkerGroup, runs: dict[str, _Run], now: float) -> None:
+        for request_id, run in runs.items():
+            self._fold(group, run.delta(request_id), now)
+
+    def _fold(self, group: WorkerGroup, d: RequestDelta, now: float) -> None:
+        """One request's delta from ``group`` to its consumer."""
+        tracked = self._requests.get(d.request_id)
+        if tracked is None:
+            return   # aborted or already finished here (e.g. by a stop string)
+        try:
+            out = tracked.state.apply(d)
+        except Exception as exc:  # noqa: BLE001 - one broken request must not stop the rest
+            self.end(d.request_id, "error", release=[group], now=now,
+                     error=RuntimeError(f"output processing failed: {exc!r}"))
+            return
+        if out is None:
+            return
+        if d.timings is not None and tracked.stamps is not None and tracked.state.output.timings is None:
+            out.timings = tracked.state.output.timings = RequestTimings.place(
+                tracked.stamps, d.timings, now, clock_shared=group.host is None)
+        if out.token_ids:
+            self._metrics.tokens_arrived(len(out.token_ids), tracked.arrival, tracked.last_token, now)
+            if not tracked.last_token:
+                self._router.prefilled(tracked.route, len(tracked.state.output.prompt_token_ids))
+            tracked.last_token = now
+        if out.finish_reason is not None:
+            # The group that ended it has freed its blocks, unless a stop string ended it
+            # here; any other holder (a decode group still waiting for the KV) has not.
+            self.end(d.request_id, out.finish_reason, now=now,
+                     release=[g for g in tracked.route.holders()
+                              if g is not group or d.finish_reason is None])
+        tracked.collector.put(out)
+
+    def _apply_kv_events(self, events: list[KVEvent], now: float) -> None:
+        for event in events:
+            tracked = self._requests.get(event.request_id)
             if tracked is not None and tracked.route.prefill is not None:
                 self._handoffs.on_event(event, tracked.route, now)
             # else: ended meanwhile, and both sides were told to free it
