@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from benchmarks.common import milliseconds_per_call
 from tests.test_triton_interpret import (
     PagedBatch,
     make_paged_batch,
@@ -143,18 +144,6 @@ def test_backend_matches_torch_backend(dtype, query_lens, seq_lens):
     assert torch.equal(batch.k_cache, torch_caches[0]) and torch.equal(batch.v_cache, torch_caches[1])
 
 
-def _time_ms(fn, iters: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def test_decode_bandwidth_report():
     """Decode attention of one layer of an 8B-class model (32 query heads, 8 kv heads, head_dim 128, bf16):
     achieved KV-read bandwidth per batch size and context. Reported, not asserted."""
@@ -170,9 +159,9 @@ def test_decode_bandwidth_report():
         batch = _batch([1] * num_seqs, seq_lens, 128, 4, 16, torch.bfloat16, num_kv_heads=8, poison=False)
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
         partitions = plan_decode_partitions(num_seqs, 8, context, 128, default_decode_programs(batch.q.device))
-        ms = _time_ms(functools.partial(paged_decode_attention, batch.q, batch.k_cache, batch.v_cache,
-                                        batch.meta.block_tables, seq_lens_t, batch.scale, context,
-                                        partitions=partitions))
+        ms = milliseconds_per_call(functools.partial(paged_decode_attention, batch.q, batch.k_cache, batch.v_cache,
+                                                     batch.meta.block_tables, seq_lens_t, batch.scale, context,
+                                                     partitions=partitions), 50)
         kv_bytes = 2 * num_seqs * context * 8 * 128 * 2
         report.append({"num_seqs": num_seqs, "context": context, "partitions": partitions.num_partitions,
                        "us": round(ms * 1000, 1), "kv_gb_per_s": round(kv_bytes / ms / 1e6, 1)})
