@@ -28,14 +28,18 @@ def union_within(intervals: list[tuple[float, float]], lo: float, hi: float) -> 
     return total
 
 
-def load(path: str) -> tuple[list[dict], list[dict], dict[int, dict], list[dict]]:
+def load(path: str) -> tuple[list[dict], list[dict], dict[int, list[dict]], list[dict]]:
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("step ")),
                    key=lambda e: e["ts"])
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    by_correlation = {e["args"]["correlation"]: e for e in device if "correlation" in e.get("args", {})}
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    # One launch may start many kernels (a CUDA graph replay): kernels by the launch they belong to.
+    by_correlation: dict[int, list[dict]] = defaultdict(list)
+    for e in device:
+        if "correlation" in e.get("args", {}):
+            by_correlation[e["args"]["correlation"]].append(e)
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     return steps, device, by_correlation, runtime
 
 
@@ -47,8 +51,7 @@ def analyse(path: str, top: int, per_step: bool) -> None:
     for step in steps:
         lo, hi = step["ts"], step["ts"] + step["dur"]
         calls = [e for e in runtime if lo <= e["ts"] < hi]
-        launched = [by_correlation[c["args"]["correlation"]] for c in calls
-                    if c.get("args", {}).get("correlation") in by_correlation]
+        launched = [kernel for c in calls for kernel in by_correlation.get(c.get("args", {}).get("correlation"), ())]
         waited = sum(c["dur"] for c in calls if c["name"].startswith(SYNC_CALLS))
         step_kernels: dict[str, float] = defaultdict(float)
         for kernel in launched:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks.step_timeline import analyse, union_within
@@ -28,6 +29,8 @@ def test_the_setting_names_the_file_and_the_window(tmp_path):
     assert (timeline.first, timeline.count) == (10, 4) and timeline.path.startswith(f"{tmp_path}/tl.")
     default = StepTimeline.from_setting(f"{tmp_path}/tl")
     assert (default.first, default.count) == (200, 50)
+    with pytest.raises(ValueError, match="PREFIX"):
+        StepTimeline.from_setting(f"{tmp_path}/tl:ten")
 
 
 def test_device_time_is_counted_once_and_within_each_step(tmp_path, capsys):
