@@ -58,7 +58,7 @@ def analyse(path: str, top: int, per_step: bool) -> None:
             step_kernels[kernel["name"][:90]] += kernel["dur"]
             kernel_time[kernel["name"][:90]] += kernel["dur"]
         rows.append({"step": step["name"], "wall_ms": step["dur"] / 1e3,
-                     "launched_ms": sum(k["dur"] for k in launched) / 1e3, "launches": len(launched),
+                     "launched_ms": sum(k["dur"] for k in launched) / 1e3, "launches": sum(1 for c in calls if "Launch" in c["name"]),
                      "busy_ms": union_within(spans, lo, hi) / 1e3, "wait_ms": waited / 1e3,
                      "top": sorted(step_kernels.items(), key=lambda kv: -kv[1])[:3]})
     if not rows:
