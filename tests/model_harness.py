@@ -37,4 +37,4 @@ def prefill_logits(model: torch.nn.Module, input_ids: list[int], positions: torc
     backend.prepare(meta)
     ids = torch.tensor(input_ids, dtype=torch.int64)
     hidden = model(ids, positions, meta, mm) if mm is not None else model(ids, positions, meta)
-    return model.compute_logits(hidden)
+    return model.compute_logits(hidden).float()

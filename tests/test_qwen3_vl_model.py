@@ -218,7 +218,7 @@ def test_chunked_prefill_splitting_an_image(ours, tokenizer, config, images):
         in_chunk = (rows >= start) & (rows < end)
         mm = MultiModalEmbeds(rows[in_chunk] - start, embeds[in_chunk])
         hidden = ours(torch.tensor(ids[start:end]), positions[:, start:end], meta, mm)
-        chunks.append(ours.compute_logits(hidden))
+        chunks.append(ours.compute_logits(hidden).float())
     assert_relative(torch.cat(chunks), full, 1e-5)
 
 

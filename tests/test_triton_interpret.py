@@ -288,7 +288,49 @@ def check_qk_tiles(qk_norm: bool, mrope: bool) -> float:
                max_abs_diff(tiled_caches[0], expected_caches[0]), max_abs_diff(tiled_caches[1], expected_caches[1]))
 
 
+def check_gumbel_argmax_greedy() -> float:
+    """Greedy rows: torch's argmax (lowest column on a tie) at every split, over bfloat16 rows with a
+    stride, a row of equal values and a row of -inf; returns the number of rows that differ."""
+    from workers.kernels.sampling import TILE, gumbel_argmax
+
+    vocab = 2 * TILE + 37
+    logits = torch.randn(6, vocab + 5, generator=torch.Generator().manual_seed(3))
+    logits[1] = 0.5
+    logits[2, 7] = logits[2, TILE + 9] = logits[2, 2 * TILE + 3] = 9.0   # a three-way tie across tiles
+    logits[3] = float("-inf")
+    logits[4, vocab - 1] = 50.0                                             # the last column of a partial tile
+    strided = logits.to(torch.bfloat16)[:, :vocab]
+    expected = strided.float().argmax(-1)
+    differ = 0
+    for splits in (1, 2, 3):
+        differ += int((gumbel_argmax(strided, splits=splits) != expected).sum())
+        inv = torch.zeros(6)   # the sampled kernel with every row greedy
+        differ += int((gumbel_argmax(strided, inv, torch.arange(6), splits=splits) != expected).sum())
+    return float(differ)
+
+
+def check_gumbel_argmax_draws() -> float:
+    """Sampled rows: a draw depends only on (seed, logits), not on the split or the rows beside it,
+    and the draws follow softmax(logits / temperature). Returns the largest gap between a token's
+    frequency and its probability, or 1.0 if a draw changed with the batch."""
+    from workers.kernels.sampling import gumbel_argmax
+
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5, -2.0, 1.5, 0.2])
+    n, temperature = 600, 0.7
+    seeds = torch.arange(n, dtype=torch.int64) * 7919 + 11
+    inv = torch.full((n,), 1 / temperature)
+    ids = gumbel_argmax(logits.repeat(n, 1), inv, seeds)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:40]
+    again = gumbel_argmax(logits.repeat(40, 1), inv[shuffled], seeds[shuffled], splits=1)
+    if not torch.equal(again, ids[shuffled]):
+        return 1.0
+    counts = torch.bincount(ids, minlength=8).float() / n
+    return float((counts - torch.softmax(logits / temperature, -1)).abs().max())
+
+
 CASES = {
+    "gumbel_argmax_greedy": check_gumbel_argmax_greedy,
+    "gumbel_argmax_draws": check_gumbel_argmax_draws,
     "qk_tiles_norm": lambda: check_qk_tiles(qk_norm=True, mrope=False),
     "qk_tiles_no_norm_mrope": lambda: check_qk_tiles(qk_norm=False, mrope=True),
     "mrope_sections": lambda: check_mrope(False),
@@ -316,7 +358,7 @@ CASES = {
     "backend_mixed_vs_torch_backend": lambda: check_backend([12, 1, 1, 33], [12, 25, 70, 50], 4, 2, 32, 8,
                                                             against_torch_backend=True),
 }
-TOLERANCE = {"decode_fp16": 2e-3}   # others are float32 (or exact copies)
+TOLERANCE = {"decode_fp16": 2e-3, "gumbel_argmax_draws": 0.06}   # others are float32 (or exact copies)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ class KVMemory:
             positions = positions.expand(3, n)
         hidden = self.model(ids, positions, meta)
         rows = min(n, self.config.scheduler.max_num_seqs)
-        torch.log_softmax(self.model.compute_logits(hidden[:rows]), dim=-1)
+        torch.log_softmax(self.model.compute_logits(hidden[:rows]).float(), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del self.kv_cache, hidden

@@ -162,7 +162,7 @@ class ModelRunner:
             plan, embeds = self.plan(chunks), self.encoder.encoded_embeds(chunks)
         else:
             plan = chunks
-        return self._step_logits(plan, embeds, previous_tokens, None)[0]
+        return self._step_logits(plan, embeds, previous_tokens, None)[0].float()
 
     def _step_logits(self, plan: StepPlan, embeds: torch.Tensor | None, previous_tokens: torch.Tensor | None,
                      prompt_request: PromptLogprobRequest | None
@@ -184,7 +184,7 @@ class ModelRunner:
         The chunks' K/V go into the cache as in a normal step; the caller owns their blocks.
         """
         hidden, _ = self._forward(self.plan(chunks), self.encoder.encoded_embeds(chunks))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden).float()
 
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput:
         """One step; the chunks' items are already encoded (encode_pending)."""

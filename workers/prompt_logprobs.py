@@ -102,7 +102,7 @@ def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tenso
         logits = compute_logits(hidden[index[lo:lo + LOGITS_SLICE_ROWS]])
         if targets is None:
             continue
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         chosen = logprobs.gather(1, targets[lo:lo + LOGITS_SLICE_ROWS, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
         top = logprobs.topk(request.top_k, dim=-1)

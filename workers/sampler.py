@@ -1,13 +1,20 @@
 """Per-request sampling over one batch of logits.
 
 Order: penalties, logit_bias, bad words, banned tokens (min_tokens), then greedy rows take the argmax and the rest go
-through temperature, top_k, top_p and min_p before a draw. A seeded request draws from its own
-generator, re-seeded from (seed, output position), so its output does not depend on the batch,
-on preemption, or on which process samples it. Logprobs are a log-softmax of the raw logits.
+through temperature, top_k, top_p and min_p before a draw. A seeded request draws with noise seeded from
+(seed, output position), so its output does not depend on the batch, on preemption, or on which process
+samples it. Logprobs are a log-softmax of the raw logits.
+
+On a GPU with Triton the draw is one kernel over the logits as the model produced them
+(workers/kernels/sampling.py: Gumbel-max with the noise made in registers); a batch with nothing to
+process or filter never makes a float32 copy of its logits. Elsewhere the same draw runs in torch,
+with the noise from torch generators.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import random
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +48,9 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.request_generator = torch.Generator(device=device)
+        # The fused draw's noise: a seed per unseeded row per step, from the host (no device round trip).
+        self.step_seeds = random.Random(seed)
+        self.fused_draw = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.masks = MaskBatch(device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -49,23 +59,17 @@ class Sampler:
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
         """Queue the sampling of one token per row; nothing here waits for the device."""
-        logits = logits.float()
         params = [s.params for s in seqs]
-        raw_logprobs = (torch.log_softmax(logits, dim=-1)
+        raw_logprobs = (torch.log_softmax(logits.float(), dim=-1)
                         if any(p.logprobs for p in params) else None)
-        logits = self._apply_penalties(logits, seqs)
-        logits = self._apply_logit_bias(logits, seqs)
-        logits = self._ban_bad_words(logits, seqs)
-        logits = self._ban_stop_tokens_before_min(logits, seqs)
-        logits = self._apply_grammars(logits, seqs)
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled_rows and len(sampled_rows) == len(seqs):   # no greedy row: no gather, no argmax
-            token_ids = self._draw(logits, seqs)
-        else:
-            token_ids = logits.argmax(dim=-1)
-            if sampled_rows:
-                rows = self._tensor(sampled_rows, torch.int64)
-                token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in sampled_rows])
+        if any(self._processes(seq) for seq in seqs):
+            logits = logits.float()
+            logits = self._apply_penalties(logits, seqs)
+            logits = self._apply_logit_bias(logits, seqs)
+            logits = self._ban_bad_words(logits, seqs)
+            logits = self._ban_stop_tokens_before_min(logits, seqs)
+            logits = self._apply_grammars(logits, seqs)
+        token_ids = self._draw(logits, seqs)
         logprobs = None
         if raw_logprobs is not None:
             top = raw_logprobs.topk(max(p.top_logprobs for p in params), dim=-1)
@@ -101,6 +105,13 @@ class Sampler:
         if self.device.type != "cuda":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _processes(seq: Sequence) -> bool:
+        """Whether any logits processor below changes this row's logits at this step."""
+        p = seq.params
+        return (p.reads_history or bool(p.logit_bias) or seq.grammar is not None
+                or seq.num_output_tokens < p.min_tokens)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for row, seq in enumerate(seqs):
@@ -164,6 +175,55 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row: the argmax for greedy rows, a draw from softmax(logits / temperature),
+        after top_k / top_p / min_p, for the others."""
+        params = [s.params for s in seqs]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            return self._greedy(logits)
+        vocab = logits.shape[-1]
+        filtered = [i for i in sampled if 0 < params[i].top_k < vocab or params[i].top_p < 1 or params[i].min_p > 0]
+        if filtered:
+            logits = logits.float()
+            rows = self._tensor(filtered, torch.int64)
+            logits[rows] = self._filter(logits[rows], [seqs[i] for i in filtered])
+        # Filtered rows already hold logits / temperature; greedy rows are marked by 0.
+        inv_temps = [0.0] * len(seqs)
+        for i in sampled:
+            inv_temps[i] = 1.0 / params[i].temperature
+        for i in filtered:
+            inv_temps[i] = 1.0
+        if self.fused_draw:
+            return self._fused_draw(logits, seqs, inv_temps)
+        token_ids = logits.argmax(dim=-1) if len(sampled) < len(seqs) else None
+        scaled = logits[self._tensor(sampled, torch.int64)] if token_ids is not None else logits.float()
+        scaled = scaled * self._tensor([inv_temps[i] for i in sampled], torch.float32)[:, None]
+        drawn = self._race(scaled, [seqs[i] for i in sampled])
+        if token_ids is None:
+            return drawn
+        token_ids[self._tensor(sampled, torch.int64)] = drawn
+        return token_ids
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.fused_draw:
+            from workers.kernels.sampling import gumbel_argmax
+            return gumbel_argmax(logits)
+        return logits.argmax(dim=-1)
+
+    def _fused_draw(self, logits: torch.Tensor, seqs: list[Sequence], inv_temps: list[float]) -> torch.Tensor:
+        from workers.kernels.sampling import gumbel_argmax
+
+        step_seed = self.step_seeds.getrandbits(63)
+        seeds = [self._row_seed(seq) if seq.params.seed is not None else (step_seed + row * _SEED_MIX) % (2 ** 63)
+                 for row, seq in enumerate(seqs)]
+        return gumbel_argmax(logits, self._tensor(inv_temps, torch.float32), self._tensor(seeds, torch.int64))
+
+    @staticmethod
+    def _row_seed(seq: Sequence) -> int:
+        return (seq.params.seed * _SEED_MIX + seq.num_output_tokens) % (2 ** 63)
+
+    def _filter(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits / temperature, with -inf where top_k, top_p or min_p drop a token (float32 rows)."""
         temps = self._tensor([s.params.temperature for s in seqs], torch.float32)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
@@ -173,27 +233,30 @@ class Sampler:
             sorted_desc = logits.sort(dim=-1, descending=True).values
             kth = sorted_desc.gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(dim=-1)
         if any(s.params.top_p < 1 for s in seqs):
             top_ps = self._tensor([s.params.top_p for s in seqs], torch.float32)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             drop_sorted = mass_before >= top_ps[:, None]   # never drops the most likely token
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            probs = probs.masked_fill(drop, 0.0)
+            logits = logits.masked_fill(drop, float("-inf"))
         if any(s.params.min_p > 0 for s in seqs):
             min_ps = self._tensor([s.params.min_p for s in seqs], torch.float32)
+            probs = logits.softmax(dim=-1)
             threshold = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (unnormalised is fine).
-        # Unseeded rows share one draw from the engine's generator; a seeded row draws its own.
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        return logits
+
+    def _race(self, scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The draw in torch: argmax(scaled - log E), E ~ Exp(1) (the exponential race, which draws
+        from softmax(scaled)). Unseeded rows share one draw from the engine's generator; a seeded row
+        draws its own."""
+        noise = torch.empty_like(scaled).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                seed = (seq.params.seed * _SEED_MIX + seq.num_output_tokens) % (2 ** 63)
-                self.request_generator.manual_seed(seed)
+                self.request_generator.manual_seed(self._row_seed(seq))
                 noise[row].exponential_(generator=self.request_generator)
-        return (probs / noise).argmax(dim=-1)
+        return (scaled - noise.clamp_(min=torch.finfo(noise.dtype).tiny).log()).argmax(dim=-1)
 
     @staticmethod
     def _logprobs(logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,

@@ -262,7 +262,7 @@ class LlamaForCausalLM(nn.Module):
         weight = (self.model.embed_tokens.weight if self.args.tie_word_embeddings
                   else self.lm_head.weight)
         logits = all_gather_last_dim(linear(hidden, weight))
-        return logits[..., :self.args.vocab_size].float()
+        return logits[..., :self.args.vocab_size]   # the model's dtype: the sampler reads it as it is
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors in; ValueError on an unknown, mis-shaped or missing tensor."""

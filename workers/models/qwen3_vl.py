@@ -348,7 +348,7 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
         weight = (self.model.language_model.embed_tokens.weight if self.args.tie_word_embeddings
                   else self.lm_head.weight)
         logits = all_gather_last_dim(linear(hidden, weight))
-        return logits[..., :self.args.vocab_size].float()
+        return logits[..., :self.args.vocab_size]   # the model's dtype: the sampler reads it as it is
 
     # -- multimodal contract
 
