@@ -161,7 +161,8 @@ def check_qk_norm_rope_store(qk_norm: bool) -> float:
 
 
 def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 partition_size: int | None = None, dtype: torch.dtype = torch.float32) -> float:
+                 partition_size: int | None = None, dtype: torch.dtype = torch.float32,
+                 longest_first: bool = False) -> float:
     from workers.kernels.paged_attention import paged_decode_attention, plan_decode_partitions
 
     batch = make_paged_batch([1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
@@ -169,10 +170,15 @@ def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_di
     partitions = plan_decode_partitions(len(seq_lens), num_kv_heads, max(seq_lens), head_dim, 8, partition_size)
     if partition_size is not None:
         assert partitions.num_partitions > 1, partitions
+    order = longest_first_order(seq_lens) if longest_first else None
     out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
                                  torch.tensor(seq_lens, dtype=torch.int32), batch.scale, max(seq_lens),
-                                 partitions=partitions)
+                                 partitions=partitions, seq_order=order)
     return max_abs_diff(out, reference_attention(batch))
+
+
+def longest_first_order(seq_lens: list[int]) -> torch.Tensor:
+    return torch.tensor(sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i]), dtype=torch.int32)
 
 
 def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
@@ -349,6 +355,9 @@ CASES = {
     "decode_gqa2_bs16": lambda: check_decode([1, 16, 33], 4, 2, 64, 16),
     "decode_gqa4_bs8_split": lambda: check_decode([150, 7, 300, 64], 8, 2, 64, 8, partition_size=64),
     "decode_gqa4_bs16_split_dim80": lambda: check_decode([130, 200], 8, 2, 80, 16, partition_size=64),
+    "decode_longest_first": lambda: check_decode([5, 170, 40, 90], 4, 2, 32, 8, longest_first=True),
+    "decode_longest_first_split": lambda: check_decode([150, 7, 300, 64], 8, 2, 64, 8, partition_size=64,
+                                                       longest_first=True),
     "decode_fp16": lambda: check_decode([20, 70], 4, 2, 32, 16, dtype=torch.float16),
     "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
     "backend_mixed_gqa1_bs8": lambda: check_backend([7, 1, 20, 1], [7, 30, 45, 3], 2, 2, 32, 8),

@@ -60,6 +60,8 @@ class ModelRunner:
         self.kv_memory = KVMemory(config, self.model, self.backend, self.device, self.dtype, max_model_len,
                                   self.uses_mrope)
         self.sampler = Sampler(self.device, config.model.seed)
+        if not config.model.skip_model_forward:
+            self.sampler.warm_up(self.model.args.vocab_size, self.dtype)
         self.supports_images = hasattr(self.model, "encode")
         self.encoder = EncoderRunner(self.model, config.cache.encoder_cache_tokens)
         # Set on rank 0 of a tensor-parallel group: sends each step's plan to the other ranks.

@@ -53,6 +53,12 @@ class Sampler:
         self.fused_draw = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.masks = MaskBatch(device)
 
+    def warm_up(self, vocab: int, dtype: torch.dtype) -> None:
+        """Compile the draw's kernels before serving (nothing to do for the torch draw)."""
+        if self.fused_draw:
+            from workers.kernels.sampling import warm_up
+            warm_up(vocab, dtype, self.device)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.finish(self.launch(logits, seqs), seqs)
 

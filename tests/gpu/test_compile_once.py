@@ -13,10 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _compiled_variants() -> dict[str, int]:
-    from workers.kernels import fused, kv_store, paged_attention
+    from workers.kernels import fused, kv_store, paged_attention, sampling
 
     counts = {}
-    for module in (fused, kv_store, paged_attention):
+    for module in (fused, kv_store, paged_attention, sampling):
         for name in dir(module):
             kernel = getattr(module, name)
             caches = getattr(kernel, "device_caches", None)
@@ -37,9 +37,12 @@ def test_no_kernel_compiles_while_serving(tmp_path):
         after_start = _compiled_variants()
         g = torch.Generator().manual_seed(0)
         for batch in (1, 3, 5, 7, 19, 32):
+            # Greedy and top_p rows beside plain sampled ones: every variant of the draw.
+            temperatures = [0.0 if i % 3 == 1 else 0.7 for i in range(batch)]
             lengths = torch.randint(1, 700, (batch,), generator=g).tolist()
             prompts = [{"prompt_token_ids": torch.randint(3, 448, (n,), generator=g).tolist()} for n in lengths]
             outputs = torch.randint(1, 40, (batch,), generator=g).tolist()
-            llm.generate(prompts, [SamplingParams(temperature=0.7, max_tokens=n, ignore_eos=True) for n in outputs],
-                         use_tqdm=False)
+            params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True, top_p=0.9 if i % 4 == 2 else 1.0)
+                      for i, (t, n) in enumerate(zip(temperatures, outputs))]
+            llm.generate(prompts, params, use_tqdm=False)
         assert _compiled_variants() == after_start

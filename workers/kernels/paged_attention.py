@@ -59,18 +59,26 @@ def _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRE
 @triton.jit(do_not_specialize=["partition_size", "max_partitions", "stride_table_seq"])
 def _paged_decode_kernel(
     out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_order_ptr,
     qk_scale, partition_size, num_heads, max_partitions,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ORDERED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """One (sequence, kv head, context partition): the group's query heads against the partition's keys."""
+    """One (sequence, kv head, context partition): the group's query heads against the partition's keys.
+
+    ORDERED: the grid is (kv head, rank, partition) and rank r runs sequence seq_order[r], so that the
+    programs start in the order the host chose (longest context first: a long sequence started last
+    would run alone at the end of the launch)."""
     start_dependents_and_wait(USE_PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if ORDERED:
+        kv_head = tl.program_id(0)
+        seq = tl.load(seq_order_ptr + tl.program_id(1))
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     partition = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     start = partition * partition_size
@@ -324,10 +332,11 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            *, partitions: DecodePartitions | None = None, workspace: DecodeWorkspace | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [num_seqs, num_heads, head_dim] (row i belongs to sequence i) against
     the first seq_lens[i] (>= 1) keys of sequence i. seq_lens [num_seqs] int32, block_tables [num_seqs,
-    max_blocks] int32/int64; max_seq_len >= max(seq_lens) sizes the launch (no device read).
+    max_blocks] int32/int64; max_seq_len >= max(seq_lens) sizes the launch (no device read). seq_order
+    (int32 [num_seqs], a permutation): the order the sequences' programs start in.
     Returns [num_seqs, num_heads, head_dim] in q's dtype."""
     num_kv_heads, queries_per_kv = _check_cache(q, k_cache, v_cache, block_tables, seq_lens)
     num_seqs, num_heads, head_dim = q.shape
@@ -352,17 +361,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     dim_pad = _dim_pad(head_dim)
     pdl = programmatic_launch(q.device)
-    grid = (num_seqs, num_kv_heads, partitions.num_partitions)
+    ordered = seq_order is not None
+    grid = ((num_kv_heads, num_seqs) if ordered else (num_seqs, num_kv_heads)) + (partitions.num_partitions,)
     _paged_decode_kernel[grid](
         out, part_max, part_sum, part_acc,
-        q, k_cache, v_cache, block_tables, seq_lens,
+        q, k_cache, v_cache, block_tables, seq_lens, seq_order if ordered else seq_lens,
         scale * LOG2E, partitions.partition_size, num_heads, partitions.num_partitions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
         GROUP_PAD=max(16, triton.next_power_of_2(queries_per_kv)), DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=_decode_tile_n(head_dim), SPLIT=split,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl,
+        DOT_PRECISION=_dot_precision(q.dtype), ORDERED=ordered, USE_PDL=pdl,
         num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2), launch_pdl=pdl,
     )
     if split:

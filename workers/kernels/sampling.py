@@ -49,7 +49,9 @@ def _top_of(best, best_col, top, NO_COL: tl.constexpr):
     return tl.min(tl.where(best == top, best_col, NO_COL), 0)
 
 
-@triton.jit
+# The integers change with the batch; specialising on them (== 1, multiple of 16) would compile anew
+# while serving.
+@triton.jit(do_not_specialize=["stride_row", "vocab", "tiles_per_split"])
 def _gumbel_argmax_kernel(logits_ptr, stride_row, inv_temp_ptr, seed_ptr, out_ptr, part_val_ptr, part_col_ptr,
                           vocab, tiles_per_split, SAMPLED: tl.constexpr, SPLIT: tl.constexpr,
                           QUARTER: tl.constexpr):
@@ -93,7 +95,7 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, inv_temp_ptr, seed_ptr, out_pt
         tl.store(out_ptr + row, col.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_val_ptr, part_col_ptr, out_ptr, num_splits, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
@@ -116,6 +118,16 @@ def plan_splits(num_rows: int, vocab: int, num_sms: int) -> int:
     tiles = triton.cdiv(vocab, TILE)
     wanted = triton.cdiv(_TARGET_PROGRAMS_PER_SM * num_sms, max(num_rows, 1))
     return max(1, min(tiles, wanted))
+
+
+def warm_up(vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile every variant serving can launch (greedy or sampled, split or not, the model's dtype
+    and float32), so that no step stalls on a compile."""
+    for logits_dtype in {dtype, torch.float32}:
+        for rows in (1, 2 * _num_sms(device.index or 0) + 1):
+            logits = torch.zeros(rows, vocab, dtype=logits_dtype, device=device)
+            gumbel_argmax(logits)
+            gumbel_argmax(logits, torch.ones(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device))
 
 
 def gumbel_argmax(logits: torch.Tensor, inv_temperatures: torch.Tensor | None = None,
@@ -147,5 +159,6 @@ def gumbel_argmax(logits: torch.Tensor, inv_temperatures: torch.Tensor | None = 
         parts_val, parts_col, vocab, tiles_per_split, SAMPLED=sampled, SPLIT=splits > 1, QUARTER=_QUARTER,
         num_warps=8)
     if splits > 1:
-        _merge_splits_kernel[(rows,)](parts_val, parts_col, out, splits, BLOCK=triton.next_power_of_2(splits))
+        # BLOCK from the vocabulary, not the split count: one variant per model.
+        _merge_splits_kernel[(rows,)](parts_val, parts_col, out, splits, BLOCK=triton.next_power_of_2(tiles))
     return out
