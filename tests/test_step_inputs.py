@@ -72,9 +72,10 @@ def test_staging_unpacks_to_the_padded_decode_inputs():
     assert inputs.positions.tolist() == [plan.positions + [0]]
     assert inputs.slot_mapping.tolist() == plan.slot_array().tolist() + [-1]   # padding stores no K/V
     assert inputs.seq_lens.tolist() == plan.seq_lens + [1]
+    assert inputs.seq_order.tolist() == sorted(range(bucket), key=lambda i: -(plan.seq_lens + [1])[i])
     assert inputs.block_tables.tolist() == plan.table_array().tolist() + [[0] * plan.block_table_width]
     assert inputs.hole_rows.tolist() == [1] and inputs.hole_sources.tolist() == [0]
-    assert layout.end == 4 + 4 + 8 + 4 * plan.block_table_width + 2
+    assert layout.end == 4 + 4 + 12 + 4 * plan.block_table_width + 2
 
 
 def test_staging_of_mrope_positions():

@@ -46,10 +46,12 @@ class DecodeGraphs:
         self.positions = torch.zeros(self.position_rows, n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.seq_order = torch.arange(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
-        # ids, positions, slots, seq_lens, the block tables, then the placeholder rows and sources: one
-        # pinned staging buffer per step in flight (async scheduling queues a step before the last one ran).
-        size = (5 + self.position_rows) * n + n * self.max_blocks
+        # ids, positions, slots, seq_lens, the longest-first order, the block tables, then the placeholder
+        # rows and sources: one pinned staging buffer per step in flight (async scheduling queues a step
+        # before the last one ran).
+        size = (6 + self.position_rows) * n + n * self.max_blocks
         self._staging = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._next_staging = 0
         self.buckets = batch_buckets(max_batch)
@@ -61,7 +63,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(query_lens=[1] * b, seq_lens=[self.max_model_len] * b,
                                  slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
                                  block_size=self.block_size)
-        self.backend.prepare_decode_graph(meta, self.seq_lens[:b])
+        self.backend.prepare_decode_graph(meta, self.seq_lens[:b], self.seq_order[:b])
         return meta
 
     def _positions(self, b: int) -> torch.Tensor:
@@ -111,6 +113,7 @@ class DecodeGraphs:
         self.positions[:, :b].copy_(inputs.positions)
         self.slot_mapping[:b].copy_(inputs.slot_mapping)
         self.seq_lens[:b].copy_(inputs.seq_lens)
+        self.seq_order[:b].copy_(inputs.seq_order)
         self.block_tables[:b, :layout.width].copy_(inputs.block_tables)
         self.graphs[b].replay()
         return self.outputs[b][:n]
@@ -122,6 +125,7 @@ class DecodeInputs:
     positions: torch.Tensor      # [position rows, bucket]
     slot_mapping: torch.Tensor   # [bucket]
     seq_lens: torch.Tensor       # [bucket]
+    seq_order: torch.Tensor      # [bucket]: the rows by decreasing seq_len (decode attention's start order)
     block_tables: torch.Tensor   # [bucket, width]
     hole_rows: torch.Tensor      # [placeholders]: rows whose token is the previous step's
     hole_sources: torch.Tensor   # [placeholders]: their rows among its sampled tokens
@@ -130,7 +134,7 @@ class DecodeInputs:
 @dataclass(frozen=True)
 class StagingLayout:
     """Where fill_staging put a decode step's inputs in the flat int64 buffer: ids, position rows, slots,
-    seq_lens, block tables, placeholder rows, placeholder sources."""
+    seq_lens, seq_order, block tables, placeholder rows, placeholder sources."""
     bucket: int
     position_rows: int
     width: int
@@ -142,7 +146,7 @@ class StagingLayout:
 
     @property
     def tables(self) -> int:
-        return self.slots + 2 * self.bucket
+        return self.slots + 3 * self.bucket
 
     @property
     def holes(self) -> int:
@@ -155,8 +159,14 @@ class StagingLayout:
     def unpack(self, flat: torch.Tensor) -> DecodeInputs:
         b, slots, holes = self.bucket, self.slots, self.holes
         return DecodeInputs(flat[:b], flat[b:slots].view(self.position_rows, b), flat[slots:slots + b],
-                            flat[slots + b:slots + 2 * b], flat[self.tables:holes].view(b, self.width),
+                            flat[slots + b:slots + 2 * b], flat[slots + 2 * b:self.tables],
+                            flat[self.tables:holes].view(b, self.width),
                             flat[holes:holes + self.num_holes], flat[holes + self.num_holes:self.end])
+
+
+def longest_first(seq_lens: np.ndarray) -> np.ndarray:
+    """Row indexes by decreasing seq_len (ties in row order)."""
+    return np.argsort(-seq_lens, kind="stable")
 
 
 def fill_staging(host: np.ndarray, plan: StepPlan, bucket: int, position_rows: int) -> StagingLayout:
@@ -175,6 +185,7 @@ def fill_staging(host: np.ndarray, plan: StepPlan, bucket: int, position_rows: i
     host[slots + n:slots + b] = -1
     host[slots + b:slots + b + n] = plan.seq_lens
     host[slots + b + n:slots + 2 * b] = 1
+    host[slots + 2 * b:slots + 3 * b] = longest_first(host[slots + b:slots + 2 * b])
     table_view = host[layout.tables:layout.holes].reshape(b, layout.width)
     table_view[:n] = plan.table_array()
     table_view[n:] = 0

@@ -64,7 +64,8 @@ def test_decode_replays_from_a_cuda_graph():
     static = dict(q=torch.zeros_like(first.q), k=torch.zeros_like(first.k), v=torch.zeros_like(first.v),
                   slots=torch.zeros(num_seqs, dtype=torch.int64, device=DEVICE),
                   tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int64, device=DEVICE),
-                  seq_lens=torch.ones(num_seqs, dtype=torch.int32, device=DEVICE))
+                  seq_lens=torch.ones(num_seqs, dtype=torch.int32, device=DEVICE),
+                  seq_order=torch.arange(num_seqs, dtype=torch.int32, device=DEVICE))
     meta = AttentionMetadata([1] * num_seqs, [max_model_len] * num_seqs, static["slots"], static["tables"],
                              block_size)
 
@@ -74,14 +75,16 @@ def test_decode_replays_from_a_cuda_graph():
         k_cache[:batch.k_cache.shape[0]].copy_(batch.k_cache)
         v_cache[:batch.v_cache.shape[0]].copy_(batch.v_cache)
         for name, value in (("q", batch.q), ("k", batch.k), ("v", batch.v), ("slots", batch.meta.slot_mapping),
-                            ("seq_lens", torch.tensor(batch.meta.seq_lens, dtype=torch.int32))):
+                            ("seq_lens", torch.tensor(batch.meta.seq_lens, dtype=torch.int32)),
+                            ("seq_order", torch.tensor(sorted(range(num_seqs), key=lambda i: -batch.meta.seq_lens[i]),
+                                                       dtype=torch.int32))):
             static[name].copy_(value)
         static["tables"].zero_()
         static["tables"][:, :batch.meta.block_tables.shape[1]].copy_(batch.meta.block_tables)
 
     # Prepared once before the capture, as DecodeGraphs does: the replays must read the static
     # buffers themselves, not anything derived from them at preparation time.
-    backend.prepare_decode_graph(meta, static["seq_lens"])
+    backend.prepare_decode_graph(meta, static["seq_lens"], static["seq_order"])
 
     def step() -> torch.Tensor:
         return backend.forward(static["q"], static["k"], static["v"], k_cache, v_cache, meta, first.scale)

@@ -20,12 +20,15 @@ def packed_int32(arrays: list[list[int]], device: torch.device) -> list[torch.Te
     return [packed[start:start + len(values)] for start, values in zip(starts, arrays)]
 
 
-def varlen_index_arrays(query_lens: list[int], seq_lens: list[int],
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """seq_lens [num_seqs] and cu_seqlens_q [num_seqs + 1] (each sequence's first query token) as
-    int32 device arrays, in one copy."""
+def varlen_index_arrays(query_lens: list[int], seq_lens: list[int], device: torch.device,
+                        with_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """seq_lens [num_seqs], cu_seqlens_q [num_seqs + 1] (each sequence's first query token) and, with_order,
+    the sequences by decreasing seq_len [num_seqs] (ties in order), as int32 device arrays, in one copy."""
     cu_seqlens_q = [0]
     for n in query_lens:
         cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-    seq_lens_t, cu_seqlens_t = packed_int32([list(seq_lens), cu_seqlens_q], device)
-    return seq_lens_t, cu_seqlens_t
+    seq_lens = list(seq_lens)
+    if not with_order:
+        return (*packed_int32([seq_lens, cu_seqlens_q], device), None)
+    order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__, reverse=True)
+    return tuple(packed_int32([seq_lens, cu_seqlens_q, order], device))

@@ -77,16 +77,17 @@ class FlashAttnBackend(StoresKVWithTriton):
             self.decode_backend.prepare(decode)
         if num_decodes < len(meta.query_lens):
             query_lens, seq_lens = meta.query_lens[num_decodes:], meta.seq_lens[num_decodes:]
-            seq_lens_t, cu_seqlens = varlen_index_arrays(query_lens, seq_lens, meta.slot_mapping.device)
+            seq_lens_t, cu_seqlens, _ = varlen_index_arrays(query_lens, seq_lens, meta.slot_mapping.device)
             prefill = FlashPrefill(num_decodes, cu_seqlens, seq_lens_t, _int32_table(meta.block_tables[num_decodes:]),
                                    max(query_lens), max(seq_lens))
         meta.prepared = FlashStep(decode, prefill)
 
-    def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor) -> None:
+    def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor,
+                             seq_order: torch.Tensor) -> None:
         """CUDA-graph decode: the Triton decode kernel over the caller's static buffers."""
         decode = AttentionMetadata(meta.query_lens, meta.seq_lens, meta.slot_mapping, meta.block_tables,
                                    meta.block_size)
-        self.decode_backend.prepare_decode_graph(decode, seq_lens)
+        self.decode_backend.prepare_decode_graph(decode, seq_lens, seq_order)
         meta.prepared = FlashStep(decode, None)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -25,6 +25,8 @@ from workers.kernels.paged_attention import (
 )
 from workers.layers.attention_base import AttentionMetadata
 
+LONGEST_FIRST = True
+
 # (num_heads, num_kv_heads, head_dim) of a layer: what the launch plans depend on beyond the step itself.
 HeadShape = tuple[int, int, int]
 
@@ -43,6 +45,7 @@ class TritonStep:
     query_lens: list[int]
     seq_lens: torch.Tensor          # [num_seqs] int32
     cu_seqlens_q: torch.Tensor      # [num_seqs + 1] int32
+    seq_order: torch.Tensor | None = None   # decode: [num_seqs] int32, the sequences longest first
     decode_plans: dict[HeadShape, _DecodePlan] = field(default_factory=dict)
     prefill_plans: dict[HeadShape, list[PrefillLaunch]] = field(default_factory=dict)
 
@@ -70,6 +73,9 @@ class TritonAttentionBackend(StoresKVWithTriton):
         self.max_model_len = max_model_len
         self.decode_partition_size = decode_partition_size
         self._decode_programs = default_decode_programs(device)
+        # Decode programs start with the longest contexts: with one program per (sequence, kv head), one
+        # long sequence started last would run alone at the end of the launch.
+        self.longest_first = LONGEST_FIRST
         # Head shapes seen in forward(): prepare() plans for them up front, so that forward() copies nothing
         # to the device (only the very first step plans lazily).
         self._head_shapes: set[HeadShape] = set()
@@ -77,21 +83,26 @@ class TritonAttentionBackend(StoresKVWithTriton):
     def prepare(self, meta: AttentionMetadata) -> None:
         device = meta.slot_mapping.device
         query_lens = list(meta.query_lens)
-        seq_lens_t, cu_seqlens_t = varlen_index_arrays(query_lens, meta.seq_lens, device)
-        step = TritonStep(decode_only=all(n == 1 for n in query_lens), max_seq_len=max(meta.seq_lens),
-                          query_lens=query_lens, seq_lens=seq_lens_t, cu_seqlens_q=cu_seqlens_t)
+        decode_only = all(n == 1 for n in query_lens)
+        seq_lens_t, cu_seqlens_t, order_t = varlen_index_arrays(query_lens, meta.seq_lens, device,
+                                                                with_order=decode_only)
+        step = TritonStep(decode_only=decode_only, max_seq_len=max(meta.seq_lens), query_lens=query_lens,
+                          seq_lens=seq_lens_t, cu_seqlens_q=cu_seqlens_t, seq_order=order_t)
         for shape in self._head_shapes:
             self._plan(step, shape, device)
         meta.prepared = step
 
-    def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor) -> None:
-        """A decode step whose tensors stay put across CUDA graph replays: seq_lens [num_seqs] int32 is the
-        caller's static buffer. The split-K launch covers max_model_len (partitions past a sequence's length
-        exit at once), so one capture serves every context length."""
+    def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor,
+                             seq_order: torch.Tensor) -> None:
+        """A decode step whose tensors stay put across CUDA graph replays: seq_lens and seq_order [num_seqs]
+        int32 are the caller's static buffers (seq_order: the rows by decreasing seq_len). The split-K launch
+        covers max_model_len (partitions past a sequence's length exit at once), so one capture serves every
+        context length."""
         num_seqs = seq_lens.shape[0]
         step = TritonStep(decode_only=True, max_seq_len=self.max_model_len, query_lens=[1] * num_seqs,
                           seq_lens=seq_lens,
-                          cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=seq_lens.device))
+                          cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=seq_lens.device),
+                          seq_order=seq_order)
         for shape in self._head_shapes:
             self._plan(step, shape, seq_lens.device)
         meta.prepared = step
@@ -122,6 +133,7 @@ class TritonAttentionBackend(StoresKVWithTriton):
         if step.decode_only:
             plan = step.decode_plans[shape]
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, step.seq_lens, scale,
-                                          step.max_seq_len, partitions=plan.partitions, workspace=plan.workspace)
+                                          step.max_seq_len, partitions=plan.partitions, workspace=plan.workspace,
+                                          seq_order=step.seq_order if self.longest_first else None)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, step.seq_lens, step.cu_seqlens_q,
                                        scale, step.prefill_plans[shape])
