@@ -33,6 +33,17 @@ class Case:
     seq_lens: list[int]
 
 
+def throughput_decode_batch(step: int) -> Case:
+    """The decode batch of benchmarks/throughput.py's workload at an output step: every request with more
+    output tokens left, at its prompt length plus the step (mixed contexts, unlike the uniform cases)."""
+    from benchmarks.throughput import workload
+
+    prompts, output_lens = workload(256, 100, 1024)
+    seq_lens = [len(p) + step + 1 for p, n in zip(prompts, output_lens) if n > step]
+    return Case(f"throughput workload step {step}: b{len(seq_lens)} ctx {min(seq_lens)}-{max(seq_lens)}",
+                [1] * len(seq_lens), seq_lens)
+
+
 def cases() -> list[Case]:
     return [
         Case("decode b1 ctx 512", [1], [512]),
@@ -43,6 +54,7 @@ def cases() -> list[Case]:
         Case("decode b128 ctx 1500", [1] * 128, [1500] * 128),
         Case("decode b32 ctx 1500", [1] * 32, [1500] * 32),
         Case("decode b16 ctx 700", [1] * 16, [700] * 16),
+        *(throughput_decode_batch(step) for step in (0, 300, 600, 900)),
         Case("prefill 1 x 2048", [2048], [2048]),
         Case("prefill 4 x 512 over 512 cached", [512] * 4, [1024] * 4),
         Case("mixed 512-token chunk + 200 decodes ctx 600", [512] + [1] * 200, [900] + [600] * 200),
@@ -55,7 +67,7 @@ def kv_bytes(case: Case, num_kv_heads: int, head_dim: int) -> int:
 
 
 def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, head_dim: int,
-              block_size: int, repeats: int, max_model_len: int) -> float:
+              block_size: int, repeats: int, max_model_len: int, longest_first: bool = True) -> float:
     """Microseconds per attend() call."""
     import torch
 
@@ -67,6 +79,9 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     max_len = max(case.seq_lens)
     # Planned as a server plans its CUDA graphs: for max_model_len, whatever the case's contexts.
     backend = get_attention_backend(backend_name, device, max(max_len, max_model_len), dtype)
+    decode_backend = getattr(backend, "decode_backend", backend)
+    if hasattr(decode_backend, "longest_first"):
+        decode_backend.longest_first = longest_first
     blocks_per_seq = [-(-s // block_size) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + 1
     generator = torch.Generator().manual_seed(0)
@@ -104,6 +119,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-model-len", type=int, default=4096,
                         help="decode launches are planned for this context, as a server's CUDA graphs are")
+    parser.add_argument("--in-given-order", action="store_true",
+                        help="decode programs start in the batch's order, not longest context first")
     parser.add_argument("--json")
     args = parser.parse_args()
     from benchmarks.latency import hbm_bandwidth
@@ -120,7 +137,7 @@ def main() -> None:
         row = {"case": case.name}
         for name in backends:
             row[name] = time_case(name, case, num_heads, num_kv_heads, head_dim, args.block_size, args.repeats,
-                                  args.max_model_len)
+                                  args.max_model_len, longest_first=not args.in_given_order)
         row["kv_bytes"] = kv_bytes(case, num_kv_heads, head_dim)
         row["share_of_copy_bandwidth"] = {name: round(row["kv_bytes"] / (row[name] * 1e-6) / copy_bandwidth, 3)
                                           for name in backends}
@@ -128,6 +145,7 @@ def main() -> None:
         print(f"{case.name:>46}  " + "  ".join(f"{name} {row[name]:9.1f} us {row['share_of_copy_bandwidth'][name]:6.1%}"
                                                 for name in backends), flush=True)
     write_json(args.json, {"shape": args.shape, "block_size": args.block_size, "dtype": "bfloat16",
+                           "longest_first": not args.in_given_order,
                            "max_model_len": args.max_model_len, "copy_bytes_per_s": copy_bandwidth,
                            "microseconds_per_call": rows})
 
