@@ -171,3 +171,64 @@ def test_norm_inside_the_gemv_matches_the_norm_then_the_gemv(n, k, residual):
     y_two, _ = proj.normed(norm, two, two_r)
     h = norm.add_and_norm(two, two_r)[0] if residual else norm(two)
     assert torch.equal(y_two, proj(h))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,n,k,bias", [(2, 4096, 1024, False), (96, 6144, 1024, False), (256, 1024, 3072, False),
+                                        (37, 151936, 1024, False), (130, 1000, 896, True), (17, 37, 100, True)])
+def test_skinny_linear_matches_reference(dtype, m, n, k, bias):
+    from workers.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear
+
+    torch.manual_seed(m + n + k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    weight = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    expected = _reference(x, weight, b)
+    for config in {default_config(m, n, k), SkinnyConfig(16, 16, 64, 4, 3), SkinnyConfig(64, 64, 128, 4, 4)}:
+        y = skinny_linear(x, weight, b, config=config)
+        assert y.shape == (m, n) and y.dtype == dtype
+        tolerance = torch.finfo(dtype).eps * expected.abs().max().item() + 1e-4
+        assert (y.double() - expected).abs().max().item() <= tolerance, config
+
+
+def test_linear_routes_rows_by_count():
+    """One row: the GEMV; 2 to SKINNY_MAX_ROWS: the skinny GEMM; more: cuBLAS. All agree."""
+    from workers.layers import linear as linear_module
+
+    weight = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    for rows in (1, 2, linear_module.SKINNY_MAX_ROWS, linear_module.SKINNY_MAX_ROWS + 1):
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+        assert linear_module.uses_gemv(x, weight) == (rows == 1)
+        assert linear_module.uses_skinny_gemm(x, weight) == (1 < rows <= linear_module.SKINNY_MAX_ROWS)
+        expected = _reference(x, weight, None)
+        tolerance = torch.finfo(torch.bfloat16).eps * expected.abs().max().item() + 1e-4
+        assert (linear_module.linear(x, weight).double() - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("numel", [4096 * 4096, 1000 * 37 + 3])
+def test_prefetched_weights_give_the_same_gemv(numel):
+    """The L2 prefetch changes no value (and stays inside the tensor, ragged sizes too), eagerly and in a
+    CUDA graph, between the kernels whose order it must keep."""
+    from workers.kernels.gemv import gemv
+    from workers.kernels.prefetch import prefetch_l2
+
+    k = 1000 if numel % 16 else 4096
+    n = numel // k
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    expected = gemv(x, weight)
+
+    def chain():
+        h = x * 2
+        prefetch_l2(weight)
+        return gemv(h * 0.5, weight)
+
+    assert torch.equal(chain(), expected)
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
