@@ -232,3 +232,16 @@ def test_prefetched_weights_give_the_same_gemv(numel):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("m,n,k", [(2, 1024, 3072), (96, 4096, 12288), (256, 896, 4864), (7, 50, 70)])
+def test_skinny_silu_and_mul_matches_the_unfused_pair(m, n, k):
+    from workers.kernels.fused import silu_and_mul
+    from workers.kernels.skinny_gemm import skinny_linear
+
+    torch.manual_seed(m * n + k)
+    gate_up = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    hidden = silu_and_mul(gate_up)
+    # The fused kernel rounds silu(gate) * up to bfloat16 as silu_and_mul stores it: same products.
+    assert torch.equal(skinny_linear(gate_up, weight, silu_and_mul=True), skinny_linear(hidden, weight))

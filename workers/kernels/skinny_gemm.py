@@ -35,10 +35,23 @@ def default_config(m: int, n: int, k: int) -> SkinnyConfig:
 
 
 # The row count varies with the batch: not specialized on, so that a kernel compiles once per config.
+@triton.jit
+def _load_x(x_ptrs, mask, k, SILU_AND_MUL: tl.constexpr):
+    """A tile of the input; with SILU_AND_MUL the rows hold [gate, up] and the tile is silu(gate) * up
+    rounded to the input's dtype, as silu_and_mul stores it."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if SILU_AND_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptrs + k, mask=mask, other=0.0).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    return x
+
+
 @triton.jit(do_not_specialize=["m"])
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, m, n, k, stride_x, stride_w, stride_y,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     start_dependents_and_wait(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,11 +63,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, m, n, k, stride_x, stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(0, k, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_in[:, None], other=0.0)
+            x = _load_x(x_ptrs, row_in[:, None], k, SILU_AND_MUL)
             w = tl.load(w_ptrs, mask=col_in[:, None], other=0.0)
         else:
             k_in = (start + ks) < k
-            x = tl.load(x_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            x = _load_x(x_ptrs, row_in[:, None] & k_in[None, :], k, SILU_AND_MUL)
             w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
@@ -66,13 +79,14 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, m, n, k, stride_x, stride
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None) -> torch.Tensor:
+                  config: SkinnyConfig | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] of at most MAX_ROWS rows, weight [N, K] with unit stride
-    along K, all in one 16-bit dtype. Accumulates in float32."""
-    k = x.shape[-1]
-    n = weight.shape[0]
-    assert weight.shape[1] == k and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
-    x2 = x.reshape(-1, k)
+    along K, all in one 16-bit dtype. Accumulates in float32. With ``silu_and_mul``, x is [..., 2K] holding
+    [gate, up] and the input is silu(gate) * up."""
+    n, k = weight.shape
+    assert x.shape[-1] == (2 * k if silu_and_mul else k) and weight.stride(1) == 1, \
+        (x.shape, weight.shape, weight.stride())
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -85,7 +99,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k,
         x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         EVEN_K=k % c.block_k == 0, USE_PDL=pdl,
         num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl)
     return y.reshape(*x.shape[:-1], n)

@@ -82,9 +82,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear(silu(gate) * up, weight, bias) for gate_up = [gate, up] along the last dim."""
-    if (uses_gemv(gate_up, weight) and gate_up.shape[-1] == 2 * weight.shape[1]
-            and (bias is None or bias.dtype == gate_up.dtype)):
-        return _gemv_module().gemv(gate_up, weight, bias, silu_and_mul=True)
+    if gate_up.shape[-1] == 2 * weight.shape[1] and (bias is None or bias.dtype == gate_up.dtype):
+        if uses_gemv(gate_up, weight):
+            return _gemv_module().gemv(gate_up, weight, bias, silu_and_mul=True)
+        if uses_skinny_gemm(gate_up, weight):
+            return _skinny_module().skinny_linear(gate_up, weight, bias, silu_and_mul=True)
     kernels = fused_kernels(gate_up)
     if kernels is not None and gate_up.dim() == 2:
         hidden = kernels.silu_and_mul(gate_up)
