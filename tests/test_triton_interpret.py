@@ -240,23 +240,6 @@ def check_gemv_rms_norm(n: int, k: int, residual: bool, bias: bool, block_n: int
     return max(max_abs_diff(out, expected), max_abs_diff(summed, expected_summed if residual else x))
 
 
-def check_skinny_linear(m: int, n: int, k: int, bias: bool, block_m: int, block_n: int, block_k: int,
-                        silu_and_mul: bool = False) -> float:
-    import torch.nn.functional as F
-
-    from workers.kernels.skinny_gemm import SkinnyConfig, skinny_linear
-
-    torch.manual_seed(m + n + k)
-    x, weight = torch.randn(m, 2 * k if silu_and_mul else k), torch.randn(n, k)
-    b = torch.randn(n) if bias else None
-    out = skinny_linear(x, weight, b, config=SkinnyConfig(block_m, block_n, block_k, 4, 2),
-                        silu_and_mul=silu_and_mul)
-    if silu_and_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    return max_abs_diff(out, F.linear(x, weight, b))
-
-
 def check_vision_rotary(head_dim: int) -> float:
     """The vision towers' fused rotary against the torch code it replaces (float32: the same
     rounding), on a strided qkv view and ragged angles."""
@@ -379,12 +362,6 @@ CASES = {
     "gemv_rms_norm_residual": lambda: check_gemv_rms_norm(64, 256, True, False, 8, 128),
     "gemv_rms_norm_ragged_bias": lambda: check_gemv_rms_norm(37, 100, True, True, 8, 64),
     "gemv_rms_norm_first_layer": lambda: check_gemv_rms_norm(48, 96, False, False, 4, 32),
-    "skinny_linear_even": lambda: check_skinny_linear(32, 64, 256, False, 16, 32, 128),
-    "skinny_linear_ragged_bias": lambda: check_skinny_linear(37, 50, 100, True, 16, 16, 64),
-    "skinny_linear_one_row_tile": lambda: check_skinny_linear(3, 48, 96, False, 16, 32, 32),
-    "skinny_linear_silu_and_mul": lambda: check_skinny_linear(20, 64, 128, False, 16, 32, 64, silu_and_mul=True),
-    "skinny_linear_silu_and_mul_ragged": lambda: check_skinny_linear(5, 21, 70, True, 16, 16, 64,
-                                                                     silu_and_mul=True),
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
     "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),

@@ -1,9 +1,7 @@
 """Linear layers whose one-row calls (batch-1 decode) on CUDA run the Triton GEMV
 (workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, takes
 the MLP's SiLU-and-mul into the down projection, and the RMSNorm (with its residual add) into the
-projection after it. Calls of 2 to SKINNY_MAX_ROWS rows (decode steps) run the Triton skinny GEMM
-(workers/kernels/skinny_gemm.py), which keeps every SM streaming weights where cuBLAS's wide tiles
-leave most of them idle. Every other call is F.linear."""
+projection after it. Every other call is F.linear."""
 
 from __future__ import annotations
 
@@ -19,9 +17,6 @@ from workers.layers.fused_ops import fused_kernels
 from workers.layers.norm import RMSNorm
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
-SKINNY_MAX_ROWS = 256
-# Whether prefetch_for_gemv reads a GEMV's weights into L2 ahead of its call (benchmarks/latency.py).
-PREFETCH_GEMV_WEIGHTS = True
 
 
 @functools.cache
@@ -38,55 +33,19 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and _gemv_module() is not None)
 
 
-@functools.cache
-def _skinny_module() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from workers.kernels import skinny_gemm
-
-    return skinny_gemm
-
-
-def uses_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dim() >= 1 and 1 < x.numel() // max(1, x.shape[-1]) <= SKINNY_MAX_ROWS
-            and x.shape[-1] > 0 and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and weight.stride(-1) == 1
-            and _skinny_module() is not None)
-
-
-@functools.cache
-def _prefetch_module() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from workers.kernels import prefetch
-
-    return prefetch
-
-
-def prefetch_for_gemv(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """Before latency-bound kernels that leave HBM idle: start reading ``weight`` into L2 when a call of
-    linear() on rows like ``x`` will take the GEMV, which then streams it from L2."""
-    if PREFETCH_GEMV_WEIGHTS and uses_gemv(x, weight) and _prefetch_module() is not None:
-        _prefetch_module().prefetch_l2(weight)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias)."""
-    if bias is None or bias.dtype == x.dtype:
-        if uses_gemv(x, weight):
-            return _gemv_module().gemv(x, weight, bias)
-        if uses_skinny_gemm(x, weight):
-            return _skinny_module().skinny_linear(x, weight, bias)
+    if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
+        return _gemv_module().gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear(silu(gate) * up, weight, bias) for gate_up = [gate, up] along the last dim."""
-    if gate_up.shape[-1] == 2 * weight.shape[1] and (bias is None or bias.dtype == gate_up.dtype):
-        if uses_gemv(gate_up, weight):
-            return _gemv_module().gemv(gate_up, weight, bias, silu_and_mul=True)
-        if uses_skinny_gemm(gate_up, weight):
-            return _skinny_module().skinny_linear(gate_up, weight, bias, silu_and_mul=True)
+    if (uses_gemv(gate_up, weight) and gate_up.shape[-1] == 2 * weight.shape[1]
+            and (bias is None or bias.dtype == gate_up.dtype)):
+        return _gemv_module().gemv(gate_up, weight, bias, silu_and_mul=True)
     kernels = fused_kernels(gate_up)
     if kernels is not None and gate_up.dim() == 2:
         hidden = kernels.silu_and_mul(gate_up)

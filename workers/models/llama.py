@@ -17,7 +17,7 @@ from torch import nn
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention_base import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
-from workers.layers.linear import Linear, linear, prefetch_for_gemv, silu_and_mul_linear
+from workers.layers.linear import Linear, linear, silu_and_mul_linear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from workers.multimodal import MultiModalEmbeds
@@ -166,8 +166,6 @@ class Attention(nn.Module):
                          meta: AttentionMetadata) -> torch.Tensor:
         """The layer's output from its q/k/v projection (qkv_proj's output)."""
         n = qkv.shape[0]
-        # At batch 1 the rotary, attention and its reduction leave HBM idle: o_proj's weights load meanwhile.
-        prefetch_for_gemv(qkv[..., :self.q_size], self.o_proj.weight)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
