@@ -224,22 +224,6 @@ def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, silu_and_
     return max_abs_diff(out, F.linear(x, weight, b))
 
 
-def check_gemv_rms_norm(n: int, k: int, residual: bool, bias: bool, block_n: int, block_k: int) -> float:
-    """The norm inside the GEMV against rms_norm() then gemv(): the product and the summed row."""
-    from workers.kernels.fused import rms_norm
-    from workers.kernels.gemv import GemvConfig, gemv, gemv_rms_norm
-
-    torch.manual_seed(n + k)
-    x, weight, norm_weight = torch.randn(1, k), torch.randn(n, k), torch.rand(k) + 0.5
-    r = torch.randn(1, k) if residual else None
-    b = torch.randn(n) if bias else None
-    config = GemvConfig(block_n, block_k, 4)
-    out, summed = gemv_rms_norm(x, r, norm_weight, 1e-6, weight, b, config=config)
-    normed, expected_summed = rms_norm(x, norm_weight, 1e-6, r)
-    expected = gemv(normed, weight, b, config=config)
-    return max(max_abs_diff(out, expected), max_abs_diff(summed, expected_summed if residual else x))
-
-
 def check_vision_rotary(head_dim: int) -> float:
     """The vision towers' fused rotary against the torch code it replaces (float32: the same
     rounding), on a strided qkv view and ragged angles."""
@@ -359,9 +343,6 @@ CASES = {
     "mrope_interleaved": lambda: check_mrope(True),
     "vision_rotary_dim80": lambda: check_vision_rotary(80),
     "vision_rotary_dim64": lambda: check_vision_rotary(64),
-    "gemv_rms_norm_residual": lambda: check_gemv_rms_norm(64, 256, True, False, 8, 128),
-    "gemv_rms_norm_ragged_bias": lambda: check_gemv_rms_norm(37, 100, True, True, 8, 64),
-    "gemv_rms_norm_first_layer": lambda: check_gemv_rms_norm(48, 96, False, False, 4, 32),
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
     "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),

@@ -140,34 +140,3 @@ def test_gemv_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, gemv(x, weight))
-
-
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("n,k", [(6144, 4096), (24576, 4096), (4096, 1024)])
-def test_norm_inside_the_gemv_matches_the_norm_then_the_gemv(n, k, residual):
-    """Within a unit or two in the last place of the norm (its reduction runs in another layout),
-    and the summed row bit for bit; Linear.normed takes it for one row and the pair for more."""
-    from workers.kernels.fused import rms_norm
-    from workers.kernels.gemv import gemv, gemv_rms_norm
-    from workers.layers.linear import Linear
-    from workers.layers.norm import RMSNorm
-
-    torch.manual_seed(n + k)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    r = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) if residual else None
-    norm = RMSNorm(k, 1e-6).to("cuda", torch.bfloat16)
-    norm.weight.data.uniform_(0.5, 1.5)
-    proj = Linear(k, n, bias=False).to("cuda", torch.bfloat16)
-    y, summed = gemv_rms_norm(x, r, norm.weight, norm.eps, proj.weight)
-    normed, expected_summed = rms_norm(x, norm.weight, norm.eps, r)
-    expected = gemv(normed, proj.weight)
-    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
-    assert (y == expected).float().mean().item() > 0.9
-    assert torch.equal(summed, expected_summed if residual else x)
-    y_normed, summed_normed = proj.normed(norm, x, r)
-    assert torch.equal(y_normed, y) and torch.equal(summed_normed, summed)
-    two = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
-    two_r = torch.randn(2, k, device="cuda", dtype=torch.bfloat16) if residual else None
-    y_two, _ = proj.normed(norm, two, two_r)
-    h = norm.add_and_norm(two, two_r)[0] if residual else norm(two)
-    assert torch.equal(y_two, proj(h))

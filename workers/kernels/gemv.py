@@ -5,12 +5,6 @@ is the time it takes to stream the weights from HBM. cuBLAS picks split-K kernel
 separate reduction for these shapes; this kernel reads each weight row once in one pass, with
 the whole vector x served from L2, and keeps the weights out of L2 (evict_first) so that the
 activations stay there.
-
-The RMSNorm before a projection (with the residual add before it) can run inside it: each
-program reduces the whole row for its norm (16 KB from L2 on an 8B model), program 0 writes the
-summed row out as the next residual, and the separate norm kernel, with its launch and its
-round trip through memory, is gone. The normalized row is rounded to the activations' dtype as
-the norm kernel stores it.
 """
 
 from __future__ import annotations
@@ -81,18 +75,6 @@ def _load_x(x_ptr, offsets, inside, n_cols, EVEN_K: tl.constexpr, SILU_AND_MUL: 
 
 
 @triton.jit
-def _load_normed_x(x_ptr, residual_ptr, norm_ptr, offsets, inside, inv_rms, HAS_RESIDUAL: tl.constexpr):
-    """A chunk of norm(x + residual) in float32, rounded to x's dtype first as rms_norm stores it."""
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy="evict_last")
-    dtype = x.dtype
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + offsets, mask=inside, other=0.0, eviction_policy="evict_last")
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-    w = tl.load(norm_ptr + offsets, mask=inside, other=0.0, eviction_policy="evict_last")
-    return (w.to(tl.float32) * x.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _load_w(w_ptrs, start, inside, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(w_ptrs + start, eviction_policy="evict_first")
@@ -101,12 +83,8 @@ def _load_w(w_ptrs, start, inside, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_w,
-                 residual_ptr, norm_ptr, summed_ptr, eps,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """NORM: the product is with norm(x + residual) (HAS_RESIDUAL) or norm(x), the RMSNorm of weight
-    norm_ptr; program 0 stores x + residual to summed_ptr."""
     if USE_PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,31 +96,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_w,
     w = _load_w(w_ptrs, 0, cols < n_cols, EVEN_K)
     if USE_PDL:
         gdc_wait()
-    if NORM:
-        # The whole row, as rms_norm reduces it: its mean square, and (program 0) the summed row out.
-        row = tl.arange(0, K_PAD)
-        in_row = row < n_cols
-        x = tl.load(x_ptr + row, mask=in_row, other=0.0, eviction_policy="evict_last")
-        if HAS_RESIDUAL:
-            r = tl.load(residual_ptr + row, mask=in_row, other=0.0, eviction_policy="evict_last")
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            if tl.program_id(0) == 0:
-                tl.store(summed_ptr + row, x, mask=in_row)
-        xf = x.to(tl.float32)
-        inv_rms = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-        acc = w.to(tl.float32) * _load_normed_x(x_ptr, residual_ptr, norm_ptr, cols, cols < n_cols, inv_rms,
-                                                HAS_RESIDUAL)[None, :]
-        for start in range(BLOCK_K, n_cols, BLOCK_K):
-            inside = start + cols < n_cols
-            w = _load_w(w_ptrs, start, inside, EVEN_K)
-            acc += w.to(tl.float32) * _load_normed_x(x_ptr, residual_ptr, norm_ptr, start + cols, inside, inv_rms,
-                                                     HAS_RESIDUAL)[None, :]
-    else:
-        acc = w.to(tl.float32) * _load_x(x_ptr, cols, cols < n_cols, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
-        for start in range(BLOCK_K, n_cols, BLOCK_K):
-            inside = start + cols < n_cols
-            w = _load_w(w_ptrs, start, inside, EVEN_K)
-            acc += w.to(tl.float32) * _load_x(x_ptr, start + cols, inside, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
+    acc = w.to(tl.float32) * _load_x(x_ptr, cols, cols < n_cols, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
+    for start in range(BLOCK_K, n_cols, BLOCK_K):
+        inside = start + cols < n_cols
+        w = _load_w(w_ptrs, start, inside, EVEN_K)
+        acc += w.to(tl.float32) * _load_x(x_ptr, start + cols, inside, n_cols, EVEN_K, SILU_AND_MUL)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + safe_rows).to(tl.float32)
@@ -161,33 +119,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or _ENV_CONFIG or default_config(n, k, silu_and_mul)
     pdl = programmatic_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), x, x, x, 0.0,
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, SILU_AND_MUL=silu_and_mul, NORM=False,
-        HAS_RESIDUAL=False, K_PAD=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=pdl,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, SILU_AND_MUL=silu_and_mul,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return y
-
-
-def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F.linear(rms_norm(x + residual), weight, bias), x + residual) for x of one row, as rms_norm()
-    then gemv() compute them; without a residual, the second is x itself."""
-    n, k = weight.shape
-    assert x.numel() == x.shape[-1] == k and weight.stride(1) == 1 and norm_weight.shape == (k,)
-    assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
-    x = x.contiguous()
-    residual = residual.contiguous() if residual is not None else None
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    summed = torch.empty_like(x) if residual is not None else x
-    cfg = config or _ENV_CONFIG or default_config(n, k)
-    pdl = programmatic_launch(x.device)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        residual if residual is not None else x, norm_weight, summed, eps,
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, SILU_AND_MUL=False, NORM=True,
-        HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
-    )
-    return y, summed

@@ -1,7 +1,6 @@
 """Linear layers whose one-row calls (batch-1 decode) on CUDA run the Triton GEMV
-(workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, takes
-the MLP's SiLU-and-mul into the down projection, and the RMSNorm (with its residual add) into the
-projection after it. Every other call is F.linear."""
+(workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, and
+takes the MLP's SiLU-and-mul into the down projection. Every other call is F.linear."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.layers.fused_ops import fused_kernels
-from workers.layers.norm import RMSNorm
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -60,14 +58,3 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-    def normed(self, norm: RMSNorm, x: torch.Tensor,
-               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual); without a residual, (self(norm(x)), x). One kernel
-        for a single row on CUDA (the GEMV with the norm inside), the norm and then the product otherwise."""
-        if (uses_gemv(x, self.weight) and norm.weight.dtype == x.dtype
-                and (self.bias is None or self.bias.dtype == x.dtype)
-                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))):
-            return _gemv_module().gemv_rms_norm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
-        h, summed = norm.add_and_norm(x, residual) if residual is not None else (norm(x), x)
-        return self(h), summed

@@ -160,17 +160,12 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        return self.attend_projected(positions, self.qkv_proj(x), meta)
-
-    def attend_projected(self, positions: torch.Tensor, qkv: torch.Tensor,
-                         meta: AttentionMetadata) -> torch.Tensor:
-        """The layer's output from its q/k/v projection (qkv_proj's output)."""
-        n = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        kernels = fused_kernels(qkv)
+        kernels = fused_kernels(x)
         if kernels is not None and getattr(self.rotary, "fusable", False):
             # One kernel rotates q and k and writes k and v into the cache; the backend only attends.
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
@@ -214,11 +209,13 @@ class DecoderLayer(nn.Module):
         """(MLP output, residual stream before it). The hidden state is their sum, which the next
         norm forms in its fused add (x is the whole hidden state when residual is None): the
         residual add costs no kernel of its own."""
-        # Each norm runs inside the projection after it where that is one kernel (a single row on CUDA).
-        qkv, residual = self.self_attn.qkv_proj.normed(self.input_layernorm, x, residual)
-        attended = self.self_attn.attend_projected(positions, qkv, meta)
-        gate_up, residual = self.mlp.gate_up_proj.normed(self.post_attention_layernorm, attended, residual)
-        return self.mlp.down_proj(gate_up, silu_and_mul=True), residual
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attended = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
