@@ -60,7 +60,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out, residual_out
 
 
-@triton.jit
+# The token count varies from step to step: not specialized on, so that a variant compiles once, at start-up.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                          positions_ptr, axis_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, stride_pos_axis,
                          stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token,
