@@ -50,9 +50,13 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 # which a burst of requests would pay once per request.
 INLINE_PROMPT_CHARS = 4096
 # A group's output loop folds the step outputs already waiting in one batch, without yielding:
-# at most this many, and no more once they hold this many request deltas.
-MAX_DRAIN_MESSAGES = 64
-MAX_DRAIN_DELTAS = 8192
+# at most this many, and no more once they hold this many request deltas. While a burst of
+# requests is admitted the worker keeps stepping the first ones, so the backlog is many small
+# steps with the later requests' first tokens at its end: folded in one pass, every request gets
+# one delta and every first token goes out in the same round of wake-ups, instead of waiting
+# behind batches of the early requests' tokens. The delta bound keeps one pass short.
+MAX_DRAIN_MESSAGES = 4096
+MAX_DRAIN_DELTAS = 32768
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
 
