@@ -120,7 +120,13 @@ async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup)
         engine = engine_ref()
         if engine is None:
             return
-        engine._handle(group, messages)
+        try:
+            engine._handle(group, messages)
+        except Exception as exc:  # noqa: BLE001 - reported to every request the group holds
+            # Without this loop nothing reaches the group's streams: they fail now rather
+            # than wait forever, and the group takes no more requests.
+            engine._watch.group_died(group, f"the engine core failed on its output: {exc!r}")
+            return
         del engine
         # Consumers, sockets and other groups get their turn before the next batch.
         await asyncio.sleep(0)
