@@ -53,7 +53,9 @@ class ClientWatch:
         taken back (the caller ends quietly); False for any other (the caller re-raises it)."""
         if not self.gone:
             return False
-        self._task.uncancel()
+        uncancel = getattr(self._task, "uncancel", None)   # Python 3.11+: the count of requests
+        if uncancel is not None:
+            uncancel()
         return True
 
 
