@@ -53,7 +53,8 @@ class ClientWatch:
         taken back (the caller ends quietly); False for any other (the caller re-raises it)."""
         if not self.gone:
             return False
-        uncancel = getattr(self._task, "uncancel", None)   # Python 3.11+: the count of requests
+        # Python 3.11+ counts cancellation requests; 3.10 keeps no count to take back.
+        uncancel = getattr(self._task, "uncancel", None)
         if uncancel is not None:
             uncancel()
         return True
