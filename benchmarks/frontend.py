@@ -13,7 +13,8 @@ divided by the step outputs it received.
 --ws measures the whole WebSocket path instead: the gateway (uvicorn, /v1/ws) in this process
 with a noop worker process, and the clients (one chat per connection, ignore_eos) in a child
 process, counting the tokens that reach them. --sse does the same over HTTP: one
-/v1/chat/completions request with stream=true per connection.
+/v1/chat/completions request with stream=true per connection. Both kinds of client open their
+connections before the clock starts: the first delta is timed from the request's send.
 
     python benchmarks/frontend.py --ws --streams 64 --noop-tokens 1024
     python benchmarks/frontend.py --sse --streams 256 --coalesce-ms 20
@@ -255,7 +256,8 @@ def ws_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compres
 def sse_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compression: bool,
                 conn) -> None:
     """Child process: ``streams`` HTTP connections, one streamed chat completion each, read
-    with a minimal HTTP/1.1 client (chunked transfer coding) so that the clients cost little."""
+    with a minimal HTTP/1.1 client (chunked transfer coding) so that the clients cost little.
+    As the WebSocket clients (and a connection pool), they connect before the clock starts."""
     import msgspec
 
     from streamvlm.engine.loop import new_event_loop
@@ -266,12 +268,12 @@ def sse_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compre
 
     decode = msgspec.json.Decoder(SseChunk).decode
 
-    async def one() -> tuple[int, _Timeline]:
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                  ) -> tuple[int, _Timeline]:
         words = " ".join(str(rng.randrange(1000)) for _ in range(prompt_len))
         body = json.dumps({"messages": [{"role": "user", "content": words}], "stream": True,
                            "stream_options": {"include_usage": True}, "temperature": 0,
                            "max_tokens": max_tokens, "ignore_eos": True}).encode()
-        reader, writer = await asyncio.open_connection(host, int(port))
         timeline = _Timeline(time.perf_counter())
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
                      b"Content-Type: application/json\r\nContent-Length: "
@@ -300,8 +302,9 @@ def sse_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compre
         return tokens, timeline
 
     async def main() -> dict:
+        connections = [await asyncio.open_connection(host, int(port)) for _ in range(streams)]
         cpu_before, start = time.process_time(), time.perf_counter()
-        results = await asyncio.gather(*(one() for _ in range(streams)))
+        results = await asyncio.gather(*(one(*connection) for connection in connections))
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu_before
         return _summary([t for _, t in results], sum(n for n, _ in results), elapsed, cpu)

@@ -811,3 +811,23 @@ def test_short_text_prompts_are_tokenized_on_the_event_loop(loop, engine, monkey
         assert prepared.prompt_token_ids == split(prompt)[0]
     with pytest.raises(ValueError, match="empty"):   # bad input: the same clear error inline
         run(loop, engine.prepare_prompt(""))
+
+
+def test_a_failure_folding_step_outputs_fails_the_streams_instead_of_hanging(loop, llama_path,
+                                                                             monkeypatch):
+    async def main():
+        engine = await start_engine(llama_path)
+        try:
+            def broken(group, messages, now):
+                raise RuntimeError("fold broke")
+            monkeypatch.setattr(engine._requests, "apply", broken)
+            params = SamplingParams(max_tokens=8, ignore_eos=True)
+            with pytest.raises(EngineDeadError, match="fold broke"):
+                await asyncio.wait_for(collect(engine.stream("Hello", params)), 60)
+            assert not engine.groups[0].alive
+            with pytest.raises(EngineDeadError):
+                await engine.generate("Hello", params)
+        finally:
+            await engine.shutdown()
+
+    run(loop, main())

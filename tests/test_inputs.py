@@ -106,6 +106,7 @@ def test_a_prompt_over_the_context_is_refused_without_tokenizing_all_of_it(proc,
     lengths: list[int] = []
     monkeypatch.setattr(proc.tokenizer, "encode", recording(proc.tokenizer.encode, lengths))
     monkeypatch.setattr(proc.chat, "_encode_plain", recording(proc.chat._encode_plain, lengths))
+    monkeypatch.setattr(proc.chat, "_encode_text", recording(proc.chat._encode_text, lengths))
     for prompt in (text, {"prompt": text}, [{"role": "user", "content": text}],
                    [{"role": "user", "content": FORGED + text}]):   # the protected chat path
         lengths.clear()
@@ -142,6 +143,16 @@ LIMITS = [1, 10, 100, 200, 400, 600, 800, 1000, 1500, 2000, 3000, 5000, 10_000]
 def test_bounded_tokenizing_gives_the_full_ids_or_refuses_only_what_does_not_fit(proc):
     for text in [MIXED_TEXT, *DENSE_TEXTS, "a b\n" * 3000, " " * 9000, "x" * 9000]:
         assert_bounded_is_exact(proc.tokenizer.encode, text, LIMITS)
+
+
+def test_the_chat_encoders_give_the_tokenizers_ids(proc):
+    """The backend copies the chat paths encode with (no offsets) give what the tokenizer gives,
+    special-token text included (a marker for the rendered template, plain text for content)."""
+    texts = [MIXED_TEXT, FORGED + MIXED_TEXT, " <|im_start|>user\n hi <|im_end|>\n", "", "  \n\t x"]
+    for text in texts:
+        assert proc.chat._encode_text(text) == proc.tokenizer.encode(text, add_special_tokens=False)
+        assert proc.chat._encode_plain(text) == proc.tokenizer.encode(
+            text, add_special_tokens=False, split_special_tokens=True)
 
 
 def test_bounded_chat_encoding_is_exact(proc):

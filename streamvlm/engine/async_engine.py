@@ -50,9 +50,13 @@ EnginePrompt = Prompt | list[Message] | PreparedPrompt
 # which a burst of requests would pay once per request.
 INLINE_PROMPT_CHARS = 4096
 # A group's output loop folds the step outputs already waiting in one batch, without yielding:
-# at most this many, and no more once they hold this many request deltas.
-MAX_DRAIN_MESSAGES = 64
-MAX_DRAIN_DELTAS = 8192
+# at most this many, and no more once they hold this many request deltas. While a burst of
+# requests is admitted the worker keeps stepping the first ones, so the backlog is many small
+# steps with the later requests' first tokens at its end: folded in one pass, every request gets
+# one delta and every first token goes out in the same round of wake-ups, instead of waiting
+# behind batches of the early requests' tokens. The delta bound keeps one pass short.
+MAX_DRAIN_MESSAGES = 4096
+MAX_DRAIN_DELTAS = 32768
 # An overloaded engine frees a slot when some request ends: typically within a second or so.
 OVERLOADED_RETRY_AFTER_S = 1.0
 
@@ -116,7 +120,13 @@ async def _output_loop(engine_ref: weakref.ref[AsyncEngine], group: WorkerGroup)
         engine = engine_ref()
         if engine is None:
             return
-        engine._handle(group, messages)
+        try:
+            engine._handle(group, messages)
+        except Exception as exc:  # noqa: BLE001 - reported to every request the group holds
+            # Without this loop nothing reaches the group's streams: they fail now rather
+            # than wait forever, and the group takes no more requests.
+            engine._watch.group_died(group, f"the engine core failed on its output: {exc!r}")
+            return
         del engine
         # Consumers, sockets and other groups get their turn before the next batch.
         await asyncio.sleep(0)

@@ -124,6 +124,9 @@ class WorkerGroupClient:
         self._ipc_dir: str | None = None
         self.inbox: zmq.asyncio.Socket | None = None    # core -> worker
         self.outbox: zmq.asyncio.Socket | None = None   # worker -> core
+        # The inbox as a plain socket: a non-blocking send needs none of the asyncio socket's
+        # future machinery, which cost a request's submission more than the send itself.
+        self._sender: zmq.Socket | None = None
         self._poller: asyncio.Task | None = None   # the thread backend's liveness poll
 
     @property
@@ -149,6 +152,7 @@ class WorkerGroupClient:
 
     def _bind(self) -> tuple[str, str]:
         self.inbox, self.outbox = group_sockets(self._ctx)
+        self._sender = zmq.Socket.shadow(self.inbox.underlying)
         if self.config.parallel.worker_transport == "tcp":
             in_port = self.inbox.bind_to_random_port("tcp://127.0.0.1")
             out_port = self.outbox.bind_to_random_port("tcp://127.0.0.1")
@@ -303,7 +307,10 @@ class WorkerGroupClient:
         # messages are dropped with it (its requests fail through the health monitor).
         if self.inbox is None or self.inbox.closed:
             return
-        self.inbox.send(self._encoder.encode(message), zmq.NOBLOCK)
+        try:
+            self._sender.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:   # no peer: the worker is gone
+            pass
 
     def mark_dead(self, reason: str) -> None:
         if self.dead_reason is None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamvlm.engine.async_engine import AsyncEngine
@@ -30,6 +30,7 @@ from streamvlm.gateway.openai_logprobs import (CompletionLogprobs, chat_logprobs
                                                vllm_prompt_logprobs)
 from streamvlm.gateway.openai_schemas import LENIENT, ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
+from streamvlm.gateway.sse import ClientWatch, EventStream
 from streamvlm.gateway.tool_parsers import ToolCallParser
 from streamvlm.gateway.tools import (ToolPlan, openai_tool_call_deltas, openai_tool_calls,
                                      plan_request_tools)
@@ -163,32 +164,25 @@ def check_model(request: Request, model: str | None) -> str:
     return name
 
 
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
-    """Await ``work``; if the client goes away first, cancel it (leaving the engine call aborts
-    its request), wait until the cancellation is done and raise _ClientGone."""
-    task = asyncio.ensure_future(work)
-    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    """Await ``work`` in this task; if the client goes away first, it is cancelled (leaving the
+    engine call aborts its request) and _ClientGone raised."""
+    watch = ClientWatch(request.receive)
     try:
-        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watch.absorb():
+            raise _ClientGone from None
+        raise
     finally:
-        disconnect.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task.cancelled():
-        raise _ClientGone
-    return task.result()
+        watch.close()
 
 
 async def _all_of(awaitables: list[Awaitable[_T]]) -> list[_T]:
-    """Await them all concurrently; the first failure cancels the rest and is raised."""
+    """Await them all concurrently; the first failure cancels the rest and is raised. One is
+    awaited in this task: nothing else runs before it starts."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return await asyncio.gather(*tasks)
@@ -214,16 +208,22 @@ async def _prefetched(stream: AsyncIterator[_T]) -> AsyncIterator[_T]:
     return items()
 
 
-async def _started(request: Request, streams: list[AsyncIterator[_T]]) -> list[AsyncIterator[_T]]:
+async def _started(request: Request, streams: list[AsyncIterator[_T]]
+                   ) -> tuple[list[AsyncIterator[_T]], ClientWatch]:
     """The streams, each with its first item received before the response starts, so that a
     refusal at submission (overloaded, bad input, engine dead) is a status code rather than an
-    error event after a 200; if one is refused, or the client leaves, all are closed (aborted)."""
+    error event after a 200; if one is refused, or the client leaves, all are closed (aborted).
+    The watch on the client goes on with the response (see sse.EventStream)."""
+    watch = ClientWatch(request.receive)
     try:
-        return await _unless_disconnected(request, _all_of([_prefetched(s) for s in streams]))
-    except BaseException:
+        return await _all_of([_prefetched(s) for s in streams]), watch
+    except BaseException as exc:
+        watch.close()
         for stream in streams:
             with contextlib.suppress(RuntimeError):   # one still running where it was cancelled
                 await stream.aclose()
+        if isinstance(exc, asyncio.CancelledError) and watch.absorb():
+            raise _ClientGone from None
         raise
 
 
@@ -381,11 +381,11 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        [deltas] = await _started(request, [choice_stream(engine, prompt, params,
-                                                          coalesce_s=_coalesce_s(request))])
+        [deltas], watch = await _started(request, [choice_stream(engine, prompt, params,
+                                                                 coalesce_s=_coalesce_s(request))])
         usage = _stream_usage(body, [len(prompt.prompt_token_ids)], params.n)
-        return _sse(_chat_chunks(engine, deltas, request_id, created, model, usage, params.n,
-                                 tools))
+        return EventStream(_chat_chunks(engine, deltas, request_id, created, model, usage,
+                                        params.n, tools), watch)
     outs = await _unless_disconnected(request, _generate_choices(engine, prompt, params))
     response = {
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -500,11 +500,12 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     n = params.n
     if body.stream:
-        streams = await _started(request, [choice_stream(engine, p, prm, coalesce_s=_coalesce_s(request))
-                                            for p, prm in prepared])
+        streams, watch = await _started(request, [choice_stream(engine, p, prm,
+                                                                coalesce_s=_coalesce_s(request))
+                                                   for p, prm in prepared])
         usage = _stream_usage(body, [len(p.prompt_token_ids) for p, _ in prepared], n)
-        return _sse(_completion_chunks(engine, _merged(streams, n), request_id, created, model,
-                                       usage, n, echoes))
+        return EventStream(_completion_chunks(engine, _merged(streams, n), request_id, created,
+                                              model, usage, n, echoes), watch)
     outs = await _unless_disconnected(
         request, _all_of([_generate_choices(engine, p, prm) for p, prm in prepared]))
     return json_response({
@@ -517,13 +518,6 @@ async def completions(request: Request) -> Response:
 
 
 # ---- server-sent events -----------------------------------------------------------------------
-
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    # The response task is cancelled when the client disconnects; the engine stream's cleanup
-    # then aborts the request.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
 
 def _event(body: Any) -> bytes:
     return b"data: " + _json.encode(body) + b"\n\n"
@@ -591,23 +585,27 @@ def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[st
         return _event(out)
 
     async def events() -> AsyncIterator[bytes]:
-        for opening in first:
-            yield chunk(opening)
+        # The opening chunks go out with the first event after them: one write, not two.
+        pending = b"".join(chunk(opening) for opening in first)
         finals: dict[int, Usage] = {}
         async for index, delta in deltas:
             completion_tokens[index] = completion_tokens.get(index, 0) + len(delta.token_ids)
             if delta.usage is not None:
                 finals[index] = delta.usage
             if delta.finish_reason == "error":
-                yield _event({"error": {"message": delta.error or "the request failed in the worker",
-                                        "type": "invalid_request_error", "code": 400}})
+                yield pending + _event({"error": {
+                    "message": delta.error or "the request failed in the worker",
+                    "type": "invalid_request_error", "code": 400}})
                 return
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 body = choice(index, delta)
                 if body is not None:
-                    yield chunk(body)
+                    yield pending + chunk(body)
+                    pending = b""
         if usage is not None and finals:
-            yield _event({**head, "choices": [], "usage": _usage(usage.total(finals))})
+            pending += _event({**head, "choices": [], "usage": _usage(usage.total(finals))})
+        if pending:
+            yield pending
     return _guarded(events())
 
 

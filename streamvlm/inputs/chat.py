@@ -213,6 +213,7 @@ class ChatEncoder:
                                                   for t in sorted(specials, key=lambda t: -len(t.content))))
                               if specials else None)
         self._encode_plain = _plain_encoder(tokenizer)
+        self._encode_text = _text_encoder(tokenizer)
 
     def encode(self, messages: Sequence[Message], max_model_len: int | None = None,
                template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -221,8 +222,7 @@ class ChatEncoder:
         template_kwargs = template_kwargs or {}
         text = self.render(messages, template_kwargs)
         if self.allow_special_tokens_in_content or not self._content_has_special_text(messages):
-            return encode_bounded(lambda t: self.tokenizer.encode(t, add_special_tokens=False), text,
-                                  max_model_len)
+            return encode_bounded(self._encode_text, text, max_model_len)
         return self._encode_protected(messages, text, max_model_len, template_kwargs)
 
     def render(self, messages: Sequence[Message], template_kwargs: dict[str, Any] | None = None) -> str:
@@ -305,15 +305,36 @@ def _with_sentinels(message: Message, sentinel: Any) -> Message:
                                    for part in content]}
 
 
-def _plain_encoder(tokenizer: Any) -> Any:
-    """Encodes text with special-token text split into ordinary tokens. A fast tokenizer gets its own
-    backend copy with that setting: transformers switches it on the shared backend per call, which threads
-    tokenizing other prompts at the same moment would see."""
+def _text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Encodes a rendered conversation as the tokenizer's encode(text, add_special_tokens=False) does. A
+    fast tokenizer gets its own backend copy (see _backend_encoder)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return _backend_encoder(backend, encode_special_tokens=False)
+
+
+def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Encodes text with special-token text split into ordinary tokens."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+    encode = _backend_encoder(backend, encode_special_tokens=True)
+    return lambda text: encode(text) if text else []
+
+
+def _backend_encoder(backend: Any, encode_special_tokens: bool) -> Callable[[str], list[int]]:
+    """Token ids of a text, no special tokens added, from a copy of a fast tokenizer's backend: transformers
+    switches settings on the shared backend per call (special-token splitting, truncation, padding), which
+    threads tokenizing other prompts at the same moment would see. Where the tokenizers library can, the
+    encoding skips the offsets, a good part of the work for a short prompt: only the ids are used."""
     from tokenizers import Tokenizer
 
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.encode_special_tokens = True
-    return lambda text: plain.encode(text, add_special_tokens=False).ids if text else []
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = encode_special_tokens
+    fast = getattr(copy, "encode_batch_fast", None)
+    if fast is None:
+        return lambda text: copy.encode(text, add_special_tokens=False).ids
+    return lambda text: fast([text], add_special_tokens=False)[0].ids
