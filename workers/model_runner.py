@@ -21,6 +21,7 @@ from workers.layers.attention import get_attention_backend
 from workers.layers.attention_base import AttentionMetadata
 from workers.loader import load_model
 from workers.encoder_runner import EncoderRunner
+from workers.kernels.index_arrays import packed
 from workers.kv_memory import KVMemory
 from workers.multimodal import MultiModalEmbeds
 from workers.prompt_logprobs import (PromptLogprobRequest, PromptLogprobTensors, compute_prompt_logprobs,
@@ -107,23 +108,24 @@ class ModelRunner:
 
     def _prepare(self, plan: StepPlan, previous_tokens: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-
-        def tensor(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
+        mrope = plan.mrope_positions
+        input_ids, slot_mapping, block_tables, logits_rows, holes, sources, positions = packed(
+            [plan.input_ids, plan.slot_array(), plan.table_array().reshape(-1), plan.logits_rows,
+             plan.placeholder_rows, plan.placeholder_sources,
+             plan.positions if mrope is None else np.asarray(mrope, dtype=np.int64).reshape(-1)],
+            torch.int64, self.device)
         meta = AttentionMetadata(
             query_lens=plan.query_lens,
             seq_lens=plan.seq_lens,
-            slot_mapping=tensor(plan.slot_array()),
-            block_tables=tensor(plan.table_array()),
+            slot_mapping=slot_mapping,
+            block_tables=block_tables.view(len(plan.query_lens), plan.block_table_width),
             block_size=self.block_size,
         )
-        positions = tensor(plan.mrope_positions if plan.mrope_positions is not None
-                           else plan.positions)
-        input_ids = tensor(plan.input_ids)
+        if mrope is not None:
+            positions = positions.view(len(mrope), -1)
         if plan.placeholder_rows:
-            input_ids[tensor(plan.placeholder_rows)] = previous_tokens[tensor(plan.placeholder_sources)]
-        return input_ids, positions, meta, tensor(plan.logits_rows)
+            input_ids[holes] = previous_tokens[sources]
+        return input_ids, positions, meta, logits_rows
 
     def _mm_embeds(self, plan: StepPlan, embeds: torch.Tensor | None) -> MultiModalEmbeds | None:
         """This step's encoder rows; ranks other than 0 receive rank 0's over the group."""
@@ -133,7 +135,7 @@ class ModelRunner:
             embeds = torch.empty(len(plan.mm_rows), self.model.embed_width, dtype=self.dtype,
                                  device=self.device)
         embeds = broadcast_tensor(embeds.to(self.device, self.dtype))
-        rows = torch.tensor(plan.mm_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = packed([plan.mm_rows], torch.int64, self.device)[0]
         return MultiModalEmbeds(rows, embeds)
 
     def _random_tokens(self, count: int) -> SamplerOutput:
@@ -148,7 +150,7 @@ class ModelRunner:
             hidden = self.decode_graphs.run(plan, previous_tokens)
             if len(plan.logits_rows) == hidden.shape[0]:
                 return hidden, None
-            return hidden, torch.tensor(plan.logits_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            return hidden, packed([plan.logits_rows], torch.int64, self.device)[0]
         input_ids, positions, meta, logits_rows = self._prepare(plan, previous_tokens)
         self.backend.prepare(meta)
         return self.model(input_ids, positions, meta, self._mm_embeds(plan, embeds)), logits_rows

@@ -1,23 +1,39 @@
-"""Small int32 index arrays for kernel launches, copied to the device in one go (no triton import)."""
+"""Integer arrays for a step (its inputs, kernels' index arrays), copied to the device in one go (no triton
+import)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 # Triton specializes a kernel on whether each pointer is 16-byte aligned: views at batch-dependent offsets
-# would compile other variants in the middle of serving. Every array starts on a multiple of this.
-ALIGN_INT32 = 4
+# would compile other variants in the middle of serving. Every array starts on a multiple of 16 bytes.
+ALIGN_BYTES = 16
 
 
-def packed_int32(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """The arrays as int32 views of one non-blocking host-to-device copy, each 16-byte aligned."""
-    flat: list[int] = []
-    starts = []
+def packed(arrays: list[Sequence[int] | np.ndarray], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The arrays (lists or numpy arrays of integers) as views of one non-blocking host-to-device copy, each
+    16-byte aligned. On CUDA the host side is pinned memory (from torch's caching host allocator, which keeps
+    it until the copy is done): a copy from pageable memory would wait for the work already queued on the
+    stream, and the host could not run ahead of the device."""
+    align = ALIGN_BYTES // dtype.itemsize
+    starts, total = [], 0
     for values in arrays:
-        starts.append(len(flat))
-        flat += values + [0] * (-len(values) % ALIGN_INT32)
-    packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
-    return [packed[start:start + len(values)] for start, values in zip(starts, arrays)]
+        starts.append(total)
+        total += len(values) + (-len(values) % align)
+    host = torch.empty(max(total, 1), dtype=dtype, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    for start, values in zip(starts, arrays):
+        flat[start:start + len(values)] = values
+    staged = host.to(device, non_blocking=True)
+    return [staged[start:start + len(values)] for start, values in zip(starts, arrays)]
+
+
+def packed_int32(arrays: list[Sequence[int] | np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The arrays as int32 views of one non-blocking host-to-device copy (see packed)."""
+    return packed(arrays, torch.int32, device)
 
 
 def varlen_index_arrays(query_lens: list[int], seq_lens: list[int], device: torch.device,
