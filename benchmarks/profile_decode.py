@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
-KINDS = [("attention", ("paged_decode", "reduce_partitions", "paged_prefill")), ("kv store", ("store_kv",)),
+KINDS = [("attention", ("paged_decode", "paged_prefill")), ("kv store", ("store_kv",)),
          ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk")), ("rms norm", ("rms_norm",)),
          ("q/k norm + rotary", ("qk_norm_rope",)), ("silu-and-mul", ("silu_and_mul",))]
 

@@ -117,7 +117,8 @@ class TritonAttentionBackend(StoresKVWithTriton):
                                                 head_dim, self._decode_programs, self.decode_partition_size)
             workspace = None
             if partitions.num_partitions > 1:
-                workspace = decode_workspace(num_seqs, num_heads, head_dim, partitions.num_partitions, device)
+                workspace = decode_workspace(num_seqs, num_heads, num_kv_heads, head_dim, partitions.num_partitions,
+                                             device)
             step.decode_plans[shape] = _DecodePlan(partitions, workspace)
         else:
             step.prefill_plans[shape] = plan_prefill(step.query_lens, num_heads // num_kv_heads, head_dim, device)
