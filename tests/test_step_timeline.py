@@ -31,6 +31,8 @@ def test_the_setting_names_the_file_and_the_window(tmp_path):
     assert (default.first, default.count) == (200, 50)
     with pytest.raises(ValueError, match="PREFIX"):
         StepTimeline.from_setting(f"{tmp_path}/tl:ten")
+    with pytest.raises(ValueError, match="from 1"):   # steps count from 1: a window from 0 would record nothing
+        StepTimeline.from_setting(f"{tmp_path}/tl:0:24")
 
 
 def test_device_time_is_counted_once_and_within_each_step(tmp_path, capsys):

@@ -281,8 +281,9 @@ class StepTimeline:
     def from_setting(cls, setting: str) -> StepTimeline:
         prefix, _, window = setting.partition(":")
         first, _, count = window.partition(":")
-        if not (first or "1").isdigit() or not (count or "1").isdigit():
-            raise ValueError(f"STREAMVLM_STEP_TIMELINE={setting!r}: expected PREFIX[:FIRST:COUNT] with step numbers")
+        if not (first or "1").isdigit() or not (count or "1").isdigit() or first == "0" or count == "0":
+            raise ValueError(f"STREAMVLM_STEP_TIMELINE={setting!r}: expected PREFIX[:FIRST:COUNT] with step numbers "
+                             "from 1")
         return cls(f"{prefix}.{os.getpid()}.json", int(first or 200), int(count or 50))
 
     def before_step(self) -> None:
