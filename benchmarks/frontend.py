@@ -380,6 +380,7 @@ async def run_server(kind: str, stream_counts: list[int], max_tokens: int, promp
 
     from streamvlm import AsyncEngine, EngineConfig
     from streamvlm.gateway.app import build_app
+    from streamvlm.gateway.server import server_config
     from streamvlm.gateway.settings import GatewaySettings
 
     most = max(stream_counts)
@@ -394,9 +395,11 @@ async def run_server(kind: str, stream_counts: list[int], max_tokens: int, promp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           ws="websockets-sansio", lifespan="on",
-                                           log_level="warning", backlog=4096))
+    # The gateway's own server configuration (HTTP protocol and connection guards), as
+    # `streamvlm serve` runs it.
+    config = server_config(app, app.state.settings, port=port, log_level="warning")
+    config.backlog = 4096
+    server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         if serving.done():
