@@ -13,8 +13,10 @@ divided by the step outputs it received.
 --ws measures the whole WebSocket path instead: the gateway (uvicorn, /v1/ws) in this process
 with a noop worker process, and the clients (one chat per connection, ignore_eos) in a child
 process, counting the tokens that reach them. --sse does the same over HTTP: one
-/v1/chat/completions request with stream=true per connection. Both kinds of client open their
-connections before the clock starts: the first delta is timed from the request's send.
+/v1/chat/completions request with stream=true per connection. Both kinds of client have their
+connections established before the clock starts (the WebSocket handshake; for SSE a small GET on
+each connection, as a pool's kept-alive connections): the first delta is timed from the request's
+send.
 
     python benchmarks/frontend.py --ws --streams 64 --noop-tokens 1024
     python benchmarks/frontend.py --sse --streams 256 --coalesce-ms 20
@@ -23,8 +25,9 @@ Columns: tokens/s that reached the consumers; deltas (frames, SSE events) per se
 tokens per delta (the engine merges a stream's output while its consumer is behind, and every
 --coalesce-ms); over every consumer's deltas the gap between two deltas at p50 and p99 and
 the first delta's latency at p50; the engine-core CPU per step (for --ws/--sse: the
-server process, engine core + gateway) and the worker's (which bounds the step rate). --coalesce-ms passes a delta-coalescing interval
-(engine.stream's coalesce_s, the gateway's stream_coalesce_ms).
+server process, engine core + gateway) and the worker's (which bounds the step rate).
+--coalesce-ms passes a delta-coalescing interval (engine.stream's coalesce_s, the gateway's
+stream_coalesce_ms).
 """
 
 from __future__ import annotations
@@ -257,7 +260,9 @@ def sse_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compre
                 conn) -> None:
     """Child process: ``streams`` HTTP connections, one streamed chat completion each, read
     with a minimal HTTP/1.1 client (chunked transfer coding) so that the clients cost little.
-    As the WebSocket clients (and a connection pool), they connect before the clock starts."""
+    As the WebSocket clients (and a connection pool), they connect before the clock starts, and
+    each connection answers a small request first: a connection the client has opened may not
+    yet be accepted by the server, which would then accept it while timing the burst."""
     import msgspec
 
     from streamvlm.engine.loop import new_event_loop
@@ -301,8 +306,19 @@ def sse_clients(url: str, streams: int, max_tokens: int, prompt_len: int, compre
         writer.close()
         return tokens, timeline
 
+    async def warm(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One small request on the connection, so that the server has accepted it and set it
+        up before the clock starts (a pool's kept-alive connection), as a WebSocket handshake
+        does for the WebSocket clients."""
+        writer.write(b"GET /version HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+
     async def main() -> dict:
         connections = [await asyncio.open_connection(host, int(port)) for _ in range(streams)]
+        await asyncio.gather(*(warm(*connection) for connection in connections))
         cpu_before, start = time.process_time(), time.perf_counter()
         results = await asyncio.gather(*(one(*connection) for connection in connections))
         elapsed = time.perf_counter() - start
@@ -364,6 +380,7 @@ async def run_server(kind: str, stream_counts: list[int], max_tokens: int, promp
 
     from streamvlm import AsyncEngine, EngineConfig
     from streamvlm.gateway.app import build_app
+    from streamvlm.gateway.server import server_config
     from streamvlm.gateway.settings import GatewaySettings
 
     most = max(stream_counts)
@@ -378,9 +395,11 @@ async def run_server(kind: str, stream_counts: list[int], max_tokens: int, promp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           ws="websockets-sansio", lifespan="on",
-                                           log_level="warning", backlog=4096))
+    # The gateway's own server configuration (HTTP protocol and connection guards), as
+    # `streamvlm serve` runs it.
+    config = server_config(app, app.state.settings, port=port, log_level="warning")
+    config.backlog = 4096
+    server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         if serving.done():

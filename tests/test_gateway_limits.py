@@ -427,6 +427,31 @@ def test_silent_and_slowloris_connections_are_closed(guarded):
     assert httpx.get(guarded.base_url + "/health").status_code == 200
 
 
+def test_a_complete_head_is_not_timed_out_while_its_body_comes(guarded):
+    """The head timeout ends with the head: a body that takes longer than header_timeout_s
+    still gets its answer (and a WebSocket outlives it: test_idle_websocket_is_closed)."""
+    body = b'{"prompt": "hello"}'
+    with _connect(guarded) as sock:
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.8)   # header_timeout_s is 0.5
+        sock.sendall(body)
+        sock.settimeout(10)
+        response = sock.recv(65536)
+    assert response.startswith(b"HTTP/1.1 200"), response[:200]
+
+
+def test_the_http_protocol_is_httptools_where_installed():
+    from streamvlm.gateway.server import GuardedH11Protocol, http_protocol
+
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        assert http_protocol() is GuardedH11Protocol
+    else:
+        assert http_protocol().__name__ == "GuardedHttpToolsProtocol"
+
+
 def test_connections_beyond_the_limit_are_refused(guarded):
     deadline = time.monotonic() + 15
     while guarded.server.server_state.connections:   # earlier tests' connections are gone

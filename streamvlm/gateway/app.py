@@ -13,6 +13,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.gateway import http, tokenizer_routes, ws
+from streamvlm.gateway.admission import AdmissionTurns
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import RefuseWhileDraining, ShutdownGate
 
@@ -51,6 +52,7 @@ def build_app(engine: AsyncEngine, settings: GatewaySettings | None = None) -> S
     app.state.engine = engine
     app.state.settings = settings
     app.state.shutdown_gate = gate
+    app.state.admission = AdmissionTurns()
     return app
 
 

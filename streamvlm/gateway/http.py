@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
+from streamvlm.gateway.admission import AdmissionTurns
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
 from streamvlm.gateway.auth import check_authorization
 from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
@@ -66,6 +67,10 @@ def _engine(request: Request) -> AsyncEngine:
 
 def _settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
+
+
+def _admission(request: Request) -> AdmissionTurns:
+    return request.app.state.admission
 
 
 def served_model_name(request: Request) -> str:
@@ -354,6 +359,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 @handles_errors
 async def chat_completions(request: Request) -> Response:
+    await _admission(request).turn()
     body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
     model = check_model(request, body.model)
     check_messages(body.messages)
@@ -477,6 +483,7 @@ def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
 
 @handles_errors
 async def completions(request: Request) -> Response:
+    await _admission(request).turn()
     body: CompletionRequest = await read_json(request, CompletionRequest)
     model = check_model(request, body.model)
     prompts = _completion_prompts(body.prompt, _settings(request).max_prompts_per_request)

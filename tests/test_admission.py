@@ -1,0 +1,80 @@
+"""Admission turns (gateway/admission.py): arrival order, room per turn, other work between turns."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from streamvlm.gateway.admission import AdmissionTurns
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_lone_request_starts_without_yielding() -> None:
+    async def main() -> None:
+        turns = AdmissionTurns(slice_s=0.01)
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, "other")
+        await turns.turn()
+        assert ran == []   # nothing else ran in between: no turn of the loop was given up
+        assert turns.waiting == 0
+    asyncio.run(main())
+
+
+def test_a_burst_starts_in_arrival_order_with_other_work_between_turns() -> None:
+    async def main() -> None:
+        turns = AdmissionTurns(slice_s=0.002)
+        log: list[str] = []
+
+        async def request(i: int) -> None:
+            await turns.turn()
+            log.append(f"start {i}")
+            _busy(0.001)   # admission work: two fit a turn's slice
+            # What the output loop would do once this request's first token is in.
+            asyncio.get_running_loop().call_soon(log.append, f"output {i}")
+
+        await asyncio.gather(*(request(i) for i in range(8)))
+        starts = [entry for entry in log if entry.startswith("start")]
+        assert starts == [f"start {i}" for i in range(8)]
+        # The first request's output went out before the last request started.
+        assert log.index("output 0") < log.index("start 7")
+        assert turns.waiting == 0
+    asyncio.run(main())
+
+
+def test_the_cost_estimate_follows_the_requests() -> None:
+    async def main() -> None:
+        turns = AdmissionTurns(slice_s=0.05)
+
+        async def request() -> None:
+            await turns.turn()
+            _busy(0.002)
+
+        for _ in range(3):
+            await asyncio.gather(*(request() for _ in range(12)))
+        assert 0.0015 < turns.cost_s < 0.004
+    asyncio.run(main())
+
+
+def test_a_request_cancelled_while_waiting_gives_up_its_place() -> None:
+    async def main() -> None:
+        turns = AdmissionTurns(slice_s=0.0)   # one request a turn
+        started: list[int] = []
+
+        async def request(i: int) -> None:
+            await turns.turn()
+            started.append(i)
+
+        tasks = [asyncio.ensure_future(request(i)) for i in range(4)]
+        await asyncio.sleep(0)   # every request has arrived: 0 started, 1-3 wait
+        assert started == [0] and turns.waiting == 3
+        tasks[1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert started == [0, 2, 3]
+        assert tasks[1].cancelled()
+        assert turns.waiting == 0
+    asyncio.run(main())
