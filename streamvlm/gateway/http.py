@@ -22,8 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
-from streamvlm.gateway.admission import AdmissionTurns
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
+from streamvlm.gateway.admission import AdmissionTurns
 from streamvlm.gateway.auth import check_authorization
 from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
