@@ -386,6 +386,22 @@ def test_interpreted_kernels_match_reference(case: str, interpreted_results: dic
     assert result["max_abs_diff"] < TOLERANCE.get(case, 1e-4), result
 
 
+def test_decode_partition_plan() -> None:
+    """Pairs of (sequence, kv head) from the target up: no split. From half the target: long contexts
+    split in at most FEW_PARTITIONS partitions of at least FEW_PARTITIONS_TOKENS. Below: the fine split."""
+    from workers.kernels.paged_attention import FEW_PARTITIONS, FEW_PARTITIONS_TOKENS, plan_decode_partitions
+
+    assert plan_decode_partitions(64, 8, 4096, 128, 264).num_partitions == 1
+    assert plan_decode_partitions(33, 8, 4096, 128, 264).num_partitions == 1
+    few = plan_decode_partitions(32, 8, 4096, 128, 264)
+    assert (few.partition_size, few.num_partitions) == (FEW_PARTITIONS_TOKENS, 4096 // FEW_PARTITIONS_TOKENS)
+    long_model = plan_decode_partitions(32, 8, 65536, 128, 264)
+    assert long_model.num_partitions == FEW_PARTITIONS and long_model.partition_size == 65536 // FEW_PARTITIONS
+    assert plan_decode_partitions(17, 8, 900, 128, 264).num_partitions == 1   # shorter than one partition
+    fine = plan_decode_partitions(16, 8, 4096, 128, 264)
+    assert fine.partition_size < FEW_PARTITIONS_TOKENS and fine.num_partitions > 4
+
+
 def _index_one_element_arrays() -> None:
     """Triton 3.5 and 3.6's interpreter takes a loaded scalar (a one-element array) as a loop bound through int(), which
     numpy >= 2.4 refuses for arrays that are not 0-d."""
