@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
-from streamvlm.gateway.admission import AdmissionTurns
+from streamvlm.gateway.admission import AdmissionTurns, turn_taken
 from streamvlm.gateway.auth import check_authorization
 from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
@@ -71,6 +71,16 @@ def _settings(request: Request) -> GatewaySettings:
 
 def _admission(request: Request) -> AdmissionTurns:
     return request.app.state.admission
+
+
+# The routes that generate: their requests are admitted in turns (gateway/admission.py).
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def _take_turn(request: Request) -> None:
+    """The request's admission turn, unless the server's AdmissionGate gave it one already."""
+    if not turn_taken(request.scope):
+        await _admission(request).turn()
 
 
 def served_model_name(request: Request) -> str:
@@ -359,7 +369,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 @handles_errors
 async def chat_completions(request: Request) -> Response:
-    await _admission(request).turn()
+    await _take_turn(request)
     body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
     model = check_model(request, body.model)
     check_messages(body.messages)
@@ -483,7 +493,7 @@ def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
 
 @handles_errors
 async def completions(request: Request) -> Response:
-    await _admission(request).turn()
+    await _take_turn(request)
     body: CompletionRequest = await read_json(request, CompletionRequest)
     model = check_model(request, body.model)
     prompts = _completion_prompts(body.prompt, _settings(request).max_prompts_per_request)

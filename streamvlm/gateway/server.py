@@ -13,6 +13,8 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from streamvlm.gateway.admission import AdmissionGate
+from streamvlm.gateway.http import GENERATION_PATHS
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
 
@@ -221,8 +223,11 @@ class GatewayServer(uvicorn.Server):
 
 def server_config(app: Starlette, settings: GatewaySettings, *, host: str = "127.0.0.1",
                   port: int = 0, log_level: str = "info", loop: str = "auto") -> uvicorn.Config:
+    # Requests to the routes that generate take their admission turns before Starlette's
+    # middleware and routing run for them.
+    gated = AdmissionGate(app, app.state.admission, GENERATION_PATHS)
     return uvicorn.Config(
-        app, host=host, port=port, loop=loop, ws="websockets-sansio", lifespan="on",
+        gated, host=host, port=port, loop=loop, ws="websockets-sansio", lifespan="on",
         http=functools.partial(http_protocol(), max_connections=settings.max_connections,
                                header_timeout_s=settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_timeout_s,
