@@ -101,3 +101,28 @@ def test_the_gate_gives_generation_requests_their_turn_before_the_app_runs() -> 
         await asyncio.gather(*tasks)
         assert reached[3:] == [("/v1/chat/completions", True)] * 2 and turns.waiting == 0
     asyncio.run(main())
+
+
+def test_what_a_turn_wakes_as_it_ends_runs_before_the_next_turn() -> None:
+    """Step outputs folded as a turn ends wake the streams of the requests admitted before: their
+    first events go out before the next turn's admissions, not after them."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        turns = AdmissionTurns(slice_s=0.0)   # one request a turn
+        order: list[str] = []
+        first_token = loop.create_future()
+
+        async def stream() -> None:
+            await first_token
+            order.append("first event")
+
+        async def request(i: int) -> None:
+            await turns.turn()
+            order.append(f"admitted {i}")
+            if i == 0:   # its first token, folded as the turn ends
+                loop.call_soon(first_token.set_result, None)
+
+        tasks = [asyncio.ensure_future(stream()), *(asyncio.ensure_future(request(i)) for i in range(2))]
+        await asyncio.gather(*tasks)
+        assert order == ["admitted 0", "first event", "admitted 1"]
+    asyncio.run(main())

@@ -79,10 +79,16 @@ class AdmissionTurns:
             asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _end_turn(self) -> None:
-        """Opens the next turn to as many waiting requests as fit its slice (at least one): they
-        start in the loop's next turn, after it has polled the sockets."""
-        self._turn_ending = False
+        """The current turn ends. The next opens a turn of the loop later: what the loop found ready
+        as this one ended (step outputs to fold) and what that wakes (the first events of the
+        requests admitted before) runs first, not after the next turn's admissions."""
         self._turn_started = None
+        asyncio.get_running_loop().call_soon(self._open_turn)
+
+    def _open_turn(self) -> None:
+        """Opens the next turn to as many waiting requests as fit its slice (at least one): they
+        start in the loop's next turn."""
+        self._turn_ending = False
         room = max(1, round(self.slice_s / max(self.cost_s, 1e-6)))
         released = 0
         while self._waiting and released < room:
