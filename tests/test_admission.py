@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from streamvlm.gateway.admission import AdmissionTurns
+from streamvlm.gateway.admission import AdmissionGate, AdmissionTurns, turn_taken
 
 
 def _busy(seconds: float) -> None:
@@ -77,4 +77,52 @@ def test_a_request_cancelled_while_waiting_gives_up_its_place() -> None:
         assert started == [0, 2, 3]
         assert tasks[1].cancelled()
         assert turns.waiting == 0
+    asyncio.run(main())
+
+
+def test_the_gate_gives_generation_requests_their_turn_before_the_app_runs() -> None:
+    async def main() -> None:
+        turns = AdmissionTurns(slice_s=0.0)   # one request a turn
+        reached: list[tuple[str, bool]] = []
+
+        async def app(scope, receive, send) -> None:
+            reached.append((scope.get("path", scope["type"]), turn_taken(scope)))
+
+        gate = AdmissionGate(app, turns, {"/v1/chat/completions"})
+        tasks = [asyncio.ensure_future(gate({"type": "http", "method": "POST",
+                                             "path": "/v1/chat/completions"}, None, None))
+                 for _ in range(3)]
+        await asyncio.sleep(0)
+        # The first has its turn; the others wait outside the app.
+        assert reached == [("/v1/chat/completions", True)] and turns.waiting == 2
+        await gate({"type": "http", "method": "GET", "path": "/health"}, None, None)
+        await gate({"type": "lifespan"}, None, None)
+        assert reached[1:] == [("/health", False), ("lifespan", False)]   # no turn for them
+        await asyncio.gather(*tasks)
+        assert reached[3:] == [("/v1/chat/completions", True)] * 2 and turns.waiting == 0
+    asyncio.run(main())
+
+
+def test_what_a_turn_wakes_as_it_ends_runs_before_the_next_turn() -> None:
+    """Step outputs folded as a turn ends wake the streams of the requests admitted before: their
+    first events go out before the next turn's admissions, not after them."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        turns = AdmissionTurns(slice_s=0.0)   # one request a turn
+        order: list[str] = []
+        first_token = loop.create_future()
+
+        async def stream() -> None:
+            await first_token
+            order.append("first event")
+
+        async def request(i: int) -> None:
+            await turns.turn()
+            order.append(f"admitted {i}")
+            if i == 0:   # its first token, folded as the turn ends
+                loop.call_soon(first_token.set_result, None)
+
+        tasks = [asyncio.ensure_future(stream()), *(asyncio.ensure_future(request(i)) for i in range(2))]
+        await asyncio.gather(*tasks)
+        assert order == ["admitted 0", "first event", "admitted 1"]
     asyncio.run(main())

@@ -5,7 +5,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from streamvlm.engine.byte_level import ByteLevelVocab
+from streamvlm.engine.byte_level import ByteLevelStream, ByteLevelVocab
 from streamvlm.engine.detokenizer import IncrementalDetokenizer, WindowDecoder
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
@@ -132,6 +132,24 @@ def test_byte_table_matches_decode_on_invalid_bytes(tiny_tokenizer, skip_special
         expected = tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         detok = IncrementalDetokenizer(tiny_tokenizer, [], skip_special_tokens=skip_special_tokens)
         assert "".join(detok.add_tokens([i]) for i in ids) + detok.finish() == expected
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_byte_table_chunks_of_bytes_and_unknown_ids(tiny_tokenizer, skip_special_tokens):
+    """Chunks of single-byte tokens, special tokens and ids with no token (past the vocab, or
+    negative) decode as the tokenizer decodes the ids it knows: the unknown ones are dropped."""
+    vocab = ByteLevelVocab.of(tiny_tokenizer)
+    byte_ids = [i for i, b in enumerate(vocab.token_bytes) if b is not None and len(b) == 1]
+    unknown = [len(vocab.token_bytes), len(vocab.token_bytes) + 7, -1, -len(vocab.token_bytes)]
+    rng = random.Random(2)
+    for _ in range(300):
+        ids = [rng.choice(byte_ids) if rng.random() > 0.15 else rng.choice(SPECIAL_IDS + unknown)
+               for _ in range(rng.randint(1, 24))]
+        known = [i for i in ids if i not in unknown]
+        expected = tiny_tokenizer.decode(known, skip_special_tokens=skip_special_tokens)
+        stream = ByteLevelStream(vocab, skip_special_tokens)
+        text = "".join(stream.add(chunk) for chunk in chunked(ids, rng, 6)) + stream.finish()
+        assert text == expected
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])

@@ -113,3 +113,74 @@ def test_requests_not_in_the_table_are_skipped():
     table.apply(group, [step([("gone", "x", 1), ("a", "b", 0)],
                              deltas=[RequestDelta("a2", [], finish_reason="abort")])], now=1.0)
     assert take(tracked["a"].collector).token_ids == ids("b")
+
+
+class TokenByTokenTable(RequestTable):
+    """The reference: every column token taken on its own."""
+
+    def apply(self, group, messages, now):
+        runs = {}
+        for message in messages:
+            self._add_message(group, runs, message, 0, now)
+            if message.kv_events:
+                self._fold_runs(group, runs, now)
+                runs = {}
+                self._apply_kv_events(message.kv_events, now)
+        self._fold_runs(group, runs, now)
+
+
+def test_steps_sharing_their_first_columns_fold_as_token_by_token():
+    """Backlogs whose steps run the same requests first (with requests joining, first tokens as
+    deltas, gaps in a request's tokens, requests ending) reach each consumer as when every token
+    is taken on its own: the same deltas, in the same number."""
+    import copy
+    import random
+
+    rng = random.Random(7)
+    for trial in range(200):
+        names = [f"r{i}" for i in range(6)]
+        steps, next_index, running, joined = [], {}, [], 0
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.4 and joined < len(names):   # one joins: its first token a delta
+                name = names[joined]
+                joined += 1
+                running.append(name)
+                next_index[name] = 1
+                deltas = [RequestDelta(name, ids("a"), output_index=0)]
+            else:
+                deltas = []
+            columns = []
+            for name in running:
+                if any(d.request_id == name for d in deltas):
+                    continue
+                if rng.random() < 0.05:
+                    next_index[name] += 1   # a gap: the tokens after it wait for the missing one
+                columns.append((name, rng.choice("bcd"), next_index[name]))
+                next_index[name] += 1
+            if running and rng.random() < 0.1 and not any(d.request_id == running[-1] for d in deltas):
+                name = running.pop()   # the last one ends: its last token a delta
+                columns = [c for c in columns if c[0] != name]
+                next_index[name] -= 1
+                deltas.append(RequestDelta(name, ids("e"), finish_reason="length",
+                                           output_index=next_index[name]))
+            steps.append(step(columns, deltas))
+
+        group = FakeGroup()
+        table, tracked = make_table(names, group)
+        original = copy.deepcopy(steps)   # folding hands the deltas' token lists on
+        table.apply(group, steps, now=1.0)
+        reference = make_table(names, group)[1]
+        reference_table = TokenByTokenTable(Router(16, 60.0), EngineMetrics(), 10.0)
+        reference_table._router.add_group(group.group_id)
+        for name, request in reference.items():
+            reference_table.add(name, request)
+        reference_table.apply(group, copy.deepcopy(original), now=1.0)
+        for name in names:
+            got, want = tracked[name], reference[name]
+            assert got.state.output.token_ids == want.state.output.token_ids, (trial, name)
+            assert got.collector.puts == want.collector.puts, (trial, name)
+            got, want = got.collector._pending, want.collector._pending
+            assert (got is None) == (want is None), (trial, name)
+            if got is not None:
+                assert (got.text, got.token_ids, got.finish_reason) == \
+                       (want.text, want.token_ids, want.finish_reason), (trial, name)

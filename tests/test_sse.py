@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from streamvlm.gateway.sse import ClientWatch, EventStream
+from streamvlm.gateway.server import HeadWithBody
+from streamvlm.gateway.sse import ClientWatch, EventStream, LastEvents
 
 
 class FakeClient:
@@ -59,6 +60,67 @@ def test_events_are_sent_in_order_then_the_end() -> None:
         assert [m["body"] for m in client.sent[1:]] == [b"data: 1\n\n", b"data: 2\n\n", b""]
         assert [m["more_body"] for m in client.sent[1:]] == [True, True, False]
         assert events.closed
+
+    asyncio.run(main())
+
+
+def test_last_events_end_the_response_in_the_same_message() -> None:
+    async def main() -> None:
+        client, events = FakeClient(), Events()
+        for item in (b"data: 1\n\n", LastEvents(b"data: 2\n\ndata: [DONE]\n\n")):
+            events.queue.put_nowait(item)
+        await _serve(client, events)
+        assert [m["body"] for m in client.sent[1:]] == [b"data: 1\n\n", b"data: 2\n\ndata: [DONE]\n\n"]
+        assert [m["more_body"] for m in client.sent[1:]] == [True, False]
+        assert type(client.sent[-1]["body"]) is bytes
+        assert events.closed
+
+    asyncio.run(main())
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_a_response_head_goes_out_with_the_body_written_in_the_same_turn() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport = FakeTransport()
+        response = HeadWithBody(transport, loop)   # type: ignore[arg-type]
+        response.write(b"head")
+        response.write(b"body 1")
+        assert transport.writes == [b"headbody 1"]
+        await asyncio.sleep(0)
+        response.write(b"body 2")
+        assert transport.writes == [b"headbody 1", b"body 2"]
+
+        alone = FakeTransport()   # a head and nothing after it in this turn: sent on its own
+        response = HeadWithBody(alone, loop)   # type: ignore[arg-type]
+        response.write(b"head")
+        assert alone.writes == []
+        await asyncio.sleep(0)
+        assert alone.writes == [b"head"]
+        response.write(b"body")
+        assert alone.writes == [b"head", b"body"]
+
+        closed = FakeTransport()   # closing sends the head first
+        response = HeadWithBody(closed, loop)   # type: ignore[arg-type]
+        response.write(b"head")
+        response.close()
+        assert closed.writes == [b"head"] and closed.closed
+        await asyncio.sleep(0)
+        assert closed.writes == [b"head"]
 
     asyncio.run(main())
 

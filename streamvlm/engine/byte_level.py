@@ -84,6 +84,17 @@ class ByteLevelStream:
 
     def add(self, token_ids: Sequence[int]) -> str:
         table = self._token_bytes
+        if token_ids and min(token_ids) >= 0:
+            # Model tokens only (the common case): their bytes joined at once. An added token (None
+            # in the table) or an id past the table raises here, and takes the way below.
+            try:
+                data = self._pending + b"".join(map(table.__getitem__, token_ids))
+            except (TypeError, IndexError):
+                pass
+            else:
+                text, used = _utf8_decode(data, "replace", False)
+                self._pending = data[used:]
+                return text
         size = len(table)
         data = self._pending
         parts: list[str] = []

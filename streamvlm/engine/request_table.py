@@ -3,6 +3,7 @@ them, their KV handoffs, and the one way they end (``RequestTable.end``)."""
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,33 @@ class _Run:
 
     def delta(self, request_id: str) -> RequestDelta:
         return RequestDelta(request_id, self.token_ids, output_index=self.first_index)
+
+
+def _shared_columns_end(messages: list[StepOutput], start: int) -> int:
+    """The end of the messages from ``start`` on whose token columns begin with those of
+    ``messages[start]``: the same requests in the same order, each at its next token. In steady
+    decoding a step runs the batch of the step before (and any requests that joined it, at its
+    end), so the first columns of a backlog of steps are the same requests: their tokens are taken
+    a request at a time rather than a token at a time. A message with KV events ends the span."""
+    first = messages[start]
+    if first.kv_events:
+        return start + 1
+    request_ids, expected = first.tokens.request_ids, first.tokens.output_index
+    width = len(request_ids)
+    if not width:
+        return start + 1
+    ones = [1] * width
+    end = start + 1
+    while end < len(messages):
+        message = messages[end]
+        columns = message.tokens
+        if message.kv_events or columns.request_ids[:width] != request_ids:
+            break
+        expected = list(map(operator.add, expected, ones))
+        if columns.output_index[:width] != expected:
+            break
+        end += 1
+    return end
 
 
 class RequestTable:
@@ -99,29 +127,62 @@ class RequestTable:
         tokens over all of them reach its consumer as one delta where they follow each other, so
         that a core that fell behind by several steps folds and wakes each request once."""
         runs: dict[str, _Run] = {}
-        for message in messages:
-            columns = message.tokens
-            for request_id, token, index in zip(columns.request_ids, columns.token_ids,
-                                                columns.output_index):
-                run = runs.get(request_id)
-                if run is None:
-                    runs[request_id] = _Run(index, [token], index + 1)
-                elif run.next_index == index:
-                    run.token_ids.append(token)
-                    run.next_index += 1
-                else:   # not the token after the run's: the run first, then a new one
-                    self._fold(group, run.delta(request_id), now)
-                    runs[request_id] = _Run(index, [token], index + 1)
-            for delta in message.deltas:
-                run = runs.pop(delta.request_id, None)
-                if run is not None:
-                    self._fold(group, run.delta(delta.request_id), now)
-                self._fold(group, delta, now)
-            if message.kv_events:
-                self._fold_runs(group, runs, now)
-                runs = {}
-                self._apply_kv_events(message.kv_events, now)
+        start, count = 0, len(messages)
+        while start < count:
+            end = _shared_columns_end(messages, start)
+            if end - start > 1:
+                self._add_shared_columns(group, runs, messages[start:end], now)
+                skip = len(messages[start].tokens)
+            else:
+                skip = 0
+            for message in messages[start:end]:
+                self._add_message(group, runs, message, skip, now)
+                if message.kv_events:
+                    self._fold_runs(group, runs, now)
+                    runs = {}
+                    self._apply_kv_events(message.kv_events, now)
+            start = end
         self._fold_runs(group, runs, now)
+
+    def _add_shared_columns(self, group: WorkerGroup, runs: dict[str, _Run],
+                            block: list[StepOutput], now: float) -> None:
+        """The requests in the first columns of every message of ``block`` (see
+        _shared_columns_end): each one's tokens of the whole block, taken at once."""
+        first = block[0].tokens
+        width, steps = len(first), len(block)
+        columns = zip(*[message.tokens.token_ids[:width] for message in block])
+        for request_id, index, token_ids in zip(first.request_ids, first.output_index, columns):
+            run = runs.get(request_id)
+            if run is not None and run.next_index == index:
+                run.token_ids.extend(token_ids)
+                run.next_index += steps
+                continue
+            if run is not None:   # not the token after the run's: the run first, then a new one
+                self._fold(group, run.delta(request_id), now)
+            runs[request_id] = _Run(index, list(token_ids), index + steps)
+
+    def _add_message(self, group: WorkerGroup, runs: dict[str, _Run], message: StepOutput,
+                     skip: int, now: float) -> None:
+        """One message's tokens (past its first ``skip`` columns, taken already) and deltas."""
+        columns = message.tokens
+        request_ids, token_ids, output_index = columns.request_ids, columns.token_ids, columns.output_index
+        if skip:
+            request_ids, token_ids, output_index = request_ids[skip:], token_ids[skip:], output_index[skip:]
+        for request_id, token, index in zip(request_ids, token_ids, output_index):
+            run = runs.get(request_id)
+            if run is None:
+                runs[request_id] = _Run(index, [token], index + 1)
+            elif run.next_index == index:
+                run.token_ids.append(token)
+                run.next_index += 1
+            else:   # not the token after the run's: the run first, then a new one
+                self._fold(group, run.delta(request_id), now)
+                runs[request_id] = _Run(index, [token], index + 1)
+        for delta in message.deltas:
+            run = runs.pop(delta.request_id, None)
+            if run is not None:
+                self._fold(group, run.delta(delta.request_id), now)
+            self._fold(group, delta, now)
 
     def _fold_runs(self, group: WorkerGroup, runs: dict[str, _Run], now: float) -> None:
         for request_id, run in runs.items():

@@ -9,6 +9,8 @@ burst. With them, a request starts its admission work at once while the current 
 less than ``slice_s`` on admissions, else in a later turn, in arrival order: between two turns the
 loop polls the sockets, folds the step outputs waiting and sends the first events of the requests
 admitted before, so request i's first token waits for the admission of the requests before it.
+Served by uvicorn (``streamvlm serve``), a request takes its turn before anything else runs for it
+(AdmissionGate), so that the requests still waiting cost nothing before their turn.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Collection, MutableMapping
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Admission work per turn of the event loop: long enough that a turn's fixed costs (a fold of the
 # waiting step outputs, the wake-ups) stay small beside it, short enough that the first tokens of
@@ -73,10 +79,16 @@ class AdmissionTurns:
             asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _end_turn(self) -> None:
-        """Opens the next turn to as many waiting requests as fit its slice (at least one): they
-        start in the loop's next turn, after it has polled the sockets."""
-        self._turn_ending = False
+        """The current turn ends. The next opens a turn of the loop later: what the loop found ready
+        as this one ended (step outputs to fold) and what that wakes (the first events of the
+        requests admitted before) runs first, not after the next turn's admissions."""
         self._turn_started = None
+        asyncio.get_running_loop().call_soon(self._open_turn)
+
+    def _open_turn(self) -> None:
+        """Opens the next turn to as many waiting requests as fit its slice (at least one): they
+        start in the loop's next turn."""
+        self._turn_ending = False
         room = max(1, round(self.slice_s / max(self.cost_s, 1e-6)))
         released = 0
         while self._waiting and released < room:
@@ -86,3 +98,30 @@ class AdmissionTurns:
                 released += 1
         if self._waiting:
             self._end_turn_soon()
+
+
+# Set in a request's scope by AdmissionGate once the request has its turn.
+TURN_TAKEN = "streamvlm.admission_turn"
+
+
+class AdmissionGate:
+    """ASGI, outside everything else: a POST to one of ``paths`` (the routes that generate) takes
+    its admission turn before any middleware, routing or handler runs for it, so that the
+    requests of a burst still waiting for their turns cost nothing before them. The handler
+    finds the turn taken (``turn_taken``) and does not wait again; where no gate runs (the app
+    served some other way), it takes the turn itself."""
+
+    def __init__(self, app: ASGIApp, turns: AdmissionTurns, paths: Collection[str]) -> None:
+        self.app = app
+        self.turns = turns
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            await self.turns.turn()
+            scope[TURN_TAKEN] = True
+        await self.app(scope, receive, send)
+
+
+def turn_taken(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get(TURN_TAKEN, False)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from streamvlm.engine.async_engine import AsyncEngine
 from streamvlm.engine.request_state import OutputDelta, Usage
 from streamvlm.errors import EngineDeadError, EngineOverloadedError
-from streamvlm.gateway.admission import AdmissionTurns
+from streamvlm.gateway.admission import AdmissionTurns, turn_taken
 from streamvlm.gateway.auth import check_authorization
 from streamvlm.gateway.common import RequestError, check_messages, choice_stream, prepare, sampling_params
 from streamvlm.gateway.json_depth import json_too_deep
@@ -31,7 +31,7 @@ from streamvlm.gateway.openai_logprobs import (CompletionLogprobs, chat_logprobs
                                                vllm_prompt_logprobs)
 from streamvlm.gateway.openai_schemas import LENIENT, ChatCompletionRequest, CompletionRequest
 from streamvlm.gateway.settings import GatewaySettings
-from streamvlm.gateway.sse import ClientWatch, EventStream
+from streamvlm.gateway.sse import ClientWatch, EventStream, LastEvents
 from streamvlm.gateway.tool_parsers import ToolCallParser
 from streamvlm.gateway.tools import (ToolPlan, openai_tool_call_deltas, openai_tool_calls,
                                      plan_request_tools)
@@ -71,6 +71,16 @@ def _settings(request: Request) -> GatewaySettings:
 
 def _admission(request: Request) -> AdmissionTurns:
     return request.app.state.admission
+
+
+# The routes that generate: their requests are admitted in turns (gateway/admission.py).
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def _take_turn(request: Request) -> None:
+    """The request's admission turn, unless the server's AdmissionGate gave it one already."""
+    if not turn_taken(request.scope):
+        await _admission(request).turn()
 
 
 def served_model_name(request: Request) -> str:
@@ -359,7 +369,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 @handles_errors
 async def chat_completions(request: Request) -> Response:
-    await _admission(request).turn()
+    await _take_turn(request)
     body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
     model = check_model(request, body.model)
     check_messages(body.messages)
@@ -483,7 +493,7 @@ def _chat_message(tools: ToolPlan, out: RequestOutput) -> dict[str, Any]:
 
 @handles_errors
 async def completions(request: Request) -> Response:
-    await _admission(request).turn()
+    await _take_turn(request)
     body: CompletionRequest = await read_json(request, CompletionRequest)
     model = check_model(request, body.model)
     prompts = _completion_prompts(body.prompt, _settings(request).max_prompts_per_request)
@@ -512,7 +522,7 @@ async def completions(request: Request) -> Response:
                                                    for p, prm in prepared])
         usage = _stream_usage(body, [len(p.prompt_token_ids) for p, _ in prepared], n)
         return EventStream(_completion_chunks(engine, _merged(streams, n), request_id, created,
-                                              model, usage, n, echoes), watch)
+                                              model, usage, n, len(streams) * n, echoes), watch)
     outs = await _unless_disconnected(
         request, _all_of([_generate_choices(engine, p, prm) for p, prm in prepared]))
     return json_response({
@@ -531,16 +541,6 @@ def _event(body: Any) -> bytes:
 
 
 _DONE = b"data: [DONE]\n\n"
-
-
-async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Errors after the response started become an error event, then [DONE]."""
-    try:
-        async for event in events:
-            yield event
-    except EngineDeadError as exc:
-        yield _event({"error": {"message": str(exc), "type": "engine_dead", "code": 503}})
-    yield _DONE
 
 
 @dataclass(slots=True)
@@ -576,12 +576,14 @@ def _stream_usage(body: ChatCompletionRequest | CompletionRequest, prompt_tokens
 
 
 def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[str, Any],
-                   usage: _StreamUsage | None, first: list[dict[str, Any]],
+                   usage: _StreamUsage | None, first: list[dict[str, Any]], num_choices: int,
                    choice: Callable[[int, OutputDelta], dict[str, Any] | None]
                    ) -> AsyncIterator[bytes]:
     """SSE events of one streamed call: the first choices given, one chunk per delta with
-    content (its choice's index; none where ``choice`` gives None), and with ``usage`` a last
-    chunk with the totals and no choices."""
+    content (its choice's index; none where ``choice`` gives None), with ``usage`` a last chunk
+    with the totals and no choices, and [DONE]. Errors after the response started become an
+    error event before [DONE]. The events after the last of the ``num_choices`` choices has
+    finished go out together, as LastEvents."""
     completion_tokens: dict[int, int] = {}
 
     def chunk(body_choice: dict[str, Any]) -> bytes:
@@ -595,25 +597,34 @@ def _stream_events(deltas: AsyncIterator[tuple[int, OutputDelta]], head: dict[st
         # The opening chunks go out with the first event after them: one write, not two.
         pending = b"".join(chunk(opening) for opening in first)
         finals: dict[int, Usage] = {}
-        async for index, delta in deltas:
-            completion_tokens[index] = completion_tokens.get(index, 0) + len(delta.token_ids)
-            if delta.usage is not None:
-                finals[index] = delta.usage
-            if delta.finish_reason == "error":
-                yield pending + _event({"error": {
-                    "message": delta.error or "the request failed in the worker",
-                    "type": "invalid_request_error", "code": 400}})
-                return
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
-                body = choice(index, delta)
-                if body is not None:
-                    yield pending + chunk(body)
-                    pending = b""
+        unfinished = num_choices
+        try:
+            async for index, delta in deltas:
+                completion_tokens[index] = completion_tokens.get(index, 0) + len(delta.token_ids)
+                if delta.usage is not None:
+                    finals[index] = delta.usage
+                if delta.finish_reason == "error":
+                    yield LastEvents(pending + _event({"error": {
+                        "message": delta.error or "the request failed in the worker",
+                        "type": "invalid_request_error", "code": 400}}) + _DONE)
+                    return
+                if delta.finish_reason is not None:
+                    unfinished -= 1
+                if delta.text or delta.finish_reason is not None or delta.logprobs:
+                    body = choice(index, delta)
+                    if body is not None:
+                        pending += chunk(body)
+                        if unfinished:
+                            yield pending
+                            pending = b""
+        except EngineDeadError as exc:
+            yield LastEvents(_event({"error": {"message": str(exc), "type": "engine_dead", "code": 503}})
+                             + _DONE)
+            return
         if usage is not None and finals:
             pending += _event({**head, "choices": [], "usage": _usage(usage.total(finals))})
-        if pending:
-            yield pending
-    return _guarded(events())
+        yield LastEvents(pending + _DONE)
+    return events()
 
 
 def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
@@ -649,14 +660,15 @@ def _chat_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDel
             return None   # text held back by the tool-call parser
         return {"index": index, "delta": body, "logprobs": logprobs,
                 "finish_reason": finish_reason}
-    return _stream_events(deltas, head, usage, first, choice)
+    return _stream_events(deltas, head, usage, first, n, choice)
 
 
 def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, OutputDelta]],
                        request_id: str, created: int, model: str, usage: _StreamUsage | None,
-                       n: int, echoes: list[_Echo] | None) -> AsyncIterator[bytes]:
-    """Completion chunks; with echo, each choice's first chunk starts with its prompt (and
-    the prompt tokens' logprobs, which come with the prompt's first choice)."""
+                       n: int, num_choices: int, echoes: list[_Echo] | None) -> AsyncIterator[bytes]:
+    """Completion chunks of ``num_choices`` choices, ``n`` per prompt; with echo, each choice's
+    first chunk starts with its prompt (and the prompt tokens' logprobs, which come with the
+    prompt's first choice)."""
     head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     tokenizer = engine.tokenizer
     offsets: dict[int, int] = {}
@@ -678,4 +690,4 @@ def _completion_chunks(engine: AsyncEngine, deltas: AsyncIterator[tuple[int, Out
         offsets[index] = offset + len(delta.text)
         return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": _finish_reason(delta.finish_reason)}
-    return _stream_events(deltas, head, usage, [], choice)
+    return _stream_events(deltas, head, usage, [], num_choices, choice)

@@ -13,6 +13,8 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from streamvlm.gateway.admission import AdmissionGate
+from streamvlm.gateway.http import GENERATION_PATHS
 from streamvlm.gateway.settings import GatewaySettings
 from streamvlm.gateway.shutdown import ShutdownGate
 
@@ -99,6 +101,48 @@ class GuardedH11Protocol(ConnectionGuards, H11Protocol):
         return self.conn.their_state is h11.IDLE
 
 
+class HeadWithBody:
+    """The transport of one HTTP response, as its RequestResponseCycle uses it: the head (the
+    cycle's first write: status line and headers) waits for the end of the event loop's current
+    turn, and goes out in one write with the body written meanwhile. A response writes its head
+    and the first part of its body one after the other (an SSE stream's head and first events
+    too): one system call rather than two."""
+
+    __slots__ = ("transport", "loop", "held", "first")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+        self.first = True
+
+    def write(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            self.held = data
+            self.loop.call_soon(self.flush)
+            return
+        held = self.held
+        if held is not None:
+            self.held = None
+            data = held + data
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 def _httptools_protocol() -> type | None:
     """uvicorn's httptools protocol with the connection guards, where httptools is installed."""
     try:
@@ -114,6 +158,12 @@ def _httptools_protocol() -> type | None:
             # A request whose head is complete has a cycle until its response is complete (a
             # pipelined one replaces the running cycle at once).
             return self.cycle is None or self.cycle.response_complete
+
+        def on_headers_complete(self) -> None:
+            before = self.cycle
+            super().on_headers_complete()
+            if self.cycle is not None and self.cycle is not before:   # a request, not an upgrade
+                self.cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
 
     return GuardedHttpToolsProtocol
 
@@ -173,8 +223,11 @@ class GatewayServer(uvicorn.Server):
 
 def server_config(app: Starlette, settings: GatewaySettings, *, host: str = "127.0.0.1",
                   port: int = 0, log_level: str = "info", loop: str = "auto") -> uvicorn.Config:
+    # Requests to the routes that generate take their admission turns before Starlette's
+    # middleware and routing run for them.
+    gated = AdmissionGate(app, app.state.admission, GENERATION_PATHS)
     return uvicorn.Config(
-        app, host=host, port=port, loop=loop, ws="websockets-sansio", lifespan="on",
+        gated, host=host, port=port, loop=loop, ws="websockets-sansio", lifespan="on",
         http=functools.partial(http_protocol(), max_connections=settings.max_connections,
                                header_timeout_s=settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_timeout_s,

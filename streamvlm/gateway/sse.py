@@ -60,10 +60,18 @@ class ClientWatch:
         return True
 
 
+class LastEvents(bytes):
+    """The last events of a stream: EventStream sends them with the end of the response, in one
+    write."""
+
+    __slots__ = ()
+
+
 class EventStream:
     """An ASGI response of server-sent events: each item of ``events`` is one or more complete
-    events, sent as it comes. It ends ``watch`` before its last message; a client that leaves
-    meanwhile ends it quietly, and closing ``events`` aborts what feeds them."""
+    events, sent as it comes; a LastEvents item is the last, sent with the end of the response.
+    It ends ``watch`` before its last message; a client that leaves meanwhile ends it quietly,
+    and closing ``events`` aborts what feeds them."""
 
     def __init__(self, events: AsyncIterator[bytes], watch: ClientWatch) -> None:
         self.events = events
@@ -80,12 +88,16 @@ class EventStream:
 
     async def _stream(self, send: Send) -> None:
         events = self.events
+        last = b""
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             async for event in events:
+                if type(event) is LastEvents:
+                    last = event
+                    break
                 await send({"type": "http.response.body", "body": event, "more_body": True})
         finally:
             self.watch.close()
             with contextlib.suppress(RuntimeError):   # closed while running, where it was cancelled
                 await events.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": bytes(last), "more_body": False})

@@ -15,6 +15,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from streamvlm.inputs.pieces import PieceEncoder
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 Message = dict[str, Any]
 
@@ -307,11 +309,17 @@ def _with_sentinels(message: Message, sentinel: Any) -> Message:
 
 def _text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """Encodes a rendered conversation as the tokenizer's encode(text, add_special_tokens=False) does. A
-    fast tokenizer gets its own backend copy (see _backend_encoder)."""
+    fast tokenizer gets its own backend copy (see _backend_encoder), and where it can, the pieces between
+    added tokens that earlier prompts had (the template's turns, a system prompt) come from a cache
+    (inputs/pieces.py)."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return lambda text: tokenizer.encode(text, add_special_tokens=False)
-    return _backend_encoder(backend, encode_special_tokens=False)
+    encode_texts = _backend_encoder(backend, encode_special_tokens=False)
+    pieces = PieceEncoder.of(backend, encode_texts)
+    if pieces is not None:
+        return pieces.encode
+    return lambda text: encode_texts([text])[0]
 
 
 def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
@@ -319,12 +327,12 @@ def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
-    encode = _backend_encoder(backend, encode_special_tokens=True)
-    return lambda text: encode(text) if text else []
+    encode_texts = _backend_encoder(backend, encode_special_tokens=True)
+    return lambda text: encode_texts([text])[0] if text else []
 
 
-def _backend_encoder(backend: Any, encode_special_tokens: bool) -> Callable[[str], list[int]]:
-    """Token ids of a text, no special tokens added, from a copy of a fast tokenizer's backend: transformers
+def _backend_encoder(backend: Any, encode_special_tokens: bool) -> Callable[[list[str]], list[list[int]]]:
+    """Token ids of texts, no special tokens added, from a copy of a fast tokenizer's backend: transformers
     switches settings on the shared backend per call (special-token splitting, truncation, padding), which
     threads tokenizing other prompts at the same moment would see. Where the tokenizers library can, the
     encoding skips the offsets, a good part of the work for a short prompt: only the ids are used."""
@@ -336,5 +344,5 @@ def _backend_encoder(backend: Any, encode_special_tokens: bool) -> Callable[[str
     copy.encode_special_tokens = encode_special_tokens
     fast = getattr(copy, "encode_batch_fast", None)
     if fast is None:
-        return lambda text: copy.encode(text, add_special_tokens=False).ids
-    return lambda text: fast([text], add_special_tokens=False)[0].ids
+        return lambda texts: [copy.encode(text, add_special_tokens=False).ids for text in texts]
+    return lambda texts: [encoding.ids for encoding in fast(texts, add_special_tokens=False)]
