@@ -44,7 +44,7 @@ def throughput_decode_batch(step: int) -> Case:
                 [1] * len(seq_lens), seq_lens)
 
 
-def cases() -> list[Case]:
+def cases(throughput_steps: list[int]) -> list[Case]:
     return [
         Case("decode b1 ctx 512", [1], [512]),
         Case("decode b1 ctx 8192", [1], [8192]),
@@ -54,7 +54,7 @@ def cases() -> list[Case]:
         Case("decode b128 ctx 1500", [1] * 128, [1500] * 128),
         Case("decode b32 ctx 1500", [1] * 32, [1500] * 32),
         Case("decode b16 ctx 700", [1] * 16, [700] * 16),
-        *(throughput_decode_batch(step) for step in (0, 300, 600, 900)),
+        *(throughput_decode_batch(step) for step in throughput_steps),
         Case("prefill 1 x 2048", [2048], [2048]),
         Case("prefill 4 x 512 over 512 cached", [512] * 4, [1024] * 4),
         Case("mixed 512-token chunk + 200 decodes ctx 600", [512] + [1] * 200, [900] + [600] * 200),
@@ -67,8 +67,10 @@ def kv_bytes(case: Case, num_kv_heads: int, head_dim: int) -> int:
 
 
 def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, head_dim: int,
-              block_size: int, repeats: int, max_model_len: int, longest_first: bool = True) -> float:
-    """Microseconds per attend() call."""
+              block_size: int, repeats: int, max_model_len: int, longest_first: bool = True,
+              decode_partition_size: int | None = None) -> float:
+    """Microseconds per attend() call. ``decode_partition_size``: split decode contexts in partitions of this
+    many tokens instead of the backend's own plan."""
     import torch
 
     from workers.layers.attention import get_attention_backend
@@ -82,6 +84,8 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     decode_backend = getattr(backend, "decode_backend", backend)
     if hasattr(decode_backend, "longest_first"):
         decode_backend.longest_first = longest_first
+    if decode_partition_size is not None:
+        decode_backend.decode_partition_size = decode_partition_size
     blocks_per_seq = [-(-s // block_size) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + 1
     generator = torch.Generator().manual_seed(0)
@@ -121,6 +125,11 @@ def main() -> None:
                         help="decode launches are planned for this context, as a server's CUDA graphs are")
     parser.add_argument("--in-given-order", action="store_true",
                         help="decode programs start in the batch's order, not longest context first")
+    parser.add_argument("--decode-partition-size", type=int,
+                        help="decode contexts split in partitions of this many tokens (a multiple of the kernel's "
+                             "key tile; at least max-model-len: no split) instead of the backend's plan")
+    parser.add_argument("--throughput-steps", default="0,300,600,900",
+                        help="output steps of benchmarks/throughput.py's workload whose decode batches are cases")
     parser.add_argument("--json")
     args = parser.parse_args()
     from benchmarks.latency import hbm_bandwidth
@@ -133,11 +142,12 @@ def main() -> None:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
     backends = args.backends.split(",")
     rows = []
-    for case in cases():
+    for case in cases([int(step) for step in args.throughput_steps.split(",") if step]):
         row = {"case": case.name}
         for name in backends:
             row[name] = time_case(name, case, num_heads, num_kv_heads, head_dim, args.block_size, args.repeats,
-                                  args.max_model_len, longest_first=not args.in_given_order)
+                                  args.max_model_len, longest_first=not args.in_given_order,
+                                  decode_partition_size=args.decode_partition_size)
         row["kv_bytes"] = kv_bytes(case, num_kv_heads, head_dim)
         row["share_of_copy_bandwidth"] = {name: round(row["kv_bytes"] / (row[name] * 1e-6) / copy_bandwidth, 3)
                                           for name in backends}
@@ -146,6 +156,7 @@ def main() -> None:
                                                 for name in backends), flush=True)
     write_json(args.json, {"shape": args.shape, "block_size": args.block_size, "dtype": "bfloat16",
                            "longest_first": not args.in_given_order,
+                           "decode_partition_size": args.decode_partition_size,
                            "max_model_len": args.max_model_len, "copy_bytes_per_s": copy_bandwidth,
                            "microseconds_per_call": rows})
 
