@@ -587,7 +587,13 @@ def test_ctrl_c_stops_the_engine_and_its_worker(llama_path):
                 os.kill(proc.pid, signal.SIGUSR1)
                 time.sleep(1)
                 os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(30)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    pytest.fail("the engine core outlived two SIGINTs; its threads after the first:\n"
+                                + proc.stderr.read()[-6000:])
                 print("the engine core needed a second SIGINT")
             exit_s = time.monotonic() - t0
         finally:
