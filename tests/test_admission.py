@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from streamvlm.gateway.admission import AdmissionGate, AdmissionTurns, turn_taken
 
 
-def _busy(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+class FakeClock:
+    """The turns' clock, advanced only by the requests' admission work: timings that a busy machine
+    cannot stretch."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def busy(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_a_lone_request_starts_without_yielding() -> None:
@@ -27,13 +34,14 @@ def test_a_lone_request_starts_without_yielding() -> None:
 
 def test_a_burst_starts_in_arrival_order_with_other_work_between_turns() -> None:
     async def main() -> None:
-        turns = AdmissionTurns(slice_s=0.002)
+        clock = FakeClock()
+        turns = AdmissionTurns(slice_s=0.002, clock=clock)
         log: list[str] = []
 
         async def request(i: int) -> None:
             await turns.turn()
             log.append(f"start {i}")
-            _busy(0.001)   # admission work: two fit a turn's slice
+            clock.busy(0.001)   # admission work: two fit a turn's slice
             # What the output loop would do once this request's first token is in.
             asyncio.get_running_loop().call_soon(log.append, f"output {i}")
 
@@ -48,15 +56,16 @@ def test_a_burst_starts_in_arrival_order_with_other_work_between_turns() -> None
 
 def test_the_cost_estimate_follows_the_requests() -> None:
     async def main() -> None:
-        turns = AdmissionTurns(slice_s=0.05)
+        clock = FakeClock()
+        turns = AdmissionTurns(slice_s=0.05, clock=clock)
 
         async def request() -> None:
             await turns.turn()
-            _busy(0.002)
+            clock.busy(0.002)
 
         for _ in range(3):
             await asyncio.gather(*(request() for _ in range(12)))
-        assert 0.0015 < turns.cost_s < 0.004
+        assert 0.0019 < turns.cost_s < 0.0021
     asyncio.run(main())
 
 

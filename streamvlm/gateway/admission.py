@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Collection, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,8 +36,10 @@ class AdmissionTurns:
     ``slice_s`` of it per turn of the event loop. One per server; requests of every route that
     generates share it."""
 
-    def __init__(self, slice_s: float = ADMISSION_SLICE_S) -> None:
+    def __init__(self, slice_s: float = ADMISSION_SLICE_S,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.slice_s = slice_s
+        self._clock = clock
         # Admission time per request, smoothed over the gaps between requests that start one
         # after the other in a turn: how many waiting requests one turn takes.
         self.cost_s = INITIAL_COST_S
@@ -54,7 +56,7 @@ class AdmissionTurns:
         """Returns when the caller may start its admission work: at once while this turn has
         room, else in a later turn, after the requests that waited before it."""
         if not self._waiting and (self._turn_started is None
-                                  or time.perf_counter() - self._turn_started < self.slice_s):
+                                  or self._clock() - self._turn_started < self.slice_s):
             self._started()
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -64,7 +66,7 @@ class AdmissionTurns:
         self._started()
 
     def _started(self) -> None:
-        now = time.perf_counter()
+        now = self._clock()
         if self._turn_started is None:
             self._turn_started = now
             self._end_turn_soon()
