@@ -58,8 +58,6 @@ def _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRE
     return m_new, l_i, acc
 
 
-# Integers that vary from step to step are not specialized on (Triton would compile a variant for each of
-# ==1, divisible by 16 and neither): a kernel compiles once, at start-up, never in the middle of serving.
 @triton.jit
 def _merge_group_partitions(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq, kv_head, num_parts, num_heads,
                             max_partitions, stride_o_token, stride_o_head,
@@ -98,6 +96,8 @@ def _merge_group_partitions(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, s
              out.to(out_ptr.dtype.element_ty), mask=head_valid[:, None] & dim_valid[None, :])
 
 
+# Integers that vary from step to step are not specialized on (Triton would compile a variant for each of
+# ==1, divisible by 16 and neither): a kernel compiles once, at start-up, never in the middle of serving.
 @triton.jit(do_not_specialize=["partition_size", "max_partitions", "stride_table_seq"])
 def _paged_decode_kernel(
     out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, arrivals_ptr,
