@@ -224,6 +224,22 @@ def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, silu_and_
     return max_abs_diff(out, F.linear(x, weight, b))
 
 
+def check_split_k(m: int, n: int, k: int, block_m: int, splits: int) -> float:
+    """The split-K parts against the product, and the norm that adds them against the unsplit add and norm."""
+    from workers.kernels.fused import rms_norm, rms_norm_of_parts
+    from workers.kernels.split_k_gemm import SplitKConfig, split_k_parts
+
+    torch.manual_seed(m + n + k)
+    x, weight, residual, norm_weight = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n), torch.randn(n)
+    parts = split_k_parts(x, weight, SplitKConfig(block_m, 32, 32, splits, 4, 1))
+    assert parts.shape == (splits, m, n)
+    product = x @ weight.T
+    out, summed = rms_norm_of_parts(parts, norm_weight, 1e-6, residual)
+    expected_out, expected_summed = rms_norm(product, norm_weight, 1e-6, residual)
+    return max(max_abs_diff(parts.sum(0), product), max_abs_diff(summed, expected_summed),
+               max_abs_diff(out, expected_out))
+
+
 def check_vision_rotary(head_dim: int) -> float:
     """The vision towers' fused rotary against the torch code it replaces (float32: the same
     rounding), on a strided qkv view and ragged angles."""
@@ -347,6 +363,8 @@ CASES = {
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
     "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),
     "gemv_silu_and_mul_ragged": lambda: check_gemv(21, 70, True, 8, 64, silu_and_mul=True),
+    "split_k_rows_in_one_tile": lambda: check_split_k(5, 64, 256, 16, 4),
+    "split_k_ragged_row_tiles": lambda: check_split_k(37, 96, 128, 16, 2),
     "kv_store": lambda: check_kv_store(torch.float32),
     "kv_store_bf16": lambda: check_kv_store(torch.bfloat16),
     "qk_norm_rope_store": lambda: check_qk_norm_rope_store(qk_norm=True),

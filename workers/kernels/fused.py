@@ -17,13 +17,21 @@ from workers.kernels.launch import programmatic_launch, start_dependents_and_wai
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-                     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                     stride_x, stride_r, stride_o, stride_ro, stride_part, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """PARTS > 0: x is float32 [PARTS, rows, n_cols] partial sums (workers/kernels/split_k_gemm.py), added in
+    order and rounded to the residual's dtype, as the product they split would have been stored."""
     start_dependents_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if PARTS > 0:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        for part in tl.static_range(1, PARTS):
+            x += tl.load(x_ptr + part * stride_part + row * stride_x + cols, mask=mask, other=0.0)
+        x = x.to(residual_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     dtype = x.dtype
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -47,17 +55,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if n == 0:
         return out, residual_out
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+    _launch_rms_norm(x, 0, residual, weight, eps, out, residual_out)
+    return out, residual_out
+
+
+def rms_norm_of_parts(parts: torch.Tensor, weight: torch.Tensor, eps: float,
+                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm(x, weight, eps, residual) where x = parts.sum(0) (float32 [S, n, d]) rounded to the residual's
+    dtype, summed in order."""
+    splits, n, d = parts.shape
+    assert residual.shape == (n, d) and residual.stride(-1) == 1 and parts.is_contiguous(), \
+        (parts.shape, residual.shape)
+    out = torch.empty(n, d, dtype=torch.promote_types(weight.dtype, residual.dtype), device=residual.device)
+    residual_out = torch.empty_like(residual)
+    if n:
+        _launch_rms_norm(parts, splits, residual, weight, eps, out, residual_out)
+    return out, residual_out
+
+
+def _launch_rms_norm(x: torch.Tensor, parts: int, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     out: torch.Tensor, residual_out: torch.Tensor | None) -> None:
+    n, d = out.shape
     block = triton.next_power_of_2(d)
-    pdl = programmatic_launch(x.device)
+    pdl = programmatic_launch(out.device)
     _rms_norm_kernel[(n,)](
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        residual_out.stride(0) if residual_out is not None else 0, d, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl, num_warps=min(16, max(1, block // 256)),
-        launch_pdl=pdl,
+        x.stride(-2), residual.stride(0) if residual is not None else 0, out.stride(0),
+        residual_out.stride(0) if residual_out is not None else 0, x.stride(0) if parts else 0, d, eps,
+        HAS_RESIDUAL=residual is not None, PARTS=parts, BLOCK=block, USE_PDL=pdl,
+        num_warps=min(16, max(1, block // 256)), launch_pdl=pdl,
     )
-    return out, residual_out
 
 
 # The token count varies from step to step: not specialized on, so that a variant compiles once, at start-up.

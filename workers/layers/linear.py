@@ -1,12 +1,15 @@
 """Linear layers whose one-row calls (batch-1 decode) on CUDA run the Triton GEMV
 (workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, and
-takes the MLP's SiLU-and-mul into the down projection. Every other call is F.linear."""
+takes the MLP's SiLU-and-mul into the down projection. Products of a few rows whose only reader is
+an RMSNorm may come back as partial sums over slices of K that the norm adds
+(workers/kernels/split_k_gemm.py). Every other call is F.linear."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,24 @@ def _gemv_module() -> ModuleType | None:
     from workers.kernels import gemv
 
     return gemv
+
+
+@functools.cache
+def _split_k_module() -> ModuleType | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from workers.kernels import split_k_gemm
+
+    return split_k_gemm
+
+
+class PartialSums(NamedTuple):
+    """A product x W^T as float32 [S, rows, N] sums over S slices of K, for RMSNorm.add_and_norm to add up."""
+    parts: torch.Tensor
+    dtype: torch.dtype   # of the product it stands for
+
+    def total(self) -> torch.Tensor:
+        return self.parts.sum(0).to(self.dtype)
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -51,6 +72,21 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
     return linear(hidden, weight, bias)
+
+
+def linear_for_norm(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor | PartialSums:
+    """linear(x, weight) (silu_and_mul_linear with ``silu_and_mul``) for a product only an RMSNorm's
+    add_and_norm reads: on CUDA, for 2 to 256 rows, the partial sums that the norm adds."""
+    module = _split_k_module()
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    config = (module.default_config(rows, weight.shape[0], weight.shape[1])
+              if module is not None and x.is_cuda and x.dim() == 2 and x.dtype in GEMV_DTYPES
+              and weight.dtype == x.dtype and weight.stride(-1) == 1 else None)
+    if config is None:
+        return silu_and_mul_linear(x, weight) if silu_and_mul else linear(x, weight)
+    if silu_and_mul:
+        x = fused_kernels(x).silu_and_mul(x)
+    return PartialSums(module.split_k_parts(x.contiguous(), weight, config), x.dtype)
 
 
 class Linear(nn.Linear):

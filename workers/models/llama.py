@@ -17,7 +17,7 @@ from torch import nn
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention_base import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
-from workers.layers.linear import Linear, linear, silu_and_mul_linear
+from workers.layers.linear import Linear, PartialSums, linear, linear_for_norm, silu_and_mul_linear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from workers.multimodal import MultiModalEmbeds
@@ -111,10 +111,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor:
-        """With ``silu_and_mul``, x is [gate, up] and the input is silu(gate) * up."""
+    def forward(self, x: torch.Tensor, silu_and_mul: bool = False,
+                for_norm: bool = False) -> torch.Tensor | PartialSums:
+        """With ``silu_and_mul``, x is [gate, up] and the input is silu(gate) * up. With ``for_norm`` (the
+        result goes only to RMSNorm.add_and_norm), it may come as partial sums for the norm to add."""
         product = silu_and_mul_linear if silu_and_mul else linear
         if tp_size() == 1:
+            if for_norm and self.bias is None:
+                return linear_for_norm(x, self.weight, silu_and_mul)
             return product(x, self.weight, self.bias)
         y = all_reduce(product(x, self.weight))
         return y if self.bias is None else y + self.bias
@@ -159,7 +163,8 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata) -> torch.Tensor | PartialSums:
+        """The output projection's result, for the post-attention norm (it may be partial sums)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -180,7 +185,7 @@ class Attention(nn.Module):
             if self.backend.name == "torch":
                 v = v.contiguous()   # the Triton backend reads strided values
             out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.o_proj(out.reshape(n, self.q_size), for_norm=True)
 
 
 class MLP(nn.Module):
@@ -192,8 +197,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(shard.intermediate_size, args.hidden_size,
                                            bias=args.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True)
+    def forward(self, x: torch.Tensor, for_norm: bool = False) -> torch.Tensor | PartialSums:
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True, for_norm=for_norm)
 
 
 class DecoderLayer(nn.Module):
@@ -204,18 +209,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, shard)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | PartialSums, residual: torch.Tensor | None,
+                meta: AttentionMetadata, for_norm: bool = True) -> tuple[torch.Tensor | PartialSums, torch.Tensor]:
         """(MLP output, residual stream before it). The hidden state is their sum, which the next
         norm forms in its fused add (x is the whole hidden state when residual is None): the
-        residual add costs no kernel of its own."""
+        residual add costs no kernel of its own. With ``for_norm`` the MLP output may be partial sums
+        (the next norm adds them); a caller that reads it otherwise passes False."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         attended = self.self_attn(positions, h, meta)
         h, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, for_norm), residual
 
 
 class DecoderModel(nn.Module):

@@ -339,8 +339,9 @@ class Qwen3VLForConditionalGeneration(LlamaForCausalLM):
             levels = embeds[:, hidden:].view(-1, self.num_deepstack_levels, hidden)
         residual = None
         for index, layer in enumerate(lm.layers):
-            x, residual = layer(positions, x, residual, meta)
-            if levels is not None and index < self.num_deepstack_levels:
+            deepstack = levels is not None and index < self.num_deepstack_levels
+            x, residual = layer(positions, x, residual, meta, for_norm=not deepstack)
+            if deepstack:
                 x, residual = (residual + x).index_add(0, mm.rows, levels[:, index]), None
         return lm.norm(x) if residual is None else lm.norm.add_and_norm(x, residual)[0]
 
