@@ -463,6 +463,20 @@ def test_decode_partition_plan() -> None:
     assert fine.partition_size < FEW_PARTITIONS_TOKENS and fine.num_partitions > 4
 
 
+def test_split_k_plan() -> None:
+    """About one program per SM; cuBLAS (None) for one row, past 256 rows, and where the output tiles alone
+    fill the SMs."""
+    from workers.kernels.split_k_gemm import default_config
+
+    assert default_config(1, 1024, 2048, 132) is None and default_config(257, 1024, 2048, 132) is None
+    small = default_config(16, 1024, 2048, 132)
+    assert (small.block_m, small.block_n, small.splits) == (16, 32, 4)
+    assert default_config(128, 1024, 3072, 132).splits == 2
+    wide = default_config(256, 1024, 3072, 132)
+    assert (wide.block_n, wide.splits) == (64, 2)
+    assert default_config(16, 4096, 4096, 132) is None
+
+
 def _index_one_element_arrays() -> None:
     """Triton 3.5 and 3.6's interpreter takes a loaded scalar (a one-element array) as a loop bound through int(), which
     numpy >= 2.4 refuses for arrays that are not 0-d."""
