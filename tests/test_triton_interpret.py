@@ -162,45 +162,19 @@ def check_qk_norm_rope_store(qk_norm: bool) -> float:
 
 def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  partition_size: int | None = None, dtype: torch.dtype = torch.float32,
-                 longest_first: bool = False, untiled_partitions: bool = False, pdl: bool = False) -> float:
-    """untiled_partitions: partitions of exactly partition_size keys, which need not be a multiple of the key
-    tile (the plan rounds it up to one). pdl: as if launched with programmatic dependent launch right after the
-    kernel that stores the step's keys and values: each program sees them as NaN until its gdc_wait."""
-    from workers.kernels import paged_attention
-    from workers.kernels.paged_attention import DecodePartitions, paged_decode_attention, plan_decode_partitions
+                 longest_first: bool = False) -> float:
+    from workers.kernels.paged_attention import paged_decode_attention, plan_decode_partitions
 
     batch = make_paged_batch([1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
     store_reference(batch)
-    expected = reference_attention(batch)
-    if untiled_partitions:
-        partitions = DecodePartitions(partition_size, -(-max(seq_lens) // partition_size))
-    else:
-        partitions = plan_decode_partitions(len(seq_lens), num_kv_heads, max(seq_lens), head_dim, 8, partition_size)
+    partitions = plan_decode_partitions(len(seq_lens), num_kv_heads, max(seq_lens), head_dim, 8, partition_size)
     if partition_size is not None:
         assert partitions.num_partitions > 1, partitions
     order = longest_first_order(seq_lens) if longest_first else None
-    newest = [cache.view(-1, num_kv_heads, head_dim)[batch.meta.slot_mapping].clone()
-              for cache in (batch.k_cache, batch.v_cache)]
-
-    def store_not_done() -> None:   # a program's start: the kernel before it is still running
-        for cache in (batch.k_cache, batch.v_cache):
-            cache.view(-1, num_kv_heads, head_dim)[batch.meta.slot_mapping] = float("nan")
-
-    def store_done() -> None:       # its gdc_wait: that kernel has finished
-        for cache, values in zip((batch.k_cache, batch.v_cache), newest):
-            cache.view(-1, num_kv_heads, head_dim)[batch.meta.slot_mapping] = values
-
-    saved = (paged_attention.programmatic_launch, paged_attention.gdc_launch_dependents, paged_attention.gdc_wait)
-    if pdl:   # the interpreter runs one program at a time, each calling these Python functions in turn
-        paged_attention.programmatic_launch = lambda device: True
-        paged_attention.gdc_launch_dependents, paged_attention.gdc_wait = store_not_done, store_done
-    try:
-        out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
-                                     torch.tensor(seq_lens, dtype=torch.int32), batch.scale, max(seq_lens),
-                                     partitions=partitions, seq_order=order)
-    finally:
-        paged_attention.programmatic_launch, paged_attention.gdc_launch_dependents, paged_attention.gdc_wait = saved
-    return max_abs_diff(out, expected)
+    out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
+                                 torch.tensor(seq_lens, dtype=torch.int32), batch.scale, max(seq_lens),
+                                 partitions=partitions, seq_order=order)
+    return max_abs_diff(out, reference_attention(batch))
 
 
 def longest_first_order(seq_lens: list[int]) -> torch.Tensor:
@@ -403,23 +377,6 @@ CASES = {
     "decode_longest_first_split": lambda: check_decode([150, 7, 300, 64], 8, 2, 64, 8, partition_size=64,
                                                        longest_first=True),
     "decode_fp16": lambda: check_decode([20, 70], 4, 2, 32, 16, dtype=torch.float16),
-    # The first key tile (64 keys here) is read before the wait but for the newest key, which is read after it.
-    # One key (the newest alone), the newest in the first tile, at its end (64), alone in the next tile (65):
-    "decode_newest_in_first_tile": lambda: check_decode([1, 2, 30, 64, 65], 4, 2, 32, 8),
-    "decode_newest_in_first_tile_pdl": lambda: check_decode([1, 2, 30, 64, 65], 4, 2, 32, 8, pdl=True),
-    "decode_tile_multiples": lambda: check_decode([64, 128, 192], 4, 2, 32, 8, pdl=True),
-    "decode_tile_remainders": lambda: check_decode([100, 129, 191], 4, 2, 32, 16, pdl=True),
-    # Two tiles a partition; the newest key alone in the last partition (129), in its first tile (150), in its
-    # second (200, 256); shorter contexts whose later partitions return at once (1, 64).
-    "decode_split_newest_in_later_partition": lambda: check_decode([129, 256, 150, 200, 1, 64], 8, 2, 64, 8,
-                                                                   partition_size=128),
-    "decode_split_newest_in_later_partition_pdl": lambda: check_decode([129, 256, 150, 200, 1, 64], 8, 2, 64, 8,
-                                                                       partition_size=128, pdl=True,
-                                                                       longest_first=True),
-    # Partitions of 96 keys: a full tile and a part of one. The newest alone in its partition (97), in the
-    # first tile of the third (250), in the part tile of the second (161).
-    "decode_untiled_partitions_pdl": lambda: check_decode([96, 97, 250, 161], 4, 2, 32, 8, partition_size=96,
-                                                          untiled_partitions=True, pdl=True),
     "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
     "backend_mixed_gqa1_bs8": lambda: check_backend([7, 1, 20, 1], [7, 30, 45, 3], 2, 2, 32, 8),
     "backend_mixed_gqa2_bs16": lambda: check_backend([40, 1, 3, 17], [90, 64, 3, 17], 4, 2, 32, 16),

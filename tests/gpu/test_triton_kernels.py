@@ -88,45 +88,6 @@ def test_decode(dtype, shape, partition_size):
     assert max_abs_diff(out, reference_attention(batch)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("partition_size", [None, 128, 4096], ids=_case_id)
-def test_decode_right_after_the_store_in_a_cuda_graph(partition_size):
-    """A decode step as the engine runs it: store_kv_cache writes the newest keys and values, then the decode
-    kernel (launched with programmatic dependent launch where the device has it) reads the first key tile
-    before its wait, and the newest key and value only after it. Replayed in a CUDA graph, the newest slots
-    set back to NaN before each replay."""
-    from workers.kernels.kv_store import store_kv_cache
-    from workers.kernels.paged_attention import decode_workspace, paged_decode_attention, plan_decode_partitions
-
-    seq_lens = [1, 2, 64, 65, 150, 1000, 2500]
-    head_dim, queries_per_kv, block_size, dtype = 128, 4, 16, torch.bfloat16
-    batch = _batch([1] * len(seq_lens), seq_lens, head_dim, queries_per_kv, block_size, dtype)   # newest: NaN
-    stored = PagedBatch(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta)
-    store_reference(stored)
-    expected = reference_attention(stored)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    partitions = plan_decode_partitions(len(seq_lens), NUM_KV_HEADS, max(seq_lens), head_dim, 264, partition_size)
-    workspace = decode_workspace(len(seq_lens), batch.q.shape[1], NUM_KV_HEADS, head_dim, partitions.num_partitions,
-                                 DEVICE)
-    slots = batch.meta.slot_mapping
-
-    def step() -> torch.Tensor:
-        store_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slots)
-        return paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables, seq_lens_t,
-                                      batch.scale, max(seq_lens), partitions=partitions, workspace=workspace)
-
-    assert max_abs_diff(step(), expected) < TOLERANCE[dtype]   # compiles the kernels before the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for _ in range(5):
-        for cache in (batch.k_cache, batch.v_cache):
-            cache.view(-1, NUM_KV_HEADS, head_dim)[slots] = float("nan")
-        graph.replay()
-        torch.cuda.synchronize()
-        assert max_abs_diff(out, expected) < TOLERANCE[dtype]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("seq_lens,num_kv_heads,queries_per_kv", [([32768], 8, 4), ([33000, 5, 20000, 9000], 8, 4),
                                                                   ([32768], 2, 8), ([40000], 1, 1)])

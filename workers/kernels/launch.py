@@ -2,14 +2,12 @@
 kernel before it in the stream is still finishing, and waits (gdc_wait) before it touches anything
 that kernel wrote. Each of our kernels lets its successor start as soon as it has started itself
 (gdc_launch_dependents) and waits before its first read of activations; the GEMV streams its first
-weight tile before it waits, and decode attention its first tile of cached keys and values. At batch 1,
-where a step is some 300 short kernels, this hides each kernel's launch and its first memory round trip
-behind the tail of the one before.
+weight tile before it waits. At batch 1, where a step is some 300 short kernels, this hides each
+kernel's launch and its first memory round trip behind the tail of the one before.
 
-The contract that keeps this safe: before its gdc_wait, a kernel launched with ``launch_pdl`` writes
-nothing, and reads only what was written before the step's first kernel (weights, the step's inputs,
-copied by torch beforehand, and the KV cache of earlier steps), never what a kernel of the step writes.
-Kernels launched without it (torch's) wait for the whole stream as usual.
+The contract that keeps this safe: a kernel launched with ``launch_pdl`` reads or writes nothing
+that another kernel writes, or wrote, before its gdc_wait. Kernels launched without it (torch's)
+wait for the whole stream as usual.
 
 STREAMVLM_DISABLE_PDL=1 launches every kernel plainly (to measure what this is worth).
 """

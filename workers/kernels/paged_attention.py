@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels.index_arrays import packed_int32
-from workers.kernels.launch import gdc_launch_dependents, gdc_wait, programmatic_launch
+from workers.kernels.launch import programmatic_launch, start_dependents_and_wait
 
 LOG2E = 1.4426950408889634
 # Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
@@ -119,13 +119,8 @@ def _paged_decode_kernel(
 
     ORDERED: the grid is (kv head, rank, partition) and rank r runs sequence seq_order[r], so that the
     programs start in the order the host chose (longest context first: a long sequence started last
-    would run alone at the end of the launch).
-
-    Before the wait (USE_PDL), the program reads the step inputs and the first key tile's keys and values
-    except the newest one: the inputs were copied before the step's first kernel and those keys were written
-    by earlier steps, whereas the newest key and value are written by the kernel just before this one."""
-    if USE_PDL:
-        gdc_launch_dependents()
+    would run alone at the end of the launch)."""
+    start_dependents_and_wait(USE_PDL)
     if ORDERED:
         kv_head = tl.program_id(0)
         seq = tl.load(seq_order_ptr + tl.program_id(1))
@@ -138,7 +133,6 @@ def _paged_decode_kernel(
     if start >= seq_len:
         return
     end = tl.minimum(start + partition_size, seq_len)
-    newest = seq_len - 1
 
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * QUERIES_PER_KV + group
@@ -147,31 +141,14 @@ def _paged_decode_kernel(
     dim_valid = dims < HEAD_DIM
     row_mask = head_valid[:, None] & dim_valid[None, :]
     token = seq.to(tl.int64)   # decode: sequence i owns flat token i
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
-
-    # The first tile is peeled off the loop so that its loads can be issued before the wait.
-    positions = start + tl.arange(0, TILE_N)
-    valid = positions < end
-    rows = _cache_rows(table_ptr, positions, valid, kv_head,
-                       stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
-    earlier_mask = (valid & (positions < newest))[:, None] & dim_valid[None, :]
-    k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
-    v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
-    if USE_PDL:
-        gdc_wait()
     q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
                 mask=row_mask, other=0.0)
-    if newest < start + TILE_N:
-        newest_mask = (valid & (positions == newest))[:, None] & dim_valid[None, :]
-        k = tl.where(newest_mask, tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
-                                          other=0.0), k)
-        v = tl.where(newest_mask, tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
-                                          other=0.0), v)
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    for tile_start in range(start + TILE_N, end, TILE_N):
+    for tile_start in range(start, end, TILE_N):
         positions = tile_start + tl.arange(0, TILE_N)
         valid = positions < end
         rows = _cache_rows(table_ptr, positions, valid, kv_head,
