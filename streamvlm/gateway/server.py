@@ -215,6 +215,10 @@ class GatewayServer(uvicorn.Server):
         # What is left of the budget, and a moment for idle connections to close.
         self.config.timeout_graceful_shutdown = max(0.5, deadline - loop.time())
         await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown on a second signal, leaving it to be cancelled with the
+            # event loop: stop the chats and the engine here, in order, as the first signal would.
+            await self.lifespan.shutdown()
 
     def _work_in_flight(self) -> bool:
         chats = getattr(self.app.state, "chats", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamvlm.gateway.http import error_response
@@ -17,7 +19,8 @@ class ShutdownGate:
 
 class RefuseWhileDraining:
     """ASGI middleware: while draining, a new HTTP request gets 503 (and its connection is
-    closed); every request let in is counted until its response ends."""
+    closed); every request let in is counted until its response ends. A request still running
+    when the drain ends is cancelled by the server: that is its expected end, not a crash to log."""
 
     def __init__(self, app: ASGIApp, gate: ShutdownGate) -> None:
         self.app = app
@@ -35,5 +38,8 @@ class RefuseWhileDraining:
         self.gate.http_requests += 1
         try:
             await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.gate.draining:
+                raise
         finally:
             self.gate.http_requests -= 1
