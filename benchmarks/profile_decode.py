@@ -22,7 +22,7 @@ from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_folder  # noqa: E402
 
 KINDS = [("attention", ("paged_decode", "paged_prefill")), ("kv store", ("store_kv",)),
-         ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk")), ("rms norm", ("rms_norm",)),
+         ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk", "split_k")), ("rms norm", ("rms_norm",)),
          ("q/k norm + rotary", ("qk_norm_rope",)), ("silu-and-mul", ("silu_and_mul",))]
 
 
