@@ -25,13 +25,11 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if PARTS > 0:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         for part in tl.static_range(1, PARTS):
             x += tl.load(x_ptr + part * stride_part + row * stride_x + cols, mask=mask, other=0.0)
         x = x.to(residual_ptr.dtype.element_ty)
-    else:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     dtype = x.dtype
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)

@@ -78,8 +78,7 @@ def linear_for_norm(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = 
     """linear(x, weight) (silu_and_mul_linear with ``silu_and_mul``) for a product only an RMSNorm's
     add_and_norm reads: on CUDA, for 2 to 256 rows, the partial sums that the norm adds."""
     module = _split_k_module()
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    config = (module.default_config(rows, weight.shape[0], weight.shape[1], module.num_sms(x.device.index or 0))
+    config = (module.default_config(x.shape[0], *weight.shape, module.num_sms(x.device.index or 0))
               if module is not None and x.is_cuda and x.dim() == 2 and x.dtype in GEMV_DTYPES
               and weight.dtype == x.dtype and weight.stride(-1) == 1 else None)
     if config is None:
