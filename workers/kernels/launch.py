@@ -2,8 +2,9 @@
 kernel before it in the stream is still finishing, and waits (gdc_wait) before it touches anything
 that kernel wrote. Each of our kernels lets its successor start as soon as it has started itself
 (gdc_launch_dependents) and waits before its first read of activations; the GEMV streams its first
-weight tile before it waits. At batch 1, where a step is some 300 short kernels, this hides each
-kernel's launch and its first memory round trip behind the tail of the one before.
+weight tile before it waits, and decode attention its step inputs and older keys. At batch 1, where a
+step is some 300 short kernels, this hides each kernel's launch and its first memory round trip behind
+the tail of the one before.
 
 The contract that keeps this safe: a kernel launched with ``launch_pdl`` reads or writes nothing
 that another kernel writes, or wrote, before its gdc_wait. Kernels launched without it (torch's)

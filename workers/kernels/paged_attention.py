@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels.index_arrays import packed_int32
-from workers.kernels.launch import programmatic_launch, start_dependents_and_wait
+from workers.kernels.launch import gdc_launch_dependents, gdc_wait, programmatic_launch
 
 LOG2E = 1.4426950408889634
 # Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
@@ -108,7 +108,7 @@ def _paged_decode_kernel(
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ORDERED: tl.constexpr, USE_PDL: tl.constexpr, MERGE_ROWS: tl.constexpr, PARTS_PAD: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     """One (sequence, kv head, context partition): the group's query heads against the partition's keys.
 
@@ -119,8 +119,16 @@ def _paged_decode_kernel(
 
     ORDERED: the grid is (kv head, rank, partition) and rank r runs sequence seq_order[r], so that the
     programs start in the order the host chose (longest context first: a long sequence started last
-    would run alone at the end of the launch)."""
-    start_dependents_and_wait(USE_PDL)
+    would run alone at the end of the launch).
+
+    Before the wait (USE_PDL), a program reads the step inputs (copied before the step's first kernel), and
+    programs past their sequence's end exit. ONE_TILE (a partition is one key tile, as for the few sequences
+    of small batches): the program also loads its keys and values but the newest, written by earlier steps;
+    the newest key and value, which the kernel just before this one writes, are read after the wait. On an
+    H200 (Qwen3-8B, batch 1, 256 keys, graph step) that is 3.722 ms against 3.743-3.755 without (the first
+    tile of every partition read before the wait cost the long partitions of large batches far more)."""
+    if USE_PDL:
+        gdc_launch_dependents()
     if ORDERED:
         kv_head = tl.program_id(0)
         seq = tl.load(seq_order_ptr + tl.program_id(1))
@@ -141,22 +149,46 @@ def _paged_decode_kernel(
     dim_valid = dims < HEAD_DIM
     row_mask = head_valid[:, None] & dim_valid[None, :]
     token = seq.to(tl.int64)   # decode: sequence i owns flat token i
-    q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
-                mask=row_mask, other=0.0)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for tile_start in range(start, end, TILE_N):
-        positions = tile_start + tl.arange(0, TILE_N)
+    if ONE_TILE:
+        positions = start + tl.arange(0, TILE_N)
         valid = positions < end
         rows = _cache_rows(table_ptr, positions, valid, kv_head,
                            stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
-        tile_mask = valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        newest = seq_len - 1
+        earlier_mask = (valid & (positions < newest))[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
+        if USE_PDL:
+            gdc_wait()
+        if newest < end:
+            newest_mask = (positions == newest)[:, None] & dim_valid[None, :]
+            k = tl.where(newest_mask, tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
+                                              other=0.0), k)
+            v = tl.where(newest_mask, tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
+                                              other=0.0), v)
+        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+                    mask=row_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    else:
+        if USE_PDL:
+            gdc_wait()
+        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+                    mask=row_mask, other=0.0)
+        for tile_start in range(start, end, TILE_N):
+            positions = tile_start + tl.arange(0, TILE_N)
+            valid = positions < end
+            rows = _cache_rows(table_ptr, positions, valid, kv_head,
+                               stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
+            tile_mask = valid[:, None] & dim_valid[None, :]
+            k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+            m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
+                                                   DOT_PRECISION)
 
     num_parts = tl.cdiv(seq_len, partition_size)
     if SPLIT and num_parts > 1:
@@ -240,8 +272,9 @@ def _paged_prefill_kernel(
 @dataclass(frozen=True)
 class DecodePartitions:
     """How the decode kernel splits each sequence's context (num_partitions == 1: no split, no merge)."""
-    partition_size: int     # tokens, a multiple of the kernel's key tile
+    partition_size: int     # tokens, a multiple of tile_n
     num_partitions: int     # of the longest sequence
+    tile_n: int             # keys per step of the kernel's loop
 
 
 @dataclass(frozen=True)
@@ -280,6 +313,11 @@ def _decode_tile_n(head_dim: int) -> int:
     return 64 if _dim_pad(head_dim) <= 128 else 32
 
 
+# Partitions of at most this many keys are one tile of this many: the smallest tile that pays (see
+# plan_decode_partitions).
+SHORT_TILE_N = 32
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs would otherwise round to tf32 on tensor cores; the setting is moot for 16-bit inputs.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -314,8 +352,11 @@ def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, h
     them past every sequence's end) read at 85% (`benchmarks/attention.py`). From half the target, an SM
     holds one or two pairs' programs, too few to keep its loads in flight over a long context: long
     contexts split in a few large partitions (there, 23 sequences of 1,074-1,895 keys: 48.6 us against
-    65.5 us unsplit; 32 of 1,500 keys: 56.3 against 59.6)."""
-    tile_n = _decode_tile_n(head_dim)
+    65.5 us unsplit; 32 of 1,500 keys: 56.3 against 59.6).
+
+    A partition of at most SHORT_TILE_N keys is one tile of that many (the kernel's ONE_TILE path, which reads
+    the keys before its wait). Qwen3-8B at batch 1 and 256 keys, graph step on an H200: 3.712 ms with 32-key
+    tiles against 3.743-3.755 with 64; 16-key tiles 3.800."""
     pairs = num_seqs * num_kv_heads
     if partition_size is None and pairs >= target_programs:
         partition_size = max_seq_len
@@ -327,8 +368,11 @@ def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, h
         for_long = triton.cdiv(max_seq_len, parts)
         for_short = triton.cdiv(num_seqs * num_kv_heads * SHORT_CONTEXT_TOKENS, target_programs)
         partition_size = max(min(for_long, for_short), triton.cdiv(max_seq_len, MAX_PARTITIONS))
+    tile_n = _decode_tile_n(head_dim)
+    if partition_size <= SHORT_TILE_N:
+        tile_n = min(tile_n, SHORT_TILE_N)
     partition_size = max(tile_n, triton.cdiv(partition_size, tile_n) * tile_n)
-    return DecodePartitions(partition_size, triton.cdiv(max_seq_len, partition_size))
+    return DecodePartitions(partition_size, triton.cdiv(max_seq_len, partition_size), tile_n)
 
 
 def decode_workspace(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, num_partitions: int,
@@ -405,10 +449,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
         GROUP_PAD=max(16, triton.next_power_of_2(queries_per_kv)), DIM_PAD=dim_pad,
-        BLOCK_SIZE=k_cache.shape[1], TILE_N=_decode_tile_n(head_dim), SPLIT=split,
+        BLOCK_SIZE=k_cache.shape[1], TILE_N=partitions.tile_n, SPLIT=split,
         DOT_PRECISION=_dot_precision(q.dtype), ORDERED=ordered, USE_PDL=pdl,
         MERGE_ROWS=merge_rows, PARTS_PAD=parts_pad,
         MERGE_CHUNK=max(1, min(parts_pad, 4096 // (merge_rows * dim_pad))),
+        ONE_TILE=partitions.partition_size == partitions.tile_n,
         num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2), launch_pdl=pdl,
     )
     return out
