@@ -122,8 +122,8 @@ def _paged_decode_kernel(
     would run alone at the end of the launch).
 
     Before the wait (USE_PDL), a program reads the step inputs (copied before the step's first kernel), and
-    programs past their sequence's end exit. ONE_TILE (a partition is one key tile, as for the few sequences
-    of small batches): the program also loads its keys and values but the newest, written by earlier steps;
+    programs past their sequence's end exit. ONE_TILE (a partition is one short key tile, as for the one to
+    four sequences of the smallest batches): the program also loads its keys and values but the newest;
     the newest key and value, which the kernel just before this one writes, are read after the wait. On an
     H200 (Qwen3-8B, batch 1, 256 keys, graph step) that is 3.722 ms against 3.743-3.755 without (the first
     tile of every partition read before the wait cost the long partitions of large batches far more)."""
@@ -453,7 +453,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         DOT_PRECISION=_dot_precision(q.dtype), ORDERED=ordered, USE_PDL=pdl,
         MERGE_ROWS=merge_rows, PARTS_PAD=parts_pad,
         MERGE_CHUNK=max(1, min(parts_pad, 4096 // (merge_rows * dim_pad))),
-        ONE_TILE=partitions.partition_size == partitions.tile_n,
+        ONE_TILE=partitions.tile_n == SHORT_TILE_N == partitions.partition_size,
         num_warps=4, num_stages=_stages(q.dtype, 3 if dim_pad <= 128 else 2), launch_pdl=pdl,
     )
     return out
