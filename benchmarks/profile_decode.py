@@ -113,13 +113,13 @@ def main() -> None:
     for event in top:
         print(f"    {(getattr(event, 'device_time_total', 0) or 0) / 5 / 1000:8.3f} ms  {event.count // 5:4d}x  "
               f"{event.key[:100]}")
-    gemv_rows = [gemv_in_place(config, fused, step) for config in args.gemv_configs for fused in (True, False)]
+    gemv_rows = [gemv_in_place(config, step) for config in args.gemv_configs]
     if gemv_rows:
         kinds = list(gemv_rows[0]["ms"])
-        print(f"{'GEMV config':>14} {'silu':>6}" + "".join(f"{k:>14}" for k in kinds) + f"{'total ms':>10}")
+        print(f"{'GEMV config':>14}" + "".join(f"{k:>14}" for k in kinds) + f"{'total ms':>10}")
         for row in gemv_rows:
-            print(f"{row['config']:>14} {'fused' if row['fused_silu'] else 'apart':>6}"
-                  + "".join(f"{row['ms'][k]:>14.3f}" for k in kinds) + f"{sum(row['ms'].values()):>10.3f}")
+            print(f"{row['config']:>14}" + "".join(f"{row['ms'][k]:>14.3f}" for k in kinds)
+                  + f"{sum(row['ms'].values()):>10.3f}")
     write_json(args.json, {"shape": args.shape, "batch": args.batch, "context": args.context,
                                                "graph_step_ms": graph_ms, "eager_step_ms": eager_ms,
                                                "kernel_ms": kernel_ms, "by_kind_ms": by_kind, "gemv": gemv_rows})
@@ -128,23 +128,18 @@ def main() -> None:
 GEMV_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def gemv_in_place(config: str, fused_silu: bool, step, steps: int = 5) -> dict:
-    """Per-step milliseconds of each layer kind's GEMV (and of SiLU-and-mul when apart) in eager
-    decode steps with the given GEMV config."""
+def gemv_in_place(config: str, step, steps: int = 5) -> dict:
+    """Per-step milliseconds of each layer kind's GEMV (the gate/up one with SiLU-and-mul in its epilogue)
+    in eager decode steps with the given GEMV config."""
     import json
     import tempfile
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import workers.models.llama as llama
     from workers.kernels import gemv
-    from workers.kernels.fused import silu_and_mul
-    from workers.layers.linear import linear, silu_and_mul_linear
 
     gemv._ENV_CONFIG = gemv.GemvConfig(*(int(part) for part in config.split(",")))
-    llama.silu_and_mul_linear = (silu_and_mul_linear if fused_silu
-                                 else lambda gate_up, weight, bias=None: linear(silu_and_mul(gate_up), weight, bias))
     try:
         for _ in range(2):
             step(False)
@@ -155,20 +150,18 @@ def gemv_in_place(config: str, fused_silu: bool, step, steps: int = 5) -> dict:
             torch.cuda.synchronize()
     finally:
         gemv._ENV_CONFIG = gemv._config_from_env()
-        llama.silu_and_mul_linear = silu_and_mul_linear
     with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
         prof.export_chrome_trace(trace_file.name)
         events = json.load(open(trace_file.name))["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    gemvs = [e for e in kernels if "_gemv_kernel" in e["name"]]
+    gemvs = [e for e in kernels if "gemv_kernel" in e["name"]]
     per_step = len(gemvs) // steps
     ms: dict[str, float] = defaultdict(float)
     for index, event in enumerate(gemvs):
         position = index % per_step
         name = "lm_head" if position == per_step - 1 else GEMV_LAYERS[position % len(GEMV_LAYERS)]
         ms[name] += event["dur"] / 1000 / steps
-    ms["silu_and_mul"] = sum(e["dur"] for e in kernels if "_silu_and_mul_kernel" in e["name"]) / 1000 / steps
-    return {"config": config, "fused_silu": fused_silu, "ms": dict(ms)}
+    return {"config": config, "ms": dict(ms)}
 
 
 if __name__ == "__main__":

@@ -209,19 +209,20 @@ def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, nu
     return max(cache_diff, *(max_abs_diff(out, expected) for out in outs))
 
 
-def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, silu_and_mul: bool = False) -> float:
+def check_gemv(n: int, k: int, bias: bool, block_n: int, block_k: int, gated: bool = False) -> float:
+    """The GEMV against F.linear; gated: its SiLU-and-mul form against silu(gate) * up of F.linear."""
     import torch.nn.functional as F
 
-    from workers.kernels.gemv import GemvConfig, gemv
+    from workers.kernels.gemv import GemvConfig, gated_gemv, gemv
 
     torch.manual_seed(n + k)
-    x, weight = torch.randn(1, 2 * k if silu_and_mul else k), torch.randn(n, k)
-    b = torch.randn(n) if bias else None
-    out = gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4), silu_and_mul=silu_and_mul)
-    if silu_and_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    return max_abs_diff(out, F.linear(x, weight, b))
+    x, weight = torch.randn(1, k), torch.randn(2 * n if gated else n, k)
+    b = torch.randn(weight.shape[0]) if bias else None
+    if not gated:
+        return max_abs_diff(gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4)), F.linear(x, weight, b))
+    out = gated_gemv(x, weight, b, config=GemvConfig(block_n, block_k, 4))
+    gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
+    return max_abs_diff(out, F.silu(gate) * up)
 
 
 def check_split_k(m: int, n: int, k: int, block_m: int, splits: int) -> float:
@@ -361,8 +362,8 @@ CASES = {
     "vision_rotary_dim64": lambda: check_vision_rotary(64),
     "gemv_even": lambda: check_gemv(64, 256, False, 8, 128),
     "gemv_ragged_rows_and_cols_bias": lambda: check_gemv(37, 100, True, 8, 64),
-    "gemv_silu_and_mul": lambda: check_gemv(48, 96, False, 4, 32, silu_and_mul=True),
-    "gemv_silu_and_mul_ragged": lambda: check_gemv(21, 70, True, 8, 64, silu_and_mul=True),
+    "gemv_gated": lambda: check_gemv(48, 96, False, 4, 32, gated=True),
+    "gemv_gated_ragged_bias": lambda: check_gemv(21, 70, True, 8, 64, gated=True),
     "split_k_rows_in_one_tile": lambda: check_split_k(5, 64, 256, 16, 4),
     "split_k_ragged_row_tiles": lambda: check_split_k(37, 96, 128, 16, 2),
     "kv_store": lambda: check_kv_store(torch.float32),

@@ -66,21 +66,22 @@ def test_parts_and_norm_replay_in_a_cuda_graph():
 
 
 def test_linear_for_norm_matches_the_plain_layer_path():
-    """linear_for_norm + add_and_norm against linear + add_and_norm, SiLU-and-mul included."""
-    from workers.layers.linear import PartialSums, linear_for_norm, silu_and_mul_linear
+    """linear_for_norm + add_and_norm against linear + add_and_norm, on the MLP's SiLU-and-mul output."""
+    from workers.kernels.fused import silu_and_mul
+    from workers.layers.linear import PartialSums, linear, linear_for_norm
     from workers.layers.norm import RMSNorm
 
     torch.manual_seed(1)
     m, n, k = 48, 1024, 3072
-    gate_up = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+    hidden = silu_and_mul(torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16))
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
     residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     norm = RMSNorm(n, 1e-6).to("cuda", torch.bfloat16)
-    parts = linear_for_norm(gate_up, weight, silu_and_mul=True)
+    parts = linear_for_norm(hidden, weight)
     assert isinstance(parts, PartialSums)
     out, summed = norm.add_and_norm(parts, residual)
-    expected_out, expected_summed = norm.add_and_norm(silu_and_mul_linear(gate_up, weight), residual)
+    expected_out, expected_summed = norm.add_and_norm(linear(hidden, weight), residual)
     assert (summed.float() - expected_summed.float()).abs().max().item() <= 0.0625
     assert (out.float() - expected_out.float()).abs().max().item() <= 0.0625
     assert torch.equal(parts.total(), parts.parts.sum(0).to(torch.bfloat16))
-    assert not isinstance(linear_for_norm(gate_up[:1], weight, silu_and_mul=True), PartialSums)   # the GEMV
+    assert not isinstance(linear_for_norm(hidden[:1], weight), PartialSums)   # the GEMV

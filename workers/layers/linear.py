@@ -1,6 +1,6 @@
 """Linear layers whose one-row calls (batch-1 decode) on CUDA run the Triton GEMV
 (workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, and
-takes the MLP's SiLU-and-mul into the down projection. Products of a few rows whose only reader is
+takes the MLP's SiLU-and-mul into the gate/up projection's epilogue. Products of a few rows whose only reader is
 an RMSNorm may come back as partial sums over slices of K that the norm adds
 (workers/kernels/split_k_gemm.py). Every other call is F.linear."""
 
@@ -59,32 +59,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(silu(gate) * up, weight, bias) for gate_up = [gate, up] along the last dim."""
-    if (uses_gemv(gate_up, weight) and gate_up.shape[-1] == 2 * weight.shape[1]
-            and (bias is None or bias.dtype == gate_up.dtype)):
-        return _gemv_module().gemv(gate_up, weight, bias, silu_and_mul=True)
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for [gate, up] = linear(x, weight, bias) along the last dim."""
+    if uses_gemv(x, weight) and weight.shape[0] % 2 == 0 and (bias is None or bias.dtype == x.dtype):
+        return _gemv_module().gated_gemv(x, weight, bias)
+    gate_up = F.linear(x, weight, bias)
     kernels = fused_kernels(gate_up)
     if kernels is not None and gate_up.dim() == 2:
-        hidden = kernels.silu_and_mul(gate_up)
-    else:
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-    return linear(hidden, weight, bias)
+        return kernels.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
-def linear_for_norm(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor | PartialSums:
-    """linear(x, weight) (silu_and_mul_linear with ``silu_and_mul``) for a product only an RMSNorm's
-    add_and_norm reads: on CUDA, for 2 to 256 rows, the partial sums that the norm adds."""
+def linear_for_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | PartialSums:
+    """linear(x, weight) for a product only an RMSNorm's add_and_norm reads: on CUDA, for 2 to 256 rows,
+    the partial sums that the norm adds."""
     module = _split_k_module()
     config = (module.default_config(x.shape[0], *weight.shape, module.num_sms(x.device.index or 0))
               if module is not None and x.is_cuda and x.dim() == 2 and x.dtype in GEMV_DTYPES
               and weight.dtype == x.dtype and weight.stride(-1) == 1 else None)
     if config is None:
-        return silu_and_mul_linear(x, weight) if silu_and_mul else linear(x, weight)
-    if silu_and_mul:
-        x = fused_kernels(x).silu_and_mul(x)
+        return linear(x, weight)
     return PartialSums(module.split_k_parts(x.contiguous(), weight, config), x.dtype)
 
 
@@ -93,3 +88,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class GatedLinear(nn.Linear):
+    """[gate, up] = x W^T + b, returned as silu(gate) * up (the MLP's gate and up projections)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_linear(x, self.weight, self.bias)

@@ -17,7 +17,7 @@ from torch import nn
 from workers.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from workers.layers.attention_base import AttentionBackend, AttentionMetadata
 from workers.layers.fused_ops import fused_kernels
-from workers.layers.linear import Linear, PartialSums, linear, linear_for_norm, silu_and_mul_linear
+from workers.layers.linear import GatedLinear, Linear, PartialSums, linear, linear_for_norm
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from workers.multimodal import MultiModalEmbeds
@@ -111,16 +111,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor, silu_and_mul: bool = False,
-                for_norm: bool = False) -> torch.Tensor | PartialSums:
-        """With ``silu_and_mul``, x is [gate, up] and the input is silu(gate) * up. With ``for_norm`` (the
-        result goes only to RMSNorm.add_and_norm), it may come as partial sums for the norm to add."""
-        product = silu_and_mul_linear if silu_and_mul else linear
+    def forward(self, x: torch.Tensor, for_norm: bool = False) -> torch.Tensor | PartialSums:
+        """With ``for_norm`` (the result goes only to RMSNorm.add_and_norm), it may come as partial sums for
+        the norm to add."""
         if tp_size() == 1:
             if for_norm and self.bias is None:
-                return linear_for_norm(x, self.weight, silu_and_mul)
-            return product(x, self.weight, self.bias)
-        y = all_reduce(product(x, self.weight))
+                return linear_for_norm(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -192,13 +190,12 @@ class MLP(nn.Module):
     def __init__(self, args: DecoderArgs, shard: ShardPlan) -> None:
         super().__init__()
         self.intermediate_size = shard.intermediate_size
-        self.gate_up_proj = Linear(args.hidden_size, 2 * shard.intermediate_size,
-                                      bias=args.mlp_bias)
+        self.gate_up_proj = GatedLinear(args.hidden_size, 2 * shard.intermediate_size, bias=args.mlp_bias)
         self.down_proj = RowParallelLinear(shard.intermediate_size, args.hidden_size,
                                            bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor, for_norm: bool = False) -> torch.Tensor | PartialSums:
-        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True, for_norm=for_norm)
+        return self.down_proj(self.gate_up_proj(x), for_norm=for_norm)
 
 
 class DecoderLayer(nn.Module):
