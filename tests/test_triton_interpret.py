@@ -380,6 +380,7 @@ CASES = {
     "decode_one_tile_partitions": lambda: check_decode([150, 7, 300, 64, 33], 8, 2, 64, 8, partition_size=32),
     "decode_one_tile_partitions_ordered": lambda: check_decode([31, 96, 1, 65], 4, 2, 32, 16, partition_size=32,
                                                                longest_first=True),
+    "decode_merge_in_chunks": lambda: check_decode([300, 40], 8, 2, 128, 16, partition_size=32),   # 10 > 8 a chunk
     "decode_fp16": lambda: check_decode([20, 70], 4, 2, 32, 16, dtype=torch.float16),
     "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
     "backend_decode_one_tile": lambda: check_backend([1, 1], [33, 100], 8, 2, 64, 16, partition_size=32),
