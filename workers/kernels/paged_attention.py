@@ -43,6 +43,14 @@ def _cache_rows(table_ptr, positions, valid, kv_head, stride_block, stride_slot,
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, rows, dims, mask):
+    """Keys and values at the cache rows `rows` (element offsets), where mask [rows, dims] holds (0 elsewhere)."""
+    offsets = rows[:, None] + dims[None, :]
+    return (tl.load(k_cache_ptr + offsets, mask=mask, other=0.0),
+            tl.load(v_cache_ptr + offsets, mask=mask, other=0.0))
+
+
+@triton.jit
 def _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """One key/value tile of flash-attention: returns the running row max, row sum and unnormalized output.
 
@@ -161,16 +169,14 @@ def _paged_decode_kernel(
                            stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
         newest = seq_len - 1
         earlier_mask = (valid & (positions < newest))[:, None] & dim_valid[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=earlier_mask, other=0.0)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, rows, dims, earlier_mask)
         if USE_PDL:
             gdc_wait()
         if newest < end:
             newest_mask = (positions == newest)[:, None] & dim_valid[None, :]
-            k = tl.where(newest_mask, tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
-                                              other=0.0), k)
-            v = tl.where(newest_mask, tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=newest_mask,
-                                              other=0.0), v)
+            newest_k, newest_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, rows, dims, newest_mask)
+            k = tl.where(newest_mask, newest_k, k)
+            v = tl.where(newest_mask, newest_v, v)
         q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
                     mask=row_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
@@ -184,9 +190,7 @@ def _paged_decode_kernel(
             valid = positions < end
             rows = _cache_rows(table_ptr, positions, valid, kv_head,
                                stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
-            tile_mask = valid[:, None] & dim_valid[None, :]
-            k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, rows, dims, valid[:, None] & dim_valid[None, :])
             m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
                                                    DOT_PRECISION)
 
@@ -254,9 +258,7 @@ def _paged_prefill_kernel(
         valid = positions < kv_end
         cache_rows = _cache_rows(table_ptr, positions, valid, kv_head,
                                  stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_SIZE)
-        tile_mask = valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, cache_rows, dims, valid[:, None] & dim_valid[None, :])
         may_attend = valid[None, :] & (positions[None, :] <= q_positions[:, None])
         m_i, l_i, acc = _online_softmax_update(q, k, v, may_attend, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
