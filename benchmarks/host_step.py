@@ -4,6 +4,7 @@ CPU while (with async scheduling) the device runs the step before, so they bound
 be. Runs anywhere; no GPU needed.
 
     python benchmarks/host_step.py [--batch 256] [--min-len 200] [--max-len 1800] [--json results/host_step.json]
+    python benchmarks/host_step.py --default-gc    # the collector's defaults, not the worker's policy
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1800)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--default-gc", action="store_true",
+                        help="leave the collector as it is, not as a worker process sets it once built")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -33,6 +36,7 @@ def main() -> None:
     import streamvlm  # noqa: F401  (the package first: workers import its protocol)
     from streamvlm.contract.sampling import SamplingParams
     from workers.cuda_graphs import fill_staging
+    from workers.heap import settle_after_build
     from workers.kv_cache import BlockPool
     from workers.model_runner import build_step_plan
     from workers.scheduler import Scheduler
@@ -55,6 +59,8 @@ def main() -> None:
                 chunk.seq.append_token(7, None)
 
     advance(scheduler.schedule().chunks)   # the prompts: one big prefill step
+    if not args.default_gc:
+        settle_after_build()   # as a worker process does once built
     host = np.zeros(8 * args.batch + args.batch * blocks_per_seq, dtype=np.int64)
     totals = {"schedule": 0.0, "plan": 0.0, "staging": 0.0, "bookkeeping": 0.0}
     for _ in range(args.steps):

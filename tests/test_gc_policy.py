@@ -39,3 +39,31 @@ def test_collection_turned_off_stays_off(monkeypatch):
     finally:
         gc.set_threshold(*before)
 
+
+
+def test_worker_freezes_start_up_and_raises_the_young_threshold():
+    from workers import heap
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        gc.unfreeze()
+        heap.settle_after_build()
+        assert gc.get_threshold() == (heap.WORKER_GEN0_THRESHOLD, 10, 10)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_worker_leaves_collection_off_when_it_is_off():
+    from workers import heap
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(0)
+        heap.settle_after_build()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

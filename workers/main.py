@@ -25,6 +25,7 @@ from streamvlm.contract.protocol import CoreToWorker, Heartbeat, Shutdown, StepO
 from workers.device_settings import DeviceSettings
 from workers.core_link import IDLE_POLL_MS, OUTPUT_HWM, CoreGone, CoreLink, CoreOutbox, heartbeats_meanwhile
 from workers.distributed import TPSetup
+from workers.heap import settle_after_build
 from workers.kv_transfer import KVInbox, KVOutbox, KVPeerLinks
 from workers.parent import CoreWatch, EngineStopFlag, ParentWatch
 from workers.rank_messages import KVShardPlan, StepPlan
@@ -63,6 +64,8 @@ def run_worker(config_bytes: bytes, input_address: str, output_address: str,
     process.wire_kv_transport(kv_role, kv_address, kv_group_id)
     if on_ready is not None:
         on_ready(process.worker)
+    if in_own_process or remote:
+        settle_after_build()
     process.serve()
 
 
@@ -383,6 +386,7 @@ def run_follower(config_bytes: bytes, tp: TPSetup, parent_pid: int | None,
         while plans.recv() != _HELLO:
             pass
         dist.barrier()
+        settle_after_build()
         last_heard = time.monotonic()
         while True:
             if parent is not None and not parent.parent_alive():
