@@ -266,9 +266,13 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: b
     placeholder_rows: list[int] = []
     placeholder_sources: list[int] = []
     prompt_logits_rows: list[int] = []
-    width = max(len(c.seq.block_table) for c in chunks)
+    table_rows = [c.seq.block_table_array() for c in chunks]
+    table_lens = np.fromiter(map(len, table_rows), dtype=np.int64, count=len(chunks))
+    width = int(table_lens.max())
     tables = np.zeros((len(chunks), width), dtype=np.int32)
-    for i, chunk in enumerate(chunks):
+    # One scatter, not a row assignment per sequence: the rows are ragged.
+    tables[np.arange(width) < table_lens[:, None]] = np.concatenate(table_rows)
+    for chunk in chunks:
         seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
         row = len(input_ids)
         token_ids = seq.token_ids
@@ -276,7 +280,6 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: b
             input_ids.append(token_ids[start])
         else:
             input_ids.extend(token_ids[start:end])
-        tables[i, :len(seq.block_table)] = seq.block_table_array()
         if mrope is not None:
             _extend_mrope(mrope, seq, start, end)
         for item in seq.mm_items:
