@@ -1,7 +1,7 @@
 """Linear layers whose one-row calls (batch-1 decode) on CUDA run the Triton GEMV
 (workers/kernels/gemv.py), which streams the weights faster than cuBLAS does at that shape, and
-takes the MLP's SiLU-and-mul into the gate/up projection's epilogue. Products of a few rows whose only reader is
-an RMSNorm may come back as partial sums over slices of K that the norm adds
+takes the MLP's SiLU-and-mul into the gate/up projection's epilogue. Products of a few rows whose
+only reader is an RMSNorm may come back as partial sums over slices of K that the norm adds
 (workers/kernels/split_k_gemm.py). Every other call is F.linear."""
 
 from __future__ import annotations
