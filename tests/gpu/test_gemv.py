@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.graph_replay import replayed
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -94,15 +96,7 @@ def test_programmatic_launch_chain_matches_plain_launches(monkeypatch, graph):
         return [t for outputs in results for t in outputs]
 
     if graph:
-        run_all()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            captured = run_all()
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
-        fast = [t.clone() for t in flatten(captured)]
+        fast = [t.clone() for t in flatten(replayed(run_all))]
     else:
         fast = flatten(run_all())
     for module in (fused, gemv_mod):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.graph_replay import replayed
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -51,18 +53,7 @@ def test_parts_and_norm_replay_in_a_cuda_graph():
         return rms_norm_of_parts(split_k_parts(silu_and_mul(gate_up), weight, config), norm_weight, 1e-6, residual)
 
     eager = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = step()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed(step)))
 
 
 def test_linear_for_norm_matches_the_plain_layer_path():
