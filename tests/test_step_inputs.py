@@ -67,15 +67,25 @@ def test_staging_unpacks_to_the_padded_decode_inputs():
     bucket = 4
     host = np.full(64, 99, dtype=np.int64)
     layout = fill_staging(host, plan, bucket, position_rows=1)
-    inputs = layout.unpack(torch.from_numpy(host))
+    inputs, sources = layout.unpack(torch.from_numpy(host))
     assert inputs.input_ids.tolist() == plan.input_ids + [0]
     assert inputs.positions.tolist() == [plan.positions + [0]]
     assert inputs.slot_mapping.tolist() == plan.slot_array().tolist() + [-1]   # padding stores no K/V
     assert inputs.seq_lens.tolist() == plan.seq_lens + [1]
     assert inputs.seq_order.tolist() == sorted(range(bucket), key=lambda i: -(plan.seq_lens + [1])[i])
     assert inputs.block_tables.tolist() == plan.table_array().tolist() + [[0] * plan.block_table_width]
-    assert inputs.hole_rows.tolist() == [1] and inputs.hole_sources.tolist() == [0]
-    assert layout.end == 4 + 4 + 12 + 4 * plan.block_table_width + 2
+    assert sources.tolist() == [-1, 0, -1, -1]   # row 1 takes the token sampled in row 0 of the step before
+    assert layout.end == 4 + 4 + 12 + 4 * plan.block_table_width + 4
+
+
+def test_staging_arrays_start_16_byte_aligned_for_odd_buckets():
+    seqs = [sequence(0, 7, [2, 5], computed=6)]
+    plan = build_step_plan([ScheduledChunk(seqs[0], 6, 1)], BS, uses_mrope=True)
+    host = torch.zeros(64, dtype=torch.int64)
+    buffers, sources = fill_staging(host.numpy(), plan, 1, position_rows=3).unpack(host)
+    assert all(array.data_ptr() % 16 == 0 for array in (*buffers, sources))
+    assert buffers.positions.tolist() == [[6]] * 3 and buffers.block_tables.tolist() == [[2, 5]]
+    assert buffers.slot_mapping.tolist() == plan.slot_array().tolist() and buffers.seq_lens.tolist() == [7]
 
 
 def test_staging_of_mrope_positions():
@@ -83,7 +93,7 @@ def test_staging_of_mrope_positions():
     plan = build_step_plan([ScheduledChunk(s, 3, 1) for s in seqs], BS, uses_mrope=True)
     assert plan.mrope_positions == [[3, 3], [3, 3], [3, 3]]
     host = np.zeros(64, dtype=np.int64)
-    inputs = fill_staging(host, plan, 2, position_rows=3).unpack(torch.from_numpy(host))
+    inputs, _ = fill_staging(host, plan, 2, position_rows=3).unpack(torch.from_numpy(host))
     assert inputs.positions.tolist() == [[3, 3]] * 3 and inputs.input_ids.tolist() == plan.input_ids
 
 

@@ -177,6 +177,40 @@ def check_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_di
     return max_abs_diff(out, reference_attention(batch))
 
 
+def check_scatter_decode_inputs(position_rows: int, with_previous: bool) -> float:
+    """The staged inputs of a 3-row bucket (block tables 300 wide: two loop steps) into larger static buffers,
+    against plain copies; rows and columns past the bucket keep what they held."""
+    from workers.cuda_graphs import DecodeInputBuffers, StagingLayout
+    from workers.kernels.decode_inputs import scatter_decode_inputs
+
+    layout = StagingLayout(3, position_rows, 300, 1)
+    staged, sources = layout.unpack(torch.randint(0, 1000, (layout.end,), generator=torch.Generator().manual_seed(3)))
+    sources.copy_(torch.tensor([-1, 1, -1]))
+    previous = torch.tensor([70, 80]) if with_previous else None
+    rows, columns = 8, 320
+
+    def static() -> DecodeInputBuffers:
+        g = torch.Generator().manual_seed(4)
+        return DecodeInputBuffers(torch.randint(0, 9, (rows,), generator=g),
+                                  torch.randint(0, 9, (position_rows, rows), generator=g),
+                                  torch.randint(0, 9, (rows,), generator=g),
+                                  torch.randint(0, 9, (rows,), generator=g, dtype=torch.int32),
+                                  torch.randint(0, 9, (rows,), generator=g, dtype=torch.int32),
+                                  torch.randint(0, 9, (rows, columns), generator=g))
+
+    expected, got = static(), static()
+    expected.input_ids[:3] = staged.input_ids
+    if with_previous:
+        expected.input_ids[1] = 80
+    expected.positions[:, :3] = staged.positions
+    expected.slot_mapping[:3] = staged.slot_mapping
+    expected.seq_lens[:3] = staged.seq_lens.to(torch.int32)
+    expected.seq_order[:3] = staged.seq_order.to(torch.int32)
+    expected.block_tables[:3, :300] = staged.block_tables
+    scatter_decode_inputs(staged, sources, got, previous)
+    return max(max_abs_diff(a, b) for a, b in zip(got, expected))
+
+
 def longest_first_order(seq_lens: list[int]) -> torch.Tensor:
     return torch.tensor(sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i]), dtype=torch.int32)
 
@@ -382,6 +416,8 @@ CASES = {
                                                                longest_first=True),
     "decode_merge_in_chunks": lambda: check_decode([300, 40], 8, 2, 128, 16, partition_size=32),   # 10 > 8 a chunk
     "decode_fp16": lambda: check_decode([20, 70], 4, 2, 32, 16, dtype=torch.float16),
+    "scatter_decode_inputs": lambda: check_scatter_decode_inputs(1, with_previous=True),
+    "scatter_decode_inputs_mrope_no_previous": lambda: check_scatter_decode_inputs(3, with_previous=False),
     "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
     "backend_decode_one_tile": lambda: check_backend([1, 1], [33, 100], 8, 2, 64, 16, partition_size=32),
     "backend_mixed_gqa1_bs8": lambda: check_backend([7, 1, 20, 1], [7, 30, 45, 3], 2, 2, 32, 8),

@@ -1,10 +1,11 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket, captured at start-up.
 
 A decode step (one new token per sequence, no encoder rows) of B sequences replays the graph of
-the smallest bucket >= B. Its inputs are copied into static buffers first (one host-to-device copy
-from pinned memory); the rows past B are padding: their K/V store is skipped (slot -1) and they
-attend to one key of block 0, and their output is dropped. The attention launch is sized for
-max_model_len, so a graph serves every context length.
+the smallest bucket >= B. Its inputs reach the static buffers in one host-to-device copy from pinned
+memory and one kernel that scatters them (and the tokens sampled by the step before); the rows past B
+are padding: their K/V store is skipped (slot -1) and they attend to one key of block 0, and their
+output is dropped. The attention launch is sized for max_model_len, so a graph serves every context
+length.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,10 +50,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.seq_order = torch.arange(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
-        # ids, positions, slots, seq_lens, the longest-first order, the block tables, then the placeholder
-        # rows and sources: one pinned staging buffer per step in flight (async scheduling queues a step
-        # before the last one ran).
-        size = (6 + self.position_rows) * n + n * self.max_blocks
+        self.static_inputs = DecodeInputBuffers(self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
+                                                self.seq_order, self.block_tables)
+        # One pinned staging buffer per step in flight (async scheduling queues a step before the last one ran).
+        size = StagingLayout(n, self.position_rows, self.max_blocks, 0).end
         self._staging = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._next_staging = 0
         self.buckets = batch_buckets(max_batch)
@@ -69,10 +71,24 @@ class DecodeGraphs:
     def _positions(self, b: int) -> torch.Tensor:
         return self.positions[:, :b] if self.position_rows == 3 else self.positions[0, :b]
 
+    def _compile_scatter(self) -> None:
+        """Both variants of the input kernel (with and without sampled tokens to take) compile now, not at the
+        first steps: the static buffers get the padding rows' values they start with."""
+        from workers.kernels.decode_inputs import scatter_decode_inputs
+
+        layout = StagingLayout(1, self.position_rows, 1, 0)
+        staged, sources = layout.unpack(torch.zeros(layout.end, dtype=torch.int64, device=self.device))
+        staged.slot_mapping.fill_(-1)
+        staged.seq_lens.fill_(1)
+        sources.fill_(-1)
+        for previous in (None, torch.zeros(1, dtype=torch.int64, device=self.device)):
+            scatter_decode_inputs(staged, sources, self.static_inputs, previous)
+
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0]
+        self._compile_scatter()
         pool = None
         stream = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):   # the largest first: the smaller ones reuse its memory
@@ -105,63 +121,77 @@ class DecodeGraphs:
         b = next(size for size in self.buckets if size >= n)
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1
+        from workers.kernels.decode_inputs import scatter_decode_inputs
+
         layout = fill_staging(staging.numpy(), plan, b, self.position_rows)
-        inputs = layout.unpack(staging[:layout.end].to(self.device, non_blocking=True))
-        self.input_ids[:b].copy_(inputs.input_ids)
-        if layout.num_holes:
-            self.input_ids.index_copy_(0, inputs.hole_rows, previous_tokens.index_select(0, inputs.hole_sources))
-        self.positions[:, :b].copy_(inputs.positions)
-        self.slot_mapping[:b].copy_(inputs.slot_mapping)
-        self.seq_lens[:b].copy_(inputs.seq_lens)
-        self.seq_order[:b].copy_(inputs.seq_order)
-        self.block_tables[:b, :layout.width].copy_(inputs.block_tables)
+        staged, sources = layout.unpack(staging[:layout.end].to(self.device, non_blocking=True))
+        scatter_decode_inputs(staged, sources, self.static_inputs, previous_tokens if layout.num_holes else None)
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
 
-@dataclass(frozen=True)
-class DecodeInputs:
-    input_ids: torch.Tensor      # [bucket]
-    positions: torch.Tensor      # [position rows, bucket]
-    slot_mapping: torch.Tensor   # [bucket]
-    seq_lens: torch.Tensor       # [bucket]
-    seq_order: torch.Tensor      # [bucket]: the rows by decreasing seq_len (decode attention's start order)
-    block_tables: torch.Tensor   # [bucket, width]
-    hole_rows: torch.Tensor      # [placeholders]: rows whose token is the previous step's
-    hole_sources: torch.Tensor   # [placeholders]: their rows among its sampled tokens
+class DecodeInputBuffers(NamedTuple):
+    """A decode step's inputs, in the order workers.kernels.decode_inputs takes them."""
+    input_ids: torch.Tensor      # [rows]
+    positions: torch.Tensor      # [position rows, rows]
+    slot_mapping: torch.Tensor   # [rows]
+    seq_lens: torch.Tensor       # [rows]
+    seq_order: torch.Tensor      # [rows]: the rows by decreasing seq_len (decode attention's start order)
+    block_tables: torch.Tensor   # [rows, width]
+
+
+def _aligned(count: int) -> int:
+    """int64 elements rounded up to 16 bytes: every array of the staging buffer starts 16-byte aligned (Triton
+    specializes on a pointer's alignment, and views at bucket-dependent offsets would compile variants)."""
+    return count + count % 2
 
 
 @dataclass(frozen=True)
 class StagingLayout:
     """Where fill_staging put a decode step's inputs in the flat int64 buffer: ids, position rows, slots,
-    seq_lens, seq_order, block tables, placeholder rows, placeholder sources."""
+    seq_lens, seq_order, block tables, then each row's token source (the row of the previous step's sampled
+    tokens it takes its token from, -1 for its own), each array from a 16-byte boundary."""
     bucket: int
     position_rows: int
     width: int
     num_holes: int
 
     @property
+    def positions(self) -> int:
+        return _aligned(self.bucket)
+
+    @property
     def slots(self) -> int:
-        return (1 + self.position_rows) * self.bucket
+        return self.positions + _aligned(self.position_rows * self.bucket)
+
+    @property
+    def seq_lens(self) -> int:
+        return self.slots + _aligned(self.bucket)
+
+    @property
+    def seq_order(self) -> int:
+        return self.seq_lens + _aligned(self.bucket)
 
     @property
     def tables(self) -> int:
-        return self.slots + 3 * self.bucket
+        return self.seq_order + _aligned(self.bucket)
 
     @property
-    def holes(self) -> int:
-        return self.tables + self.bucket * self.width
+    def sources(self) -> int:
+        return self.tables + _aligned(self.bucket * self.width)
 
     @property
     def end(self) -> int:
-        return self.holes + 2 * self.num_holes
+        return self.sources + self.bucket
 
-    def unpack(self, flat: torch.Tensor) -> DecodeInputs:
-        b, slots, holes = self.bucket, self.slots, self.holes
-        return DecodeInputs(flat[:b], flat[b:slots].view(self.position_rows, b), flat[slots:slots + b],
-                            flat[slots + b:slots + 2 * b], flat[slots + 2 * b:self.tables],
-                            flat[self.tables:holes].view(b, self.width),
-                            flat[holes:holes + self.num_holes], flat[holes + self.num_holes:self.end])
+    def unpack(self, flat: torch.Tensor) -> tuple[DecodeInputBuffers, torch.Tensor]:
+        """The arrays as views of flat, and the token sources."""
+        b = self.bucket
+        buffers = DecodeInputBuffers(flat[:b], flat[self.positions:self.positions + self.position_rows * b]
+                                     .view(self.position_rows, b),
+                                     *(flat[start:start + b] for start in (self.slots, self.seq_lens, self.seq_order)),
+                                     flat[self.tables:self.tables + b * self.width].view(b, self.width))
+        return buffers, flat[self.sources:self.end]
 
 
 def longest_first(seq_lens: np.ndarray) -> np.ndarray:
@@ -178,18 +208,19 @@ def fill_staging(host: np.ndarray, plan: StepPlan, bucket: int, position_rows: i
     host[n:b] = 0
     positions = plan.mrope_positions if plan.mrope_positions is not None else [plan.positions]
     for axis, row in enumerate(positions):
-        host[(1 + axis) * b:(1 + axis) * b + n] = row
-        host[(1 + axis) * b + n:(2 + axis) * b] = 0
-    slots = layout.slots
+        start = layout.positions + axis * b
+        host[start:start + n] = row
+        host[start + n:start + b] = 0
+    slots, seq_lens, order = layout.slots, layout.seq_lens, layout.seq_order
     host[slots:slots + n] = plan.slot_array()
     host[slots + n:slots + b] = -1
-    host[slots + b:slots + b + n] = plan.seq_lens
-    host[slots + b + n:slots + 2 * b] = 1
-    host[slots + 2 * b:slots + 3 * b] = longest_first(host[slots + b:slots + 2 * b])
-    table_view = host[layout.tables:layout.holes].reshape(b, layout.width)
+    host[seq_lens:seq_lens + n] = plan.seq_lens
+    host[seq_lens + n:seq_lens + b] = 1
+    host[order:order + b] = longest_first(host[seq_lens:seq_lens + b])
+    table_view = host[layout.tables:layout.tables + b * layout.width].reshape(b, layout.width)
     table_view[:n] = plan.table_array()
     table_view[n:] = 0
-    holes, h = layout.holes, layout.num_holes
-    host[holes:holes + h] = plan.placeholder_rows
-    host[holes + h:holes + 2 * h] = plan.placeholder_sources
+    sources = host[layout.sources:layout.end]
+    sources[:] = -1
+    sources[plan.placeholder_rows] = plan.placeholder_sources
     return layout

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _compiled_variants() -> dict[str, int]:
-    from workers.kernels import fused, kv_store, paged_attention, sampling
+    from workers.kernels import decode_inputs, fused, kv_store, paged_attention, sampling
 
     counts = {}
-    for module in (fused, kv_store, paged_attention, sampling):
+    for module in (decode_inputs, fused, kv_store, paged_attention, sampling):
         for name in dir(module):
             kernel = getattr(module, name)
             caches = getattr(kernel, "device_caches", None)
