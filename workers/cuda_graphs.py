@@ -52,6 +52,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
         self.static_inputs = DecodeInputBuffers(self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
                                                 self.seq_order, self.block_tables)
+        from workers.kernels.decode_inputs import scatter_decode_inputs   # triton: only where graphs are built
+
+        self._scatter = scatter_decode_inputs
         # One pinned staging buffer per step in flight (async scheduling queues a step before the last one ran).
         size = StagingLayout(n, self.position_rows, self.max_blocks, 0).end
         self._staging = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
@@ -74,15 +77,13 @@ class DecodeGraphs:
     def _compile_scatter(self) -> None:
         """Both variants of the input kernel (with and without sampled tokens to take) compile now, not at the
         first steps: the static buffers get the padding rows' values they start with."""
-        from workers.kernels.decode_inputs import scatter_decode_inputs
-
         layout = StagingLayout(1, self.position_rows, 1, 0)
         staged, sources = layout.unpack(torch.zeros(layout.end, dtype=torch.int64, device=self.device))
         staged.slot_mapping.fill_(-1)
         staged.seq_lens.fill_(1)
         sources.fill_(-1)
         for previous in (None, torch.zeros(1, dtype=torch.int64, device=self.device)):
-            scatter_decode_inputs(staged, sources, self.static_inputs, previous)
+            self._scatter(staged, sources, self.static_inputs, previous)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -121,11 +122,9 @@ class DecodeGraphs:
         b = next(size for size in self.buckets if size >= n)
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1
-        from workers.kernels.decode_inputs import scatter_decode_inputs
-
         layout = fill_staging(staging.numpy(), plan, b, self.position_rows)
         staged, sources = layout.unpack(staging[:layout.end].to(self.device, non_blocking=True))
-        scatter_decode_inputs(staged, sources, self.static_inputs, previous_tokens if layout.num_holes else None)
+        self._scatter(staged, sources, self.static_inputs, previous_tokens if layout.num_holes else None)
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
