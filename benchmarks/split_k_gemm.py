@@ -34,7 +34,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from workers.kernels.fused import rms_norm, rms_norm_of_parts
-    from workers.kernels.split_k_gemm import SplitKConfig, default_config, num_sms, split_k_parts
+    from workers.kernels.launch import multiprocessors
+    from workers.kernels.split_k_gemm import SplitKConfig, default_config, split_k_parts
 
     def per_call(config, x, residual, norm_weight, weights) -> float:
         """us per product and norm: cuBLAS and rms_norm with config None, else the split and rms_norm_of_parts."""
@@ -47,7 +48,7 @@ def main() -> None:
         return seconds_per_replay(calls, 20) / len(weights) * 1e6
 
     shapes = linear_shapes(SHAPES[args.shape])
-    sms = num_sms(0)
+    sms = multiprocessors(0)
     rows_out = []
     for layer in ("o_proj", "down_proj"):
         n, k = shapes[layer]

@@ -15,14 +15,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("n,k", [(1024, 2048), (1024, 3072)])
 def test_parts_add_up_to_the_product(m, n, k):
     from workers.kernels.fused import rms_norm, rms_norm_of_parts
-    from workers.kernels.split_k_gemm import default_config, num_sms, split_k_parts
+    from workers.kernels.launch import multiprocessors
+    from workers.kernels.split_k_gemm import default_config, split_k_parts
 
     torch.manual_seed(m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
     residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
-    config = default_config(m, n, k, num_sms(0))
+    config = default_config(m, n, k, multiprocessors(0))
     assert config is not None and config.splits > 1
     parts = split_k_parts(x, weight, config)
     exact = x.float() @ weight.float().T
@@ -39,7 +40,8 @@ def test_parts_and_norm_replay_in_a_cuda_graph():
     """The product and the norm launched with programmatic dependent launch behind a kernel that writes the
     input, captured and replayed: the bits of eager launches."""
     from workers.kernels.fused import rms_norm_of_parts, silu_and_mul
-    from workers.kernels.split_k_gemm import default_config, num_sms, split_k_parts
+    from workers.kernels.launch import multiprocessors
+    from workers.kernels.split_k_gemm import default_config, split_k_parts
 
     torch.manual_seed(0)
     m, n, k = 64, 1024, 3072
@@ -47,7 +49,7 @@ def test_parts_and_norm_replay_in_a_cuda_graph():
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
     residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.ones(n, device="cuda", dtype=torch.bfloat16)
-    config = default_config(m, n, k, num_sms(0))
+    config = default_config(m, n, k, multiprocessors(0))
 
     def step():
         return rms_norm_of_parts(split_k_parts(silu_and_mul(gate_up), weight, config), norm_weight, 1e-6, residual)

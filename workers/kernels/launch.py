@@ -43,6 +43,12 @@ def _supported(device_index: int) -> bool:
             and os.environ.get("STREAMVLM_DISABLE_PDL", "0") in ("", "0"))
 
 
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """The device's SM count (cached: kernels size their grids from it on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels on this device launch with programmatic dependent launch."""
     return device.type == "cuda" and _supported(device.index if device.index is not None

@@ -12,7 +12,6 @@ log2(e) folded into the scale; accumulation is float32.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels.index_arrays import packed_int32
-from workers.kernels.launch import gdc_launch_dependents, gdc_wait, programmatic_launch
+from workers.kernels.launch import gdc_launch_dependents, gdc_wait, multiprocessors, programmatic_launch
 
 LOG2E = 1.4426950408889634
 # Split-K decode: at most MAX_PARTITIONS partitions per sequence, none shorter than MIN_PARTITION_TOKENS,
@@ -158,6 +157,7 @@ def _paged_decode_kernel(
     row_mask = head_valid[:, None] & dim_valid[None, :]
     token = seq.to(tl.int64)   # decode: sequence i owns flat token i
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    q_ptrs = q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -177,14 +177,12 @@ def _paged_decode_kernel(
             newest_k, newest_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, rows, dims, newest_mask)
             k = tl.where(newest_mask, newest_k, k)
             v = tl.where(newest_mask, newest_v, v)
-        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
-                    mask=row_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=row_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_update(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
     else:
         if USE_PDL:
             gdc_wait()
-        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
-                    mask=row_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=row_mask, other=0.0)
         for tile_start in range(start, end, TILE_N):
             positions = tile_start + tl.arange(0, TILE_N)
             valid = positions < end
@@ -330,15 +328,10 @@ def _stages(dtype: torch.dtype, stages: int) -> int:
     return 1 if dtype.itemsize == 4 else stages
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_decode_programs(device: torch.device) -> int:
     """About how many decode programs keep the device busy (split-K aims for at least this many)."""
     if device.type == "cuda":
-        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        return 2 * multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 8
 
 

@@ -14,11 +14,11 @@ a second small kernel merges the pieces.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from workers.kernels.launch import multiprocessors
 
 TILE = 4096                 # columns per loop step; fixed, since a column's Philox counter depends on it
 _QUARTER = TILE // 4        # one Philox call gives four uniforms, for columns j, j + Q, j + 2Q, j + 3Q
@@ -108,11 +108,6 @@ def _merge_splits_kernel(part_val_ptr, part_col_ptr, out_ptr, num_splits, BLOCK:
     tl.store(out_ptr + row, col.to(tl.int64))
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def plan_splits(num_rows: int, vocab: int, num_sms: int) -> int:
     """Programs per row: enough that the batch fills the SMs, never an empty one."""
     tiles = triton.cdiv(vocab, TILE)
@@ -124,7 +119,7 @@ def warm_up(vocab: int, dtype: torch.dtype, device: torch.device) -> None:
     """Compile every variant serving can launch (greedy or sampled, split or not, the model's dtype
     and float32), so that no step stalls on a compile."""
     for logits_dtype in {dtype, torch.float32}:
-        for rows in (1, 2 * _num_sms(device.index or 0) + 1):
+        for rows in (1, 2 * multiprocessors(device.index or 0) + 1):
             logits = torch.zeros(rows, vocab, dtype=logits_dtype, device=device)
             gumbel_argmax(logits)
             gumbel_argmax(logits, torch.ones(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device))
@@ -147,7 +142,7 @@ def gumbel_argmax(logits: torch.Tensor, inv_temperatures: torch.Tensor | None = 
     if rows == 0:
         return out
     if splits is None:
-        num_sms = _num_sms(logits.device.index or 0) if logits.device.type == "cuda" else 1
+        num_sms = multiprocessors(logits.device.index or 0) if logits.device.type == "cuda" else 1
         splits = plan_splits(rows, vocab, num_sms)
     tiles = triton.cdiv(vocab, TILE)
     tiles_per_split = triton.cdiv(tiles, splits)

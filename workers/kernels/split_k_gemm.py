@@ -10,7 +10,6 @@ order, so a row's result depends only on its inputs and the split, never on the 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -51,11 +50,6 @@ def default_config(m: int, n: int, k: int, num_sms: int) -> SplitKConfig | None:
     if splits == 1:
         return None
     return SplitKConfig(block_m, block_n, block_k, splits, num_warps=4, num_stages=4)
-
-
-@functools.cache
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # The row count changes with the batch: not specialized on, so that a config compiles once.

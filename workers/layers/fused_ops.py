@@ -4,6 +4,7 @@ with triton importable. Elsewhere the layers run their plain torch code."""
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 from types import ModuleType
 
@@ -11,14 +12,13 @@ import torch
 
 
 @functools.cache
-def _kernels() -> ModuleType | None:
+def triton_module(name: str) -> ModuleType | None:
+    """workers.kernels.<name>, imported on first use, or None where triton is not importable."""
     if importlib.util.find_spec("triton") is None:
         return None
-    from workers.kernels import fused
-
-    return fused
+    return importlib.import_module(f"workers.kernels.{name}")
 
 
 def fused_kernels(x: torch.Tensor) -> ModuleType | None:
     """The fused-kernel module when x lives on a CUDA device and triton is there, else None."""
-    return _kernels() if x.is_cuda else None
+    return triton_module("fused") if x.is_cuda else None

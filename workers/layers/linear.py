@@ -6,36 +6,15 @@ only reader is an RMSNorm may come back as partial sums over slices of K that th
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.fused_ops import fused_kernels
+from workers.layers.fused_ops import fused_kernels, triton_module
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def _gemv_module() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from workers.kernels import gemv
-
-    return gemv
-
-
-@functools.cache
-def _split_k_module() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from workers.kernels import split_k_gemm
-
-    return split_k_gemm
 
 
 class PartialSums(NamedTuple):
@@ -49,20 +28,20 @@ class PartialSums(NamedTuple):
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dim() >= 1 and x.numel() == x.shape[-1] > 0 and x.dtype in GEMV_DTYPES
-            and weight.dtype == x.dtype and weight.stride(-1) == 1 and _gemv_module() is not None)
+            and weight.dtype == x.dtype and weight.stride(-1) == 1 and triton_module("gemv") is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias)."""
     if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
-        return _gemv_module().gemv(x, weight, bias)
+        return triton_module("gemv").gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for [gate, up] = linear(x, weight, bias) along the last dim."""
     if uses_gemv(x, weight) and weight.shape[0] % 2 == 0 and (bias is None or bias.dtype == x.dtype):
-        return _gemv_module().gated_gemv(x, weight, bias)
+        return triton_module("gemv").gated_gemv(x, weight, bias)
     gate_up = F.linear(x, weight, bias)
     kernels = fused_kernels(gate_up)
     if kernels is not None and gate_up.dim() == 2:
@@ -74,8 +53,9 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def linear_for_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | PartialSums:
     """linear(x, weight) for a product only an RMSNorm's add_and_norm reads: on CUDA, for 2 to 256 rows,
     the partial sums that the norm adds."""
-    module = _split_k_module()
-    config = (module.default_config(x.shape[0], *weight.shape, module.num_sms(x.device.index or 0))
+    module = triton_module("split_k_gemm")
+    config = (module.default_config(x.shape[0], *weight.shape,
+                                    triton_module("launch").multiprocessors(x.device.index or 0))
               if module is not None and x.is_cuda and x.dim() == 2 and x.dtype in GEMV_DTYPES
               and weight.dtype == x.dtype and weight.stride(-1) == 1 else None)
     if config is None:

@@ -3,16 +3,15 @@ segments of a packed sequence, and rotary embedding applied in float32."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, cached_property, partial
+from functools import cached_property, partial
 from itertools import accumulate
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from workers.layers.fused_ops import triton_module
 from workers.layers.rotary import _rotate_half
 
 
@@ -112,15 +111,6 @@ def padded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.transpose(1, 2).reshape(-1, num_heads, head_dim)[plan.keep]
 
 
-@cache
-def _vision_kernels() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from workers.kernels import vision
-
-    return vision
-
-
 def rotate_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A vision block's qkv projection [N, 3 * heads * head_dim] -> q and k rotated by
@@ -128,7 +118,7 @@ def rotate_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor,
     kernel on CUDA."""
     n = qkv.shape[0]
     packed = qkv.view(n, 3, num_heads, -1)
-    kernels = _vision_kernels() if qkv.is_cuda else None
+    kernels = triton_module("vision") if qkv.is_cuda else None
     if kernels is not None and qkv.stride(-1) == 1:
         return kernels.rotary_qkv(packed, cos, sin)
     q, k, v = packed.unbind(1)
