@@ -142,7 +142,7 @@ def main() -> None:
                 graphs.capture()
             with torch.inference_mode():
                 graphs.run(plan)   # the step's inputs into the graph's buffers
-                graph = graphs.graphs[1]
+                graph = graphs.graphs[graphs.graph_key(1, position + 1)]
                 for _ in range(20):
                     graph.replay()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

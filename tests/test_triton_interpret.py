@@ -217,14 +217,16 @@ def longest_first_order(seq_lens: list[int]) -> torch.Tensor:
 
 def check_backend(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
                   block_size: int, partition_size: int | None = None, dtype: torch.dtype = torch.float32,
-                  against_torch_backend: bool = False) -> float:
-    """TritonAttentionBackend (store + attend) over two layers' calls on one prepared step."""
+                  against_torch_backend: bool = False, max_model_len: int | None = None) -> float:
+    """TritonAttentionBackend (store + attend) over two layers' calls on one prepared step. max_model_len past
+    the longest context: a decode launch covers the step's decode span only."""
     from workers.layers.attention_triton import TritonAttentionBackend
 
     batch = make_paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
                              poison=not against_torch_backend)
     ref_batch = PagedBatch(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta)
-    backend = TritonAttentionBackend(torch.device("cpu"), max(seq_lens), decode_partition_size=partition_size)
+    backend = TritonAttentionBackend(torch.device("cpu"), max_model_len or max(seq_lens),
+                                     decode_partition_size=partition_size)
     meta = batch.fresh_meta()
     backend.prepare(meta)
     outs = [backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, batch.scale)
@@ -419,6 +421,10 @@ CASES = {
     "scatter_decode_inputs": lambda: check_scatter_decode_inputs(1, with_previous=True),
     "scatter_decode_inputs_mrope_no_previous": lambda: check_scatter_decode_inputs(3, with_previous=False),
     "backend_decode_split": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64),
+    "backend_decode_span": lambda: check_backend([1, 1, 1], [9, 140, 200], 4, 1, 32, 16, partition_size=64,
+                                                 max_model_len=4096),
+    "backend_decode_span_past_min": lambda: check_backend([1, 1], [600, 40], 4, 2, 32, 16, partition_size=64,
+                                                          max_model_len=4096),
     "backend_decode_one_tile": lambda: check_backend([1, 1], [33, 100], 8, 2, 64, 16, partition_size=32),
     "backend_mixed_gqa1_bs8": lambda: check_backend([7, 1, 20, 1], [7, 30, 45, 3], 2, 2, 32, 8),
     "backend_mixed_gqa2_bs16": lambda: check_backend([40, 1, 3, 17], [90, 64, 3, 17], 4, 2, 32, 16),
@@ -460,6 +466,23 @@ def test_decode_partition_plan() -> None:
     assert plan_decode_partitions(17, 8, 900, 128, 264).num_partitions == 1   # shorter than one partition
     fine = plan_decode_partitions(16, 8, 4096, 128, 264)
     assert fine.partition_size < FEW_PARTITIONS_TOKENS and fine.num_partitions > 4
+
+
+def test_decode_spans() -> None:
+    """Decode launches cover powers of two from MIN_DECODE_SPAN up to max_model_len; a CUDA graph is worth
+    capturing for each span whose launch differs (with one partition, max_model_len's alone)."""
+    from workers.layers.attention_triton import MIN_DECODE_SPAN, TritonAttentionBackend, decode_span, decode_spans
+
+    assert MIN_DECODE_SPAN == 512
+    assert decode_spans(4096) == [512, 1024, 2048, 4096]
+    assert decode_spans(3000) == [512, 1024, 2048, 3000] and decode_spans(300) == [300]
+    assert [decode_span(n, 3000) for n in (1, 512, 513, 2049, 3000)] == [512, 512, 1024, 3000, 3000]
+    backend = TritonAttentionBackend(torch.device("cpu"), 4096)   # 8 programs fill the CPU "device"
+    assert backend.decode_graph_spans(1) == [4096]   # no head shape seen yet
+    backend._head_shapes.add((4, 1, 64))
+    assert backend.decode_graph_spans(1) == [512, 1024, 2048, 4096]   # partitions of 32 keys
+    assert backend.decode_graph_spans(4) == [1024, 2048, 4096]   # of 1,024: 512 and 1,024 launch alike
+    assert backend.decode_graph_spans(8) == [4096]   # no split
 
 
 def test_split_k_plan() -> None:

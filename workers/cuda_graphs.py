@@ -1,11 +1,12 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, captured at start-up.
+"""CUDA graphs for decode steps: one graph per batch-size bucket and decode span, captured at start-up.
 
 A decode step (one new token per sequence, no encoder rows) of B sequences replays the graph of
-the smallest bucket >= B. Its inputs reach the static buffers in one host-to-device copy from pinned
-memory and one kernel that scatters them (and the tokens sampled by the step before); the rows past B
-are padding: their K/V store is skipped (slot -1) and they attend to one key of block 0, and their
-output is dropped. The attention launch is sized for max_model_len, so a graph serves every context
-length.
+the smallest bucket >= B, and of that bucket's smallest span >= its longest context (the attention
+backend names the spans worth a graph of their own: a launch sized for max_model_len would start
+programs for partitions past every context). Its inputs reach the static buffers in one host-to-device
+copy from pinned memory and one kernel that scatters them (and the tokens sampled by the step before);
+the rows past B are padding: their K/V store is skipped (slot -1) and they attend to one key of block 0,
+and their output is dropped.
 """
 
 from __future__ import annotations
@@ -60,12 +61,17 @@ class DecodeGraphs:
         self._staging = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._next_staging = 0
         self.buckets = batch_buckets(max_batch)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.metas: dict[int, AttentionMetadata] = {}
+        # Per bucket, the decode spans captured, ascending (the last is max_model_len); set by capture(), once
+        # the model's first steps showed the backend its head shapes.
+        self.spans: dict[int, list[int]] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}   # by (bucket, span)
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        # The captures' metadata holds what their launches read and write besides the static buffers (the
+        # decode workspaces): kept for as long as the graphs replay.
+        self.metas: dict[tuple[int, int], AttentionMetadata] = {}
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        meta = AttentionMetadata(query_lens=[1] * b, seq_lens=[self.max_model_len] * b,
+    def _meta(self, b: int, span: int) -> AttentionMetadata:
+        meta = AttentionMetadata(query_lens=[1] * b, seq_lens=[span] * b,
                                  slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
                                  block_size=self.block_size)
         self.backend.prepare_decode_graph(meta, self.seq_lens[:b], self.seq_order[:b])
@@ -85,6 +91,13 @@ class DecodeGraphs:
         for previous in (None, torch.zeros(1, dtype=torch.int64, device=self.device)):
             self._scatter(staged, sources, self.static_inputs, previous)
 
+    def _warm_up(self, stream: torch.cuda.Stream, b: int, meta: AttentionMetadata, steps: int) -> None:
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(steps):
+                self.model(self.input_ids[:b], self._positions(b), meta)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.monotonic()
@@ -92,41 +105,49 @@ class DecodeGraphs:
         self._compile_scatter()
         pool = None
         stream = torch.cuda.Stream(self.device)
-        for b in reversed(self.buckets):   # the largest first: the smaller ones reuse its memory
-            meta = self._meta(b)
-            self.metas[b] = meta
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):   # warm-up: Triton compiles, launch plans and workspaces exist
-                    self.model(self.input_ids[:b], self._positions(b), meta)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+        # Which spans pay depends on the model's head shapes: the backend learns them from a first step.
+        self._warm_up(stream, self.max_batch, self._meta(self.max_batch, self.max_model_len), steps=1)
+        self.spans = {b: self.backend.decode_graph_spans(b) for b in self.buckets}
+        # The largest first: the smaller ones reuse its memory.
+        for key in sorted(((b, span) for b in self.buckets for span in self.spans[b]), reverse=True):
+            b, span = key
+            meta = self._meta(b, span)
+            self.metas[key] = meta
+            self._warm_up(stream, b, meta, steps=2)   # Triton compiles, launch plans and workspaces exist
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[b] = self.model(self.input_ids[:b], self._positions(b), meta)
+                self.outputs[key] = self.model(self.input_ids[:b], self._positions(b), meta)
             pool = graph.pool()
-            self.graphs[b] = graph
+            self.graphs[key] = graph
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("CUDA graphs: %d decode batch sizes up to %d captured in %.1f s (%.0f MiB)",
-                    len(self.buckets), self.max_batch, time.monotonic() - start, used / 2**20)
+        logger.info("CUDA graphs: %d decode graphs (%d batch sizes up to %d) captured in %.1f s (%.0f MiB)",
+                    len(self.graphs), len(self.buckets), self.max_batch, time.monotonic() - start, used / 2**20)
 
     def can_run(self, plan: StepPlan) -> bool:
         n = len(plan.input_ids)
         return (0 < n <= self.max_batch and not plan.mm_rows and len(plan.query_lens) == n
                 and max(plan.seq_lens) <= self.max_model_len)
 
+    def graph_key(self, num_seqs: int, max_seq_len: int) -> tuple[int, int]:
+        """(bucket, span) of the graph a decode step of num_seqs sequences, the longest max_seq_len keys,
+        replays."""
+        b = next(size for size in self.buckets if size >= num_seqs)
+        return b, next(span for span in self.spans[b] if span >= max_seq_len)
+
     def run(self, plan: StepPlan, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode step (can_run(plan) is true). Placeholder rows take their
         token from previous_tokens, the sampled tokens of the step before, still on the device."""
         n = len(plan.input_ids)
-        b = next(size for size in self.buckets if size >= n)
+        key = self.graph_key(n, max(plan.seq_lens))
+        b = key[0]
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1
         layout = fill_staging(staging.numpy(), plan, b, self.position_rows)
         staged, sources = layout.unpack(staging[:layout.end].to(self.device, non_blocking=True))
         self._scatter(staged, sources, self.static_inputs, previous_tokens if layout.num_holes else None)
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
 
 
 class DecodeInputBuffers(NamedTuple):

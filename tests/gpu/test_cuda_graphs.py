@@ -46,6 +46,22 @@ def test_graphs_match_eager(tmp_path, num_prompts):
     assert graphs == eager
 
 
+def test_graphs_match_eager_across_decode_spans(tmp_path):
+    """Decodes whose contexts cross a decode span (512 keys, at max_model_len 1,024) mid-request replay the
+    next span's graph from then on, with the eager tokens."""
+    from streamvlm import SamplingParams
+
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3", **SIZES, head_dim=64)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 448, (n,), generator=g).tolist() for n in (495, 480, 20)]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    eager = _outputs(path, prompts, params, enforce_eager=True)
+    assert _outputs(path, prompts, params, enforce_eager=False, max_cuda_graph_batch_size=16) == eager
+    assert _outputs(path, prompts[:1], params[:1], enforce_eager=False, max_cuda_graph_batch_size=16) == eager[:1]
+
+
 def test_graphs_serve_an_mrope_model(tmp_path):
     from streamvlm import LLM, SamplingParams
     from tests.checkpoints_qwen2_5_vl import build_qwen2_5_vl_checkpoint

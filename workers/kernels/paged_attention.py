@@ -12,7 +12,7 @@ log2(e) folded into the scale; accumulation is float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -275,6 +275,10 @@ class DecodePartitions:
     partition_size: int     # tokens, a multiple of tile_n
     num_partitions: int     # of the longest sequence
     tile_n: int             # keys per step of the kernel's loop
+
+    def covering(self, max_seq_len: int) -> DecodePartitions:
+        """The same partitions, launched for contexts of at most max_seq_len keys only."""
+        return replace(self, num_partitions=triton.cdiv(max_seq_len, self.partition_size))
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,9 @@ class FlashAttnBackend(StoresKVWithTriton):
                                    max(query_lens), max(seq_lens))
         meta.prepared = FlashStep(decode, prefill)
 
+    def decode_graph_spans(self, num_seqs: int) -> list[int]:
+        return self.decode_backend.decode_graph_spans(num_seqs)
+
     def prepare_decode_graph(self, meta: AttentionMetadata, seq_lens: torch.Tensor,
                              seq_order: torch.Tensor) -> None:
         """CUDA-graph decode: the Triton decode kernel over the caller's static buffers."""

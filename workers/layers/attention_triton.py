@@ -26,6 +26,11 @@ from workers.kernels.paged_attention import (
 from workers.layers.attention_base import AttentionMetadata
 
 LONGEST_FIRST = True
+# Decode launches cover the step's longest context rounded up to a power of two of at least this many keys
+# (or max_model_len), not max_model_len: the programs of partitions past every context only exit, but each
+# still starts. On an H200 (Qwen3-8B, batch 1, 256 keys, graph step) max_model_len 512 against 4,096:
+# 3.642 / 3.650 ms against 3.718 / 3.702.
+MIN_DECODE_SPAN = 512
 
 # (num_heads, num_kv_heads, head_dim) of a layer: what the launch plans depend on beyond the step itself.
 HeadShape = tuple[int, int, int]
@@ -66,10 +71,10 @@ class TritonAttentionBackend(StoresKVWithTriton):
 
     def __init__(self, device: torch.device, max_model_len: int, decode_partition_size: int | None = None) -> None:
         self.device = device
-        # Decode launches are sized for max_model_len and split contexts into partitions of a size that
-        # depends on neither the batch nor the step: eager steps and CUDA graph replays of any batch run the
-        # same reduction, so they give the same numbers. None: split as far as a single sequence needs to
-        # fill the device.
+        # Decode launches split contexts into partitions of a size that depends on the batch's power of two and
+        # max_model_len only, never on the contexts: eager steps and CUDA graph replays of a batch run the same
+        # reduction, so they give the same numbers. None: split as far as a single sequence needs to fill the
+        # device. A launch covers the step's decode span (decode_span) of such partitions.
         self.max_model_len = max_model_len
         self.decode_partition_size = decode_partition_size
         self._decode_programs = default_decode_programs(device)
@@ -86,7 +91,9 @@ class TritonAttentionBackend(StoresKVWithTriton):
         decode_only = all(n == 1 for n in query_lens)
         seq_lens_t, cu_seqlens_t, order_t = varlen_index_arrays(query_lens, meta.seq_lens, device,
                                                                 with_order=decode_only)
-        step = TritonStep(decode_only=decode_only, max_seq_len=max(meta.seq_lens), query_lens=query_lens,
+        max_seq_len = max(meta.seq_lens)
+        step = TritonStep(decode_only=decode_only, max_seq_len=decode_span(max_seq_len, self.max_model_len)
+                          if decode_only else max_seq_len, query_lens=query_lens,
                           seq_lens=seq_lens_t, cu_seqlens_q=cu_seqlens_t, seq_order=order_t)
         for shape in self._head_shapes:
             self._plan(step, shape, device)
@@ -96,10 +103,11 @@ class TritonAttentionBackend(StoresKVWithTriton):
                              seq_order: torch.Tensor) -> None:
         """A decode step whose tensors stay put across CUDA graph replays: seq_lens and seq_order [num_seqs]
         int32 are the caller's static buffers (seq_order: the rows by decreasing seq_len). The split-K launch
-        covers max_model_len (partitions past a sequence's length exit at once), so one capture serves every
-        context length."""
+        covers the decode span of max(meta.seq_lens) (one of decode_graph_spans()): a capture serves every
+        step whose contexts are that long or shorter."""
         num_seqs = seq_lens.shape[0]
-        step = TritonStep(decode_only=True, max_seq_len=self.max_model_len, query_lens=[1] * num_seqs,
+        step = TritonStep(decode_only=True, max_seq_len=decode_span(max(meta.seq_lens), self.max_model_len),
+                          query_lens=[1] * num_seqs,
                           seq_lens=seq_lens,
                           cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=seq_lens.device),
                           seq_order=seq_order)
@@ -107,14 +115,28 @@ class TritonAttentionBackend(StoresKVWithTriton):
             self._plan(step, shape, seq_lens.device)
         meta.prepared = step
 
+    def decode_graph_spans(self, num_seqs: int) -> list[int]:
+        """The decode spans worth a CUDA graph each at this batch size, ascending, the last max_model_len: of
+        the spans whose launches are alike for every head shape seen, the longest (with one partition, all)."""
+        by_launch: dict[tuple[int, ...], int] = {}
+        for span in decode_spans(self.max_model_len):
+            launch = tuple(self._decode_partitions(num_seqs, shape).covering(span).num_partitions
+                           for shape in sorted(self._head_shapes))
+            by_launch[launch] = span
+        return sorted(by_launch.values())
+
+    def _decode_partitions(self, num_seqs: int, shape: HeadShape) -> DecodePartitions:
+        # Planned for the batch rounded up to a power of two: every CUDA graph bucket lies between the same
+        # powers of two as the batches it serves, so eager steps and replays split alike.
+        _, num_kv_heads, head_dim = shape
+        return plan_decode_partitions(triton.next_power_of_2(num_seqs), num_kv_heads, self.max_model_len,
+                                      head_dim, self._decode_programs, self.decode_partition_size)
+
     def _plan(self, step: TritonStep, shape: HeadShape, device: torch.device) -> None:
         num_heads, num_kv_heads, head_dim = shape
         num_seqs = len(step.query_lens)
         if step.decode_only:
-            # Planned for the batch rounded up to a power of two: every CUDA graph bucket lies between the
-            # same powers of two as the batches it serves, so eager steps and replays split alike.
-            partitions = plan_decode_partitions(triton.next_power_of_2(num_seqs), num_kv_heads, self.max_model_len,
-                                                head_dim, self._decode_programs, self.decode_partition_size)
+            partitions = self._decode_partitions(num_seqs, shape).covering(step.max_seq_len)
             workspace = None
             if partitions.num_partitions > 1:
                 workspace = decode_workspace(num_seqs, num_heads, num_kv_heads, head_dim, partitions.num_partitions,
@@ -144,3 +166,18 @@ class TritonAttentionBackend(StoresKVWithTriton):
                                           seq_order=step.seq_order if self._ordered(plan) else None)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, step.seq_lens, step.cu_seqlens_q,
                                        scale, step.prefill_plans[shape])
+
+
+def decode_spans(max_model_len: int) -> list[int]:
+    """The context lengths decode launches are sized for: powers of two from MIN_DECODE_SPAN below
+    max_model_len, then max_model_len."""
+    spans, span = [], MIN_DECODE_SPAN
+    while span < max_model_len:
+        spans.append(span)
+        span *= 2
+    return spans + [max_model_len]
+
+
+def decode_span(max_seq_len: int, max_model_len: int) -> int:
+    """The decode span a step whose longest context has max_seq_len keys launches for."""
+    return next((span for span in decode_spans(max_model_len) if span >= max_seq_len), max_seq_len)
