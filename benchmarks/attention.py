@@ -79,7 +79,8 @@ def time_case(backend_name: str, case: Case, num_heads: int, num_kv_heads: int, 
     device = torch.device("cuda")
     dtype = torch.bfloat16
     max_len = max(case.seq_lens)
-    # Planned as a server plans its CUDA graphs: for max_model_len, whatever the case's contexts.
+    # Planned as a server plans its CUDA graphs: partitions for max_model_len, a decode launch covering the
+    # case's decode span.
     backend = get_attention_backend(backend_name, device, max(max_len, max_model_len), dtype)
     decode_backend = getattr(backend, "decode_backend", backend)
     if hasattr(decode_backend, "longest_first"):
