@@ -137,12 +137,11 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name, settings in variants:
             with applied(settings, runner.backend, kinds):
-                graphs.graphs.clear()
-                graphs.outputs.clear()
                 graphs.capture()
             with torch.inference_mode():
-                graphs.run(plan)   # the step's inputs into the graph's buffers
-                graph = graphs.graphs[graphs.graph_key(1, position + 1)]
+                key = graphs.graph_for(plan)
+                graphs.run(plan, key)   # the step's inputs into the graph's buffers
+                graph = graphs.graphs[key]
                 for _ in range(20):
                     graph.replay()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -100,6 +100,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Every graph, anew (what an earlier capture made is dropped)."""
+        self.spans.clear()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.metas.clear()
         start = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         self._compile_scatter()
@@ -124,22 +129,22 @@ class DecodeGraphs:
         logger.info("CUDA graphs: %d decode graphs (%d batch sizes up to %d) captured in %.1f s (%.0f MiB)",
                     len(self.graphs), len(self.buckets), self.max_batch, time.monotonic() - start, used / 2**20)
 
-    def can_run(self, plan: StepPlan) -> bool:
+    def graph_for(self, plan: StepPlan) -> tuple[int, int] | None:
+        """The key of the graph that replays this step, or None where none can (not a decode step, more
+        sequences than the largest bucket, encoder rows, a context past max_model_len)."""
         n = len(plan.input_ids)
-        return (0 < n <= self.max_batch and not plan.mm_rows and len(plan.query_lens) == n
-                and max(plan.seq_lens) <= self.max_model_len)
-
-    def graph_key(self, num_seqs: int, max_seq_len: int) -> tuple[int, int]:
-        """(bucket, span) of the graph a decode step of num_seqs sequences, the longest max_seq_len keys,
-        replays."""
-        b = next(size for size in self.buckets if size >= num_seqs)
+        if not (0 < n <= self.max_batch and not plan.mm_rows and len(plan.query_lens) == n):
+            return None
+        max_seq_len = max(plan.seq_lens)
+        if max_seq_len > self.max_model_len:
+            return None
+        b = next(size for size in self.buckets if size >= n)   # (bucket, its smallest span that covers the step)
         return b, next(span for span in self.spans[b] if span >= max_seq_len)
 
-    def run(self, plan: StepPlan, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step (can_run(plan) is true). Placeholder rows take their
-        token from previous_tokens, the sampled tokens of the step before, still on the device."""
+    def run(self, plan: StepPlan, key: tuple[int, int], previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, hidden] of a decode step, replayed from the graph graph_for(plan) named. Placeholder
+        rows take their token from previous_tokens, the sampled tokens of the step before, still on the device."""
         n = len(plan.input_ids)
-        key = self.graph_key(n, max(plan.seq_lens))
         b = key[0]
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1

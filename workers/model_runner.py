@@ -146,8 +146,9 @@ class ModelRunner:
         """Hidden states of the step's tokens, and the rows to take logits of (None: every row)."""
         if plan.placeholder_rows and previous_tokens is None:
             raise RuntimeError("a step plan with placeholder tokens needs the previous step's sampled tokens")
-        if self.decode_graphs is not None and self.decode_graphs.can_run(plan):
-            hidden = self.decode_graphs.run(plan, previous_tokens)
+        graph = self.decode_graphs.graph_for(plan) if self.decode_graphs is not None else None
+        if graph is not None:
+            hidden = self.decode_graphs.run(plan, graph, previous_tokens)
             if len(plan.logits_rows) == hidden.shape[0]:
                 return hidden, None
             return hidden, packed([plan.logits_rows], torch.int64, self.device)[0]
