@@ -81,6 +81,8 @@ class ModelRunner:
             use_encoder_graphs = getattr(self.model, "use_encoder_graphs", None)
             if use_encoder_graphs is not None:
                 use_encoder_graphs(config.scheduler.max_num_encoder_tokens)
+        if self.device.type == "cuda" and not config.model.skip_model_forward:
+            warm_up_logits(self.model, config.scheduler.max_num_seqs, self.dtype, self.device)
 
     def _use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.model.enforce_eager
@@ -256,6 +258,18 @@ class ModelRunner:
         if pending.prompt is None:
             return []
         return split_by_sequence(*pending.prompt)
+
+
+@torch.inference_mode()
+def warm_up_logits(model: torch.nn.Module, max_rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The LM head once for every number of rows a step samples (1 to max_num_seqs). On CUDA the first product
+    of a new shape loads its cuBLAS kernel (5-6 ms on an H200): without this, the first step to sample a new
+    number of rows (a prefill step ending some prompts, a decode batch shrinking past a size) waited for it."""
+    hidden = torch.zeros(max_rows, model.args.hidden_size, dtype=dtype, device=device)
+    for rows in range(1, max_rows + 1):
+        model.compute_logits(hidden[:rows])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_step_plan(chunks: list[ScheduledChunk], block_size: int, uses_mrope: bool) -> StepPlan:
