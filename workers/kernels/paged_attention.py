@@ -27,11 +27,10 @@ LOG2E = 1.4426950408889634
 MIN_PARTITION_TOKENS = 256
 MAX_PARTITIONS = 256
 SHORT_CONTEXT_TOKENS = 256
-# Between half the target's programs and UNSPLIT_FROM times the target from (sequence, kv head) pairs: at most
-# this many partitions, of at least this many tokens. From UNSPLIT_FROM times the target up, no split.
+# Between half the target's programs and the target from (sequence, kv head) pairs: at most this many
+# partitions, of at least this many tokens.
 FEW_PARTITIONS = 8
 FEW_PARTITIONS_TOKENS = 1024
-UNSPLIT_FROM = 1
 
 
 @triton.jit
@@ -346,10 +345,11 @@ def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, h
     split finer, so that short contexts too fill the device (a partition size depends on num_seqs and
     max_seq_len only, never on the contexts, so that one plan serves a CUDA graph's every replay).
 
-    With at least UNSPLIT_FROM times the target's programs from (sequence, kv head) pairs alone, nothing
-    splits: on an H200 (Qwen3-0.6B heads, blocks of 16) one program per pair reads the cache at 96-100% of
-    the copy bandwidth from 64 sequences of 700 keys up, where partitions sized for a 4,096-token context
-    (most of them past every sequence's end) read at 85% (`benchmarks/attention.py`). From half the target, an SM
+    With at least the target's programs from (sequence, kv head) pairs alone, nothing splits: on an
+    H200 (Qwen3-0.6B heads, blocks of 16) one program per pair reads the cache at 96-100% of the copy
+    bandwidth from 64 sequences of 700 keys up, where partitions sized for a 4,096-token context (most of
+    them past every sequence's end) read at 85% (`benchmarks/attention.py`); splitting 33-66 sequences in
+    partitions of 512 or 1,024 keys gained only near 37 sequences and lost at 48-59. From half the target, an SM
     holds one or two pairs' programs, too few to keep its loads in flight over a long context: long
     contexts split in a few large partitions (there, 23 sequences of 1,074-1,895 keys: 48.6 us against
     65.5 us unsplit; 32 of 1,500 keys: 56.3 against 59.6).
@@ -358,7 +358,7 @@ def plan_decode_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, h
     the keys before its wait). Qwen3-8B at batch 1 and 256 keys, graph step on an H200: 3.712 ms with 32-key
     tiles against 3.743-3.755 with 64; 16-key tiles 3.800."""
     pairs = num_seqs * num_kv_heads
-    if partition_size is None and pairs >= UNSPLIT_FROM * target_programs:
+    if partition_size is None and pairs >= target_programs:
         partition_size = max_seq_len
     elif partition_size is None and 2 * pairs >= target_programs:
         partition_size = max(FEW_PARTITIONS_TOKENS, triton.cdiv(max_seq_len, FEW_PARTITIONS))
